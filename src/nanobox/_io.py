@@ -1,0 +1,141 @@
+"""Per-run I/O state shared by the sync and asyncio drivers (no I/O here
+besides non-blocking reads/writes on fds the drivers hand it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+READ_CHUNK = 1 << 16
+Sink = Callable[[bytes], None]
+
+
+class Capture:
+    """One output stream: keeps at most ``cap`` bytes, counts all of them,
+    passes the kept bytes to ``sink`` (live streaming) as they arrive."""
+
+    __slots__ = ("cap", "chunks", "fd", "kept", "sink", "total", "truncated")
+
+    def __init__(self, fd: int, cap: int, sink: Sink | None) -> None:
+        self.fd = fd
+        self.cap = cap
+        self.chunks: list[bytes] = []
+        self.kept = 0
+        self.total = 0
+        self.truncated = False
+        self.sink = sink
+
+    def feed(self, data: bytes) -> bool:
+        """Take ``data``; return True the first time the cap is exceeded."""
+        self.total += len(data)
+        room = self.cap - self.kept
+        if len(data) <= room:
+            keep = data
+        else:
+            keep = data[:room]
+        if keep:
+            self.chunks.append(keep)
+            self.kept += len(keep)
+            if self.sink is not None:
+                self.sink(keep)
+        if len(keep) < len(data) and not self.truncated:
+            self.truncated = True
+            return True
+        return False
+
+    def value(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+class RunIO:
+    """What one run is waiting for: the server's message and EOF on both
+    output pipes (every writer is dead once the init has reported)."""
+
+    def __init__(
+        self,
+        chan: socket.socket,
+        out: Capture,
+        err: Capture,
+        stdin_fd: int | None,
+        stdin_data: bytes | None,
+        kill_on_overflow: bool,
+    ) -> None:
+        self.chan = chan
+        self.out = out
+        self.err = err
+        self.open_outputs = {out.fd: out, err.fd: err}
+        self.stdin_fd = stdin_fd
+        self.stdin_data = memoryview(stdin_data) if stdin_data is not None else None
+        self.kill_on_overflow = kill_on_overflow
+        self.message: dict[str, Any] | None = None
+        self.chan_closed = False
+        self.output_killed = False
+
+    @property
+    def done(self) -> bool:
+        return (self.message is not None or self.chan_closed) and not self.open_outputs
+
+    def on_output(self, fd: int) -> bool:
+        """Read from ``fd``; return False once it reached EOF."""
+        cap = self.open_outputs[fd]
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return True
+        if not data:
+            del self.open_outputs[fd]
+            os.close(fd)
+            return False
+        if cap.feed(data) and self.kill_on_overflow and not self.output_killed:
+            self.output_killed = True
+            self.kill()
+        return True
+
+    def on_chan(self) -> None:
+        try:
+            data = self.chan.recv(1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.message = json.loads(data)
+        else:
+            self.chan_closed = True
+
+    def on_stdin(self) -> bool:
+        """Write more input; return False when stdin is finished (closed)."""
+        assert self.stdin_fd is not None and self.stdin_data is not None
+        try:
+            n = os.write(self.stdin_fd, self.stdin_data[:READ_CHUNK])
+        except BlockingIOError:
+            return True
+        except OSError:  # EPIPE: the command stopped reading
+            n = len(self.stdin_data)
+        self.stdin_data = self.stdin_data[n:]
+        if not self.stdin_data:
+            self.close_stdin()
+            return False
+        return True
+
+    def close_stdin(self) -> None:
+        if self.stdin_fd is not None:
+            os.close(self.stdin_fd)
+            self.stdin_fd = None
+
+    def kill(self) -> None:
+        try:
+            self.chan.send(b"K")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Release every fd; closing the channel kills a still-running run."""
+        self.close_stdin()
+        for fd in list(self.open_outputs):
+            os.close(fd)
+        self.open_outputs.clear()
+        self.chan.close()

@@ -1,0 +1,15 @@
+"""Linux backend: namespaces, mounts, rlimits, capabilities, supervision.
+
+Each kernel mechanism lives in one module:
+
+- ``sys``: raw syscalls through ctypes (unshare, mount API, prctl, capset).
+- ``userns``: the uid/gid map of the sandbox's user namespace.
+- ``mounts``: the filesystem view, built inside the new mount namespace.
+- ``netns``: bringing up loopback in the new network namespace.
+- ``child``: the last stage before ``execve`` (fds, rlimits, caps, seccomp).
+- ``init``: the sandbox's PID 1 (reaper, timeouts, CPU watch, accounting).
+- ``spawn``: namespace creation and the fork chain for one run.
+- ``forkserver``: the single-threaded supervisor process that serves runs.
+- ``client``: the caller-side connection to the fork server.
+- ``probe``: what this host can enforce (``nanobox check``).
+"""

@@ -1,0 +1,116 @@
+"""The last stage before ``execve``: the command's own process (PID 2).
+
+Runs in a process forked from the sandbox init, already inside every
+namespace and the filesystem view. In order: default signal dispositions
+(Python ignores SIGPIPE and SIGXFSZ, which would otherwise be inherited),
+a new session (no controlling terminal, so TIOCSTI cannot reach the
+caller's), stdio, closing every other fd, cwd, rlimits, no_new_privs,
+dropping every capability, the seccomp filter, then ``execve`` with a PATH
+search. Any failure is reported on ``err_w`` (close-on-exec, so a successful
+exec reports nothing) as ``S`` (setup) or ``X`` (exec) plus JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+from typing import Any, NoReturn
+
+from . import sys as k
+from .fds import close_all_except, write_all
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _report(err_w: int, kind: bytes, step: str, exc: BaseException) -> None:
+    errno = getattr(exc, "errno", None)
+    payload = {"step": step, "errno": errno, "message": str(exc)}
+    try:
+        write_all(err_w, kind + json.dumps(payload).encode())
+    except OSError:
+        pass
+
+
+def _exec_search(argv: list[str], env: dict[str, str]) -> OSError:
+    """``execve`` with a PATH search like ``execvpe``; returns the error."""
+    name = argv[0]
+    if "/" in name:
+        candidates = [name]
+    else:
+        path = env.get("PATH", DEFAULT_PATH)
+        candidates = [os.path.join(d or ".", name) for d in path.split(":")]
+    saved: OSError | None = None
+    last: OSError = FileNotFoundError(2, f"{name}: command not found")
+    for candidate in candidates:
+        try:
+            os.execve(candidate, argv, env)
+        except OSError as exc:
+            last = exc
+            if exc.errno not in (2, 20) and saved is None:  # not ENOENT/ENOTDIR
+                saved = exc
+    return saved or last
+
+
+def _clamp(soft: int, hard: int, cur_hard: int) -> tuple[int, int]:
+    """Never try to raise a hard limit (that needs privilege in the initial
+    user namespace): a lower current hard limit wins, which is stricter."""
+    inf = resource.RLIM_INFINITY
+    if cur_hard != inf and (hard == inf or hard > cur_hard):
+        hard = cur_hard
+    if hard != inf and (soft == inf or soft > hard):
+        soft = hard
+    return soft, hard
+
+
+def exec_command(plan: dict[str, Any], stdio: tuple[int, int, int], err_w: int) -> NoReturn:
+    step = "signals"
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in range(1, signal.NSIG):
+            if sig in (signal.SIGKILL, signal.SIGSTOP):
+                continue
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError, RuntimeError):
+                pass
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+        step = "setsid"
+        os.setsid()
+
+        step = "stdio"
+        high = [os.dup(fd) for fd in stdio]  # never collide with 0..2
+        for target, fd in enumerate(high):
+            os.dup2(fd, target, inheritable=True)
+        close_all_except({err_w})
+
+        step = "chdir"
+        os.chdir(plan["cwd"])
+
+        step = "rlimits"
+        for res, soft, hard in plan["rlimits"]:
+            resource.setrlimit(res, _clamp(soft, hard, resource.getrlimit(res)[1]))
+        os.umask(0o022)
+
+        step = "no_new_privs"
+        k.prctl(k.PR_SET_NO_NEW_PRIVS, 1)
+        step = "drop capabilities"
+        k.drop_all_capabilities()
+
+        prog = plan.get("seccomp")
+        if prog:
+            step = "seccomp"
+            from .._seccomp.loader import install
+
+            install(bytes.fromhex(prog))
+
+        step = "exec"
+        env = dict(plan["env"])
+        exc: BaseException = _exec_search(plan["argv"], env)
+        _report(err_w, b"X", "exec", exc)
+        os._exit(127)
+    except BaseException as exc:  # noqa: BLE001 - must never return into the server loop
+        _report(err_w, b"S", step, exc)
+        os._exit(125)

@@ -1,0 +1,129 @@
+"""The caller's side of the fork server: start it once, submit runs.
+
+One server per caller process, started lazily and shared by every
+``Sandbox`` and thread. Submitting is one ``sendmsg`` on a SEQPACKET socket,
+which the kernel keeps atomic, so threads need no lock for it. After
+``os.fork()`` in the caller, the child forgets the parent's server and
+starts its own on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+_lock = threading.Lock()
+_server: ForkServer | None = None
+
+
+class ServerGone(OSError):
+    """The fork server is not running any more."""
+
+
+class ForkServer:
+    def __init__(self, *, fork: bool = False) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.pid: int
+        if fork:
+            self.pid = self._fork(parent, child)
+        else:
+            pkg_parent = os.path.dirname(
+                os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            )
+            boot = (
+                f"import sys; sys.path.insert(0, {pkg_parent!r}); "
+                f"from nanobox._linux.forkserver import main; main({child.fileno()})"
+            )
+            self.popen = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", boot],
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            self.pid = self.popen.pid
+        child.close()
+        self.ctrl = parent
+
+    @staticmethod
+    def _fork(parent: socket.socket, child: socket.socket) -> int:
+        """Fork the server from this (single-threaded) process: no new
+        interpreter to start, which matters for the CLI's start-up time."""
+        pid = os.fork()
+        if pid == 0:
+            try:
+                parent.close()
+                os.setsid()
+                devnull = os.open(os.devnull, os.O_RDWR)
+                os.dup2(devnull, 0)
+                os.dup2(devnull, 1)
+                from . import fds, forkserver
+
+                fds.close_all_except({child.fileno(), 2})
+                forkserver.main(child.fileno())
+            finally:
+                os._exit(1)
+        return pid
+
+    def submit(self, plan: bytes, fds: list[int]) -> None:
+        try:
+            socket.send_fds(self.ctrl, [plan], fds)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise ServerGone(exc.errno, "the nanobox fork server is gone") from None
+
+    def close(self) -> None:
+        self.ctrl.close()
+        if self.popen is not None:
+            self.popen.wait()
+        else:
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
+
+
+def get_server(*, fork: bool = False) -> ForkServer:
+    global _server
+    with _lock:
+        if _server is None:
+            _server = ForkServer(fork=fork)
+        return _server
+
+
+def reset_server(dead: ForkServer) -> None:
+    """Forget ``dead`` (after ServerGone) so the next run starts a new one."""
+    global _server
+    with _lock:
+        if _server is dead:
+            _server = None
+    try:
+        dead.close()
+    except OSError:
+        pass
+
+
+def shutdown() -> None:
+    """Stop this process's server (it also stops when the process exits)."""
+    global _server
+    with _lock:
+        server, _server = _server, None
+    if server is not None:
+        server.close()
+
+
+def _after_fork_in_child() -> None:
+    global _server, _lock
+    _lock = threading.Lock()
+    if _server is not None:
+        try:
+            _server.ctrl.close()
+        except OSError:
+            pass
+    _server = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

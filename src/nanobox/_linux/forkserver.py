@@ -1,0 +1,251 @@
+"""The fork server: one small, single-threaded supervisor per caller process.
+
+Forking a multithreaded Python process and running Python in the child can
+deadlock, and most callers have threads (thread pools, asyncio executors).
+So the caller starts this server once (a fresh ``python -I -S`` interpreter,
+or a plain fork when the caller is known to be single-threaded, as the CLI
+is) and asks it for every run over a ``SOCK_SEQPACKET`` control socket.
+
+Protocol (one message each, JSON plus SCM_RIGHTS fds):
+
+- caller -> server on the control socket: the plan, with fds
+  ``[channel, stdin, stdout, stderr]``; ``channel`` is one end of a
+  per-run socketpair.
+- caller -> server on the channel: ``K`` to kill the run; EOF (the caller
+  went away or cancelled) also kills it.
+- server -> caller on the channel: ``{"t": "result", ...}`` with the init's
+  report, or ``{"t": "error", ...}`` when setup failed.
+
+When the control socket reaches EOF (the caller exited, even by SIGKILL)
+the server kills every sandbox and exits. Each sandbox init watches a pipe
+from the server, so a dead server takes its sandboxes with it too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import selectors
+import signal
+import socket
+import sys
+from typing import Any
+
+from . import spawn
+from . import sys as k
+
+MAX_PLAN = 1 << 20
+
+
+class _Job:
+    __slots__ = ("chan", "client_gone", "exit_status", "finished", "launched")
+
+    def __init__(self, chan: socket.socket, launched: spawn.Launched) -> None:
+        self.chan = chan
+        self.launched = launched
+        self.exit_status: int | None = None
+        self.finished = False
+        self.client_gone = False
+
+
+class Server:
+    def __init__(self, ctrl: socket.socket) -> None:
+        self.ctrl = ctrl
+        self.sel = selectors.DefaultSelector()
+        self.jobs_by_pid: dict[int, _Job] = {}
+        self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda _s, _f: None)
+        self.sel.register(ctrl, selectors.EVENT_READ, ("ctrl", None))
+        self.sel.register(self.wake_r, selectors.EVENT_READ, ("wake", None))
+
+    # -- main loop ---------------------------------------------------------
+    def serve(self) -> None:
+        while True:
+            for key, _ in self.sel.select():
+                what, job = key.data
+                if what == "ctrl":
+                    if not self._on_ctrl():
+                        self._shutdown()
+                        return
+                elif what == "wake":
+                    self._drain_wake()
+                    self._reap()
+                elif what == "chan":
+                    self._on_chan(job)
+                elif what == "status":
+                    self._on_status(job)
+
+    def _on_ctrl(self) -> bool:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(self.ctrl, MAX_PLAN, 8)
+        except InterruptedError:  # pragma: no cover
+            return True
+        if not msg and not fds:
+            return False
+        if len(fds) != 4:
+            for fd in fds:
+                os.close(fd)
+            return True
+        chan = socket.socket(fileno=fds[0])
+        stdio = (fds[1], fds[2], fds[3])
+        try:
+            plan = json.loads(msg)
+            launched = spawn.launch(plan, stdio)
+        except spawn.SpawnError as exc:
+            self._send(chan, {"t": "error", **exc.info})
+            chan.close()
+            return True
+        except Exception as exc:  # noqa: BLE001 - report, keep serving
+            self._send(
+                chan,
+                {
+                    "t": "error",
+                    "step": "spawn",
+                    "errno": getattr(exc, "errno", None),
+                    "message": str(exc),
+                },
+            )
+            chan.close()
+            return True
+        finally:
+            for fd in set(stdio):
+                os.close(fd)
+        job = _Job(chan, launched)
+        self.jobs_by_pid[launched.pid] = job
+        chan.setblocking(False)
+        self.sel.register(chan, selectors.EVENT_READ, ("chan", job))
+        os.set_blocking(launched.status_r, False)
+        self.sel.register(launched.status_r, selectors.EVENT_READ, ("status", job))
+        if b"\n" in launched.buffer:
+            self._on_status(job, read=False)
+        return True
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            job = self.jobs_by_pid.get(pid)
+            if job is not None:
+                job.exit_status = status
+                self._maybe_finish(job)
+
+    def _on_chan(self, job: _Job) -> None:
+        try:
+            data = job.chan.recv(64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            job.client_gone = True
+            self.sel.unregister(job.chan)
+            self._kill(job)
+        elif data.startswith(b"K"):
+            try:
+                os.write(job.launched.cmd_w, b"K")
+            except OSError:
+                pass
+
+    def _kill(self, job: _Job) -> None:
+        if job.exit_status is None:
+            try:
+                os.kill(job.launched.pid, signal.SIGKILL)  # still our unreaped child: no reuse
+            except ProcessLookupError:
+                pass
+
+    def _on_status(self, job: _Job, read: bool = True) -> None:
+        launched = job.launched
+        if read:
+            try:
+                chunk = os.read(launched.status_r, 65536)
+            except BlockingIOError:
+                return
+            if chunk:
+                launched.buffer += chunk
+                if b"\n" not in launched.buffer:
+                    return
+            else:
+                self.sel.unregister(launched.status_r)
+                os.close(launched.status_r)
+                launched.status_r = -1
+        if b"\n" in launched.buffer or launched.status_r == -1:
+            self._maybe_finish(job)
+
+    def _maybe_finish(self, job: _Job) -> None:
+        launched = job.launched
+        if job.finished or job.exit_status is None:
+            return
+        if launched.status_r != -1 and b"\n" not in launched.buffer:
+            return  # the report may still be in flight
+        job.finished = True
+        del self.jobs_by_pid[launched.pid]
+        line = bytes(launched.buffer).partition(b"\n")[0]
+        if line.startswith(b"R"):
+            msg: dict[str, Any] = {"t": "result", **json.loads(line[1:])}
+        elif line.startswith(b"E"):
+            msg = {"t": "error", **json.loads(line[1:])}
+        else:
+            msg = {
+                "t": "error",
+                "step": "supervise",
+                "errno": None,
+                "message": f"sandbox init died (wait status {job.exit_status})",
+            }
+        if launched.status_r != -1:
+            self.sel.unregister(launched.status_r)
+            os.close(launched.status_r)
+        os.close(launched.cmd_w)
+        if not job.client_gone:
+            self._send(job.chan, msg)
+            self.sel.unregister(job.chan)
+        job.chan.close()
+
+    @staticmethod
+    def _send(chan: socket.socket, msg: dict[str, Any]) -> None:
+        try:
+            chan.setblocking(True)
+            chan.settimeout(5.0)
+            chan.send(json.dumps(msg).encode())
+        except OSError:
+            pass
+
+    def _shutdown(self) -> None:
+        for job in list(self.jobs_by_pid.values()):
+            self._kill(job)
+        while True:
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+
+
+def main(ctrl_fd: int) -> None:
+    """Entry point of the server process."""
+    k.prctl(k.PR_SET_CHILD_SUBREAPER, 1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):
+            pass
+    ctrl = socket.socket(fileno=ctrl_fd)
+    ctrl.setblocking(True)
+    try:
+        Server(ctrl).serve()
+    finally:
+        sys.stdout.flush()
+    os._exit(0)

@@ -1,0 +1,181 @@
+"""The sandbox's PID 1: sets up the view, starts the command as PID 2, reaps,
+enforces the wall-clock and tree CPU-time limits, and reports.
+
+It is never the command itself, so the command sees normal signal semantics
+(``kill -TERM $$`` ends a shell). It reaps every orphan. When the command
+ends (or a limit is hit, or the server asks, or the server dies) it kills
+every other process of the pid namespace with one ``kill(-1, SIGKILL)``,
+reaps them all, and writes one report line (``R`` + JSON) with the
+command's wait status and the whole tree's rusage (its own usage excluded).
+A setup failure is reported as ``E`` + JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import time
+from typing import Any, NoReturn
+
+from . import child, mounts, netns
+from .fds import write_all
+
+_TICK = os.sysconf("SC_CLK_TCK")
+CPU_POLL_S = 0.05
+
+
+def _error(status_w: int, step: str, exc: BaseException) -> NoReturn:
+    payload = {
+        "step": step,
+        "errno": getattr(exc, "errno", None),
+        "message": str(exc),
+    }
+    try:
+        write_all(status_w, b"E" + json.dumps(payload).encode() + b"\n")
+    finally:
+        os._exit(1)
+
+
+def _tree_cpu() -> float:
+    """CPU seconds of the whole sandbox: everything reaped so far plus every
+    live process (its own time and that of the children it reaped)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = ru.ru_utime + ru.ru_stime
+    ticks = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or name == "1":
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+    return total + ticks / _TICK
+
+
+def _kill_all() -> None:
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def init_main(
+    plan: dict[str, Any], stdio: tuple[int, int, int], status_w: int, cmd_r: int
+) -> NoReturn:
+    t_setup = time.monotonic()
+    step = "hostname"
+    try:
+        socket.sethostname(plan["hostname"])
+        if plan["newnet"]:
+            step = "loopback"
+            netns.loopback_up()
+        step = "filesystem view"
+        mounts.build(plan["view"])
+    except mounts.MountStepError as exc:
+        _error(status_w, exc.step, exc)
+    except BaseException as exc:  # noqa: BLE001
+        _error(status_w, step, exc)
+
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda _s, _f: None)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    setup_s = time.monotonic() - t_setup
+
+    start = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        child.exec_command(plan, stdio, err_w)
+    os.close(err_w)
+    for fd in set(stdio):
+        os.close(fd)
+
+    timeout = plan.get("timeout")
+    cpu_limit = plan.get("cpu_time")
+    deadline = start + timeout if timeout else None
+    poller = select.poll()
+    poller.register(wake_r, select.POLLIN)
+    poller.register(cmd_r, select.POLLIN)
+
+    status: int | None = None
+    end = start
+    reason = "exited"
+    while status is None:
+        wait_s: float | None = None
+        now = time.monotonic()
+        if deadline is not None:
+            wait_s = max(0.0, deadline - now)
+        if cpu_limit is not None:
+            wait_s = CPU_POLL_S if wait_s is None else min(wait_s, CPU_POLL_S)
+        events = poller.poll(None if wait_s is None else int(wait_s * 1000) + 1)
+        for fd, _ev in events:
+            if fd == wake_r:
+                try:
+                    os.read(wake_r, 512)
+                except BlockingIOError:
+                    pass
+            elif fd == cmd_r:
+                data = os.read(cmd_r, 64)
+                reason = "killed" if data else "server_gone"
+        # reap whatever exited (orphans included)
+        while True:
+            try:
+                got, st = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                got = 0
+            if got == 0:
+                break
+            if got == pid:
+                status, end = st, time.monotonic()
+        if status is not None:
+            break
+        if reason != "exited":
+            break
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            reason = "timeout"
+            break
+        if cpu_limit is not None and _tree_cpu() >= cpu_limit:
+            reason = "cpu_limit"
+            break
+
+    if status is None:
+        end = time.monotonic()
+    _kill_all()
+    while True:
+        try:
+            got, st = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        except InterruptedError:  # pragma: no cover - PEP 475 retries
+            continue
+        if got == pid and status is None:
+            status = st
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    err = b""
+    while True:
+        chunk = os.read(err_r, 65536)
+        if not chunk:
+            break
+        err += chunk
+    exec_error = None
+    if err:
+        exec_error = {"kind": err[:1].decode(), **json.loads(err[1:])}
+    report = {
+        "status": status,
+        "reason": reason,
+        "wall": end - start,
+        "utime": ru.ru_utime,
+        "stime": ru.ru_stime,
+        "maxrss_kb": ru.ru_maxrss,
+        "setup_s": setup_s,
+        "exec_error": exec_error,
+    }
+    write_all(status_w, b"R" + json.dumps(report).encode() + b"\n")
+    os._exit(0)

@@ -1,0 +1,119 @@
+"""Policy + arguments -> the plan a sandbox is built from (pure; no syscalls
+beyond reading the caller's cwd and environment)."""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..errors import PolicyError
+from ..policy import Policy, validate_env
+from .child import DEFAULT_PATH
+
+TMP_SIZE = 512 * 1024 * 1024
+RUN_SIZE = 64 * 1024 * 1024
+SHM_SIZE = 64 * 1024 * 1024
+BASE_ENV = ("PATH", "HOME", "LANG", "TERM")
+_FORBIDDEN_WORKSPACES = ("/proc", "/sys", "/dev")
+
+
+def check_args(args: object) -> list[str]:
+    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+        raise PolicyError("args", f"expected a non-empty list of strings, got {args!r}")
+    out = []
+    for a in args:
+        if isinstance(a, os.PathLike):
+            a = os.fspath(a)
+        if not isinstance(a, str) or "\0" in a:
+            raise PolicyError("args", f"each argument must be a string without NUL, got {a!r}")
+        out.append(a)
+    if not out or not out[0]:
+        raise PolicyError("args", "the command is empty")
+    return out
+
+
+def resolve_cwd(cwd: str | os.PathLike[str] | None) -> str:
+    raw = os.getcwd() if cwd is None else os.fspath(cwd)
+    path = os.path.realpath(os.path.expanduser(raw))
+    if not os.path.isdir(path):
+        raise PolicyError("cwd", f"{raw!r} is not an existing directory")
+    if path == "/":
+        raise PolicyError(
+            "cwd",
+            "the working directory is the sandbox's writable workspace; '/' would make the "
+            "whole host writable (run from, or pass --cwd, a project directory)",
+        )
+    for bad in _FORBIDDEN_WORKSPACES:
+        if path == bad or path.startswith(bad + "/"):
+            raise PolicyError("cwd", f"{raw!r} is under {bad}, which cannot be a workspace")
+    return path
+
+
+def build_env(policy: Policy, extra: Mapping[str, str] | None) -> dict[str, str]:
+    if policy.inherit_env:
+        env = dict(os.environ)
+    else:
+        env = {k: os.environ[k] for k in BASE_ENV if k in os.environ}
+    env.setdefault("PATH", DEFAULT_PATH)
+    env.update(policy.env)
+    if extra:
+        env.update(validate_env(extra, "env"))
+    return env
+
+
+def rlimits(policy: Policy) -> list[tuple[int, int, int]]:
+    lim = policy.limits
+    inf = resource.RLIM_INFINITY
+    out = [(resource.RLIMIT_CORE, 0, 0)]
+    if lim.open_files is not None:
+        n = int(lim.open_files)
+        out.append((resource.RLIMIT_NOFILE, n, n))
+    if lim.file_size is not None:
+        n = int(lim.file_size)
+        out.append((resource.RLIMIT_FSIZE, n, n))
+    if lim.cpu_time is not None:
+        # Per-process backstop; the init enforces the whole tree's total.
+        soft = max(1, math.ceil(float(lim.cpu_time)))
+        out.append((resource.RLIMIT_CPU, soft, soft + 1))
+    del inf
+    return out
+
+
+def build_plan(
+    policy: Policy,
+    args: Sequence[str],
+    *,
+    run_id: str,
+    cwd: str,
+    env: dict[str, str],
+    timeout: float | None,
+) -> dict[str, Any]:
+    uid, gid = os.getuid(), os.getgid()
+    lim = policy.limits
+    return {
+        "id": run_id,
+        "argv": list(args),
+        "env": sorted(env.items()),
+        "cwd": cwd,
+        "outer_uid": uid,
+        "outer_gid": gid,
+        "uid": uid,
+        "gid": gid,
+        "hostname": policy.hostname,
+        "newnet": policy.network.mode != "host",
+        "view": {
+            "rw": [[cwd, cwd]],
+            "tmpfs": [["/tmp", TMP_SIZE, 0o1777], ["/run", RUN_SIZE, 0o755]],
+            "dev": True,
+            "proc": True,
+            "sys": policy.network.mode != "host",
+            "shm_size": SHM_SIZE,
+        },
+        "rlimits": rlimits(policy),
+        "timeout": timeout,
+        "cpu_time": None if lim.cpu_time is None else float(lim.cpu_time),
+        "seccomp": None,
+    }

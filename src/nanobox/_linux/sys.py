@@ -1,0 +1,198 @@
+"""Raw Linux syscalls through ctypes, in one place.
+
+Only what the standard library lacks: ``unshare`` (``os.unshare`` is 3.12+),
+``mount``/``umount2``, the new mount API (``open_tree``, ``move_mount``,
+``mount_setattr``), ``prctl`` and ``capset``. Every wrapper raises
+``OSError`` with the errno and the syscall's name.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+_MACHINE = platform.machine()
+# Numbers that differ between the two supported arches; the new mount API
+# numbers (>= 424) are shared by every arch.
+if _MACHINE in ("x86_64", "amd64"):
+    SYS_CAPSET = 126
+    SYS_SECCOMP = 317
+elif _MACHINE in ("aarch64", "arm64"):
+    SYS_CAPSET = 91
+    SYS_SECCOMP = 277
+else:  # pragma: no cover - unsupported arch
+    SYS_CAPSET = -1
+    SYS_SECCOMP = -1
+SYS_OPEN_TREE = 428
+SYS_MOVE_MOUNT = 429
+SYS_MOUNT_SETATTR = 442
+
+# clone/unshare flags
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+# mount(2) flags
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_MOVE = 8192
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_STRICTATIME = 1 << 24
+
+# new mount API
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+AT_FDCWD = -100
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+
+# prctl
+PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
+PR_SET_SECUREBITS = 28
+PR_SET_NO_NEW_PRIVS = 38
+PR_GET_NO_NEW_PRIVS = 39
+PR_SET_CHILD_SUBREAPER = 36
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+PR_SET_DUMPABLE = 4
+
+# securebits: NOROOT, NO_SETUID_FIXUP, NO_CAP_AMBIENT_RAISE, each with its lock,
+# and KEEP_CAPS_LOCKED (KEEP_CAPS itself stays off): uid 0 grants nothing.
+SECBITS_LOCKED_DOWN = 0x01 | 0x02 | 0x04 | 0x08 | 0x20 | 0x40 | 0x80
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def _check(result: int, name: str, *detail: object) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        what = f"{name}({', '.join(str(d) for d in detail)})" if detail else name
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+def _b(path: str | None) -> bytes | None:
+    return None if path is None else os.fsencode(path)
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(ctypes.c_int(flags)), "unshare", hex(flags))
+
+
+def mount(
+    source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None
+) -> None:
+    r = _libc.mount(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data))
+    _check(r, "mount", target)
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    _check(_libc.umount2(_b(target), ctypes.c_int(flags)), "umount2", target)
+
+
+def open_tree(path: str, flags: int, dirfd: int = AT_FDCWD) -> int:
+    r = _syscall(ctypes.c_long(SYS_OPEN_TREE), ctypes.c_int(dirfd), _b(path), ctypes.c_uint(flags))
+    return _check(r, "open_tree", path)
+
+
+def move_mount(from_fd: int, to_path: str) -> None:
+    r = _syscall(
+        ctypes.c_long(SYS_MOVE_MOUNT),
+        ctypes.c_int(from_fd),
+        b"",
+        ctypes.c_int(AT_FDCWD),
+        _b(to_path),
+        ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
+    )
+    _check(r, "move_mount", to_path)
+
+
+def mount_setattr(
+    path: str, attr_set: int, attr_clr: int = 0, *, recursive: bool = False, dirfd: int = AT_FDCWD
+) -> None:
+    attr = _MountAttr(attr_set, attr_clr, 0, 0)
+    flags = AT_RECURSIVE if recursive else 0
+    if dirfd != AT_FDCWD and not path:
+        flags |= AT_EMPTY_PATH
+    r = _syscall(
+        ctypes.c_long(SYS_MOUNT_SETATTR),
+        ctypes.c_int(dirfd),
+        _b(path),
+        ctypes.c_uint(flags),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
+    _check(r, "mount_setattr", path or dirfd)
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    r = _libc.prctl(
+        ctypes.c_int(option),
+        ctypes.c_ulong(arg2),
+        ctypes.c_ulong(arg3),
+        ctypes.c_ulong(arg4),
+        ctypes.c_ulong(arg5),
+    )
+    return _check(r, "prctl", option)
+
+
+def drop_all_capabilities() -> None:
+    """Empty the bounding and ambient sets, lock securebits, then zero the
+    effective, permitted and inheritable sets. Must run before ``execve``
+    while CAP_SETPCAP is still held."""
+    cap = 0
+    while True:
+        try:
+            prctl(PR_CAPBSET_DROP, cap)
+        except OSError as exc:
+            if exc.errno == 22:  # EINVAL: past the last capability
+                break
+            raise
+        cap += 1
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    prctl(PR_SET_SECUREBITS, SECBITS_LOCKED_DOWN)
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    r = _syscall(ctypes.c_long(SYS_CAPSET), ctypes.byref(header), ctypes.byref(data))
+    _check(r, "capset")

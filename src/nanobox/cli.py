@@ -1,0 +1,344 @@
+"""``nanobox`` command line. Exit statuses: the command's own; 128+N when it
+was killed by signal N; 124 on a wall-clock or CPU timeout; 125 when nanobox
+itself fails (bad option, setup failure, unenforceable request); 126 command
+not executable; 127 command not found."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from ._version import __version__
+
+EXIT_TIMEOUT = 124
+EXIT_NANOBOX = 125
+
+# options of `nanobox run` that take a value (for splitting off the command)
+_VALUE_OPTIONS = {
+    "--timeout",
+    "--cpu-time",
+    "--file-size",
+    "--open-files",
+    "--output-limit",
+    "--on-output-limit",
+    "--env",
+    "-e",
+    "--cwd",
+    "--policy",
+    "--result",
+    "--log-format",
+    "--network",
+}
+
+
+_RUN_PARSER: list[argparse.ArgumentParser] = []
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(message)
+
+
+def _fail(message: str, code: int = EXIT_NANOBOX) -> NoReturn:
+    sys.stderr.write(f"nanobox: error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(code)
+
+
+def _build_parser() -> _Parser:
+    p = _Parser(prog="nanobox", description="Run a command in a sandbox.")
+    p.add_argument("--version", action="version", version=f"nanobox {__version__}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+    r = sub.add_parser(
+        "run",
+        help="run a command in a sandbox",
+        usage="nanobox run [options] [--] COMMAND [ARG...]",
+    )
+    r.add_argument("--timeout", metavar="DUR", help="wall-clock limit (e.g. 30s, 500ms, 2m)")
+    r.add_argument("--cpu-time", metavar="DUR", help="CPU-time limit of the whole sandbox")
+    r.add_argument("--file-size", metavar="SIZE", help="largest file the command may write")
+    r.add_argument("--open-files", metavar="N", help="open file descriptor limit")
+    r.add_argument(
+        "--output-limit",
+        metavar="SIZE",
+        help="bytes kept per output stream (K/M/G = powers of 1024)",
+    )
+    r.add_argument(
+        "--on-output-limit", metavar="ACTION", help="truncate (default: drain and discard) or kill"
+    )
+    r.add_argument(
+        "--env",
+        "-e",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="set a variable inside (repeatable)",
+    )
+    r.add_argument("--inherit-env", action="store_true", help="pass this environment through")
+    r.add_argument("--cwd", metavar="PATH", help="working directory (the writable workspace)")
+    r.add_argument("--network", metavar="MODE", help="none (default) or host")
+    r.add_argument("--policy", metavar="FILE.toml", help="policy file (same names as Python)")
+    r.add_argument("--result", metavar="FILE", help="write the result as JSON ('-' = stderr)")
+    r.add_argument(
+        "--allow-degraded",
+        action="store_true",
+        help="run even if a requested protection is unavailable (listed in the result)",
+    )
+    r.add_argument("--log-format", metavar="FMT", help="text (default) or json")
+    r.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    r.add_argument("-q", "--quiet", action="store_true", help="no nanobox messages")
+    _RUN_PARSER[:] = [r]
+    c = sub.add_parser("check", help="what this host can enforce")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def _split_command(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Split ``run``'s arguments into options and the command."""
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1 :]
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("-") or tok == "-":
+            return argv[:i], argv[i:]
+        if tok in _VALUE_OPTIONS:
+            i += 1
+        i += 1
+    return argv, []
+
+
+def _setup_logging(ns: argparse.Namespace) -> None:
+    import logging
+
+    fmt = ns.log_format or "text"
+    if fmt not in ("text", "json"):
+        raise _UsageError(f"--log-format: expected 'text' or 'json', got {fmt!r}")
+    if ns.quiet or not ns.verbose:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+
+        class _Json(logging.Formatter):
+            def format(self, record: logging.LogRecord) -> str:
+                out = {
+                    "level": record.levelname.lower(),
+                    "logger": record.name,
+                    "message": record.getMessage(),
+                }
+                event = getattr(record, "nanobox_event", None)
+                if event is not None:
+                    out["event"] = event
+                return json.dumps(out, default=str)
+
+        handler.setFormatter(_Json())
+    else:
+        handler.setFormatter(logging.Formatter("nanobox: %(name)s: %(message)s"))
+    log = logging.getLogger("nanobox")
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if ns.verbose else logging.INFO)
+
+
+def _policy_from_args(ns: argparse.Namespace) -> Any:
+    from .policy import Limits, Network, Policy, load_policy
+
+    base = load_policy(ns.policy) if ns.policy else Policy()
+    limits: dict[str, Any] = {}
+    for opt, name in (
+        ("timeout", "wall_time"),
+        ("cpu_time", "cpu_time"),
+        ("file_size", "file_size"),
+        ("open_files", "open_files"),
+        ("output_limit", "output"),
+        ("on_output_limit", "on_output_limit"),
+    ):
+        value = getattr(ns, opt)
+        if value is not None:
+            limits[name] = value
+    changes: dict[str, Any] = {}
+    if limits:
+        import dataclasses
+
+        from .errors import PolicyError
+
+        try:
+            changes["limits"] = dataclasses.replace(base.limits, **limits)
+        except PolicyError as exc:
+            flag = {"wall_time": "--timeout", "output": "--output-limit"}.get(
+                exc.field.split(".")[-1], "--" + exc.field.split(".")[-1].replace("_", "-")
+            )
+            raise _UsageError(f"{flag}: {exc.message.split(': ', 1)[1]}") from None
+        except TypeError as exc:  # pragma: no cover
+            raise _UsageError(str(exc)) from None
+    if ns.network is not None:
+        if ns.network not in ("none", "host"):
+            raise _UsageError(f"--network: expected 'none' or 'host', got {ns.network!r}")
+        changes["network"] = Network(mode=ns.network)
+    env = dict(base.env)
+    for item in ns.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise _UsageError(f"--env: expected KEY=VALUE, got {item!r}")
+        env[key] = value
+    if ns.env:
+        changes["env"] = env
+    if ns.inherit_env:
+        changes["inherit_env"] = True
+    if ns.allow_degraded:
+        changes["allow_degraded"] = True
+    del Limits
+    return base.replace(**changes) if changes else base
+
+
+def _write_result(path: str, data: dict[str, Any]) -> None:
+    text = json.dumps(data, indent=2) + "\n"
+    if path == "-":
+        sys.stderr.write(text)
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _failure_result(command: list[str], message: str) -> dict[str, Any]:
+    return {
+        "id": None,
+        "command": command,
+        "exit_code": None,
+        "signal": None,
+        "outcome": "setup_failed",
+        "timed_out": False,
+        "oom_killed": False,
+        "wall_time_s": 0.0,
+        "cpu_time_s": 0.0,
+        "user_time_s": 0.0,
+        "system_time_s": 0.0,
+        "peak_memory_bytes": 0,
+        "stdout_bytes": 0,
+        "stderr_bytes": 0,
+        "stdout_truncated": False,
+        "stderr_truncated": False,
+        "degraded": [],
+        "violations": [{"kind": "setup", "detail": message}],
+    }
+
+
+def _exit_status(result: Any) -> int:
+    from .result import Outcome
+
+    if result.outcome in (Outcome.TIMEOUT, Outcome.CPU_LIMIT):
+        return EXIT_TIMEOUT
+    if result.signal is not None:
+        return 128 + int(result.signal)
+    return int(result.exit_code)
+
+
+def _cmd_run(argv: list[str], parser: _Parser) -> int:
+    opts, command = _split_command(argv)
+    run_parser = _RUN_PARSER[0]
+    ns = run_parser.parse_args(opts)
+    _setup_logging(ns)
+    if not command:
+        raise _UsageError(
+            "run: no command given (usage: nanobox run [options] [--] COMMAND [ARG...])"
+        )
+    from .errors import PolicyError, SandboxError
+    from .sandbox import Sandbox
+
+    try:
+        policy = _policy_from_args(ns)
+        box = Sandbox(policy)
+    except PolicyError as exc:
+        raise _UsageError(str(exc)) from None
+    box._fork_server = True  # the CLI is single-threaded: fork, do not exec, the server
+    out = sys.stdout.buffer
+    err = sys.stderr.buffer
+
+    def to_stdout(data: bytes) -> None:
+        out.write(data)
+        out.flush()
+
+    def to_stderr(data: bytes) -> None:
+        err.write(data)
+        err.flush()
+
+    try:
+        stdin_fd: int | None = sys.stdin.fileno() if sys.stdin is not None else None
+        os.fstat(stdin_fd) if stdin_fd is not None else None
+    except (OSError, ValueError):
+        stdin_fd = None
+    try:
+        result = box.run(
+            command, stdin=stdin_fd, cwd=ns.cwd, on_stdout=to_stdout, on_stderr=to_stderr
+        )
+    except PolicyError as exc:
+        raise _UsageError(str(exc)) from None
+    except SandboxError as exc:
+        if ns.result:
+            _write_result(ns.result, _failure_result(command, str(exc)))
+        _fail(str(exc))
+    code = _exit_status(result)
+    if not ns.quiet:
+        if result.exit_code == 127 and result.violations:
+            sys.stderr.write(f"nanobox: {command[0]}: command not found\n")
+        elif result.exit_code == 126 and result.violations:
+            sys.stderr.write(
+                f"nanobox: {command[0]}: cannot execute ({result.violations[-1].detail})\n"
+            )
+        elif result.outcome.value in ("timeout", "cpu_limit", "output_limit"):
+            sys.stderr.write(f"nanobox: {result.violations[0].detail}\n")
+        for what, flag in (
+            ("stdout", result.stdout_truncated),
+            ("stderr", result.stderr_truncated),
+        ):
+            if flag:
+                sys.stderr.write(f"nanobox: {what} truncated at {policy.limits.output} bytes\n")
+    if ns.result:
+        _write_result(ns.result, result.to_dict())
+    return code
+
+
+def _cmd_check(as_json: bool) -> int:
+    from .check import check
+
+    report = check()
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.format_text())
+    return 0 if report.default_policy_enforceable else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = _build_parser()
+    try:
+        if args and args[0] == "run":
+            return _cmd_run(args[1:], parser)
+        ns = parser.parse_args(args)
+        if ns.cmd == "check":
+            return _cmd_check(ns.json)
+        parser.print_help(sys.stderr)
+        return 2 if not args else EXIT_NANOBOX
+    except _UsageError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+
+def entry() -> None:
+    raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,92 @@
+"""Exception hierarchy.
+
+Every exception nanobox raises derives from :class:`SandboxError` and carries
+context: the setup ``step`` that failed, the ``syscall`` involved and its
+``errno`` where there is one.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+import subprocess
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .result import Result
+
+__all__ = [
+    "PolicyError",
+    "SandboxError",
+    "SandboxedProcessError",
+    "SetupError",
+    "UnsupportedError",
+]
+
+
+class SandboxError(Exception):
+    """Base class of every nanobox error."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        step: str | None = None,
+        syscall: str | None = None,
+        errno: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.step = step
+        self.syscall = syscall
+        self.errno = errno
+
+    def __str__(self) -> str:
+        parts = [self.message]
+        if self.syscall:
+            detail = self.syscall
+            if self.errno:
+                name = _errno.errorcode.get(self.errno, str(self.errno))
+                detail += f": {name} ({os.strerror(self.errno)})"
+            parts.append(f"[{detail}]")
+        return " ".join(parts)
+
+
+class PolicyError(SandboxError, ValueError):
+    """A policy value (or CLI option) is invalid.
+
+    ``field`` is the dotted name of the offending field, e.g. ``limits.memory``.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}", step="policy")
+        self.field = field
+
+
+class UnsupportedError(SandboxError):
+    """A requested protection cannot be enforced on this host (fail closed)."""
+
+
+class SetupError(SandboxError):
+    """The sandbox could not be set up; the command never ran."""
+
+    result: Result[Any] | None = None
+
+
+class SandboxedProcessError(SandboxError, subprocess.CalledProcessError):
+    """Raised by ``Result.check()`` (or ``check=True``) for a failed command."""
+
+    def __init__(self, result: Result[Any]) -> None:
+        subprocess.CalledProcessError.__init__(
+            self, result.returncode, list(result.args), result.stdout, result.stderr
+        )
+        SandboxError.__init__(
+            self,
+            f"command {list(result.args)!r} ended with outcome "
+            f"{result.outcome.value} (returncode {result.returncode})",
+            step="run",
+        )
+        self.result = result
+
+    def __str__(self) -> str:
+        return self.message

@@ -1,0 +1,66 @@
+"""The per-run event stream.
+
+Every run emits :class:`Event` objects (setup steps, violations, limit hits,
+exit). Subscribers registered with :func:`subscribe` see every run's events;
+a ``Sandbox(on_event=...)`` callback sees that sandbox's. Each event is also
+logged to the ``nanobox.events`` logger at DEBUG level with the event as
+``extra={"nanobox_event": ...}``; nanobox never configures logging handlers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Event", "subscribe", "unsubscribe"]
+
+_log = logging.getLogger("nanobox.events")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing that happened in a run. ``kind`` is one of ``start``,
+    ``setup``, ``violation``, ``limit``, ``exit``, ``error``."""
+
+    run_id: str
+    kind: str
+    data: Mapping[str, Any] = field(default_factory=dict)
+    time: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "kind": self.kind, "time": self.time, **self.data}
+
+
+Subscriber = Callable[[Event], None]
+_subscribers: list[Subscriber] = []
+_lock = threading.Lock()
+
+
+def subscribe(callback: Subscriber) -> None:
+    """Call ``callback(event)`` for every event of every run in this process."""
+    with _lock:
+        _subscribers.append(callback)
+
+
+def unsubscribe(callback: Subscriber) -> None:
+    with _lock:
+        if callback in _subscribers:
+            _subscribers.remove(callback)
+
+
+def emit(event: Event, local: Subscriber | None = None) -> None:
+    """Deliver ``event``; a failing subscriber is logged, never propagated."""
+    if _log.isEnabledFor(logging.DEBUG):
+        _log.debug("%s %s", event.kind, dict(event.data), extra={"nanobox_event": event.to_dict()})
+    targets = list(_subscribers)
+    if local is not None:
+        targets.append(local)
+    for callback in targets:
+        try:
+            callback(event)
+        except Exception:  # noqa: BLE001 - a subscriber must not break a run
+            _log.exception("event subscriber %r failed", callback)

@@ -1,0 +1,227 @@
+"""Policy objects: immutable, keyword-only dataclasses with human units.
+
+``Policy()`` with no arguments is the default policy. Values are validated and
+normalised when the object is built (``"512M"`` becomes ``536870912``,
+``"30s"`` becomes ``30.0``); an invalid value raises :class:`PolicyError`
+naming the field and what would be valid. :func:`policy_from_mapping` and
+:func:`load_policy` build the same objects from TOML data, rejecting unknown
+keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import PolicyError
+from .units import DURATION_HELP, SIZE_HELP, parse_duration, parse_size
+
+__all__ = [
+    "Limits",
+    "Network",
+    "Policy",
+    "load_policy",
+    "policy_from_mapping",
+]
+
+SizeLike = int | str
+DurationLike = int | float | str
+
+DEFAULT_OUTPUT_LIMIT = 16 * 1024 * 1024
+DEFAULT_OPEN_FILES = 1024
+_ENV_NAME_FORBIDDEN = ("=", "\0")
+
+
+def _set(obj: object, name: str, value: object) -> None:
+    object.__setattr__(obj, name, value)
+
+
+def _norm_duration(obj: object, prefix: str, name: str, *, allow_zero: bool = False) -> None:
+    value = getattr(obj, name)
+    if value is None:
+        return
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        raise PolicyError(f"{prefix}{name}", f"expected {DURATION_HELP}, got {value!r}") from None
+    if seconds <= 0 and not allow_zero:
+        raise PolicyError(f"{prefix}{name}", f"must be greater than 0, got {value!r}")
+    _set(obj, name, seconds)
+
+
+def _norm_size(obj: object, prefix: str, name: str, *, minimum: int = 0) -> None:
+    value = getattr(obj, name)
+    if value is None:
+        return
+    try:
+        size = parse_size(value)
+    except ValueError:
+        raise PolicyError(f"{prefix}{name}", f"expected {SIZE_HELP}, got {value!r}") from None
+    if size < minimum:
+        raise PolicyError(f"{prefix}{name}", f"must be at least {minimum}, got {value!r}")
+    _set(obj, name, size)
+
+
+def _norm_count(obj: object, prefix: str, name: str, *, minimum: int = 1) -> None:
+    value = getattr(obj, name)
+    if value is None:
+        return
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise PolicyError(
+            f"{prefix}{name}", f"expected a whole number >= {minimum}, got {getattr(obj, name)!r}"
+        )
+    _set(obj, name, value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """Resource limits of one run.
+
+    ``wall_time``/``cpu_time`` are durations, ``file_size``/``output`` sizes;
+    ``None`` means no limit (``output`` always has one: the caller must never
+    be flooded). ``output`` caps each of stdout and stderr separately.
+    """
+
+    wall_time: DurationLike | None = None
+    cpu_time: DurationLike | None = None
+    file_size: SizeLike | None = None
+    open_files: int | None = DEFAULT_OPEN_FILES
+    output: SizeLike = DEFAULT_OUTPUT_LIMIT
+    on_output_limit: Literal["truncate", "kill"] = "truncate"
+
+    def __post_init__(self) -> None:
+        _norm_duration(self, "limits.", "wall_time")
+        _norm_duration(self, "limits.", "cpu_time")
+        _norm_size(self, "limits.", "file_size")
+        _norm_count(self, "limits.", "open_files", minimum=3)
+        if self.output is None:
+            raise PolicyError("limits.output", f"expected {SIZE_HELP}, got None")
+        _norm_size(self, "limits.", "output")
+        if self.on_output_limit not in ("truncate", "kill"):
+            raise PolicyError(
+                "limits.on_output_limit",
+                f"expected 'truncate' or 'kill', got {self.on_output_limit!r}",
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Network:
+    """Network policy. ``mode="none"`` (default): an empty network namespace
+    with only loopback. ``mode="host"``: the host's network (explicit opt-in,
+    flagged in results)."""
+
+    mode: Literal["none", "host"] = "none"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("none", "host"):
+            raise PolicyError("network.mode", f"expected 'none' or 'host', got {self.mode!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Policy:
+    """Everything a sandbox enforces. ``Policy()`` is the default policy."""
+
+    limits: Limits = field(default_factory=Limits)
+    network: Network = field(default_factory=Network)
+    env: Mapping[str, str] = field(default_factory=dict)
+    inherit_env: bool = False
+    allow_degraded: bool = False
+    hostname: str = "nanobox"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.limits, Limits):
+            raise PolicyError(
+                "limits", f"expected nanobox.Limits, got {type(self.limits).__name__}"
+            )
+        if not isinstance(self.network, Network):
+            raise PolicyError(
+                "network", f"expected nanobox.Network, got {type(self.network).__name__}"
+            )
+        _set(self, "env", validate_env(self.env, "env"))
+        for name in ("inherit_env", "allow_degraded"):
+            if not isinstance(getattr(self, name), bool):
+                raise PolicyError(name, f"expected true or false, got {getattr(self, name)!r}")
+        host = self.hostname
+        if (
+            not isinstance(host, str)
+            or not 1 <= len(host) <= 64
+            or not all(c.isalnum() or c in "-." for c in host)
+        ):
+            raise PolicyError(
+                "hostname", f"expected 1-64 letters, digits, '-' or '.', got {host!r}"
+            )
+
+    def replace(self, **changes: Any) -> Policy:
+        """Return a copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def validate_env(env: object, field_name: str) -> dict[str, str]:
+    """Check an environment mapping: str keys without '=' or NUL, str values."""
+    if env is None:
+        return {}
+    if not isinstance(env, Mapping):
+        raise PolicyError(field_name, f"expected a mapping of names to strings, got {env!r}")
+    out: dict[str, str] = {}
+    for key, value in env.items():
+        if not isinstance(key, str) or not key or any(c in key for c in _ENV_NAME_FORBIDDEN):
+            raise PolicyError(field_name, f"invalid variable name {key!r}")
+        if not isinstance(value, str) or "\0" in value:
+            raise PolicyError(
+                f"{field_name}.{key}", f"expected a string without NUL, got {value!r}"
+            )
+        out[key] = value
+    return out
+
+
+# --- building policies from mappings (TOML) ---------------------------------
+
+_SECTIONS: dict[str, type[Any]] = {"limits": Limits, "network": Network}
+
+
+def _build(cls: type[Any], data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise PolicyError(prefix.rstrip(".") or "policy", f"expected a table, got {data!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            valid = ", ".join(sorted(names))
+            raise PolicyError(f"{prefix}{key}", f"unknown key (valid keys: {valid})")
+        if cls is Policy and key in _SECTIONS:
+            value = _build(_SECTIONS[key], value, f"{key}.")
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except PolicyError:
+        raise
+    except (TypeError, ValueError) as exc:  # pragma: no cover - defensive
+        raise PolicyError(prefix.rstrip(".") or "policy", str(exc)) from None
+
+
+def policy_from_mapping(data: Mapping[str, Any]) -> Policy:
+    """Build a :class:`Policy` from a mapping using the dataclass field names."""
+    result: Policy = _build(Policy, data, "")
+    return result
+
+
+def load_policy(path: str | os.PathLike[str]) -> Policy:
+    """Read a TOML policy file. Unknown keys are an error."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise PolicyError("policy", f"cannot read {os.fspath(path)!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError("policy", f"{os.fspath(path)!r} is not valid TOML: {exc}") from None
+    return policy_from_mapping(data)

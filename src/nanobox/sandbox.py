@@ -1,0 +1,477 @@
+"""The public entry points: :class:`Sandbox`, :func:`run`, :func:`run_async`."""
+
+from __future__ import annotations
+
+import errno as _errno
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import IO, Any
+
+from . import events
+from ._io import Capture, RunIO, Sink
+from .errors import PolicyError, SandboxError, SetupError, UnsupportedError
+from .policy import Policy
+from .result import Outcome, Result, Violation
+from .units import DURATION_HELP, parse_duration
+
+__all__ = ["Sandbox", "run", "run_async"]
+
+StdinLike = int | IO[Any] | None
+Args = Sequence[str | os.PathLike[str]]
+
+USERNS_HELP = (
+    "user namespaces are not available to this user. Enable them: "
+    "'sysctl kernel.unprivileged_userns_clone=1' (Debian/older Ubuntu), "
+    "'sysctl user.max_user_namespaces=15000', or on Ubuntu 24.04+ "
+    "'sysctl kernel.apparmor_restrict_unprivileged_userns=0' (or an AppArmor "
+    "profile granting 'userns'); in Docker/Podman run with a seccomp profile "
+    "that allows unshare/clone namespace flags"
+)
+
+
+def _check_linux() -> None:
+    if not sys.platform.startswith("linux"):
+        raise UnsupportedError(
+            f"nanobox supports Linux only for now (this is {sys.platform})", step="platform"
+        )
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    run_id: str
+    args: tuple[str, ...]
+    plan: bytes
+    stdin_fd: int | None
+    stdin_data: bytes | None
+    text: bool
+    check: bool
+
+
+class Sandbox:
+    """A reusable sandbox configuration. ``run()`` may be called many times
+    and from many threads at once; every run gets fresh namespaces.
+
+    ``on_event`` receives this sandbox's :class:`nanobox.events.Event` objects.
+    """
+
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        *,
+        on_event: Callable[[events.Event], None] | None = None,
+    ) -> None:
+        _check_linux()
+        if policy is None:
+            policy = Policy()
+        if not isinstance(policy, Policy):
+            raise PolicyError("policy", f"expected nanobox.Policy, got {type(policy).__name__}")
+        self.policy = policy
+        self.on_event = on_event
+        self._fork_server = False  # the CLI sets this: it is single-threaded
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Nothing to release per sandbox today (the fork server is shared)."""
+
+    # -- preparing ---------------------------------------------------------
+    def _prepare(
+        self,
+        args: Args,
+        *,
+        input: bytes | str | None,
+        stdin: StdinLike,
+        cwd: str | os.PathLike[str] | None,
+        env: Mapping[str, str] | None,
+        timeout: float | str | None,
+        text: bool,
+        check: bool,
+    ) -> _Prepared:
+        from ._linux import plan as planmod
+
+        argv = planmod.check_args(args)
+        if timeout is None:
+            wall = self.policy.limits.wall_time
+            timeout_s = None if wall is None else float(wall)
+        else:
+            try:
+                timeout_s = parse_duration(timeout)
+            except ValueError:
+                raise PolicyError("timeout", f"expected {DURATION_HELP}, got {timeout!r}") from None
+            if timeout_s <= 0:
+                raise PolicyError("timeout", f"must be greater than 0, got {timeout!r}")
+        if input is not None and stdin is not None:
+            raise PolicyError("input", "pass either input= or stdin=, not both")
+        if isinstance(input, str):
+            input = input.encode()
+        if input is not None and not isinstance(input, (bytes, bytearray, memoryview)):
+            raise PolicyError("input", f"expected bytes or str, got {type(input).__name__}")
+        stdin_fd: int | None = None
+        if stdin is not None:
+            stdin_fd = stdin if isinstance(stdin, int) else stdin.fileno()
+        run_id = uuid.uuid4().hex[:16]
+        plan = planmod.build_plan(
+            self.policy,
+            argv,
+            run_id=run_id,
+            cwd=planmod.resolve_cwd(cwd),
+            env=planmod.build_env(self.policy, env),
+            timeout=timeout_s,
+        )
+        return _Prepared(
+            run_id=run_id,
+            args=tuple(argv),
+            plan=json.dumps(plan).encode(),
+            stdin_fd=stdin_fd,
+            stdin_data=None if input is None else bytes(input),
+            text=text,
+            check=check,
+        )
+
+    def _start(self, prep: _Prepared, on_stdout: Sink | None, on_stderr: Sink | None) -> RunIO:
+        """Create the pipes, hand the plan to the fork server, return the I/O state."""
+        from ._linux import client
+
+        lim = self.policy.limits
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        in_w: int | None = None
+        if prep.stdin_data is not None:
+            in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        elif prep.stdin_fd is not None:
+            in_r = os.dup(prep.stdin_fd)
+        else:
+            in_r = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            for attempt in (1, 2):
+                server = client.get_server(fork=self._fork_server)
+                try:
+                    server.submit(prep.plan, [theirs.fileno(), in_r, out_w, err_w])
+                    break
+                except client.ServerGone:
+                    client.reset_server(server)
+                    if attempt == 2:
+                        raise SandboxError(
+                            "the nanobox fork server could not be started", step="start"
+                        ) from None
+        except BaseException:
+            for fd in (out_r, err_r) + ((in_w,) if in_w is not None else ()):
+                os.close(fd)
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+            for fd in (out_w, err_w, in_r):
+                os.close(fd)
+        for fd in (out_r, err_r) + ((in_w,) if in_w is not None else ()):
+            os.set_blocking(fd, False)
+        mine.setblocking(False)
+        cap = int(lim.output)
+        io = RunIO(
+            mine,
+            Capture(out_r, cap, on_stdout),
+            Capture(err_r, cap, on_stderr),
+            in_w,
+            prep.stdin_data,
+            kill_on_overflow=lim.on_output_limit == "kill",
+        )
+        self._emit(prep.run_id, "start", {"command": list(prep.args)})
+        return io
+
+    # -- running -----------------------------------------------------------
+    def run(
+        self,
+        args: Args,
+        *,
+        input: bytes | str | None = None,
+        stdin: StdinLike = None,
+        cwd: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | str | None = None,
+        text: bool = False,
+        check: bool = False,
+        on_stdout: Sink | None = None,
+        on_stderr: Sink | None = None,
+    ) -> Result[Any]:
+        """Run ``args`` in a fresh sandbox and wait for it. See :func:`nanobox.run`."""
+        prep = self._prepare(
+            args,
+            input=input,
+            stdin=stdin,
+            cwd=cwd,
+            env=env,
+            timeout=timeout,
+            text=text,
+            check=check,
+        )
+        io = self._start(prep, on_stdout, on_stderr)
+        try:
+            sel = selectors.PollSelector()
+            sel.register(io.chan, selectors.EVENT_READ, None)
+            for fd in io.open_outputs:
+                sel.register(fd, selectors.EVENT_READ, None)
+            if io.stdin_fd is not None:
+                sel.register(io.stdin_fd, selectors.EVENT_WRITE, None)
+            chan_fd = io.chan.fileno()
+            while not io.done:
+                for key, _ in sel.select():
+                    fd = key.fd
+                    if fd == chan_fd:
+                        io.on_chan()
+                        sel.unregister(fd)
+                    elif fd == io.stdin_fd:
+                        if not io.on_stdin():
+                            sel.unregister(fd)
+                    elif fd in io.open_outputs:
+                        if not io.on_output(fd):
+                            sel.unregister(fd)
+            sel.close()
+        finally:
+            io.close()
+        return self._finish(prep, io)
+
+    async def run_async(
+        self,
+        args: Args,
+        *,
+        input: bytes | str | None = None,
+        stdin: StdinLike = None,
+        cwd: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | str | None = None,
+        text: bool = False,
+        check: bool = False,
+        on_stdout: Sink | None = None,
+        on_stderr: Sink | None = None,
+    ) -> Result[Any]:
+        """The asyncio twin of :meth:`run`. Cancelling it kills the sandbox."""
+        import asyncio
+
+        prep = self._prepare(
+            args,
+            input=input,
+            stdin=stdin,
+            cwd=cwd,
+            env=env,
+            timeout=timeout,
+            text=text,
+            check=check,
+        )
+        loop = asyncio.get_running_loop()
+        io = self._start(prep, on_stdout, on_stderr)
+        finished: asyncio.Future[None] = loop.create_future()
+        chan_fd = io.chan.fileno()
+        watched: set[tuple[str, int]] = set()
+
+        def check_done() -> None:
+            if io.done and not finished.done():
+                finished.set_result(None)
+
+        def on_chan() -> None:
+            io.on_chan()
+            loop.remove_reader(chan_fd)
+            watched.discard(("r", chan_fd))
+            check_done()
+
+        def on_out(fd: int) -> None:
+            if not io.on_output(fd):
+                loop.remove_reader(fd)
+                watched.discard(("r", fd))
+            check_done()
+
+        def on_in(fd: int) -> None:
+            if not io.on_stdin():
+                loop.remove_writer(fd)
+                watched.discard(("w", fd))
+
+        loop.add_reader(chan_fd, on_chan)
+        watched.add(("r", chan_fd))
+        for fd in list(io.open_outputs):
+            loop.add_reader(fd, on_out, fd)
+            watched.add(("r", fd))
+        if io.stdin_fd is not None:
+            loop.add_writer(io.stdin_fd, on_in, io.stdin_fd)
+            watched.add(("w", io.stdin_fd))
+        try:
+            await finished
+        finally:
+            for kind, fd in watched:
+                (loop.remove_reader if kind == "r" else loop.remove_writer)(fd)
+            io.close()  # on cancellation this closes the channel: the server kills the run
+        return self._finish(prep, io)
+
+    # -- results -----------------------------------------------------------
+    def _emit(self, run_id: str, kind: str, data: dict[str, Any]) -> None:
+        events.emit(events.Event(run_id, kind, data), self.on_event)
+
+    def _finish(self, prep: _Prepared, io: RunIO) -> Result[Any]:
+        msg = io.message
+        if msg is None:
+            raise SandboxError("the nanobox fork server died during the run", step="supervise")
+        if msg["t"] == "error":
+            raise self._setup_error(prep, msg)
+        exec_error = msg.get("exec_error")
+        if exec_error and exec_error.get("kind") == "S":
+            raise self._setup_error(prep, {**exec_error, "step": exec_error.get("step")})
+        status = msg["status"]
+        reason = msg["reason"]
+        sig: int | None = None
+        code: int | None = None
+        if exec_error:
+            err = exec_error.get("errno")
+            code = 127 if err in (_errno.ENOENT, _errno.ENOTDIR, None) else 126
+            returncode = code
+        elif os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            returncode = -sig
+        else:
+            code = os.WEXITSTATUS(status)
+            returncode = code
+        violations: list[Violation] = []
+        cpu = msg["utime"] + msg["stime"]
+        limits = self.policy.limits
+        if reason == "timeout":
+            outcome = Outcome.TIMEOUT
+            detail = f"wall-clock limit of {msg['wall']:.3f}s reached"
+            violations.append(Violation("timeout", detail))
+        elif (
+            reason == "cpu_limit"
+            or sig == signal.SIGXCPU
+            or (
+                limits.cpu_time is not None
+                and sig == signal.SIGKILL
+                and cpu >= float(limits.cpu_time)
+            )
+        ):
+            outcome = Outcome.CPU_LIMIT
+            detail = f"CPU-time limit of {limits.cpu_time}s reached"
+            violations.append(Violation("cpu_limit", detail))
+        elif io.output_killed:
+            outcome = Outcome.OUTPUT_LIMIT
+            violations.append(Violation("output_limit", f"output exceeded {limits.output} bytes"))
+        elif sig is not None:
+            outcome = Outcome.SIGNALED
+        else:
+            outcome = Outcome.EXITED
+        if exec_error:
+            violations.append(Violation("exec", exec_error.get("message", "exec failed")))
+        out, err_b = io.out.value(), io.err.value()
+        stdout: Any = out.decode(errors="replace") if prep.text else out
+        stderr: Any = err_b.decode(errors="replace") if prep.text else err_b
+        result: Result[Any] = Result(
+            id=prep.run_id,
+            args=prep.args,
+            returncode=returncode,
+            stdout=stdout,
+            stderr=stderr,
+            outcome=outcome,
+            exit_code=code,
+            signal=sig,
+            wall_time_s=msg["wall"],
+            cpu_time_s=cpu,
+            user_time_s=msg["utime"],
+            system_time_s=msg["stime"],
+            peak_memory_bytes=msg["maxrss_kb"] * 1024,
+            stdout_bytes=io.out.total,
+            stderr_bytes=io.err.total,
+            stdout_truncated=io.out.truncated,
+            stderr_truncated=io.err.truncated,
+            degraded=(),
+            violations=tuple(violations),
+            network={"mode": "host"} if self.policy.network.mode == "host" else None,
+        )
+        if events._subscribers or self.on_event is not None or events._log.isEnabledFor(10):
+            self._emit(prep.run_id, "setup", {"seconds": msg.get("setup_s")})
+            for v in violations:
+                self._emit(prep.run_id, "limit" if v.kind != "exec" else "violation", v.to_dict())
+            self._emit(
+                prep.run_id,
+                "exit",
+                {
+                    "outcome": outcome.value,
+                    "returncode": returncode,
+                    "wall_time_s": result.wall_time_s,
+                    "cpu_time_s": result.cpu_time_s,
+                },
+            )
+        if prep.check:
+            result.check()
+        return result
+
+    def _setup_error(self, prep: _Prepared, info: Mapping[str, Any]) -> SandboxError:
+        step = info.get("step") or "setup"
+        err = info.get("errno")
+        message = info.get("message") or "setup failed"
+        syscall = message.split("(")[0].split(":")[0] if "(" in message else None
+        self._emit(prep.run_id, "error", {"step": step, "errno": err, "message": message})
+        if step == "create namespaces" and err in (_errno.EPERM, _errno.ENOSPC, _errno.EINVAL):
+            return UnsupportedError(
+                f"cannot create the sandbox's namespaces ({os.strerror(err)}): {USERNS_HELP}",
+                step=step,
+                syscall="unshare",
+                errno=err,
+            )
+        exc = SetupError(
+            f"sandbox setup failed at step '{step}': {message}",
+            step=step,
+            syscall=syscall,
+            errno=err,
+        )
+        return exc
+
+
+def run(
+    args: Args,
+    *,
+    policy: Policy | None = None,
+    input: bytes | str | None = None,
+    stdin: StdinLike = None,
+    cwd: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float | str | None = None,
+    text: bool = False,
+    check: bool = False,
+) -> Result[Any]:
+    """Run ``args`` in a fresh sandbox with ``policy`` (default: ``Policy()``).
+
+    Like :func:`subprocess.run`: stdout and stderr are captured (each capped
+    at ``policy.limits.output``), ``input`` is fed to stdin (else stdin is
+    ``/dev/null`` unless ``stdin=`` names a file or fd), ``timeout``
+    overrides ``policy.limits.wall_time``, ``check=True`` raises
+    :class:`nanobox.SandboxedProcessError` unless the command exited 0.
+    Raises :class:`nanobox.SetupError` if the sandbox could not be built and
+    :class:`nanobox.UnsupportedError` if the policy cannot be enforced here.
+    """
+    return Sandbox(policy).run(
+        args, input=input, stdin=stdin, cwd=cwd, env=env, timeout=timeout, text=text, check=check
+    )
+
+
+async def run_async(
+    args: Args,
+    *,
+    policy: Policy | None = None,
+    input: bytes | str | None = None,
+    stdin: StdinLike = None,
+    cwd: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float | str | None = None,
+    text: bool = False,
+    check: bool = False,
+) -> Result[Any]:
+    """The asyncio twin of :func:`run`; cancelling it kills the sandbox."""
+    return await Sandbox(policy).run_async(
+        args, input=input, stdin=stdin, cwd=cwd, env=env, timeout=timeout, text=text, check=check
+    )

@@ -1,0 +1,151 @@
+"""Supervision: nothing the command starts outlives the run, nor the caller."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nanobox
+from conftest import kill_pids, pids_with, wait_until
+
+PY = sys.executable
+
+# Forks, starts a new session, forks again, ignores SIGTERM, sleeps: a daemon.
+DAEMON = (
+    "import os, signal, sys, time\n"
+    "if os.fork() == 0:\n"
+    "    os.setsid()\n"
+    "    if os.fork() == 0:\n"
+    "        signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "        signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+    "        os.closerange(0, 3)\n"
+    "        time.sleep(300)\n"
+    "    os._exit(0)\n"
+    "os.wait()\n"
+    "print('daemon started')\n"
+)
+
+
+def test_double_forked_setsid_daemon_is_killed(workspace: Path, marker: str) -> None:
+    r = nanobox.run([PY, "-c", DAEMON, marker], timeout=30)
+    assert r.stdout == b"daemon started\n" and r.returncode == 0
+    assert wait_until(lambda: not pids_with(marker), timeout=5), pids_with(marker)
+
+
+def test_control_daemon_survives_outside(workspace: Path, marker: str) -> None:
+    subprocess.run([PY, "-c", DAEMON, marker], timeout=30, check=True, capture_output=True)
+    try:
+        assert wait_until(lambda: bool(pids_with(marker)), timeout=5)
+        time.sleep(0.2)
+        assert pids_with(marker), "the control daemon should outlive its parent"
+    finally:
+        kill_pids(pids_with(marker))
+
+
+def test_orphans_are_reaped(workspace: Path) -> None:
+    code = (
+        "import os, time\n"
+        "for _ in range(5):\n"
+        "    if os.fork() == 0:\n"
+        "        if os.fork() == 0: os._exit(0)\n"
+        "        os._exit(0)\n"
+        "    os.wait()\n"
+        "time.sleep(0.3)\n"
+        "states = [open(f'/proc/{p}/stat').read().rsplit(')',1)[1].split()[0]\n"
+        "          for p in os.listdir('/proc') if p.isdigit()]\n"
+        "print(states.count('Z'))\n"
+    )
+    r = nanobox.run([PY, "-c", code], timeout=30)
+    assert r.stdout == b"0\n", r.stderr
+
+
+CALLER = (
+    "import sys; sys.path[:0] = {path!r}\n"
+    "import nanobox\n"
+    "nanobox.run([sys.executable, '-c', 'import time; time.sleep(300)', {marker!r}[::-1]])\n"
+)
+
+
+def _spawn_caller(marker: str, code: str) -> subprocess.Popen[bytes]:
+    # The marker is spelled backwards in the caller's own command line, so
+    # only the process it starts matches.
+    return subprocess.Popen([PY, "-c", code.format(path=sys.path, marker=marker[::-1])],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_caller_sigkill_takes_the_sandbox_down(workspace: Path, marker: str) -> None:
+    caller = _spawn_caller(marker, CALLER)
+    try:
+        assert wait_until(lambda: bool(pids_with(marker)), timeout=20), caller.stderr
+        os.kill(caller.pid, signal.SIGKILL)
+        caller.wait()
+        assert wait_until(lambda: not pids_with(marker), timeout=10), pids_with(marker)
+    finally:
+        kill_pids(pids_with(marker))
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait()
+
+
+def test_control_child_survives_sigkilled_parent(workspace: Path, marker: str) -> None:
+    code = (
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)', {marker!r}[::-1]])\n"
+        "time.sleep(300)\n{path!r}\n"
+    )
+    caller = _spawn_caller(marker, code)
+    try:
+        assert wait_until(lambda: bool(pids_with(marker)), timeout=20)
+        os.kill(caller.pid, signal.SIGKILL)
+        caller.wait()
+        time.sleep(0.3)
+        assert pids_with(marker), "without a sandbox the child outlives its killed parent"
+    finally:
+        kill_pids(pids_with(marker))
+
+
+def test_wall_timeout_kills_everything(workspace: Path, marker: str) -> None:
+    t0 = time.monotonic()
+    r = nanobox.run([PY, "-c", DAEMON + "import time; time.sleep(300)", marker], timeout=1)
+    assert r.outcome is nanobox.Outcome.TIMEOUT and r.timed_out
+    assert r.returncode == -signal.SIGKILL
+    assert 1.0 <= r.wall_time_s < 5 and time.monotonic() - t0 < 10
+    assert wait_until(lambda: not pids_with(marker), timeout=5)
+
+
+def test_cpu_time_limit_counts_children(workspace: Path) -> None:
+    # Two children spin; the parent only waits. Per-process RLIMIT_CPU alone
+    # would let each child run a full second; the tree total must stop them.
+    code = (
+        "import os\n"
+        "for _ in range(2):\n"
+        "    if os.fork() == 0:\n"
+        "        while True: pass\n"
+        "os.wait(); os.wait()\n"
+    )
+    policy = nanobox.Policy(limits=nanobox.Limits(cpu_time="1s"))
+    r = nanobox.run([PY, "-c", code], policy=policy, timeout=30)
+    assert r.outcome is nanobox.Outcome.CPU_LIMIT
+    assert 1.0 <= r.cpu_time_s < 2.0, r.cpu_time_s
+    assert r.wall_time_s < 1.5  # two children burn 1 s of CPU in about 0.5 s
+
+
+def test_rlimit_file_size_and_core(workspace: Path) -> None:
+    policy = nanobox.Policy(limits=nanobox.Limits(file_size="1K"))
+    r = nanobox.run(
+        ["sh", "-c", "ulimit -c; exec head -c 4096 /dev/zero > big"],
+        policy=policy, timeout=10,
+    )
+    assert r.stdout == b"0\n"
+    assert r.outcome is nanobox.Outcome.SIGNALED and r.signal == signal.SIGXFSZ
+    assert (workspace / "big").stat().st_size == 1024
+
+
+def test_open_files_limit(workspace: Path) -> None:
+    policy = nanobox.Policy(limits=nanobox.Limits(open_files=20))
+    r = nanobox.run(["sh", "-c", "ulimit -n"], policy=policy, timeout=10)
+    assert r.stdout == b"20\n"

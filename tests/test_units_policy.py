@@ -1,0 +1,121 @@
+"""Pure parts: units, policy validation, TOML loading (no kernel needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import nanobox
+from nanobox.policy import policy_from_mapping
+from nanobox.units import parse_duration, parse_size
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [(0, 0), (1, 1), ("1", 1), ("1K", 1024), ("1k", 1024), ("64M", 64 << 20), ("2G", 2 << 30),
+     ("1T", 1 << 40), ("1.5K", 1536), ("10MiB", 10 << 20), ("512 KB", 512 << 10)],
+)
+def test_parse_size(text: object, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("bad", ["", "-1", -1, "12Q", "1.3", "M", True, None, 1.5, "1e3"])
+def test_parse_size_rejects(bad: object) -> None:
+    with pytest.raises(ValueError, match="size"):
+        parse_size(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [(5, 5.0), (2.5, 2.5), ("500ms", 0.5), ("30s", 30.0), ("2m", 120.0), ("1h", 3600.0),
+     (".5", 0.5), ("10", 10.0)],
+)
+def test_parse_duration(text: object, value: float) -> None:
+    assert parse_duration(text) == value
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "-1s", -2, float("inf"), float("nan"), "1d", True])
+def test_parse_duration_rejects(bad: object) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(bad)
+
+
+def test_policy_defaults_and_units() -> None:
+    p = nanobox.Policy()
+    assert p.network.mode == "none"
+    assert p.limits.wall_time is None
+    lim = nanobox.Limits(wall_time="30s", cpu_time="10s", file_size="1M", output="2K")
+    assert (lim.wall_time, lim.cpu_time, lim.file_size, lim.output) == (30.0, 10.0, 1 << 20, 2048)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"wall_time": "soon"}, "limits.wall_time"),
+        ({"wall_time": 0}, "limits.wall_time"),
+        ({"cpu_time": -1}, "limits.cpu_time"),
+        ({"file_size": "big"}, "limits.file_size"),
+        ({"open_files": 0}, "limits.open_files"),
+        ({"open_files": "many"}, "limits.open_files"),
+        ({"output": "lots"}, "limits.output"),
+        ({"on_output_limit": "explode"}, "limits.on_output_limit"),
+    ],
+)
+def test_limits_errors_name_the_field(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(nanobox.PolicyError) as info:
+        nanobox.Limits(**kwargs)  # type: ignore[arg-type]
+    assert info.value.field == field
+    assert field in str(info.value)
+    assert isinstance(info.value, nanobox.SandboxError)
+
+
+def test_policy_is_immutable() -> None:
+    p = nanobox.Policy()
+    with pytest.raises(AttributeError):
+        p.inherit_env = True  # type: ignore[misc]
+
+
+def test_policy_rejects_bad_env_and_hostname() -> None:
+    with pytest.raises(nanobox.PolicyError, match="env"):
+        nanobox.Policy(env={"A=B": "x"})
+    with pytest.raises(nanobox.PolicyError, match="env"):
+        nanobox.Policy(env={"A": 1})  # type: ignore[dict-item]
+    with pytest.raises(nanobox.PolicyError, match="hostname"):
+        nanobox.Policy(hostname="bad host")
+    with pytest.raises(nanobox.PolicyError, match="network.mode"):
+        nanobox.Network(mode="everything")  # type: ignore[arg-type]
+
+
+def test_policy_from_mapping_and_toml(tmp_path: Path) -> None:
+    p = policy_from_mapping({"limits": {"wall_time": "2s", "output": "1M"}, "inherit_env": True})
+    assert p.limits.wall_time == 2.0 and p.limits.output == 1 << 20 and p.inherit_env
+    f = tmp_path / "p.toml"
+    f.write_text('hostname = "judge"\n[limits]\ncpu_time = "1s"\n[network]\nmode = "none"\n')
+    q = nanobox.load_policy(f)
+    assert q.hostname == "judge" and q.limits.cpu_time == 1.0
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"limit": {}}, "limit"),
+        ({"limits": {"walltime": 1}}, "limits.walltime"),
+        ({"limits": {"wall_time": "x"}}, "limits.wall_time"),
+        ({"limits": 5}, "limits"),
+        ({"network": {"mode": "all"}}, "network.mode"),
+    ],
+)
+def test_policy_from_mapping_errors(data: dict[str, object], field: str) -> None:
+    with pytest.raises(nanobox.PolicyError) as info:
+        policy_from_mapping(data)
+    assert info.value.field == field
+
+
+def test_load_policy_errors(tmp_path: Path) -> None:
+    with pytest.raises(nanobox.PolicyError, match="cannot read"):
+        nanobox.load_policy(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[limits\n")
+    with pytest.raises(nanobox.PolicyError, match="not valid TOML"):
+        nanobox.load_policy(bad)
