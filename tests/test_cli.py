@@ -1,0 +1,199 @@
+"""The CLI as a user sees it: exit statuses, --result JSON, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import nanobox_cli
+
+RESULT_KEYS = {
+    "id", "command", "exit_code", "signal", "outcome", "timed_out", "oom_killed",
+    "wall_time_s", "cpu_time_s", "user_time_s", "system_time_s", "peak_memory_bytes",
+    "stdout_bytes", "stderr_bytes", "stdout_truncated", "stderr_truncated", "degraded",
+    "violations",
+}
+
+
+def _result(path: Path) -> dict[str, object]:
+    data = json.loads(path.read_text())
+    assert RESULT_KEYS <= set(data), RESULT_KEYS - set(data)
+    return data  # type: ignore[no-any-return]
+
+
+def test_version() -> None:
+    p = nanobox_cli("--version")
+    assert p.returncode == 0 and p.stdout.startswith(b"nanobox ")
+
+
+@pytest.mark.parametrize("code", [0, 1, 3, 42, 255])
+def test_exit_status_is_the_commands(workspace: Path, code: int) -> None:
+    assert nanobox_cli("run", "--", "sh", "-c", f"exit {code}").returncode == code
+
+
+def test_signal_gives_128_plus_n(workspace: Path, tmp_path: Path) -> None:
+    res = tmp_path / "r.json"
+    p = nanobox_cli("run", "--result", str(res), "--", "sh", "-c", "kill -USR1 $$")
+    assert p.returncode == 128 + 10
+    data = _result(res)
+    assert data["outcome"] == "signaled" and data["signal"] == 10 and data["exit_code"] is None
+
+
+def test_timeout_gives_124(workspace: Path, tmp_path: Path) -> None:
+    res = tmp_path / "r.json"
+    p = nanobox_cli("run", "--timeout", "300ms", "--result", str(res), "sleep", "10")
+    assert p.returncode == 124
+    data = _result(res)
+    assert data["outcome"] == "timeout" and data["timed_out"] is True
+    assert b"wall-clock limit" in p.stderr
+
+
+def test_cpu_time_gives_124(workspace: Path, tmp_path: Path) -> None:
+    res = tmp_path / "r.json"
+    p = nanobox_cli("run", "--cpu-time", "1", "--result", str(res), "--", "sh", "-c",
+                    "while :; do :; done")
+    assert p.returncode == 124
+    assert _result(res)["outcome"] == "cpu_limit"
+
+
+def test_not_found_gives_127_and_a_result(workspace: Path, tmp_path: Path) -> None:
+    res = tmp_path / "r.json"
+    p = nanobox_cli("run", "--result", str(res), "no-such-command-xyz")
+    assert p.returncode == 127 and b"no-such-command-xyz: command not found" in p.stderr
+    data = _result(res)
+    assert data["outcome"] == "exited" and data["exit_code"] == 127
+
+
+def test_not_executable_gives_126(workspace: Path, tmp_path: Path) -> None:
+    script = workspace / "script.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o644)
+    res = tmp_path / "r.json"
+    p = nanobox_cli("run", "--result", str(res), "./script.sh")
+    assert p.returncode == 126
+    assert _result(res)["exit_code"] == 126
+
+
+def test_result_json_describes_the_run(workspace: Path, tmp_path: Path) -> None:
+    res = tmp_path / "r.json"
+    p = nanobox_cli("run", "--result", str(res), "--", "sh", "-c", "printf abc; printf de >&2")
+    assert p.returncode == 0 and p.stdout == b"abc" and p.stderr == b"de"
+    data = _result(res)
+    assert data["command"] == ["sh", "-c", "printf abc; printf de >&2"]
+    assert data["exit_code"] == 0 and data["signal"] is None and data["outcome"] == "exited"
+    assert data["stdout_bytes"] == 3 and data["stderr_bytes"] == 2
+    assert data["degraded"] == [] and data["violations"] == []
+    assert isinstance(data["wall_time_s"], float) and data["wall_time_s"] > 0
+    assert "network" not in data
+
+
+def test_stdin_passes_through(workspace: Path) -> None:
+    p = nanobox_cli("run", "cat", input=b"piped")
+    assert p.stdout == b"piped"
+
+
+def test_env_options(workspace: Path) -> None:
+    p = nanobox_cli("run", "--env", "A=1", "-e", "B=x=y", "--", "sh", "-c", 'echo "$A $B"')
+    assert p.stdout == b"1 x=y\n"
+
+
+def test_cwd_option_is_the_workspace(workspace: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    p = nanobox_cli("run", "--cwd", str(other), "--", "sh", "-c", "pwd; echo hi > f")
+    assert p.returncode == 0 and p.stdout == f"{other}\n".encode()
+    assert (other / "f").read_text() == "hi\n"
+
+
+def test_policy_file(workspace: Path, tmp_path: Path) -> None:
+    pol = tmp_path / "p.toml"
+    pol.write_text('hostname = "judge"\n[limits]\nwall_time = "300ms"\n')
+    p = nanobox_cli("run", "--policy", str(pol), "--", "sh", "-c", "hostname; sleep 5")
+    assert p.returncode == 124 and p.stdout == b"judge\n"
+
+
+def test_command_flags_are_not_taken_as_options(workspace: Path) -> None:
+    p = nanobox_cli("run", "-q", "sh", "-c", "echo --timeout")
+    assert p.returncode == 0 and p.stdout == b"--timeout\n"
+
+
+def test_json_logging_to_stderr(workspace: Path) -> None:
+    p = nanobox_cli("run", "-v", "--log-format", "json", "true")
+    assert p.returncode == 0
+    lines = [json.loads(line) for line in p.stderr.decode().splitlines()]
+    kinds = [line["event"]["kind"] for line in lines if "event" in line]
+    assert kinds[0] == "start" and kinds[-1] == "exit"
+
+
+BAD = [
+    (["run", "--timeout", "abc", "true"], "--timeout"),
+    (["run", "--timeout", "-1", "true"], "--timeout"),
+    (["run", "--cpu-time", "0", "true"], "--cpu-time"),
+    (["run", "--file-size", "12Q", "true"], "--file-size"),
+    (["run", "--open-files", "many", "true"], "--open-files"),
+    (["run", "--output-limit", "-5", "true"], "--output-limit"),
+    (["run", "--on-output-limit", "explode", "true"], "--on-output-limit"),
+    (["run", "--env", "NOEQUALS", "true"], "--env"),
+    (["run", "--env", "=x", "true"], "--env"),
+    (["run", "--cwd", "/nonexistent/dir", "true"], "cwd"),
+    (["run", "--cwd", "/", "true"], "cwd"),
+    (["run", "--policy", "/nonexistent.toml", "true"], "policy"),
+    (["run", "--log-format", "xml", "true"], "--log-format"),
+    (["run", "--network", "bogus", "true"], "--network"),
+    (["run", "--frobnicate", "true"], "--frobnicate"),
+    (["run"], "no command"),
+    (["run", "--"], "no command"),
+    (["run", "--timeout"], "--timeout"),
+    (["frob"], "frob"),
+]
+
+
+@pytest.mark.parametrize(("argv", "named"), BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_exits_125_with_one_line(workspace: Path, argv: list[str], named: str) -> None:
+    p = nanobox_cli(*argv)
+    assert p.returncode == 125, p.stderr
+    lines = p.stderr.decode().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("nanobox: error: ") and named in lines[0], lines[0]
+    assert "Traceback" not in p.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [
+        ('[limits]\nwalltime = "1s"\n', "limits.walltime"),
+        ('[limits]\nwall_time = "soon"\n', "limits.wall_time"),
+        ("nonsense = 1\n", "nonsense"),
+        ("[limits\n", "not valid TOML"),
+        ('[network]\nmode = "everywhere"\n', "network.mode"),
+        ("inherit_env = 3\n", "inherit_env"),
+    ],
+)
+def test_bad_policy_files_exit_125(workspace: Path, tmp_path: Path, content: str,
+                                   named: str) -> None:
+    pol = tmp_path / "bad.toml"
+    pol.write_text(content)
+    p = nanobox_cli("run", "--policy", str(pol), "true")
+    assert p.returncode == 125
+    lines = p.stderr.decode().splitlines()
+    assert len(lines) == 1 and named in lines[0], lines
+
+
+def test_check_json(workspace: Path) -> None:
+    p = nanobox_cli("check", "--json")
+    data = json.loads(p.stdout)
+    assert p.returncode == (0 if data["default_policy_enforceable"] else 1)
+    mech = data["mechanisms"]
+    for name in ("user_namespace", "pid_namespace", "network_namespace", "seccomp",
+                 "landlock", "cgroups", "sandbox"):
+        assert name in mech and "available" in mech[name] and "detail" in mech[name]
+    # This host (and CI) can enforce the default policy.
+    assert data["default_policy_enforceable"] is True
+
+
+def test_check_text(workspace: Path) -> None:
+    p = nanobox_cli("check")
+    assert p.returncode == 0 and b"can enforce its default policy" in p.stdout
