@@ -69,8 +69,45 @@ def wait_until(pred: object, timeout: float = 10.0, interval: float = 0.02) -> b
     return bool(pred())  # type: ignore[operator]
 
 
-def nanobox_cli(*args: str, input: bytes | None = None, cwd: str | None = None,
-                timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def cbin() -> Path:
+    """Directory of the small C test programs in tests/c, compiled once.
+
+    Built under the repository (not /tmp, which is private in a sandbox)."""
+    out = REPO / "build" / "testbin"
+    out.mkdir(parents=True, exist_ok=True)
+    for src in (REPO / "tests" / "c").glob("*.c"):
+        exe = out / src.stem
+        if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
+            subprocess.run(["cc", "-O1", "-pthread", "-o", str(exe), str(src)], check=True)
+    return out
+
+
+def nanobox_groups() -> set[str]:
+    """Every cgroup directory under a nanobox base, on any hierarchy."""
+    found = set()
+    for root, dirs, _files in os.walk("/sys/fs/cgroup"):
+        if os.path.basename(root) == "nanobox":
+            found |= {os.path.join(root, d) for d in dirs}
+            dirs.clear()
+        elif root.count("/") > 6:
+            dirs.clear()
+    return found
+
+
+def cgroups_usable() -> bool:
+    from nanobox._linux import plan
+    from nanobox._linux.cgroups import Placement
+
+    return isinstance(plan.cgroup_placement(), Placement)
+
+
+def nanobox_cli(
+    *args: str, input: bytes | None = None, cwd: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[bytes]:
     """Run the CLI as a user would (a separate process)."""
     return subprocess.run(
         [PY, "-m", "nanobox", *args],

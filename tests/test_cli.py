@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,23 @@ import pytest
 from conftest import nanobox_cli
 
 RESULT_KEYS = {
-    "id", "command", "exit_code", "signal", "outcome", "timed_out", "oom_killed",
-    "wall_time_s", "cpu_time_s", "user_time_s", "system_time_s", "peak_memory_bytes",
-    "stdout_bytes", "stderr_bytes", "stdout_truncated", "stderr_truncated", "degraded",
+    "id",
+    "command",
+    "exit_code",
+    "signal",
+    "outcome",
+    "timed_out",
+    "oom_killed",
+    "wall_time_s",
+    "cpu_time_s",
+    "user_time_s",
+    "system_time_s",
+    "peak_memory_bytes",
+    "stdout_bytes",
+    "stderr_bytes",
+    "stdout_truncated",
+    "stderr_truncated",
+    "degraded",
     "violations",
 }
 
@@ -53,8 +66,9 @@ def test_timeout_gives_124(workspace: Path, tmp_path: Path) -> None:
 
 def test_cpu_time_gives_124(workspace: Path, tmp_path: Path) -> None:
     res = tmp_path / "r.json"
-    p = nanobox_cli("run", "--cpu-time", "1", "--result", str(res), "--", "sh", "-c",
-                    "while :; do :; done")
+    p = nanobox_cli(
+        "run", "--cpu-time", "1", "--result", str(res), "--", "sh", "-c", "while :; do :; done"
+    )
     assert p.returncode == 124
     assert _result(res)["outcome"] == "cpu_limit"
 
@@ -172,8 +186,9 @@ def test_bad_input_exits_125_with_one_line(workspace: Path, argv: list[str], nam
         ("inherit_env = 3\n", "inherit_env"),
     ],
 )
-def test_bad_policy_files_exit_125(workspace: Path, tmp_path: Path, content: str,
-                                   named: str) -> None:
+def test_bad_policy_files_exit_125(
+    workspace: Path, tmp_path: Path, content: str, named: str
+) -> None:
     pol = tmp_path / "bad.toml"
     pol.write_text(content)
     p = nanobox_cli("run", "--policy", str(pol), "true")
@@ -187,8 +202,15 @@ def test_check_json(workspace: Path) -> None:
     data = json.loads(p.stdout)
     assert p.returncode == (0 if data["default_policy_enforceable"] else 1)
     mech = data["mechanisms"]
-    for name in ("user_namespace", "pid_namespace", "network_namespace", "seccomp",
-                 "landlock", "cgroups", "sandbox"):
+    for name in (
+        "user_namespace",
+        "pid_namespace",
+        "network_namespace",
+        "seccomp",
+        "landlock",
+        "cgroups",
+        "sandbox",
+    ):
         assert name in mech and "available" in mech[name] and "detail" in mech[name]
     # This host (and CI) can enforce the default policy.
     assert data["default_policy_enforceable"] is True

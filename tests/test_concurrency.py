@@ -46,8 +46,11 @@ def _children() -> set[int]:
 
 
 def _one(i: int, token: str) -> tuple[int, bytes, bytes]:
-    r = nanobox.run(["sh", "-c", 'echo "$0 $1"; echo "err $1" >&2; cat', token, str(i)],
-                    input=f"in-{i}".encode(), timeout=60)
+    r = nanobox.run(
+        ["sh", "-c", 'echo "$0 $1"; echo "err $1" >&2; cat', token, str(i)],
+        input=f"in-{i}".encode(),
+        timeout=60,
+    )
     return r.returncode, r.stdout, r.stderr
 
 
@@ -75,11 +78,16 @@ def test_100_from_asyncio(workspace: Path) -> None:
     token = uuid.uuid4().hex
 
     async def main() -> list[nanobox.Result]:
-        return await asyncio.gather(*(
-            nanobox.run_async(["sh", "-c", 'echo "$0 $1"; cat', token, str(i)],
-                              input=f"in-{i}".encode(), timeout=60)
-            for i in range(N)
-        ))
+        return await asyncio.gather(
+            *(
+                nanobox.run_async(
+                    ["sh", "-c", 'echo "$0 $1"; cat', token, str(i)],
+                    input=f"in-{i}".encode(),
+                    timeout=60,
+                )
+                for i in range(N)
+            )
+        )
 
     results = asyncio.run(main())
     for i, r in enumerate(results):

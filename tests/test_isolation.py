@@ -134,9 +134,7 @@ def test_no_capabilities_and_no_new_privs(workspace: Path) -> None:
     assert nnp == b"1"
     # Control: a plain user namespace (what the sandbox is built on) hands
     # out every capability; nanobox must have dropped them.
-    control = (
-        "import ctypes; assert ctypes.CDLL(None).unshare(0x10000000) == 0;" + STATUS
-    )
+    control = "import ctypes; assert ctypes.CDLL(None).unshare(0x10000000) == 0;" + STATUS
     eff_c, _prm, _bnd, nnp_c = outside(control).stdout.split()
     assert int(eff_c, 16) != 0 and nnp_c == b"0"
 
@@ -168,7 +166,10 @@ def test_tiocsti_cannot_reach_callers_terminal(workspace: Path) -> None:
         # Control: a process whose controlling terminal is that pty can inject.
         ctl = subprocess.run(
             [PY, "-c", "import fcntl, termios\nfcntl.ioctl(0, termios.TIOCSCTTY, 0)\n" + TIOCSTI],
-            stdin=slave, capture_output=True, start_new_session=True, timeout=30,
+            stdin=slave,
+            capture_output=True,
+            start_new_session=True,
+            timeout=30,
         )
         legacy = Path("/proc/sys/dev/tty/legacy_tiocsti")
         if legacy.exists() and legacy.read_text().strip() == "0" and os.geteuid() != 0:

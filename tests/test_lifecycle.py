@@ -73,8 +73,11 @@ CALLER = (
 def _spawn_caller(marker: str, code: str) -> subprocess.Popen[bytes]:
     # The marker is spelled backwards in the caller's own command line, so
     # only the process it starts matches.
-    return subprocess.Popen([PY, "-c", code.format(path=sys.path, marker=marker[::-1])],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [PY, "-c", code.format(path=sys.path, marker=marker[::-1])],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def test_caller_sigkill_takes_the_sandbox_down(workspace: Path, marker: str) -> None:
@@ -94,7 +97,8 @@ def test_caller_sigkill_takes_the_sandbox_down(workspace: Path, marker: str) -> 
 def test_control_child_survives_sigkilled_parent(workspace: Path, marker: str) -> None:
     code = (
         "import subprocess, sys, time\n"
-        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)', {marker!r}[::-1]])\n"
+        "cmd = [sys.executable, '-c', 'import time; time.sleep(300)', {marker!r}[::-1]]\n"
+        "subprocess.Popen(cmd)\n"
         "time.sleep(300)\n{path!r}\n"
     )
     caller = _spawn_caller(marker, code)
@@ -138,7 +142,8 @@ def test_rlimit_file_size_and_core(workspace: Path) -> None:
     policy = nanobox.Policy(limits=nanobox.Limits(file_size="1K"))
     r = nanobox.run(
         ["sh", "-c", "ulimit -c; exec head -c 4096 /dev/zero > big"],
-        policy=policy, timeout=10,
+        policy=policy,
+        timeout=10,
     )
     assert r.stdout == b"0\n"
     assert r.outcome is nanobox.Outcome.SIGNALED and r.signal == signal.SIGXFSZ

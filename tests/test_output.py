@@ -45,8 +45,9 @@ FLOOD = (
 
 
 def test_1gb_flood_with_1mib_cap_bounded_memory(workspace: Path) -> None:
-    out = subprocess.run([PY, "-c", FLOOD.format(path=sys.path)], capture_output=True,
-                         timeout=300, check=True).stdout.split()
+    out = subprocess.run(
+        [PY, "-c", FLOOD.format(path=sys.path)], capture_output=True, timeout=300, check=True
+    ).stdout.split()
     truncated, total, kept, code, maxrss_kb = out
     assert truncated == b"True" and int(total) == 1 << 30 and int(kept) == 1 << 20
     assert code == b"0"
@@ -70,9 +71,20 @@ def test_stderr_capped_separately(workspace: Path) -> None:
 
 def test_cli_streams_with_the_same_cap(workspace: Path) -> None:
     proc = subprocess.run(
-        [PY, "-m", "nanobox", "run", "--output-limit", "10", "--", "sh", "-c",
-         "echo 0123456789abcdef; echo err >&2"],
-        capture_output=True, timeout=30,
+        [
+            PY,
+            "-m",
+            "nanobox",
+            "run",
+            "--output-limit",
+            "10",
+            "--",
+            "sh",
+            "-c",
+            "echo 0123456789abcdef; echo err >&2",
+        ],
+        capture_output=True,
+        timeout=30,
     )
     assert proc.returncode == 0
     assert proc.stdout == b"0123456789"
@@ -82,7 +94,8 @@ def test_cli_streams_with_the_same_cap(workspace: Path) -> None:
 def test_cli_output_is_live(workspace: Path) -> None:
     proc = subprocess.Popen(
         [PY, "-m", "nanobox", "run", "--", "sh", "-c", "echo first; sleep 30"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
     )
     try:
         assert proc.stdout is not None

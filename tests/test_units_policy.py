@@ -13,8 +13,19 @@ from nanobox.units import parse_duration, parse_size
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [(0, 0), (1, 1), ("1", 1), ("1K", 1024), ("1k", 1024), ("64M", 64 << 20), ("2G", 2 << 30),
-     ("1T", 1 << 40), ("1.5K", 1536), ("10MiB", 10 << 20), ("512 KB", 512 << 10)],
+    [
+        (0, 0),
+        (1, 1),
+        ("1", 1),
+        ("1K", 1024),
+        ("1k", 1024),
+        ("64M", 64 << 20),
+        ("2G", 2 << 30),
+        ("1T", 1 << 40),
+        ("1.5K", 1536),
+        ("10MiB", 10 << 20),
+        ("512 KB", 512 << 10),
+    ],
 )
 def test_parse_size(text: object, value: int) -> None:
     assert parse_size(text) == value
@@ -28,8 +39,16 @@ def test_parse_size_rejects(bad: object) -> None:
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [(5, 5.0), (2.5, 2.5), ("500ms", 0.5), ("30s", 30.0), ("2m", 120.0), ("1h", 3600.0),
-     (".5", 0.5), ("10", 10.0)],
+    [
+        (5, 5.0),
+        (2.5, 2.5),
+        ("500ms", 0.5),
+        ("30s", 30.0),
+        ("2m", 120.0),
+        ("1h", 3600.0),
+        (".5", 0.5),
+        ("10", 10.0),
+    ],
 )
 def test_parse_duration(text: object, value: float) -> None:
     assert parse_duration(text) == value
@@ -83,7 +102,7 @@ def test_policy_rejects_bad_env_and_hostname() -> None:
         nanobox.Policy(env={"A": 1})  # type: ignore[dict-item]
     with pytest.raises(nanobox.PolicyError, match="hostname"):
         nanobox.Policy(hostname="bad host")
-    with pytest.raises(nanobox.PolicyError, match="network.mode"):
+    with pytest.raises(nanobox.PolicyError, match=r"network\.mode"):
         nanobox.Network(mode="everything")  # type: ignore[arg-type]
 
 
@@ -117,5 +136,5 @@ def test_load_policy_errors(tmp_path: Path) -> None:
         nanobox.load_policy(tmp_path / "missing.toml")
     bad = tmp_path / "bad.toml"
     bad.write_text("[limits\n")
-    with pytest.raises(nanobox.PolicyError, match="not valid TOML"):
+    with pytest.raises(nanobox.PolicyError, match=r"not valid TOML"):
         nanobox.load_policy(bad)

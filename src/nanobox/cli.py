@@ -32,6 +32,9 @@ _VALUE_OPTIONS = {
     "--result",
     "--log-format",
     "--network",
+    "--memory",
+    "--pids",
+    "--cpus",
 }
 
 
@@ -64,6 +67,9 @@ def _build_parser() -> _Parser:
     )
     r.add_argument("--timeout", metavar="DUR", help="wall-clock limit (e.g. 30s, 500ms, 2m)")
     r.add_argument("--cpu-time", metavar="DUR", help="CPU-time limit of the whole sandbox")
+    r.add_argument("--memory", metavar="SIZE", help="memory limit (cgroup; swap excluded)")
+    r.add_argument("--pids", metavar="N", help="most tasks (processes + threads) at once")
+    r.add_argument("--cpus", metavar="N", help="CPU bandwidth, e.g. 0.5 or 2")
     r.add_argument("--file-size", metavar="SIZE", help="largest file the command may write")
     r.add_argument("--open-files", metavar="N", help="open file descriptor limit")
     r.add_argument(
@@ -158,6 +164,9 @@ def _policy_from_args(ns: argparse.Namespace) -> Any:
         ("cpu_time", "cpu_time"),
         ("file_size", "file_size"),
         ("open_files", "open_files"),
+        ("memory", "memory"),
+        ("pids", "pids"),
+        ("cpus", "cpus"),
         ("output_limit", "output"),
         ("on_output_limit", "on_output_limit"),
     ):

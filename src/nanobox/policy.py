@@ -79,10 +79,28 @@ def _norm_count(obj: object, prefix: str, name: str, *, minimum: int = 1) -> Non
     _set(obj, name, value)
 
 
+def _norm_cpus(obj: Limits) -> None:
+    value = obj.cpus
+    if value is None:
+        return
+    try:
+        cpus = float(value) if not isinstance(value, bool) else -1.0
+    except (TypeError, ValueError):
+        cpus = -1.0
+    if not (0.01 <= cpus <= 4096):
+        raise PolicyError(
+            "limits.cpus", f"expected a number of CPUs from 0.01 to 4096 (e.g. 0.5), got {value!r}"
+        )
+    _set(obj, "cpus", cpus)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Limits:
     """Resource limits of one run.
 
+    ``memory`` (bytes of RAM, swap excluded), ``pids`` (tasks, threads
+    included) and ``cpus`` (CPU bandwidth, e.g. ``0.5``) are enforced with
+    cgroups. ``cpu_time`` counts every process and thread of the sandbox.
     ``wall_time``/``cpu_time`` are durations, ``file_size``/``output`` sizes;
     ``None`` means no limit (``output`` always has one: the caller must never
     be flooded). ``output`` caps each of stdout and stderr separately.
@@ -90,6 +108,9 @@ class Limits:
 
     wall_time: DurationLike | None = None
     cpu_time: DurationLike | None = None
+    memory: SizeLike | None = None
+    pids: int | None = None
+    cpus: float | int | str | None = None
     file_size: SizeLike | None = None
     open_files: int | None = DEFAULT_OPEN_FILES
     output: SizeLike = DEFAULT_OUTPUT_LIMIT
@@ -98,6 +119,9 @@ class Limits:
     def __post_init__(self) -> None:
         _norm_duration(self, "limits.", "wall_time")
         _norm_duration(self, "limits.", "cpu_time")
+        _norm_size(self, "limits.", "memory", minimum=1024 * 1024)
+        _norm_count(self, "limits.", "pids", minimum=1)
+        _norm_cpus(self)
         _norm_size(self, "limits.", "file_size")
         _norm_count(self, "limits.", "open_files", minimum=3)
         if self.output is None:

@@ -52,6 +52,7 @@ class _Prepared:
     stdin_data: bytes | None
     text: bool
     check: bool
+    degraded: tuple[str, ...]
 
 
 class Sandbox:
@@ -133,6 +134,7 @@ class Sandbox:
             run_id=run_id,
             args=tuple(argv),
             plan=json.dumps(plan).encode(),
+            degraded=tuple(plan["degraded"]),
             stdin_fd=stdin_fd,
             stdin_data=None if input is None else bytes(input),
             text=text,
@@ -321,6 +323,10 @@ class Sandbox:
         if msg is None:
             raise SandboxError("the nanobox fork server died during the run", step="supervise")
         if msg["t"] == "error":
+            if msg.get("step") == "supervise":
+                raise SandboxError(
+                    f"the sandbox was killed from outside: {msg.get('message')}", step="supervise"
+                )
             raise self._setup_error(prep, msg)
         exec_error = msg.get("exec_error")
         if exec_error and exec_error.get("kind") == "S":
@@ -340,9 +346,28 @@ class Sandbox:
             code = os.WEXITSTATUS(status)
             returncode = code
         violations: list[Violation] = []
-        cpu = msg["utime"] + msg["stime"]
         limits = self.policy.limits
-        if reason == "timeout":
+        user_s, system_s = msg["utime"], msg["stime"]
+        cpu = user_s + system_s
+        peak = msg["maxrss_kb"] * 1024
+        cg = msg.get("cgroup") or {}
+        if "cpu_s" in cg:
+            cpu, user_s, system_s = cg["cpu_s"], cg["user_s"], cg["system_s"]
+        if "peak_bytes" in cg:
+            peak = cg["peak_bytes"]
+        oom_killed = cg.get("oom_kills", 0) > 0
+        if cg.get("pids_max_events", 0) > 0:
+            violations.append(
+                Violation("pids_limit", f"task limit of {limits.pids} reached (fork/clone refused)")
+            )
+        if oom_killed:
+            outcome = Outcome.MEMORY_LIMIT
+            violations.append(
+                Violation(
+                    "memory_limit", f"memory limit of {limits.memory} bytes reached (OOM kill)"
+                )
+            )
+        elif reason == "timeout":
             outcome = Outcome.TIMEOUT
             detail = f"wall-clock limit of {msg['wall']:.3f}s reached"
             violations.append(Violation("timeout", detail))
@@ -381,16 +406,17 @@ class Sandbox:
             signal=sig,
             wall_time_s=msg["wall"],
             cpu_time_s=cpu,
-            user_time_s=msg["utime"],
-            system_time_s=msg["stime"],
-            peak_memory_bytes=msg["maxrss_kb"] * 1024,
+            user_time_s=user_s,
+            system_time_s=system_s,
+            peak_memory_bytes=peak,
             stdout_bytes=io.out.total,
             stderr_bytes=io.err.total,
             stdout_truncated=io.out.truncated,
             stderr_truncated=io.err.truncated,
-            degraded=(),
+            degraded=prep.degraded,
             violations=tuple(violations),
             network={"mode": "host"} if self.policy.network.mode == "host" else None,
+            oom_killed=oom_killed,
         )
         if events._subscribers or self.on_event is not None or events._log.isEnabledFor(10):
             self._emit(prep.run_id, "setup", {"seconds": msg.get("setup_s")})

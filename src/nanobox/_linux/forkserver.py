@@ -32,18 +32,21 @@ import socket
 import sys
 from typing import Any
 
-from . import spawn
+from . import cgroups, spawn
 from . import sys as k
 
 MAX_PLAN = 1 << 20
 
 
 class _Job:
-    __slots__ = ("chan", "client_gone", "exit_status", "finished", "launched")
+    __slots__ = ("chan", "client_gone", "exit_status", "finished", "group", "launched")
 
-    def __init__(self, chan: socket.socket, launched: spawn.Launched) -> None:
+    def __init__(
+        self, chan: socket.socket, launched: spawn.Launched, group: cgroups.RunGroup | None
+    ) -> None:
         self.chan = chan
         self.launched = launched
+        self.group = group
         self.exit_status: int | None = None
         self.finished = False
         self.client_gone = False
@@ -54,6 +57,8 @@ class Server:
         self.ctrl = ctrl
         self.sel = selectors.DefaultSelector()
         self.jobs_by_pid: dict[int, _Job] = {}
+        self.ident = cgroups.server_ident()
+        self.swept: set[str] = set()
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda _s, _f: None)
@@ -90,11 +95,29 @@ class Server:
             return True
         chan = socket.socket(fileno=fds[0])
         stdio = (fds[1], fds[2], fds[3])
+        group: cgroups.RunGroup | None = None
         try:
             plan = json.loads(msg)
+            group = self._make_group(plan)
             launched = spawn.launch(plan, stdio)
         except spawn.SpawnError as exc:
+            if group is not None:
+                group.remove()
             self._send(chan, {"t": "error", **exc.info})
+            chan.close()
+            return True
+        except OSError as exc:
+            if group is not None:
+                group.remove()
+            self._send(
+                chan,
+                {
+                    "t": "error",
+                    "step": "cgroup" if group is None else "spawn",
+                    "errno": exc.errno,
+                    "message": str(exc),
+                },
+            )
             chan.close()
             return True
         except Exception as exc:  # noqa: BLE001 - report, keep serving
@@ -112,7 +135,7 @@ class Server:
         finally:
             for fd in set(stdio):
                 os.close(fd)
-        job = _Job(chan, launched)
+        job = _Job(chan, launched, group)
         self.jobs_by_pid[launched.pid] = job
         chan.setblocking(False)
         self.sel.register(chan, selectors.EVENT_READ, ("chan", job))
@@ -121,6 +144,19 @@ class Server:
         if b"\n" in launched.buffer:
             self._on_status(job, read=False)
         return True
+
+    def _make_group(self, plan: dict[str, Any]) -> cgroups.RunGroup | None:
+        spec = plan.get("cgroup")
+        if not spec:
+            return None
+        placement = cgroups.Placement(**spec["placement"])
+        for base in placement.bases.values():
+            if base not in self.swept:
+                self.swept.add(base)
+                cgroups.sweep(placement)
+        group = cgroups.RunGroup.create(placement, f"{self.ident}.{plan['id']}", spec["limits"])
+        plan["cgroup_procs"] = group.procs_files()
+        return group
 
     def _drain_wake(self) -> None:
         try:
@@ -204,6 +240,8 @@ class Server:
                 "errno": None,
                 "message": f"sandbox init died (wait status {job.exit_status})",
             }
+        if job.group is not None:
+            msg["cgroup"] = job.group.stats()
         if launched.status_r != -1:
             self.sel.unregister(launched.status_r)
             os.close(launched.status_r)
@@ -212,6 +250,10 @@ class Server:
             self._send(job.chan, msg)
             self.sel.unregister(job.chan)
         job.chan.close()
+        if job.group is not None:
+            # After replying: the caller does not wait for the removal. The
+            # group is empty (the pid namespace died with its init).
+            job.group.remove()
 
     @staticmethod
     def _send(chan: socket.socket, msg: dict[str, Any]) -> None:
@@ -223,13 +265,17 @@ class Server:
             pass
 
     def _shutdown(self) -> None:
-        for job in list(self.jobs_by_pid.values()):
+        jobs = list(self.jobs_by_pid.values())
+        for job in jobs:
             self._kill(job)
         while True:
             try:
                 os.waitpid(-1, 0)
             except ChildProcessError:
                 break
+        for job in jobs:
+            if job.group is not None:
+                job.group.remove()
 
 
 def main(ctrl_fd: int) -> None:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import math
 import os
 import resource
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..errors import PolicyError
+from ..errors import PolicyError, UnsupportedError
 from ..policy import Policy, validate_env
 from .child import DEFAULT_PATH
 
@@ -82,6 +83,76 @@ def rlimits(policy: Policy) -> list[tuple[int, int, int]]:
     return out
 
 
+_placement_lock = threading.Lock()
+_placement: Any = None  # Placement, or the CgroupUnavailable explaining why not
+
+
+def cgroup_placement() -> Any:
+    """This process's cgroup placement (computed once), or the reason there
+    is none (a ``CgroupUnavailable``)."""
+    global _placement
+    with _placement_lock:
+        if _placement is None:
+            from . import cgroups
+
+            try:
+                _placement = cgroups.place(cgroups.detect())
+            except (cgroups.CgroupUnavailable, OSError) as exc:
+                _placement = cgroups.CgroupUnavailable(str(exc))
+        return _placement
+
+
+def resources(
+    policy: Policy,
+) -> tuple[dict[str, Any] | None, list[tuple[int, int, int]], list[str]]:
+    """Decide how memory/pids/cpus limits and accounting are enforced.
+
+    Returns (cgroup plan or None, extra rlimits, degradations). Raises
+    UnsupportedError when a limit cannot be enforced and degraded mode was
+    not allowed (or cannot be enforced soundly at all)."""
+    from . import cgroups
+
+    lim = policy.limits
+    wanted = {
+        "memory": None if lim.memory is None else int(lim.memory),
+        "pids": None if lim.pids is None else int(lim.pids) + 1,  # + the sandbox's init
+        "cpus": None if lim.cpus is None else float(lim.cpus),
+    }
+    requested = [k for k, v in wanted.items() if v is not None]
+    placement = cgroup_placement()
+    if isinstance(placement, cgroups.Placement):
+        return {"placement": placement.to_json(), "limits": wanted}, [], []
+    if not requested:
+        return None, [], []  # accounting falls back to rusage; nothing was promised
+    why = str(placement)
+    if not policy.allow_degraded:
+        raise UnsupportedError(
+            f"cannot enforce the {'/'.join(requested)} limit: no usable cgroup ({why}); "
+            "run as root, from a delegated cgroup (e.g. 'systemd-run --user --scope -p "
+            "Delegate=yes ...'), or allow degraded mode (--allow-degraded)",
+            step="cgroups",
+        )
+    extra: list[tuple[int, int, int]] = []
+    degraded: list[str] = []
+    if wanted["memory"] is not None:
+        mem = int(wanted["memory"])
+        extra.append((resource.RLIMIT_AS, mem, mem))
+        degraded.append(
+            "memory: enforced with RLIMIT_AS (virtual address space per process), not a "
+            f"cgroup; no OOM accounting ({why})"
+        )
+    if wanted["cpus"] is not None:
+        degraded.append(f"cpus: not enforced ({why})")
+    if wanted["pids"] is not None:
+        raise UnsupportedError(
+            f"cannot enforce the pids limit: no usable cgroup ({why}), and RLIMIT_NPROC is "
+            "not sound here (it counts every process of the caller's uid, not just the "
+            "sandbox's)",
+            step="cgroups",
+        )
+    return None, extra, degraded
+
+
 def build_plan(
     policy: Policy,
     args: Sequence[str],
@@ -93,7 +164,10 @@ def build_plan(
 ) -> dict[str, Any]:
     uid, gid = os.getuid(), os.getgid()
     lim = policy.limits
+    cgroup, extra_rlimits, degraded = resources(policy)
     return {
+        "degraded": degraded,
+        "cgroup": cgroup,
         "id": run_id,
         "argv": list(args),
         "env": sorted(env.items()),
@@ -112,7 +186,7 @@ def build_plan(
             "sys": policy.network.mode != "host",
             "shm_size": SHM_SIZE,
         },
-        "rlimits": rlimits(policy),
+        "rlimits": rlimits(policy) + extra_rlimits,
         "timeout": timeout,
         "cpu_time": None if lim.cpu_time is None else float(lim.cpu_time),
         "seccomp": None,

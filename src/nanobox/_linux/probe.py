@@ -147,23 +147,25 @@ def _landlock() -> dict[str, Any]:
 
 
 def _cgroups() -> dict[str, Any]:
-    mounts = _read("/proc/self/mounts") or ""
-    v2 = [line.split()[1] for line in mounts.splitlines() if line.split()[2:3] == ["cgroup2"]]
-    v1 = [line.split()[1] for line in mounts.splitlines() if line.split()[2:3] == ["cgroup"]]
-    layout = "hybrid" if v1 and v2 else "v2" if v2 else "v1" if v1 else "none"
-    controllers: list[str] = []
-    for path in v1:
-        controllers.extend(c for c in os.path.basename(path).split(",") if c)
-    for path in v2:
-        ctl = _read(os.path.join(path, "cgroup.controllers"))
-        if ctl:
-            controllers.extend(ctl.split())
-    return {
-        "available": False,
-        "layout": layout,
-        "controllers": sorted(set(controllers)),
-        "detail": f"{layout} layout; cgroup limits are not implemented yet",
-    }
+    from . import cgroups
+
+    layout = cgroups.detect()
+    controllers = sorted(set(layout.v1) | set(layout.v2_controllers()))
+    info: dict[str, Any] = {"layout": layout.kind, "controllers": controllers}
+    try:
+        placement = cgroups.place(layout)
+    except (cgroups.CgroupUnavailable, OSError) as exc:
+        info.update(available=False, detail=f"{layout.kind} layout; not usable: {exc}")
+        return info
+    removed = cgroups.sweep(placement)
+    where = ", ".join(sorted(set(placement.bases.values())))
+    info.update(
+        available=True,
+        version=placement.version,
+        detail=f"{layout.kind} layout; memory, pids, cpu limits and accounting in {where}"
+        + (f" (removed {removed} stale groups)" if removed else ""),
+    )
+    return info
 
 
 def run_probe() -> dict[str, Any]:

@@ -52,6 +52,14 @@ def _stage_a(plan: dict[str, Any], stdio: tuple[int, int, int], status_w: int, c
     step = "close fds"
     try:
         close_all_except({*stdio, status_w, cmd_r})
+        step = "join cgroup"
+        me = str(os.getpid()).encode()
+        for procs in plan.get("cgroup_procs", ()):
+            fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, me)
+            finally:
+                os.close(fd)
         step = "create namespaces"
         flags = BASE_FLAGS | (k.CLONE_NEWNET if plan["newnet"] else 0)
         k.unshare(flags)

@@ -1,0 +1,389 @@
+"""cgroups: limits and accounting for one run, on v2, v1 and hybrid hosts.
+
+Where groups live (every group nanobox creates has ``nanobox`` in its path,
+and nanobox never writes to a group it did not create, except to enable
+controllers for its own subtree and to move its own processes to a leaf):
+
+- **v2** (unified hierarchy with controllers): as root, ``<mount>/nanobox``;
+  otherwise the caller's own group when it is delegated (writable, as under
+  systemd's ``user@UID.service``). Controllers must be enabled in the
+  parent's ``cgroup.subtree_control``; when the "no internal processes" rule
+  refuses (EBUSY: the parent holds processes, e.g. in a container's cgroup
+  namespace) nanobox moves the caller's processes of that group to a leaf
+  ``nanobox-leaf`` first, then enables them.
+- **v1 / hybrid** (a mount per controller): as root, ``<mount>/nanobox`` in
+  each hierarchy used (memory, pids, cpu, cpuacct); otherwise the caller's
+  own group in that hierarchy if writable. Hybrid hosts' controller-less v2
+  tree is not used.
+
+Each run gets ``<base>/<server pid>.<run id>``; the fork server creates it,
+the first sandbox process joins it before creating namespaces (so every
+instruction of the command is charged), and the server reads the
+accounting and removes it once the sandbox's init has exited. Groups left by
+a server that was SIGKILLed are removed by the next server's start-up sweep.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+CONTROLLERS = ("memory", "pids", "cpu")
+V1_NEEDED = ("memory", "pids", "cpu", "cpuacct")
+PREFIX = "nanobox"
+LEAF = "nanobox-leaf"
+_USER_HZ = os.sysconf("SC_CLK_TCK")
+
+
+def _read(path: str) -> str:
+    with open(path) as fh:
+        return fh.read()
+
+
+def _write(path: str, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Layout:
+    """The cgroup hierarchies mounted here."""
+
+    v2: str | None = None
+    v1: dict[str, str] = field(default_factory=dict)  # controller -> mount point
+    own: dict[str, str] = field(default_factory=dict)  # controller ("" for v2) -> own path
+
+    @property
+    def kind(self) -> str:
+        if self.v1 and self.v2:
+            return "hybrid"
+        if self.v2:
+            return "v2"
+        return "v1" if self.v1 else "none"
+
+    def v2_controllers(self) -> list[str]:
+        if not self.v2:
+            return []
+        try:
+            return _read(os.path.join(self.v2, "cgroup.controllers")).split()
+        except OSError:
+            return []
+
+
+def detect() -> Layout:
+    layout = Layout()
+    try:
+        mountinfo = _read("/proc/self/mountinfo")
+    except OSError:
+        return layout
+    for line in mountinfo.splitlines():
+        left, _, right = line.partition(" - ")
+        parts, rparts = left.split(), right.split()
+        if len(parts) < 5 or len(rparts) < 3:
+            continue
+        fstype, mnt = rparts[0], parts[4]
+        if fstype == "cgroup2" and layout.v2 is None:
+            layout.v2 = mnt
+        elif fstype == "cgroup":
+            for opt in rparts[2].split(","):
+                if opt in V1_NEEDED or opt in ("freezer",):
+                    layout.v1.setdefault(opt, mnt)
+    try:
+        for line in _read("/proc/self/cgroup").splitlines():
+            _hid, ctls, path = line.split(":", 2)
+            if ctls == "":
+                layout.own[""] = path
+            for ctl in ctls.split(","):
+                layout.own[ctl] = path
+    except OSError:
+        pass
+    return layout
+
+
+class CgroupUnavailable(Exception):
+    """No writable, delegated place for the needed controllers."""
+
+
+@dataclass
+class Placement:
+    """Where this process's sandboxes get their groups."""
+
+    version: int  # 1 or 2
+    bases: dict[str, str]  # controller (or "" for v2) -> base directory
+    controllers: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "bases": self.bases, "controllers": self.controllers}
+
+
+def _enable_controllers(group: str, wanted: list[str]) -> None:
+    """Enable ``wanted`` in ``group``'s subtree_control, moving our own
+    processes to a leaf first if the no-internal-processes rule demands it."""
+    ctl_file = os.path.join(group, "cgroup.subtree_control")
+    have = set(_read(ctl_file).split())
+    missing = [c for c in wanted if c not in have]
+    if not missing:
+        return
+    value = " ".join(f"+{c}" for c in missing)
+    try:
+        _write(ctl_file, value)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+    leaf = os.path.join(group, LEAF)
+    os.makedirs(leaf, exist_ok=True)
+    for pid in _read(os.path.join(group, "cgroup.procs")).split():
+        _write(os.path.join(leaf, "cgroup.procs"), pid)
+    _write(ctl_file, value)
+
+
+def place(layout: Layout, needed: tuple[str, ...] = CONTROLLERS) -> Placement:
+    """Find (creating if needed) the base groups for this process's runs."""
+    v2_ctl = layout.v2_controllers()
+    if layout.v2 and all(c in v2_ctl for c in needed):
+        candidates = [layout.v2]
+        own = layout.own.get("")
+        if own is not None and own != "/":
+            candidates.append(layout.v2 + own)
+        errors = []
+        for parent in candidates:
+            try:
+                _enable_controllers(parent, list(needed))
+                base = os.path.join(parent, PREFIX)
+                os.makedirs(base, exist_ok=True)
+                _enable_controllers(base, list(needed))
+                return Placement(2, {"": base}, needed)
+            except OSError as exc:
+                errors.append(f"{parent}: {exc.strerror}")
+        raise CgroupUnavailable("no writable cgroup v2 group: " + "; ".join(errors))
+    if layout.v1:
+        wanted = [c for c in V1_NEEDED if c in needed or (c == "cpuacct" and "cpu" in needed)]
+        missing = [c for c in wanted if c not in layout.v1]
+        if missing:
+            raise CgroupUnavailable(f"cgroup v1 controllers not mounted: {', '.join(missing)}")
+        bases: dict[str, str] = {}
+        for ctl in wanted:
+            mnt = layout.v1[ctl]
+            tried = []
+            for parent in (mnt, mnt + layout.own.get(ctl, "/")):
+                base = os.path.join(parent, PREFIX)
+                try:
+                    os.makedirs(base, exist_ok=True)
+                    if not os.access(os.path.join(base, "cgroup.procs"), os.W_OK):
+                        raise PermissionError(errno.EACCES, "not writable")
+                    bases[ctl] = base
+                    break
+                except OSError as exc:
+                    tried.append(f"{base}: {exc.strerror}")
+            else:
+                raise CgroupUnavailable("no writable cgroup v1 group: " + "; ".join(tried))
+        return Placement(1, bases, needed)
+    if layout.v2:
+        raise CgroupUnavailable(
+            f"the cgroup v2 tree at {layout.v2} has no {'/'.join(needed)} controllers "
+            f"(available: {' '.join(v2_ctl) or 'none'})"
+        )
+    raise CgroupUnavailable("no cgroup hierarchy is mounted")
+
+
+class RunGroup:
+    """The group(s) of one run."""
+
+    def __init__(self, placement: Placement, name: str) -> None:
+        self.version = placement.version
+        self.paths: dict[str, str] = {
+            ctl: os.path.join(base, name) for ctl, base in placement.bases.items()
+        }
+
+    @classmethod
+    def create(cls, placement: Placement, name: str, limits: dict[str, Any]) -> RunGroup:
+        group = cls(placement, name)
+        try:
+            for path in group.paths.values():
+                os.mkdir(path)
+            group._apply(limits)
+        except BaseException:
+            group.remove()
+            raise
+        return group
+
+    def _apply(self, limits: dict[str, Any]) -> None:
+        mem, pids, cpus = limits.get("memory"), limits.get("pids"), limits.get("cpus")
+        if self.version == 2:
+            g = self.paths[""]
+            if mem is not None:
+                _write(f"{g}/memory.max", str(mem))
+                try:
+                    _write(f"{g}/memory.swap.max", "0")
+                except FileNotFoundError:  # no swap accounting: swap cannot be used
+                    pass
+                try:
+                    _write(f"{g}/memory.oom.group", "1")
+                except OSError:
+                    pass
+            if pids is not None:
+                _write(f"{g}/pids.max", str(pids))
+            if cpus is not None:
+                period = 100_000
+                _write(f"{g}/cpu.max", f"{max(1000, int(cpus * period))} {period}")
+            return
+        if mem is not None and "memory" in self.paths:
+            g = self.paths["memory"]
+            _write(f"{g}/memory.limit_in_bytes", str(mem))
+            if os.path.exists(f"{g}/memory.memsw.limit_in_bytes"):
+                _write(f"{g}/memory.memsw.limit_in_bytes", str(mem))
+            try:
+                _write(f"{g}/memory.swappiness", "0")
+            except OSError:
+                pass
+        if pids is not None and "pids" in self.paths:
+            _write(f"{self.paths['pids']}/pids.max", str(pids))
+        if cpus is not None and "cpu" in self.paths:
+            g = self.paths["cpu"]
+            _write(f"{g}/cpu.cfs_period_us", "100000")
+            _write(f"{g}/cpu.cfs_quota_us", str(max(1000, int(cpus * 100_000))))
+
+    def procs_files(self) -> list[str]:
+        return [os.path.join(p, "cgroup.procs") for p in self.paths.values()]
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        try:
+            if self.version == 2:
+                g = self.paths[""]
+                cpu = dict(line.split() for line in _read(f"{g}/cpu.stat").splitlines())
+                out["cpu_s"] = int(cpu["usage_usec"]) / 1e6
+                out["user_s"] = int(cpu["user_usec"]) / 1e6
+                out["system_s"] = int(cpu["system_usec"]) / 1e6
+                if os.path.exists(f"{g}/memory.peak"):
+                    out["peak_bytes"] = int(_read(f"{g}/memory.peak"))
+                if os.path.exists(f"{g}/memory.events"):
+                    ev = dict(line.split() for line in _read(f"{g}/memory.events").splitlines())
+                    out["oom_kills"] = int(ev.get("oom_kill", 0))
+                    out["memory_max_events"] = int(ev.get("max", 0))
+                if os.path.exists(f"{g}/pids.events"):
+                    ev = dict(line.split() for line in _read(f"{g}/pids.events").splitlines())
+                    out["pids_max_events"] = int(ev.get("max", 0))
+                if os.path.exists(f"{g}/pids.peak"):
+                    out["pids_peak"] = int(_read(f"{g}/pids.peak"))
+                return out
+            if "cpuacct" in self.paths:
+                g = self.paths["cpuacct"]
+                out["cpu_s"] = int(_read(f"{g}/cpuacct.usage")) / 1e9
+                st = dict(line.split() for line in _read(f"{g}/cpuacct.stat").splitlines())
+                out["user_s"] = int(st["user"]) / _USER_HZ
+                out["system_s"] = int(st["system"]) / _USER_HZ
+            if "memory" in self.paths:
+                g = self.paths["memory"]
+                out["peak_bytes"] = int(_read(f"{g}/memory.max_usage_in_bytes"))
+                oom = dict(line.split() for line in _read(f"{g}/memory.oom_control").splitlines())
+                out["oom_kills"] = int(oom.get("oom_kill", 0))
+                out["memory_max_events"] = int(_read(f"{g}/memory.failcnt"))
+            if "pids" in self.paths:
+                g = self.paths["pids"]
+                ev = dict(line.split() for line in _read(f"{g}/pids.events").splitlines())
+                out["pids_max_events"] = int(ev.get("max", 0))
+                if os.path.exists(f"{g}/pids.peak"):
+                    out["pids_peak"] = int(_read(f"{g}/pids.peak"))
+        except (OSError, KeyError, ValueError) as exc:
+            out["error"] = str(exc)
+        return out
+
+    def kill(self) -> None:
+        """Kill whatever is still in the group (normally nothing: the pid
+        namespace died with its init)."""
+        if self.version == 2:
+            try:
+                _write(f"{self.paths['']}/cgroup.kill", "1")
+                return
+            except OSError:
+                pass
+        for procs in self.procs_files():
+            try:
+                for pid in _read(procs).split():
+                    try:
+                        os.kill(int(pid), 9)
+                    except ProcessLookupError:
+                        pass
+            except OSError:
+                pass
+
+    def remove(self) -> bool:
+        """Remove the group(s); True when nothing is left."""
+        ok = True
+        for path in self.paths.values():
+            for attempt in range(50):
+                try:
+                    os.rmdir(path)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY:
+                        ok = False
+                        break
+                    if attempt == 5:
+                        self.kill()
+                    time.sleep(0.002 * (attempt + 1))
+            else:
+                ok = False
+        return ok
+
+
+def server_ident(pid: int | None = None) -> str:
+    """``<pid>_<start time>`` of a process: unique even across pid reuse."""
+    pid = os.getpid() if pid is None else pid
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        start = fh.read().rsplit(b")", 1)[1].split()[19].decode()
+    return f"{pid}_{start}"
+
+
+def sweep(placement: Placement) -> int:
+    """Remove groups left by fork servers that no longer exist."""
+    removed = 0
+    for base in placement.bases.values():
+        try:
+            names = os.listdir(base)
+        except OSError:
+            continue
+        for name in names:
+            owner, dot, _run = name.partition(".")
+            pid, _, start = owner.partition("_")
+            if not dot or not pid.isdigit() or not start:
+                continue
+            if _alive(int(pid), owner):
+                continue
+            path = os.path.join(base, name)
+            try:
+                for pid in _read(os.path.join(path, "cgroup.procs")).split():
+                    try:
+                        os.kill(int(pid), 9)
+                    except ProcessLookupError:
+                        pass
+                for _ in range(50):
+                    try:
+                        os.rmdir(path)
+                        removed += 1
+                        break
+                    except OSError as exc:
+                        if exc.errno != errno.EBUSY:
+                            break
+                        time.sleep(0.01)
+            except OSError:
+                continue
+    return removed
+
+
+def _alive(pid: int, ident: str) -> bool:
+    """Is the process that created groups as ``ident`` still running?"""
+    try:
+        return server_ident(pid) == ident
+    except (OSError, IndexError):
+        return False

@@ -1,0 +1,220 @@
+"""Resource control and accounting with cgroups (v1/hybrid on this host; the
+same tests run under pure cgroup v2 in the VM lane)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import nanobox
+from conftest import cgroups_usable, nanobox_cli, nanobox_groups, pids_with, wait_until
+
+PY = sys.executable
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(not cgroups_usable(), reason="no usable cgroup here (see fallback tests)"),
+]
+
+
+def limits(**kw: object) -> nanobox.Policy:
+    return nanobox.Policy(limits=nanobox.Limits(**kw))  # type: ignore[arg-type]
+
+
+def test_memory_bomb_is_oom_killed(workspace: Path, cbin: Path, tmp_path: Path) -> None:
+    res = tmp_path / "r.json"
+    p = nanobox_cli(
+        "run", "--memory", "64M", "--result", str(res), "--", str(cbin / "alloc"), "1024"
+    )
+    assert p.returncode == 137, p.stderr
+    data = json.loads(res.read_text())
+    assert data["oom_killed"] is True and data["outcome"] == "memory_limit"
+    assert data["peak_memory_bytes"] <= 64 << 20
+    # The host is unaffected: the same program runs fine outside.
+    ctl = subprocess.run([str(cbin / "alloc"), "1024"], capture_output=True, timeout=60)
+    assert ctl.stdout == b"ok\n"
+
+
+def test_python_memory_bomb(workspace: Path) -> None:
+    r = nanobox.run([PY, "-c", "b = bytearray(1 << 30)"], policy=limits(memory="64M"))
+    assert r.outcome is nanobox.Outcome.MEMORY_LIMIT and r.oom_killed and r.returncode == -9
+
+
+def test_peak_memory_within_10_percent(workspace: Path, cbin: Path) -> None:
+    r = nanobox.run([str(cbin / "alloc"), "40"], policy=limits(memory="64M"))
+    assert r.outcome is nanobox.Outcome.EXITED and r.stdout == b"ok\n"
+    assert not r.oom_killed
+    touched = 40 << 20
+    assert abs(r.peak_memory_bytes - touched) <= touched * 0.10, r.peak_memory_bytes / 2**20
+
+
+def test_peak_memory_without_limits_is_the_commands(workspace: Path, cbin: Path) -> None:
+    r = nanobox.run([str(cbin / "alloc"), "40"])
+    assert abs(r.peak_memory_bytes - (40 << 20)) <= (4 << 20), r.peak_memory_bytes / 2**20
+
+
+FORKBOMB = """
+import os, sys, time
+n = 0
+try:
+    while True:
+        if os.fork() == 0:
+            time.sleep(30)
+            os._exit(0)
+        n += 1
+except OSError:
+    pass
+print(n)
+"""
+
+
+def test_fork_bomb_stops_at_pids(workspace: Path) -> None:
+    r = nanobox.run([PY, "-c", FORKBOMB], policy=limits(pids=32), timeout=30)
+    assert r.outcome is nanobox.Outcome.EXITED
+    # 32 tasks at most: the python process itself plus 31 children.
+    assert int(r.stdout) == 31, r.stdout
+    assert any(v.kind == "pids_limit" for v in r.violations)
+
+
+def test_shell_fork_bomb_ends_and_leaves_nothing(workspace: Path) -> None:
+    before = nanobox_groups()
+    r = nanobox.run(["sh", "-c", "b() { b | b & }; b; sleep 2"], policy=limits(pids=32), timeout=20)
+    assert r.outcome in (nanobox.Outcome.EXITED, nanobox.Outcome.SIGNALED, nanobox.Outcome.TIMEOUT)
+    assert wait_until(lambda: not nanobox_groups() - before, timeout=5)
+
+
+def test_two_thread_cpu_time(workspace: Path, cbin: Path) -> None:
+    r = nanobox.run([str(cbin / "spin_threads"), "2", "1"])
+    assert abs(r.cpu_time_s - 2.0) <= 0.2, r.cpu_time_s
+    assert abs((r.user_time_s + r.system_time_s) - r.cpu_time_s) <= 0.05
+
+
+def test_cpus_half_slows_a_cpu_bound_job(workspace: Path, cbin: Path) -> None:
+    r = nanobox.run([str(cbin / "spin_cpu"), "1"], policy=limits(cpus=0.5), timeout=30)
+    assert r.returncode == 0
+    assert r.wall_time_s >= 1.8, r.wall_time_s
+    free = nanobox.run([str(cbin / "spin_cpu"), "1"], timeout=30)
+    assert free.wall_time_s < r.wall_time_s - 0.3  # control: unthrottled is faster
+
+
+def test_cpu_time_limit_counts_children(workspace: Path, cbin: Path) -> None:
+    cmd = f"{cbin / 'spin_cpu'} 5 & {cbin / 'spin_cpu'} 5 & wait"
+    r = nanobox.run(["sh", "-c", cmd], policy=limits(cpu_time="1s"), timeout=30)
+    assert r.outcome is nanobox.Outcome.CPU_LIMIT
+    assert 1.0 <= r.cpu_time_s <= 1.3, r.cpu_time_s
+
+
+def test_200_in_a_row_leave_no_groups(workspace: Path) -> None:
+    before = nanobox_groups()
+    box = nanobox.Sandbox(limits(memory="64M", pids=16))
+    for _ in range(200):
+        assert box.run(["true"]).returncode == 0
+    assert wait_until(lambda: not nanobox_groups() - before, timeout=5)
+
+
+def test_50_at_once_leave_no_groups(workspace: Path) -> None:
+    before = nanobox_groups()
+    box = nanobox.Sandbox(limits(memory="64M", pids=16))
+    with ThreadPoolExecutor(50) as pool:
+        codes = list(pool.map(lambda _: box.run(["sleep", "0.2"]).returncode, range(50)))
+    assert codes == [0] * 50
+    assert wait_until(lambda: not nanobox_groups() - before, timeout=5)
+
+
+def _init_pid_of(marker: str) -> int | None:
+    for pid in pids_with(marker):
+        with open(f"/proc/{pid}/stat") as fh:
+            ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        try:
+            with open(f"/proc/{ppid}/status") as fh:
+                if any(
+                    line.split()[1:] and line.startswith("NSpid:") and line.split()[-1] == "1"
+                    for line in fh
+                ):
+                    return ppid
+        except OSError:
+            continue
+    return None
+
+
+def test_sigkilled_sandboxes_leave_no_groups(workspace: Path, marker: str) -> None:
+    before = nanobox_groups()
+    box = nanobox.Sandbox(limits(memory="64M"))
+    errors: list[BaseException] = []
+
+    def victim(i: int) -> None:
+        try:
+            box.run([PY, "-c", "import time; time.sleep(60)", f"{marker}-{i}"])
+        except nanobox.SandboxError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=victim, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for i in range(10):
+        assert wait_until(lambda i=i: _init_pid_of(f"{marker}-{i}") is not None, timeout=20)
+        os.kill(_init_pid_of(f"{marker}-{i}"), signal.SIGKILL)  # type: ignore[arg-type]
+    for t in threads:
+        t.join(30)
+    assert len(errors) == 10 and all("killed from outside" in str(e) for e in errors)
+    assert wait_until(lambda: not nanobox_groups() - before, timeout=5)
+    assert not pids_with(marker)
+
+
+CALLER = """
+import sys; sys.path[:0] = {path!r}
+import nanobox
+from concurrent.futures import ThreadPoolExecutor
+box = nanobox.Sandbox(nanobox.Policy(limits=nanobox.Limits(memory="64M")))
+with ThreadPoolExecutor(5) as pool:
+    list(pool.map(lambda i: box.run([sys.executable, "-c", "import time; time.sleep(60)",
+                                     {marker!r}[::-1]]), range(5)))
+"""
+
+
+def test_sigkilled_caller_leaves_no_groups(workspace: Path, marker: str) -> None:
+    before = nanobox_groups()
+    caller = subprocess.Popen([PY, "-c", CALLER.format(path=sys.path, marker=marker[::-1])])
+    try:
+        assert wait_until(lambda: len(pids_with(marker)) == 5, timeout=30)
+        assert len(nanobox_groups() - before) >= 5
+        caller.kill()
+        caller.wait()
+        assert wait_until(lambda: not pids_with(marker), timeout=10)
+        assert wait_until(lambda: not nanobox_groups() - before, timeout=10)
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait()
+
+
+def test_stale_groups_of_a_killed_server_are_swept(workspace: Path, marker: str) -> None:
+    from nanobox._linux import client
+
+    before = nanobox_groups()
+    box = nanobox.Sandbox(limits(memory="64M"))
+    t = threading.Thread(
+        target=lambda: pytest.raises(
+            nanobox.SandboxError, box.run, [PY, "-c", "import time; time.sleep(60)", marker]
+        )
+    )
+    t.start()
+    assert wait_until(lambda: bool(pids_with(marker)), timeout=20)
+    server = client.get_server()
+    os.kill(server.pid, signal.SIGKILL)  # the server cannot clean up after itself
+    t.join(30)
+    assert wait_until(lambda: not pids_with(marker), timeout=10)
+    time.sleep(0.2)
+    leftover = nanobox_groups() - before
+    assert leftover, "a SIGKILLed server leaves its groups behind"
+    # The next run's server sweeps them.
+    assert box.run(["true"]).returncode == 0
+    assert wait_until(lambda: not nanobox_groups() - before, timeout=5)

@@ -1,0 +1,78 @@
+"""Without a usable cgroup (rootless on most hosts): memory falls back to
+RLIMIT_AS in degraded mode, pids refuse (RLIMIT_NPROC is not sound for a
+shared uid), and nothing runs weaker than asked unless degraded mode is on.
+
+As an unprivileged user these tests exercise the real host; as root the
+fork server is told there is no usable cgroup (the enforcement that follows
+is still the real kernel's)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import nanobox
+from conftest import nanobox_cli
+from nanobox._linux import cgroups, plan
+
+PY = sys.executable
+
+
+@pytest.fixture
+def no_cgroups() -> Iterator[None]:
+    saved = plan._placement
+    if isinstance(plan.cgroup_placement(), cgroups.Placement):
+        plan._placement = cgroups.CgroupUnavailable("disabled for this test")
+    try:
+        yield
+    finally:
+        plan._placement = saved
+
+
+def _policy(degraded: bool, **kw: object) -> nanobox.Policy:
+    return nanobox.Policy(limits=nanobox.Limits(**kw), allow_degraded=degraded)  # type: ignore[arg-type]
+
+
+def test_memory_limit_refused_without_degraded(no_cgroups: None, workspace: Path) -> None:
+    with pytest.raises(nanobox.UnsupportedError, match=r"memory limit.*no usable cgroup"):
+        nanobox.run(["true"], policy=_policy(False, memory="64M"))
+
+
+def test_memory_limit_degrades_to_rlimit_as(no_cgroups: None, workspace: Path) -> None:
+    r = nanobox.run([PY, "-c", "b = bytearray(512 << 20)"], policy=_policy(True, memory="256M"))
+    assert r.returncode != 0 and b"MemoryError" in r.stderr
+    assert any(d.startswith("memory: enforced with RLIMIT_AS") for d in r.degraded)
+    ok = nanobox.run([PY, "-c", "b = bytearray(16 << 20)"], policy=_policy(True, memory="256M"))
+    assert ok.returncode == 0
+
+
+def test_pids_limit_refused_even_degraded(no_cgroups: None, workspace: Path) -> None:
+    for degraded in (False, True):
+        with pytest.raises(nanobox.UnsupportedError, match="pids"):
+            nanobox.run(["true"], policy=_policy(degraded, pids=10))
+
+
+def test_cpus_degraded_is_listed(no_cgroups: None, workspace: Path) -> None:
+    with pytest.raises(nanobox.UnsupportedError, match="cpus"):
+        nanobox.run(["true"], policy=_policy(False, cpus=0.5))
+    r = nanobox.run(["true"], policy=_policy(True, cpus=0.5))
+    assert r.returncode == 0 and any(d.startswith("cpus: not enforced") for d in r.degraded)
+
+
+def test_accounting_without_cgroups_uses_rusage(no_cgroups: None, workspace: Path) -> None:
+    r = nanobox.run([PY, "-c", "x = 0\nfor i in range(3 * 10**6): x += i"])
+    assert r.cpu_time_s > 0.05 and r.peak_memory_bytes > 0 and r.degraded == ()
+
+
+@pytest.mark.skipif(
+    isinstance(plan.cgroup_placement(), cgroups.Placement),
+    reason="this host has usable cgroups (tested above with them disabled)",
+)
+def test_cli_refuses_and_degrades(workspace: Path) -> None:
+    p = nanobox_cli("run", "--memory", "64M", "true")
+    assert p.returncode == 125 and b"no usable cgroup" in p.stderr
+    p = nanobox_cli("run", "--allow-degraded", "--memory", "64M", "--result", "-", "true")
+    assert p.returncode == 0 and b"RLIMIT_AS" in p.stderr
