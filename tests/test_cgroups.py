@@ -201,11 +201,11 @@ def test_stale_groups_of_a_killed_server_are_swept(workspace: Path, marker: str)
 
     before = nanobox_groups()
     box = nanobox.Sandbox(limits(memory="64M"))
-    t = threading.Thread(
-        target=lambda: pytest.raises(
-            nanobox.SandboxError, box.run, [PY, "-c", "import time; time.sleep(60)", marker]
-        )
-    )
+    def victim() -> None:
+        with pytest.raises(nanobox.SandboxError):
+            box.run([PY, "-c", "import time; time.sleep(60)", marker])
+
+    t = threading.Thread(target=victim)
     t.start()
     assert wait_until(lambda: bool(pids_with(marker)), timeout=20)
     server = client.get_server()
