@@ -135,7 +135,6 @@ def test_cpu_time_limit_counts_children(workspace: Path) -> None:
     r = nanobox.run([PY, "-c", code], policy=policy, timeout=30)
     assert r.outcome is nanobox.Outcome.CPU_LIMIT
     assert 1.0 <= r.cpu_time_s < 2.0, r.cpu_time_s
-    assert r.wall_time_s < 1.5  # two children burn 1 s of CPU in about 0.5 s
 
 
 def test_rlimit_file_size_and_core(workspace: Path) -> None:

@@ -21,6 +21,7 @@ from .errors import PolicyError
 from .units import DURATION_HELP, SIZE_HELP, parse_duration, parse_size
 
 __all__ = [
+    "Filesystem",
     "Limits",
     "Network",
     "Policy",
@@ -147,12 +148,123 @@ class Network:
             raise PolicyError("network.mode", f"expected 'none' or 'host', got {self.mode!r}")
 
 
+DEFAULT_HIDES = (
+    "~/.ssh",
+    "~/.gnupg",
+    "~/.aws",
+    "~/.azure",
+    "~/.config/gcloud",
+    "~/.kube",
+    "~/.docker",
+    "~/.netrc",
+    "~/.git-credentials",
+    "~/.npmrc",
+    "~/.pypirc",
+)
+
+# At the top of every writable root: protected even before they exist.
+PROTECTED_TOP = (
+    ".gitmodules",
+    ".bashrc",
+    ".bash_profile",
+    ".zshrc",
+    ".zprofile",
+    ".profile",
+    ".vscode",
+    ".idea",
+)
+# In every git repository found in a writable root, at any depth.
+PROTECTED_GIT = (".git/hooks", ".git/config")
+
+
+def _paths(obj: object, name: str, *, with_dest: bool, with_size: bool = False) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (tuple, list)):
+        raise PolicyError(f"filesystem.{name}", f"expected a list of paths, got {value!r}")
+    out = []
+    for item in value:
+        if not isinstance(item, str) or not item or "\0" in item:
+            raise PolicyError(f"filesystem.{name}", f"expected a path string, got {item!r}")
+        parts = item.split(":")
+        path = parts[0]
+        if not (path.startswith("/") or path.startswith("~")):
+            raise PolicyError(
+                f"filesystem.{name}",
+                f"{item!r}: paths must be absolute or start with '~'",
+            )
+        if len(parts) > 2 or (len(parts) == 2 and not (with_dest or with_size)):
+            raise PolicyError(f"filesystem.{name}", f"{item!r}: unexpected ':'")
+        if len(parts) == 2 and with_dest and not parts[1].startswith("/"):
+            raise PolicyError(f"filesystem.{name}", f"{item!r}: DEST must be an absolute path")
+        if len(parts) == 2 and with_size:
+            try:
+                parse_size(parts[1])
+            except ValueError:
+                raise PolicyError(
+                    f"filesystem.{name}", f"{item!r}: expected DEST[:SIZE] with {SIZE_HELP}"
+                ) from None
+        out.append(item)
+    _set(obj, name, tuple(out))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Filesystem:
+    """The filesystem view. Default: the host root read-only, the working
+    directory writable, private ``/tmp``, ``/run``, ``/dev``, ``/proc``,
+    secrets hidden (``DEFAULT_HIDES``), protected paths read-only inside
+    writable roots, and Landlock as a second layer.
+
+    Entries are ``PATH`` or ``PATH:DEST`` (``DEST`` defaults to ``PATH``;
+    ``~`` is the caller's ``$HOME``); ``tmpfs`` entries are ``DEST[:SIZE]``.
+    A path ending in ``?`` (``"~/.cache?"``) is optional: skipped when
+    missing instead of an error. The most specific path wins.
+    """
+
+    read_only: tuple[str, ...] = ()
+    read_write: tuple[str, ...] = ()
+    tmpfs: tuple[str, ...] = ()
+    hide: tuple[str, ...] = ()
+    default_hides: bool = True
+    workspace: bool = True
+    protect: bool = True
+    unprotect: tuple[str, ...] = ()
+    rootfs: Literal["host", "minimal"] = "host"
+    tmp_size: SizeLike = "512M"
+    landlock: bool = True
+
+    def __post_init__(self) -> None:
+        _paths(self, "read_only", with_dest=True)
+        _paths(self, "read_write", with_dest=True)
+        _paths(self, "tmpfs", with_dest=False, with_size=True)
+        _paths(self, "hide", with_dest=False)
+        if isinstance(self.unprotect, str):
+            _set(self, "unprotect", (self.unprotect,))
+        if not all(isinstance(p, str) and p for p in self.unprotect):
+            raise PolicyError(
+                "filesystem.unprotect", f"expected path strings, got {self.unprotect!r}"
+            )
+        _set(self, "unprotect", tuple(self.unprotect))
+        for name in ("default_hides", "workspace", "protect", "landlock"):
+            if not isinstance(getattr(self, name), bool):
+                raise PolicyError(
+                    f"filesystem.{name}", f"expected true or false, got {getattr(self, name)!r}"
+                )
+        if self.rootfs not in ("host", "minimal"):
+            raise PolicyError(
+                "filesystem.rootfs", f"expected 'host' or 'minimal', got {self.rootfs!r}"
+            )
+        _norm_size(self, "filesystem.", "tmp_size", minimum=4096)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Policy:
     """Everything a sandbox enforces. ``Policy()`` is the default policy."""
 
     limits: Limits = field(default_factory=Limits)
     network: Network = field(default_factory=Network)
+    filesystem: Filesystem = field(default_factory=Filesystem)
     env: Mapping[str, str] = field(default_factory=dict)
     inherit_env: bool = False
     allow_degraded: bool = False
@@ -162,6 +274,10 @@ class Policy:
         if not isinstance(self.limits, Limits):
             raise PolicyError(
                 "limits", f"expected nanobox.Limits, got {type(self.limits).__name__}"
+            )
+        if not isinstance(self.filesystem, Filesystem):
+            raise PolicyError(
+                "filesystem", f"expected nanobox.Filesystem, got {type(self.filesystem).__name__}"
             )
         if not isinstance(self.network, Network):
             raise PolicyError(
@@ -206,7 +322,11 @@ def validate_env(env: object, field_name: str) -> dict[str, str]:
 
 # --- building policies from mappings (TOML) ---------------------------------
 
-_SECTIONS: dict[str, type[Any]] = {"limits": Limits, "network": Network}
+_SECTIONS: dict[str, type[Any]] = {
+    "limits": Limits,
+    "network": Network,
+    "filesystem": Filesystem,
+}
 
 
 def _build(cls: type[Any], data: Mapping[str, Any], prefix: str) -> Any:

@@ -39,7 +39,15 @@ MAX_PLAN = 1 << 20
 
 
 class _Job:
-    __slots__ = ("chan", "client_gone", "exit_status", "finished", "group", "launched")
+    __slots__ = (
+        "chan",
+        "client_gone",
+        "exit_status",
+        "finished",
+        "group",
+        "launched",
+        "placeholders",
+    )
 
     def __init__(
         self, chan: socket.socket, launched: spawn.Launched, group: cgroups.RunGroup | None
@@ -47,6 +55,7 @@ class _Job:
         self.chan = chan
         self.launched = launched
         self.group = group
+        self.placeholders: list[str] = []
         self.exit_status: int | None = None
         self.finished = False
         self.client_gone = False
@@ -58,6 +67,7 @@ class Server:
         self.sel = selectors.DefaultSelector()
         self.jobs_by_pid: dict[int, _Job] = {}
         self.ident = cgroups.server_ident()
+        self.placeholders = Placeholders()
         self.swept: set[str] = set()
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
@@ -77,6 +87,8 @@ class Server:
                 elif what == "wake":
                     self._drain_wake()
                     self._reap()
+                elif job.finished:
+                    continue  # a stale event from this batch: its fds are closed
                 elif what == "chan":
                     self._on_chan(job)
                 elif what == "status":
@@ -96,17 +108,21 @@ class Server:
         chan = socket.socket(fileno=fds[0])
         stdio = (fds[1], fds[2], fds[3])
         group: cgroups.RunGroup | None = None
+        placeholders: list[str] = []
         try:
             plan = json.loads(msg)
             group = self._make_group(plan)
+            placeholders = self.placeholders.acquire(plan.get("placeholders", ()))
             launched = spawn.launch(plan, stdio)
         except spawn.SpawnError as exc:
+            self.placeholders.release(placeholders)
             if group is not None:
                 group.remove()
             self._send(chan, {"t": "error", **exc.info})
             chan.close()
             return True
         except OSError as exc:
+            self.placeholders.release(placeholders)
             if group is not None:
                 group.remove()
             self._send(
@@ -136,6 +152,7 @@ class Server:
             for fd in set(stdio):
                 os.close(fd)
         job = _Job(chan, launched, group)
+        job.placeholders = placeholders
         self.jobs_by_pid[launched.pid] = job
         chan.setblocking(False)
         self.sel.register(chan, selectors.EVENT_READ, ("chan", job))
@@ -245,11 +262,13 @@ class Server:
         if launched.status_r != -1:
             self.sel.unregister(launched.status_r)
             os.close(launched.status_r)
+            launched.status_r = -1
         os.close(launched.cmd_w)
         if not job.client_gone:
             self._send(job.chan, msg)
             self.sel.unregister(job.chan)
         job.chan.close()
+        self.placeholders.release(job.placeholders)
         if job.group is not None:
             # After replying: the caller does not wait for the removal. The
             # group is empty (the pid namespace died with its init).
@@ -274,8 +293,62 @@ class Server:
             except ChildProcessError:
                 break
         for job in jobs:
+            self.placeholders.release(job.placeholders)
             if job.group is not None:
                 job.group.remove()
+
+
+class Placeholders:
+    """Empty files/directories standing in for protected paths that do not
+    exist yet (the init mounts read-only empties over them), shared by
+    concurrent runs in the same workspace and removed by the last one."""
+
+    def __init__(self) -> None:
+        self.refs: dict[str, tuple[int, int]] = {}  # path -> (inode, users)
+
+    def acquire(self, specs: Any) -> list[str]:
+        taken: list[str] = []
+        try:
+            for path, kind in specs:
+                if path in self.refs:
+                    ino, users = self.refs[path]
+                    self.refs[path] = (ino, users + 1)
+                    taken.append(path)
+                    continue
+                try:
+                    if kind == "dir":
+                        os.mkdir(path, 0o700)
+                    else:
+                        fd = os.open(
+                            path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600
+                        )
+                        os.close(fd)
+                except FileExistsError:
+                    continue  # not ours: the init protects whatever is there
+                self.refs[path] = (os.lstat(path).st_ino, 1)
+                taken.append(path)
+        except BaseException:
+            self.release(taken)
+            raise
+        return taken
+
+    def release(self, taken: list[str]) -> None:
+        for path in taken:
+            ino, users = self.refs[path]
+            if users > 1:
+                self.refs[path] = (ino, users - 1)
+                continue
+            del self.refs[path]
+            try:
+                st = os.lstat(path)
+                if st.st_ino != ino:
+                    continue
+                if os.path.isdir(path):
+                    os.rmdir(path)  # fails (and stays) if something was put inside
+                elif st.st_size == 0:
+                    os.unlink(path)
+            except OSError:
+                pass
 
 
 def main(ctrl_fd: int) -> None:

@@ -1,19 +1,29 @@
 """The filesystem view, built by the sandbox's init inside its new mount
 namespace (it holds CAP_SYS_ADMIN there, and only there).
 
-Default view: the host root read-only (``nosuid``, ``nodev``), each writable
-root bound read-write at its own path, a private ``/tmp`` and ``/run``
-(tmpfs with a size cap), a minimal ``/dev``, and a fresh ``/proc`` for the
-sandbox's pid namespace. Nothing propagates back to the host: ``/`` is made
-recursively private first.
+The view is a list of operations computed from the policy on the caller's
+side (``fsplan``); this module executes them:
 
-The view is described by a small JSON-able dict (``view``) computed from the
-policy on the caller's side; this module only executes it.
+1. ``/`` becomes recursively private: nothing propagates to the host.
+2. Every source is cloned (``open_tree``) while the host view is intact:
+   device nodes, bind sources (opened with ``RESOLVE_NO_SYMLINKS``), and the
+   minimal root's directories.
+3. The root: the host's, made read-only, ``nosuid``, ``nodev`` with one
+   recursive ``mount_setattr``; or (``rootfs="minimal"``) a new tmpfs with
+   only /usr, /bin, /lib*, /sbin and a few /etc files, entered with
+   ``pivot_root``.
+4. The operations, shallow to deep: tmpfs, read-write binds, read-only
+   binds, protected paths, hidden paths. A missing destination is created
+   as a mount point; under a read-only directory that needs a writable
+   "shadow" (a tmpfs re-binding every entry of the directory).
+5. ``/dev`` (tmpfs with the usual nodes, ``shm``, ``pts``), ``/proc``, and
+   ``/sys`` (of the sandbox's network namespace, read-only).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from typing import Any
 
 from . import sys as k
@@ -27,6 +37,38 @@ _DEV_LINKS = {
     "core": "/proc/kcore",
     "ptmx": "pts/ptmx",
 }
+MINIMAL_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")
+MINIMAL_ETC = (
+    "alternatives",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "passwd",
+    "group",
+    "nsswitch.conf",
+    "hosts",
+    "host.conf",
+    "localtime",
+    "timezone",
+    "ssl",
+    "ca-certificates",
+    "mime.types",
+    "os-release",
+    "debian_version",
+    "services",
+    "protocols",
+    "locale.alias",
+    "locale.gen",
+    "bash.bashrc",
+    "profile",
+    "environment",
+    "magic",
+    "magic.mime",
+    "gai.conf",
+    "python3",
+    "python3.11",
+)
+ATTR_SAFE = k.MOUNT_ATTR_NOSUID | k.MOUNT_ATTR_NODEV
 
 
 class MountStepError(OSError):
@@ -35,7 +77,6 @@ class MountStepError(OSError):
     def __init__(self, step: str, exc: OSError) -> None:
         super().__init__(exc.errno, f"{step}: {exc.strerror or exc}")
         self.step = step
-        self.syscall = str(exc.strerror or "").split("(")[0] if exc.strerror else None
 
 
 def _step(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -45,70 +86,180 @@ def _step(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         raise MountStepError(name, exc) from exc
 
 
+def _clone(path: str, *, recursive: bool = True) -> int:
+    """Clone the mount tree at ``path`` without following symlinks."""
+    fd = k.open_path_nofollow(path)
+    try:
+        flags = k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC | k.AT_EMPTY_PATH
+        if recursive:
+            flags |= k.AT_RECURSIVE
+        return k.open_tree("", flags, dirfd=fd)
+    finally:
+        os.close(fd)
+
+
+class _Builder:
+    def __init__(self, view: dict[str, Any]) -> None:
+        self.view = view
+        self.shadows: list[str] = []
+        self.empty_fd: int | None = None
+
+    # -- mount points ------------------------------------------------------
+    def ensure(self, dst: str, is_dir: bool) -> None:
+        """Make ``dst`` exist as a directory or file to mount on."""
+        if os.path.lexists(dst):
+            return
+        parent = os.path.dirname(dst)
+        if not os.path.lexists(parent):
+            self.ensure(parent, True)
+        try:
+            self._create(dst, is_dir)
+        except OSError as exc:
+            if exc.errno not in (30, 13, 1):  # EROFS, EACCES, EPERM
+                raise
+            self.shadow(parent)
+            self._create(dst, is_dir)
+
+    @staticmethod
+    def _create(dst: str, is_dir: bool) -> None:
+        if is_dir:
+            os.mkdir(dst, 0o755)
+        else:
+            os.close(os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+
+    def shadow(self, directory: str) -> None:
+        """Cover the read-only ``directory`` with a tmpfs that re-binds each
+        of its entries, so new mount points can be created in it."""
+        clone = _clone(directory)
+        mode = stat.S_IMODE(os.stat(directory).st_mode)
+        k.mount("tmpfs", directory, "tmpfs", k.MS_NOSUID | k.MS_NODEV, f"mode={mode:o},size=1m")
+        listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=clone)
+        try:
+            names = os.listdir(listing)
+        finally:
+            os.close(listing)
+        for name in names:
+            st = os.lstat(name, dir_fd=clone)
+            target = os.path.join(directory, name)
+            if stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(name, dir_fd=clone), target)
+                continue
+            self._create(target, stat.S_ISDIR(st.st_mode))
+            sub = k.open_tree(
+                name,
+                k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC | k.AT_RECURSIVE | k.AT_SYMLINK_NOFOLLOW,
+                dirfd=clone,
+            )
+            try:
+                k.move_mount(sub, target)
+            finally:
+                os.close(sub)
+        os.close(clone)
+        self.shadows.append(directory)
+
+    # -- hides -------------------------------------------------------------
+    def empty(self, is_dir: bool) -> int:
+        """A clone of an empty read-only directory or file (for hiding)."""
+        if self.empty_fd is None:
+            fd = k.fsmount_tmpfs({"mode": "0755", "size": "4k"}, ATTR_SAFE | k.MOUNT_ATTR_NOEXEC)
+            os.mkdir("d", 0o755, dir_fd=fd)
+            os.close(os.open("f", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o444, dir_fd=fd))
+            k.mount_setattr("", k.MOUNT_ATTR_RDONLY, dirfd=fd)
+            self.empty_fd = fd
+        return k.open_tree(
+            "d" if is_dir else "f", k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC, dirfd=self.empty_fd
+        )
+
+    def attach(self, fd: int, dst: str, step: str) -> None:
+        target = _step(f"open {dst}", k.open_path_nofollow, dst)
+        try:
+            _step(step, k.move_mount, fd, dst, to_fd=target)
+        finally:
+            os.close(target)
+            os.close(fd)
+
+
 def build(view: dict[str, Any]) -> None:
     """Execute ``view`` in the current (new, private-to-us) mount namespace."""
+    b = _Builder(view)
     _step("make / private", k.mount, None, "/", None, k.MS_REC | k.MS_PRIVATE)
 
-    # Clone what must stay writable (or usable as devices) before the
-    # read-only pass, so the clones keep their original mount flags.
+    # 2. clone every source while the host view is intact
     dev_fds: dict[str, int] = {}
     if view.get("dev", True):
         for name in DEV_NODES:
             path = f"/dev/{name}"
             if os.path.exists(path):
-                dev_fds[name] = _step(
-                    f"clone {path}", k.open_tree, path, k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC
+                dev_fds[name] = _step(f"clone {path}", _clone, path, recursive=False)
+    sources: dict[int, int] = {}
+    for i, op in enumerate(view["ops"]):
+        if op["t"] in ("bind", "robind"):
+            fd = _step(f"clone {op['src']}", _clone, op["src"])
+            if op["t"] == "robind":
+                _step(
+                    f"make {op['src']} read-only",
+                    k.mount_setattr,
+                    "",
+                    k.MOUNT_ATTR_RDONLY | ATTR_SAFE,
+                    recursive=True,
+                    dirfd=fd,
                 )
-    rw_fds: list[tuple[int, str]] = []
-    for src, dst in view.get("rw", ()):
-        fd = _step(
-            f"clone writable root {src}",
-            k.open_tree,
-            src,
-            k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC | k.AT_RECURSIVE,
-        )
+            else:
+                _step(
+                    f"set nosuid,nodev on {op['src']}",
+                    k.mount_setattr,
+                    "",
+                    ATTR_SAFE,
+                    k.MOUNT_ATTR_RDONLY,
+                    dirfd=fd,
+                )
+            sources[i] = fd
+
+    # 3. the root
+    if view.get("rootfs") == "minimal":
+        _minimal_root(b)
+    else:
         _step(
-            f"set nosuid,nodev on {src}",
+            "make the host root read-only",
             k.mount_setattr,
-            "",
-            k.MOUNT_ATTR_NOSUID | k.MOUNT_ATTR_NODEV,
-            k.MOUNT_ATTR_RDONLY,
-            dirfd=fd,
-        )
-        rw_fds.append((fd, dst))
-
-    _step(
-        "make the host root read-only",
-        k.mount_setattr,
-        "/",
-        k.MOUNT_ATTR_RDONLY | k.MOUNT_ATTR_NOSUID | k.MOUNT_ATTR_NODEV,
-        recursive=True,
-    )
-
-    # Private tmpfs mounts first: a writable root below /tmp (common for
-    # tests) must land on top of the new /tmp, not be hidden by it.
-    for dst, size, mode in view.get("tmpfs", ()):
-        _step(
-            f"mount tmpfs at {dst}",
-            k.mount,
-            "tmpfs",
-            dst,
-            "tmpfs",
-            k.MS_NOSUID | k.MS_NODEV,
-            f"mode={mode:o},size={size}",
+            "/",
+            k.MOUNT_ATTR_RDONLY | ATTR_SAFE,
+            recursive=True,
         )
 
-    for fd, dst in rw_fds:
-        if not os.path.isdir(dst):
-            _step(f"create mount point {dst}", os.makedirs, dst, 0o755, exist_ok=True)
-        _step(f"mount writable root at {dst}", k.move_mount, fd, dst)
-        os.close(fd)
+    # 4. the operations, shallow to deep
+    for i, op in enumerate(view["ops"]):
+        t, dst = op["t"], op["dst"]
+        if t == "tmpfs":
+            _step(f"create mount point {dst}", b.ensure, dst, True)
+            _step(
+                f"mount tmpfs at {dst}",
+                k.mount,
+                "tmpfs",
+                dst,
+                "tmpfs",
+                k.MS_NOSUID | k.MS_NODEV,
+                f"mode={op['mode']:o},size={op['size']}",
+            )
+        elif t in ("bind", "robind"):
+            fd = sources[i]
+            is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+            _step(f"create mount point {dst}", b.ensure, dst, is_dir)
+            b.attach(fd, dst, f"mount {op['src']} at {dst}")
+        elif t == "protect":
+            _protect(b, op)
+        elif t == "hide":
+            if not os.path.lexists(dst) or os.path.islink(dst):
+                continue
+            b.attach(b.empty(os.path.isdir(dst)), dst, f"hide {dst}")
+    if b.empty_fd is not None:
+        os.close(b.empty_fd)
 
+    # 5. /dev, /proc, /sys
     if view.get("dev", True):
-        _build_dev(dev_fds, view.get("shm_size", 64 * 1024 * 1024))
+        _build_dev(b, dev_fds, view.get("shm_size", 64 * 1024 * 1024))
     if view.get("sys", False):
-        # A sysfs of the sandbox's own network namespace (so /sys/class/net
-        # lists only its devices), read-only.
+        _step("create mount point /sys", b.ensure, "/sys", True)
         _step(
             "mount /sys",
             k.mount,
@@ -118,17 +269,83 @@ def build(view: dict[str, Any]) -> None:
             k.MS_RDONLY | k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC,
         )
     if view.get("proc", True):
+        _step("create mount point /proc", b.ensure, "/proc", True)
         _step(
-            "mount /proc",
-            k.mount,
-            "proc",
-            "/proc",
-            "proc",
-            k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC,
+            "mount /proc", k.mount, "proc", "/proc", "proc", k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC
         )
+    for directory in b.shadows:
+        _step(f"make {directory} read-only", k.mount_setattr, directory, k.MOUNT_ATTR_RDONLY)
+    if view.get("rootfs") == "minimal":
+        _step("make / read-only", k.mount_setattr, "/", k.MOUNT_ATTR_RDONLY)
 
 
-def _build_dev(dev_fds: dict[str, int], shm_size: int) -> None:
+def _protect(b: _Builder, op: dict[str, Any]) -> None:
+    """Bind ``dst`` read-only onto itself (or, with ``rw``, pin it as a mount
+    point that cannot be renamed or removed)."""
+    dst = op["dst"]
+    if not os.path.lexists(dst):  # the placeholder vanished: fail closed
+        raise MountStepError(f"protect {dst}", FileNotFoundError(2, "no such file"))
+    if os.path.islink(dst):
+        raise MountStepError(f"protect {dst}", OSError(40, "is a symlink"))  # ELOOP
+    fd = _step(f"clone {dst}", _clone, dst)
+    if op.get("rw"):
+        _step(f"pin {dst}", k.mount_setattr, "", ATTR_SAFE, dirfd=fd)
+    else:
+        _step(
+            f"make {dst} read-only",
+            k.mount_setattr,
+            "",
+            k.MOUNT_ATTR_RDONLY | ATTR_SAFE,
+            recursive=True,
+            dirfd=fd,
+        )
+    b.attach(fd, dst, f"protect {dst}")
+
+
+def _minimal_root(b: _Builder) -> None:
+    clones: list[tuple[str, int | str]] = []  # (path, clone fd or symlink target)
+    for path in MINIMAL_DIRS:
+        if os.path.islink(path):
+            clones.append((path, os.readlink(path)))
+        elif os.path.isdir(path):
+            fd = _step(f"clone {path}", _clone, path)
+            k.mount_setattr("", k.MOUNT_ATTR_RDONLY | ATTR_SAFE, recursive=True, dirfd=fd)
+            clones.append((path, fd))
+    for name in MINIMAL_ETC:
+        path = f"/etc/{name}"
+        if os.path.islink(path):
+            clones.append((path, os.readlink(path)))
+        elif os.path.exists(path):
+            fd = _step(f"clone {path}", _clone, path)
+            k.mount_setattr("", k.MOUNT_ATTR_RDONLY | ATTR_SAFE, recursive=True, dirfd=fd)
+            clones.append((path, fd))
+    root = _step(
+        "create the minimal root", k.fsmount_tmpfs, {"mode": "0755", "size": "16m"}, ATTR_SAFE
+    )
+    staging = "/tmp"
+    _step("mount the minimal root", k.move_mount, root, staging)
+    os.close(root)
+    for d in ("etc", "tmp", "proc", "dev", "sys", "run", "home", "root", "var", "var/tmp"):
+        os.makedirs(os.path.join(staging, d), exist_ok=True)
+    for path, src in clones:
+        target = staging + path
+        if isinstance(src, str):
+            os.symlink(src, target)
+            continue
+        if stat.S_ISDIR(os.fstat(src).st_mode):
+            os.makedirs(target, exist_ok=True)
+        else:
+            os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+        _step(f"mount {path}", k.move_mount, src, target)
+        os.close(src)
+    os.chdir(staging)
+    _step("pivot_root", k.pivot_root, ".", ".")
+    _step("detach the host root", k.umount2, ".", 2)  # MNT_DETACH
+    os.chdir("/")
+
+
+def _build_dev(b: _Builder, dev_fds: dict[str, int], shm_size: int) -> None:
+    _step("create mount point /dev", b.ensure, "/dev", True)
     _step(
         "mount /dev",
         k.mount,

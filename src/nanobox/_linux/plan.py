@@ -12,11 +12,9 @@ from typing import Any
 
 from ..errors import PolicyError, UnsupportedError
 from ..policy import Policy, validate_env
+from . import fsplan
 from .child import DEFAULT_PATH
 
-TMP_SIZE = 512 * 1024 * 1024
-RUN_SIZE = 64 * 1024 * 1024
-SHM_SIZE = 64 * 1024 * 1024
 BASE_ENV = ("PATH", "HOME", "LANG", "TERM")
 _FORBIDDEN_WORKSPACES = ("/proc", "/sys", "/dev")
 
@@ -165,6 +163,11 @@ def build_plan(
     uid, gid = os.getuid(), os.getgid()
     lim = policy.limits
     cgroup, extra_rlimits, degraded = resources(policy)
+    fs = policy.filesystem
+    home = os.environ.get("HOME") or os.path.expanduser("~")
+    view = fsplan.build(fs, cwd, home)
+    view_json = view.to_json(fs.rootfs, int(fs.tmp_size))
+    view_json["sys"] = policy.network.mode != "host"
     return {
         "degraded": degraded,
         "cgroup": cgroup,
@@ -178,14 +181,8 @@ def build_plan(
         "gid": gid,
         "hostname": policy.hostname,
         "newnet": policy.network.mode != "host",
-        "view": {
-            "rw": [[cwd, cwd]],
-            "tmpfs": [["/tmp", TMP_SIZE, 0o1777], ["/run", RUN_SIZE, 0o755]],
-            "dev": True,
-            "proc": True,
-            "sys": policy.network.mode != "host",
-            "shm_size": SHM_SIZE,
-        },
+        "view": view_json,
+        "placeholders": view.placeholders,
         "rlimits": rlimits(policy) + extra_rlimits,
         "timeout": timeout,
         "cpu_time": None if lim.cpu_time is None else float(lim.cpu_time),

@@ -30,6 +30,10 @@ else:  # pragma: no cover - unsupported arch
     SYS_SECCOMP = -1
 SYS_OPEN_TREE = 428
 SYS_MOVE_MOUNT = 429
+SYS_FSOPEN = 430
+SYS_FSCONFIG = 431
+SYS_FSMOUNT = 432
+SYS_OPENAT2 = 437
 SYS_MOUNT_SETATTR = 442
 
 # clone/unshare flags
@@ -60,6 +64,17 @@ AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
 AT_FDCWD = -100
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+AT_SYMLINK_NOFOLLOW = 0x100
+FSOPEN_CLOEXEC = 1
+FSMOUNT_CLOEXEC = 1
+FSCONFIG_SET_STRING = 1
+FSCONFIG_CMD_CREATE = 6
+MOUNT_ATTR_IDMAP = 0x100000
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
@@ -89,6 +104,14 @@ class _MountAttr(ctypes.Structure):
         ("attr_clr", ctypes.c_uint64),
         ("propagation", ctypes.c_uint64),
         ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
     ]
 
 
@@ -136,16 +159,78 @@ def open_tree(path: str, flags: int, dirfd: int = AT_FDCWD) -> int:
     return _check(r, "open_tree", path)
 
 
-def move_mount(from_fd: int, to_path: str) -> None:
+def move_mount(from_fd: int, to_path: str, *, to_fd: int | None = None) -> None:
+    """Attach the detached mount ``from_fd`` at ``to_path`` (or at the O_PATH
+    fd ``to_fd``, resolved safely beforehand)."""
+    flags = MOVE_MOUNT_F_EMPTY_PATH
+    if to_fd is not None:
+        flags |= MOVE_MOUNT_T_EMPTY_PATH
     r = _syscall(
         ctypes.c_long(SYS_MOVE_MOUNT),
         ctypes.c_int(from_fd),
         b"",
-        ctypes.c_int(AT_FDCWD),
-        _b(to_path),
-        ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
+        ctypes.c_int(AT_FDCWD if to_fd is None else to_fd),
+        b"" if to_fd is not None else _b(to_path),
+        ctypes.c_uint(flags),
     )
     _check(r, "move_mount", to_path)
+
+
+def openat2(path: str, flags: int, resolve: int, dirfd: int = AT_FDCWD, mode: int = 0) -> int:
+    """``openat2(2)``: open ``path`` with ``RESOLVE_*`` restrictions."""
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    r = _syscall(
+        ctypes.c_long(SYS_OPENAT2),
+        ctypes.c_int(dirfd),
+        _b(path),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    return _check(r, "openat2", path)
+
+
+def open_path_nofollow(path: str) -> int:
+    """An O_PATH fd of ``path`` reached without following any symlink (the
+    path was canonicalised beforehand, so a symlink now means a swap)."""
+    return openat2(path, os.O_PATH, RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+
+
+def fsmount_tmpfs(options: dict[str, str], attrs: int = 0) -> int:
+    """A new, detached tmpfs mount (fsopen/fsconfig/fsmount)."""
+    fs = _check(
+        _syscall(ctypes.c_long(SYS_FSOPEN), b"tmpfs", ctypes.c_uint(FSOPEN_CLOEXEC)),
+        "fsopen",
+        "tmpfs",
+    )
+    try:
+        for key, value in options.items():
+            r = _syscall(
+                ctypes.c_long(SYS_FSCONFIG),
+                ctypes.c_int(fs),
+                ctypes.c_uint(FSCONFIG_SET_STRING),
+                key.encode(),
+                value.encode(),
+                ctypes.c_int(0),
+            )
+            _check(r, "fsconfig", key)
+        r = _syscall(
+            ctypes.c_long(SYS_FSCONFIG),
+            ctypes.c_int(fs),
+            ctypes.c_uint(FSCONFIG_CMD_CREATE),
+            None,
+            None,
+            ctypes.c_int(0),
+        )
+        _check(r, "fsconfig", "create")
+        r = _syscall(
+            ctypes.c_long(SYS_FSMOUNT),
+            ctypes.c_int(fs),
+            ctypes.c_uint(FSMOUNT_CLOEXEC),
+            ctypes.c_uint(attrs),
+        )
+        return _check(r, "fsmount", "tmpfs")
+    finally:
+        os.close(fs)
 
 
 def mount_setattr(
@@ -196,3 +281,11 @@ def drop_all_capabilities() -> None:
     data = (_CapData * 2)()
     r = _syscall(ctypes.c_long(SYS_CAPSET), ctypes.byref(header), ctypes.byref(data))
     _check(r, "capset")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    _check(
+        _libc.syscall(ctypes.c_long(155 if SYS_CAPSET == 126 else 41), _b(new_root), _b(put_old)),
+        "pivot_root",
+        new_root,
+    )

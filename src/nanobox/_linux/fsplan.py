@@ -1,0 +1,237 @@
+"""Filesystem policy -> the list of mount operations the init executes
+(computed on the caller's side; pure except for reading the host's tree).
+
+Rules:
+- Paths may start with ``~`` (the caller's ``$HOME``). Sources are
+  canonicalised once here (``realpath``); the init then opens each with
+  ``openat2(RESOLVE_NO_SYMLINKS)``, so a symlink swapped in afterwards makes
+  the run fail instead of redirecting the mount.
+- The most specific destination wins: operations are ordered by path depth,
+  and at equal depth tmpfs < read-write < read-only < protect < hide.
+- Protected paths (``PROTECTED_TOP`` at the top of each writable root,
+  ``PROTECTED_GIT`` in every repository found below it) are bound read-only
+  onto themselves, and every directory between the writable root and them
+  becomes a mount point too, so none can be renamed or removed to put a
+  look-alike in place. Missing top-level protected names get an empty
+  placeholder created by the fork server and removed after the run.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import PolicyError
+from ..policy import DEFAULT_HIDES, PROTECTED_GIT, PROTECTED_TOP, Filesystem
+from ..units import parse_size
+
+RUN_SIZE = 64 * 1024 * 1024
+_ORDER = {"tmpfs": 0, "bind": 1, "robind": 2, "protect": 3, "hide": 4}
+_SKIP_DIRS = {"node_modules", ".venv", "__pycache__", ".tox", ".mypy_cache"}
+MAX_SCAN_ENTRIES = 200_000
+
+
+@dataclass
+class View:
+    ops: list[dict[str, Any]] = field(default_factory=list)
+    writable: list[str] = field(default_factory=list)  # sandbox paths writable
+    readable_extra: list[str] = field(default_factory=list)
+    hidden: list[str] = field(default_factory=list)
+    placeholders: list[tuple[str, str]] = field(default_factory=list)  # (host path, kind)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self, rootfs: str, tmp_size: int) -> dict[str, Any]:
+        return {
+            "rootfs": rootfs,
+            "ops": self.ops,
+            "dev": True,
+            "proc": True,
+            "shm_size": 64 * 1024 * 1024,
+            "tmp_size": tmp_size,
+        }
+
+
+def expand(path: str, home: str) -> str:
+    if path == "~" or path.startswith("~/"):
+        return home + path[1:]
+    if path.startswith("~"):
+        raise PolicyError("filesystem", f"{path!r}: only '~' and '~/...' are supported")
+    return path
+
+
+def _split(entry: str, home: str) -> tuple[str, str, bool]:
+    src, _, dst = entry.partition(":")
+    optional = src.endswith("?")
+    src = expand(src.rstrip("?"), home)
+    return src, expand(dst, home) if dst else src, optional
+
+
+def _depth(path: str) -> int:
+    return 0 if path == "/" else path.rstrip("/").count("/")
+
+
+def _canonical_source(src: str, optional: bool, field_name: str) -> str | None:
+    if not os.path.lexists(src):
+        if optional:
+            return None
+        raise PolicyError(field_name, f"{src!r} does not exist (append '?' to make it optional)")
+    return os.path.realpath(src)
+
+
+def _is_under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def build(fs: Filesystem, cwd: str, home: str) -> View:
+    view = View()
+    ops: list[dict[str, Any]] = []
+    tmp_size = int(fs.tmp_size)
+    ops.append({"t": "tmpfs", "dst": "/tmp", "size": tmp_size, "mode": 0o1777})
+    ops.append({"t": "tmpfs", "dst": "/run", "size": RUN_SIZE, "mode": 0o755})
+    view.writable += ["/tmp"]
+    if os.path.isdir("/var/run") and not os.path.islink("/var/run"):
+        ops.append({"t": "tmpfs", "dst": "/var/run", "size": RUN_SIZE, "mode": 0o755})
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isabs(xdg) and not (_is_under(xdg, "/run") or _is_under(xdg, "/tmp")):
+        if os.path.isdir(xdg):
+            ops.append(
+                {"t": "tmpfs", "dst": os.path.realpath(xdg), "size": RUN_SIZE, "mode": 0o700}
+            )
+    for entry in fs.tmpfs:
+        dst, _, size = entry.partition(":")
+        dst = expand(dst, home)
+        ops.append(
+            {
+                "t": "tmpfs",
+                "dst": os.path.normpath(dst),
+                "size": parse_size(size) if size else RUN_SIZE,
+                "mode": 0o755,
+            }
+        )
+        view.writable.append(os.path.normpath(dst))
+
+    writable_roots: list[str] = []
+    if fs.workspace:
+        ops.append({"t": "bind", "src": cwd, "dst": cwd, "rw": True})
+        writable_roots.append(cwd)
+    for entry in fs.read_write:
+        src, dst, optional = _split(entry, home)
+        real = _canonical_source(src, optional, "filesystem.read_write")
+        if real is None:
+            continue
+        ops.append({"t": "bind", "src": real, "dst": os.path.normpath(dst), "rw": True})
+        writable_roots.append(os.path.normpath(dst))
+    for entry in fs.read_only:
+        src, dst, optional = _split(entry, home)
+        real = _canonical_source(src, optional, "filesystem.read_only")
+        if real is None:
+            continue
+        ops.append({"t": "robind", "src": real, "dst": os.path.normpath(dst)})
+        view.readable_extra.append(os.path.normpath(dst))
+    view.writable += writable_roots
+
+    hides = list(DEFAULT_HIDES) if fs.default_hides else []
+    hides += list(fs.hide)
+    for entry in hides:
+        path = os.path.normpath(expand(entry.rstrip("?"), home))
+        if os.path.lexists(path):
+            ops.append({"t": "hide", "dst": path})
+            view.hidden.append(path)
+
+    if fs.protect:
+        unprotect = {os.path.normpath(expand(p, home)) for p in fs.unprotect if "/" in p}
+        unprotect_names = {p for p in fs.unprotect if "/" not in p}
+        for root in writable_roots:
+            for op in protect_ops(root, unprotect, unprotect_names, view):
+                ops.append(op)
+
+    # Most specific wins: shallower first; at equal depth the stricter last.
+    ops.sort(key=lambda op: (_depth(op["dst"]), _ORDER[op["t"]]))
+    view.ops = _dedupe_chain(ops)
+    return view
+
+
+def _dedupe_chain(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for op in ops:
+        key = (op["t"], op["dst"])
+        if op["t"] == "protect" and key in seen:
+            continue
+        seen.add(key)
+        out.append(op)
+    return out
+
+
+def protect_ops(
+    root: str, unprotect: set[str], unprotect_names: set[str], view: View
+) -> list[dict[str, Any]]:
+    """Read-only binds for protected paths under the writable ``root``."""
+    targets: list[tuple[str, bool]] = []  # (path, must_exist)
+    for name in PROTECTED_TOP:
+        if name not in unprotect_names:
+            targets.append((os.path.join(root, name), False))
+    for repo in _git_repos(root, view):
+        for rel in PROTECTED_GIT:
+            if rel.split("/")[-1] not in unprotect_names and rel not in unprotect_names:
+                targets.append((os.path.join(repo, rel), True))
+    ops: list[dict[str, Any]] = []
+    for path, must_exist in targets:
+        if path in unprotect:
+            continue
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if not must_exist:
+            # Top-level names: the fork server makes a placeholder when the
+            # name is missing (shared by concurrent runs), the init binds
+            # whatever is there read-only onto itself.
+            if st is not None and stat.S_ISLNK(st.st_mode):
+                raise PolicyError(
+                    "filesystem.protect",
+                    f"{path} is a symlink, which cannot be protected; remove it, or list "
+                    f"{os.path.basename(path)!r} in filesystem.unprotect",
+                )
+            kind = "dir" if os.path.basename(path) in (".vscode", ".idea") else "file"
+            if st is not None:
+                kind = "dir" if stat.S_ISDIR(st.st_mode) else "file"
+            view.placeholders.append((path, kind))
+            ops.append({"t": "protect", "dst": path})
+            continue
+        if st is None:
+            continue
+        target = path
+        if stat.S_ISLNK(st.st_mode):
+            # A symlinked protected path cannot be a mount point: protect the
+            # directory holding it instead (fail closed; its siblings turn
+            # read-only too).
+            target = os.path.dirname(path)
+            view.notes.append(f"{path} is a symlink: protected its directory {target}")
+        ops.append({"t": "protect", "dst": target})
+        # Every directory between the root and the target becomes a mount
+        # point, so it cannot be renamed away and replaced.
+        parent = os.path.dirname(target)
+        while _is_under(parent, root) and parent != root:
+            ops.append({"t": "protect", "dst": parent, "rw": True})
+            parent = os.path.dirname(parent)
+    return ops
+
+
+def _git_repos(root: str, view: View) -> list[str]:
+    """Directories below ``root`` (at any depth) holding a ``.git`` entry."""
+    repos = []
+    seen = 0
+    for dirpath, dirnames, _files in os.walk(root, followlinks=False):
+        seen += len(dirnames)
+        if ".git" in dirnames or os.path.isfile(os.path.join(dirpath, ".git")):
+            repos.append(dirpath)
+        dirnames[:] = [d for d in dirnames if d != ".git" and d not in _SKIP_DIRS]
+        if seen > MAX_SCAN_ENTRIES:
+            view.notes.append(
+                f"stopped scanning {root} for git repositories after {MAX_SCAN_ENTRIES} directories"
+            )
+            break
+    return repos
