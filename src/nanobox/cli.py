@@ -18,24 +18,7 @@ EXIT_TIMEOUT = 124
 EXIT_NANOBOX = 125
 
 # options of `nanobox run` that take a value (for splitting off the command)
-_VALUE_OPTIONS = {
-    "--timeout",
-    "--cpu-time",
-    "--file-size",
-    "--open-files",
-    "--output-limit",
-    "--on-output-limit",
-    "--env",
-    "-e",
-    "--cwd",
-    "--policy",
-    "--result",
-    "--log-format",
-    "--network",
-    "--memory",
-    "--pids",
-    "--cpus",
-}
+_VALUE_OPTIONS: set[str] = set()  # options of `run` that take a value (filled below)
 
 
 _RUN_PARSER: list[argparse.ArgumentParser] = []
@@ -91,6 +74,47 @@ def _build_parser() -> _Parser:
     r.add_argument("--inherit-env", action="store_true", help="pass this environment through")
     r.add_argument("--cwd", metavar="PATH", help="working directory (the writable workspace)")
     r.add_argument("--network", metavar="MODE", help="none (default) or host")
+    r.add_argument(
+        "--ro",
+        metavar="PATH[:DEST]",
+        action="append",
+        default=[],
+        help="bind PATH read-only (at DEST); a trailing '?' on PATH makes it optional",
+    )
+    r.add_argument(
+        "--rw",
+        metavar="PATH[:DEST]",
+        action="append",
+        default=[],
+        help="bind PATH writable (at DEST)",
+    )
+    r.add_argument(
+        "--tmpfs",
+        metavar="DEST[:SIZE]",
+        action="append",
+        default=[],
+        help="a private tmpfs at DEST",
+    )
+    r.add_argument(
+        "--hide",
+        metavar="PATH",
+        action="append",
+        default=[],
+        help="hide PATH (empty and unreadable inside); missing paths are ignored",
+    )
+    r.add_argument(
+        "--no-default-hides",
+        action="store_true",
+        help="do not hide the default secrets (~/.ssh, ~/.aws, ...)",
+    )
+    r.add_argument(
+        "--unprotect",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="let the command write a protected path (e.g. .vscode or .git/hooks)",
+    )
+    r.add_argument("--rootfs", metavar="KIND", help="host (default) or minimal")
     r.add_argument("--policy", metavar="FILE.toml", help="policy file (same names as Python)")
     r.add_argument("--result", metavar="FILE", help="write the result as JSON ('-' = stderr)")
     r.add_argument(
@@ -102,6 +126,9 @@ def _build_parser() -> _Parser:
     r.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     r.add_argument("-q", "--quiet", action="store_true", help="no nanobox messages")
     _RUN_PARSER[:] = [r]
+    _VALUE_OPTIONS.update(
+        opt for action in r._actions if action.nargs != 0 for opt in action.option_strings
+    )
     c = sub.add_parser("check", help="what this host can enforce")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     return p
@@ -188,6 +215,30 @@ def _policy_from_args(ns: argparse.Namespace) -> Any:
             raise _UsageError(f"{flag}: {exc.message.split(': ', 1)[1]}") from None
         except TypeError as exc:  # pragma: no cover
             raise _UsageError(str(exc)) from None
+    fs_changes: dict[str, Any] = {}
+    for opt, name in (
+        ("ro", "read_only"),
+        ("rw", "read_write"),
+        ("tmpfs", "tmpfs"),
+        ("hide", "hide"),
+        ("unprotect", "unprotect"),
+    ):
+        values = getattr(ns, opt)
+        if values:
+            fs_changes[name] = tuple(getattr(base.filesystem, name)) + tuple(values)
+    if ns.no_default_hides:
+        fs_changes["default_hides"] = False
+    if ns.rootfs is not None:
+        fs_changes["rootfs"] = ns.rootfs
+    if fs_changes:
+        import dataclasses
+
+        from .errors import PolicyError
+
+        try:
+            changes["filesystem"] = dataclasses.replace(base.filesystem, **fs_changes)
+        except PolicyError as exc:
+            raise _UsageError(_flag_message(exc)) from None
     if ns.network is not None:
         if ns.network not in ("none", "host"):
             raise _UsageError(f"--network: expected 'none' or 'host', got {ns.network!r}")
@@ -206,6 +257,27 @@ def _policy_from_args(ns: argparse.Namespace) -> Any:
         changes["allow_degraded"] = True
     del Limits
     return base.replace(**changes) if changes else base
+
+
+_FIELD_FLAGS = {
+    "filesystem.read_only": "--ro",
+    "filesystem.read_write": "--rw",
+    "filesystem.tmpfs": "--tmpfs",
+    "filesystem.hide": "--hide",
+    "filesystem.rootfs": "--rootfs",
+    "filesystem.unprotect": "--unprotect",
+    "filesystem.protect": "protected path",
+    "cwd": "--cwd",
+    "env": "--env",
+}
+
+
+def _flag_message(exc: Any) -> str:
+    """A PolicyError as the user typed it: name the flag, not the field."""
+    flag = _FIELD_FLAGS.get(getattr(exc, "field", ""))
+    if flag is None:
+        return str(exc)
+    return f"{flag}: {str(exc.message).split(': ', 1)[-1]}"
 
 
 def _write_result(path: str, data: dict[str, Any]) -> None:
@@ -268,7 +340,7 @@ def _cmd_run(argv: list[str], parser: _Parser) -> int:
         policy = _policy_from_args(ns)
         box = Sandbox(policy)
     except PolicyError as exc:
-        raise _UsageError(str(exc)) from None
+        raise _UsageError(_flag_message(exc)) from None
     box._fork_server = True  # the CLI is single-threaded: fork, do not exec, the server
     out = sys.stdout.buffer
     err = sys.stderr.buffer
@@ -291,7 +363,7 @@ def _cmd_run(argv: list[str], parser: _Parser) -> int:
             command, stdin=stdin_fd, cwd=ns.cwd, on_stdout=to_stdout, on_stderr=to_stderr
         )
     except PolicyError as exc:
-        raise _UsageError(str(exc)) from None
+        raise _UsageError(_flag_message(exc)) from None
     except SandboxError as exc:
         if ns.result:
             _write_result(ns.result, _failure_result(command, str(exc)))

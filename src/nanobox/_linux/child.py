@@ -99,6 +99,12 @@ def exec_command(plan: dict[str, Any], stdio: tuple[int, int, int], err_w: int) 
         step = "drop capabilities"
         k.drop_all_capabilities()
 
+        if plan.get("landlock"):
+            step = "landlock"
+            from . import landlock
+
+            landlock.apply(landlock.LandlockPlan.from_json(plan["landlock"]))
+
         prog = plan.get("seccomp")
         if prog:
             step = "seccomp"

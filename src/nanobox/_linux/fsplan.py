@@ -153,6 +153,54 @@ def build(fs: Filesystem, cwd: str, home: str) -> View:
     return view
 
 
+DEV_WRITABLE = (
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/tty",
+    "/dev/ptmx",
+    "/dev/pts",
+    "/dev/random",
+    "/dev/urandom",
+    "/dev/shm",
+)
+
+
+def landlock_plan(view: View) -> dict[str, Any]:
+    """The Landlock ruleset matching ``view``: everything readable except the
+    hidden paths (their ancestors get list-only rights), writes only to the
+    writable roots, private tmpfs mounts and the usual /dev nodes; abstract
+    unix sockets and signals scoped to the sandbox."""
+    read: list[str] = []
+    listing: list[str] = []
+    hidden = [h.rstrip("/") for h in view.hidden]
+
+    def cover(path: str, depth: int) -> None:
+        if path in hidden:
+            return
+        below = [h for h in hidden if _is_under(h, path)]
+        if not below or depth > 12:
+            read.append(path)
+            return
+        listing.append(path)
+        try:
+            names = os.listdir(path)
+        except OSError:
+            return
+        for name in names:
+            cover(os.path.join(path, name), depth + 1)
+
+    cover("/", 0)
+    write = [*view.writable, "/run", "/var/run", *DEV_WRITABLE]
+    return {
+        "read": read,
+        "write": write,
+        "list": listing,
+        "scope_abstract_unix": True,
+        "scope_signal": True,
+    }
+
+
 def _dedupe_chain(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
     seen: set[tuple[str, str]] = set()
     out = []

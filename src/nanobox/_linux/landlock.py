@@ -242,7 +242,8 @@ def _check_ports(name: str, value: object) -> None:
 class LandlockPlan:
     """What the sandbox may touch, computed in the caller, applied in the child.
 
-    ``read`` paths get read, list and execute; ``write`` paths get every
+    ``read`` paths get read, list and execute; ``list`` directories only
+    listing (``READ_DIR``, for the ancestors of hidden paths); ``write`` paths get every
     filesystem right the kernel handles. Either may name a directory (the
     rights cover everything beneath it) or a single file or device (file
     rights only). Missing paths are skipped when applying. Everything not
@@ -252,6 +253,7 @@ class LandlockPlan:
 
     read: tuple[str, ...] = ()
     write: tuple[str, ...] = ()
+    list: tuple[str, ...] = ()
     scope_abstract_unix: bool = False
     scope_signal: bool = False
     restrict_tcp: bool = False
@@ -262,6 +264,7 @@ class LandlockPlan:
     def __post_init__(self) -> None:
         _check_paths("read", self.read)
         _check_paths("write", self.write)
+        _check_paths("list", self.list)
         _check_ports("allowed_connect_ports", self.allowed_connect_ports)
         _check_ports("allowed_bind_ports", self.allowed_bind_ports)
         for name in ("scope_abstract_unix", "scope_signal", "restrict_tcp"):
@@ -277,6 +280,7 @@ class LandlockPlan:
         return {
             "read": list(self.read),
             "write": list(self.write),
+            "list": list(self.list),
             "scope_abstract_unix": self.scope_abstract_unix,
             "scope_signal": self.scope_signal,
             "restrict_tcp": self.restrict_tcp,
@@ -301,6 +305,7 @@ _PLAN_KEYS = frozenset(
     (
         "read",
         "write",
+        "list",
         "scope_abstract_unix",
         "scope_signal",
         "restrict_tcp",
@@ -309,7 +314,7 @@ _PLAN_KEYS = frozenset(
         "min_abi",
     )
 )
-_TUPLE_KEYS = frozenset(("read", "write", "allowed_connect_ports", "allowed_bind_ports"))
+_TUPLE_KEYS = frozenset(("read", "write", "list", "allowed_connect_ports", "allowed_bind_ports"))
 
 
 # --- ctypes plumbing, built once at import ---------------------------------
@@ -384,7 +389,7 @@ def ruleset_size(handled_net: int, scoped: int) -> int:
     return _SIZE_FS
 
 
-def _add_path(ruleset_fd: int, path: str, abi: int, write: bool) -> None:
+def _add_path(ruleset_fd: int, path: str, abi: int, write: bool, list_only: bool = False) -> None:
     try:
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
@@ -394,6 +399,10 @@ def _add_path(ruleset_fd: int, path: str, abi: int, write: bool) -> None:
     try:
         is_dir = _stat.S_ISDIR(os.fstat(fd).st_mode)
         access = write_access(abi, is_dir) if write else read_access(abi, is_dir)
+        if list_only:
+            if not is_dir:
+                return
+            access = READ_DIR
         attr = _PathBeneathAttr(access, fd)
         r = _syscall(
             ctypes.c_long(SYS_ADD_RULE),
@@ -463,6 +472,8 @@ def apply(plan: LandlockPlan, *, max_abi: int | None = None) -> int:
             _add_path(ruleset_fd, path, abi, write=False)
         for path in plan.write:
             _add_path(ruleset_fd, path, abi, write=True)
+        for path in plan.list:
+            _add_path(ruleset_fd, path, abi, write=False, list_only=True)
         if handled_net:
             for port in plan.allowed_connect_ports:
                 _add_port(ruleset_fd, port, CONNECT_TCP)

@@ -258,7 +258,8 @@ def build(view: dict[str, Any]) -> None:
     # 5. /dev, /proc, /sys
     if view.get("dev", True):
         _build_dev(b, dev_fds, view.get("shm_size", 64 * 1024 * 1024))
-    if view.get("sys", False):
+    minimal = view.get("rootfs") == "minimal"
+    if view.get("sys", False) and not minimal:
         _step("create mount point /sys", b.ensure, "/sys", True)
         _step(
             "mount /sys",
@@ -268,7 +269,7 @@ def build(view: dict[str, Any]) -> None:
             "sysfs",
             k.MS_RDONLY | k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC,
         )
-    if view.get("proc", True):
+    if view.get("proc", True) and not minimal:
         _step("create mount point /proc", b.ensure, "/proc", True)
         _step(
             "mount /proc", k.mount, "proc", "/proc", "proc", k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC
@@ -338,6 +339,25 @@ def _minimal_root(b: _Builder) -> None:
             os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
         _step(f"mount {path}", k.move_mount, src, target)
         os.close(src)
+    # proc and sysfs can only be mounted while a fully visible instance
+    # exists in this mount namespace: mount them before the host root goes.
+    _step(
+        "mount /proc",
+        k.mount,
+        "proc",
+        staging + "/proc",
+        "proc",
+        k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC,
+    )
+    if b.view.get("sys", False):
+        _step(
+            "mount /sys",
+            k.mount,
+            "sysfs",
+            staging + "/sys",
+            "sysfs",
+            k.MS_RDONLY | k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC,
+        )
     os.chdir(staging)
     _step("pivot_root", k.pivot_root, ".", ".")
     _step("detach the host root", k.umount2, ".", 2)  # MNT_DETACH

@@ -168,6 +168,12 @@ def build_plan(
     view = fsplan.build(fs, cwd, home)
     view_json = view.to_json(fs.rootfs, int(fs.tmp_size))
     view_json["sys"] = policy.network.mode != "host"
+    ll = None
+    if fs.landlock:
+        from . import landlock
+
+        if landlock.abi_version() > 0:
+            ll = fsplan.landlock_plan(view)
     return {
         "degraded": degraded,
         "cgroup": cgroup,
@@ -183,6 +189,7 @@ def build_plan(
         "newnet": policy.network.mode != "host",
         "view": view_json,
         "placeholders": view.placeholders,
+        "landlock": ll,
         "rlimits": rlimits(policy) + extra_rlimits,
         "timeout": timeout,
         "cpu_time": None if lim.cpu_time is None else float(lim.cpu_time),
