@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 
 PY = sys.executable
+# The interpreter to run *inside* sandboxes: a root caller's sandbox runs as
+# an unprivileged uid, which cannot reach an interpreter under /root (pyenv).
+SPY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 IS_ROOT = os.geteuid() == 0
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import nanobox
-from conftest import cgroups_usable, nanobox_cli, nanobox_groups, pids_with, wait_until
+from conftest import SPY, cgroups_usable, nanobox_cli, nanobox_groups, pids_with, wait_until
 
 PY = sys.executable
 pytestmark = [
@@ -44,7 +44,7 @@ def test_memory_bomb_is_oom_killed(workspace: Path, cbin: Path, tmp_path: Path) 
 
 
 def test_python_memory_bomb(workspace: Path) -> None:
-    r = nanobox.run([PY, "-c", "b = bytearray(1 << 30)"], policy=limits(memory="64M"))
+    r = nanobox.run([SPY, "-c", "b = bytearray(1 << 30)"], policy=limits(memory="64M"))
     assert r.outcome is nanobox.Outcome.MEMORY_LIMIT and r.oom_killed and r.returncode == -9
 
 
@@ -77,7 +77,7 @@ print(n)
 
 
 def test_fork_bomb_stops_at_pids(workspace: Path) -> None:
-    r = nanobox.run([PY, "-c", FORKBOMB], policy=limits(pids=32), timeout=30)
+    r = nanobox.run([SPY, "-c", FORKBOMB], policy=limits(pids=32), timeout=30)
     assert r.outcome is nanobox.Outcome.EXITED
     # 32 tasks at most: the python process itself plus 31 children.
     assert int(r.stdout) == 31, r.stdout
@@ -152,7 +152,7 @@ def test_sigkilled_sandboxes_leave_no_groups(workspace: Path, marker: str) -> No
 
     def victim(i: int) -> None:
         try:
-            box.run([PY, "-c", "import time; time.sleep(60)", f"{marker}-{i}"])
+            box.run([SPY, "-c", "import time; time.sleep(60)", f"{marker}-{i}"])
         except nanobox.SandboxError as exc:
             errors.append(exc)
 
@@ -161,7 +161,10 @@ def test_sigkilled_sandboxes_leave_no_groups(workspace: Path, marker: str) -> No
         t.start()
     for i in range(10):
         assert wait_until(lambda i=i: _init_pid_of(f"{marker}-{i}") is not None, timeout=20), (
-            i, pids_with(marker), errors)
+            i,
+            pids_with(marker),
+            errors,
+        )
         os.kill(_init_pid_of(f"{marker}-{i}"), signal.SIGKILL)  # type: ignore[arg-type]
     for t in threads:
         t.join(30)
@@ -176,14 +179,16 @@ import nanobox
 from concurrent.futures import ThreadPoolExecutor
 box = nanobox.Sandbox(nanobox.Policy(limits=nanobox.Limits(memory="64M")))
 with ThreadPoolExecutor(5) as pool:
-    list(pool.map(lambda i: box.run([sys.executable, "-c", "import time; time.sleep(60)",
+    list(pool.map(lambda i: box.run([{spy!r}, "-c", "import time; time.sleep(60)",
                                      {marker!r}[::-1]]), range(5)))
 """
 
 
 def test_sigkilled_caller_leaves_no_groups(workspace: Path, marker: str) -> None:
     before = nanobox_groups()
-    caller = subprocess.Popen([PY, "-c", CALLER.format(path=sys.path, marker=marker[::-1])])
+    caller = subprocess.Popen(
+        [PY, "-c", CALLER.format(path=sys.path, marker=marker[::-1], spy=SPY)]
+    )
     try:
         assert wait_until(lambda: len(pids_with(marker)) == 5, timeout=30)
         assert len(nanobox_groups() - before) >= 5
@@ -202,9 +207,10 @@ def test_stale_groups_of_a_killed_server_are_swept(workspace: Path, marker: str)
 
     before = nanobox_groups()
     box = nanobox.Sandbox(limits(memory="64M"))
+
     def victim() -> None:
         with pytest.raises(nanobox.SandboxError):
-            box.run([PY, "-c", "import time; time.sleep(60)", marker])
+            box.run([SPY, "-c", "import time; time.sleep(60)", marker])
 
     t = threading.Thread(target=victim)
     t.start()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import nanobox
-from conftest import nanobox_cli
+from conftest import SPY, nanobox_cli
 from nanobox._linux import cgroups, plan
 
 PY = sys.executable
@@ -42,10 +42,10 @@ def test_memory_limit_refused_without_degraded(no_cgroups: None, workspace: Path
 
 
 def test_memory_limit_degrades_to_rlimit_as(no_cgroups: None, workspace: Path) -> None:
-    r = nanobox.run([PY, "-c", "b = bytearray(512 << 20)"], policy=_policy(True, memory="256M"))
+    r = nanobox.run([SPY, "-c", "b = bytearray(512 << 20)"], policy=_policy(True, memory="256M"))
     assert r.returncode != 0 and b"MemoryError" in r.stderr
     assert any(d.startswith("memory: enforced with RLIMIT_AS") for d in r.degraded)
-    ok = nanobox.run([PY, "-c", "b = bytearray(16 << 20)"], policy=_policy(True, memory="256M"))
+    ok = nanobox.run([SPY, "-c", "b = bytearray(16 << 20)"], policy=_policy(True, memory="256M"))
     assert ok.returncode == 0
 
 
@@ -63,7 +63,7 @@ def test_cpus_degraded_is_listed(no_cgroups: None, workspace: Path) -> None:
 
 
 def test_accounting_without_cgroups_uses_rusage(no_cgroups: None, workspace: Path) -> None:
-    r = nanobox.run([PY, "-c", "x = 0\nfor i in range(3 * 10**6): x += i"])
+    r = nanobox.run([SPY, "-c", "x = 0\nfor i in range(3 * 10**6): x += i"])
     assert r.cpu_time_s > 0.05 and r.peak_memory_bytes > 0 and r.degraded == ()
 
 

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nanobox
-from conftest import pids_with, wait_until
+from conftest import SPY, pids_with, wait_until
 
 PY = sys.executable
 N = 100
@@ -99,7 +99,7 @@ def test_100_from_asyncio(workspace: Path) -> None:
 def test_asyncio_cancellation_kills_the_sandbox(workspace: Path, marker: str) -> None:
     async def main() -> None:
         task = asyncio.ensure_future(
-            nanobox.run_async([PY, "-c", "import time; time.sleep(300)", marker])
+            nanobox.run_async([SPY, "-c", "import time; time.sleep(300)", marker])
         )
         deadline = time.monotonic() + 20
         while not pids_with(marker) and time.monotonic() < deadline:

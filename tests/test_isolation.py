@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 
 import nanobox
+from conftest import SPY
 
 PY = sys.executable
 
 
 def sandboxed(code: str, **kw: object) -> nanobox.Result:
-    r = nanobox.run([PY, "-c", code], timeout=30, **kw)  # type: ignore[arg-type]
+    r = nanobox.run([SPY, "-c", code], timeout=30, **kw)  # type: ignore[arg-type]
     assert r.outcome is nanobox.Outcome.EXITED, (r.outcome, r.stderr)
     return r
 
@@ -161,7 +162,7 @@ TIOCSTI = (
 def test_tiocsti_cannot_reach_callers_terminal(workspace: Path) -> None:
     master, slave = pty.openpty()
     try:
-        r = nanobox.run([PY, "-c", TIOCSTI], stdin=slave, timeout=30)
+        r = nanobox.run([SPY, "-c", TIOCSTI], stdin=slave, timeout=30)
         assert r.stdout.startswith(b"denied"), r.stdout + r.stderr
         # Control: a process whose controlling terminal is that pty can inject.
         ctl = subprocess.run(

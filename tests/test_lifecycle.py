@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import nanobox
-from conftest import kill_pids, pids_with, wait_until
+from conftest import SPY, kill_pids, pids_with, wait_until
 
 PY = sys.executable
 
@@ -31,7 +31,7 @@ DAEMON = (
 
 
 def test_double_forked_setsid_daemon_is_killed(workspace: Path, marker: str) -> None:
-    r = nanobox.run([PY, "-c", DAEMON, marker], timeout=30)
+    r = nanobox.run([SPY, "-c", DAEMON, marker], timeout=30)
     assert r.stdout == b"daemon started\n" and r.returncode == 0
     assert wait_until(lambda: not pids_with(marker), timeout=5), pids_with(marker)
 
@@ -59,14 +59,14 @@ def test_orphans_are_reaped(workspace: Path) -> None:
         "          for p in os.listdir('/proc') if p.isdigit()]\n"
         "print(states.count('Z'))\n"
     )
-    r = nanobox.run([PY, "-c", code], timeout=30)
+    r = nanobox.run([SPY, "-c", code], timeout=30)
     assert r.stdout == b"0\n", r.stderr
 
 
 CALLER = (
     "import sys; sys.path[:0] = {path!r}\n"
     "import nanobox\n"
-    "nanobox.run([sys.executable, '-c', 'import time; time.sleep(300)', {marker!r}[::-1]])\n"
+    "nanobox.run([{spy!r}, '-c', 'import time; time.sleep(300)', {marker!r}[::-1]])\n"
 )
 
 
@@ -74,7 +74,7 @@ def _spawn_caller(marker: str, code: str) -> subprocess.Popen[bytes]:
     # The marker is spelled backwards in the caller's own command line, so
     # only the process it starts matches.
     return subprocess.Popen(
-        [PY, "-c", code.format(path=sys.path, marker=marker[::-1])],
+        [PY, "-c", code.format(path=sys.path, marker=marker[::-1], spy=SPY)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -114,7 +114,7 @@ def test_control_child_survives_sigkilled_parent(workspace: Path, marker: str) -
 
 def test_wall_timeout_kills_everything(workspace: Path, marker: str) -> None:
     t0 = time.monotonic()
-    r = nanobox.run([PY, "-c", DAEMON + "import time; time.sleep(300)", marker], timeout=1)
+    r = nanobox.run([SPY, "-c", DAEMON + "import time; time.sleep(300)", marker], timeout=1)
     assert r.outcome is nanobox.Outcome.TIMEOUT and r.timed_out
     assert r.returncode == -signal.SIGKILL
     assert 1.0 <= r.wall_time_s < 5 and time.monotonic() - t0 < 10
@@ -132,7 +132,7 @@ def test_cpu_time_limit_counts_children(workspace: Path) -> None:
         "os.wait(); os.wait()\n"
     )
     policy = nanobox.Policy(limits=nanobox.Limits(cpu_time="1s"))
-    r = nanobox.run([PY, "-c", code], policy=policy, timeout=30)
+    r = nanobox.run([SPY, "-c", code], policy=policy, timeout=30)
     assert r.outcome is nanobox.Outcome.CPU_LIMIT
     assert 1.0 <= r.cpu_time_s < 2.0, r.cpu_time_s
 

@@ -48,8 +48,14 @@ def _exec_search(argv: list[str], env: dict[str, str]) -> OSError:
             os.execve(candidate, argv, env)
         except OSError as exc:
             last = exc
-            if exc.errno not in (2, 20) and saved is None:  # not ENOENT/ENOTDIR
+            if exc.errno in (2, 20):  # ENOENT, ENOTDIR
+                continue
+            if exc.errno == 13 and not os.path.lexists(candidate):
+                continue  # an unsearchable PATH directory: like a shell, keep looking
+            if saved is None:
                 saved = exc
+    if saved is None and last.errno == 13:
+        last = FileNotFoundError(2, f"{name}: command not found")
     return saved or last
 
 

@@ -32,10 +32,13 @@ import socket
 import sys
 from typing import Any
 
-from . import cgroups, spawn
+from . import cgroups, spawn, userns
 from . import sys as k
 
 MAX_PLAN = 1 << 20
+# Root callers' sandboxes run as a dedicated uid from this range.
+ROOT_UID_BASE = 0x60000000
+ROOT_UID_SPAN = 0x0FFFFFFF
 
 
 class _Job:
@@ -68,6 +71,7 @@ class Server:
         self.jobs_by_pid: dict[int, _Job] = {}
         self.ident = cgroups.server_ident()
         self.placeholders = Placeholders()
+        self.counter = 0
         self.swept: set[str] = set()
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
@@ -109,10 +113,13 @@ class Server:
         stdio = (fds[1], fds[2], fds[3])
         group: cgroups.RunGroup | None = None
         placeholders: list[str] = []
+        extra_fds: list[int] = []
         try:
             plan = json.loads(msg)
             group = self._make_group(plan)
             placeholders = self.placeholders.acquire(plan.get("placeholders", ()))
+            if plan.get("outer_uid") == 0 and plan.get("root_mapping"):
+                extra_fds = self._root_mapping(plan)
             launched = spawn.launch(plan, stdio)
         except spawn.SpawnError as exc:
             self.placeholders.release(placeholders)
@@ -149,7 +156,7 @@ class Server:
             chan.close()
             return True
         finally:
-            for fd in set(stdio):
+            for fd in set(stdio) | set(extra_fds):
                 os.close(fd)
         job = _Job(chan, launched, group)
         job.placeholders = placeholders
@@ -161,6 +168,35 @@ class Server:
         if b"\n" in launched.buffer:
             self._on_status(job, read=False)
         return True
+
+    def _root_mapping(self, plan: dict[str, Any]) -> list[int]:
+        """For a root caller: run the sandbox as a dedicated unprivileged uid
+        (its root inside), and shift the writable roots' ownership to it
+        with idmapped mounts, so host files keep root's protection while the
+        workspace stays writable (and new files in it belong to root)."""
+        self.counter += 1
+        sid = ROOT_UID_BASE + ((os.getpid() << 12 | (self.counter & 0xFFF)) % ROOT_UID_SPAN)
+        userns_fd = userns.make_userns(f"0 {sid} 1\n", f"0 {sid} 1\n")
+        fds = [userns_fd]
+        plan["userns_fd"] = userns_fd
+        plan["sandbox_uid"] = sid
+        premade: dict[str, int] = {}
+        try:
+            for i, op in enumerate(plan["view"]["ops"]):
+                if op["t"] == "bind":
+                    fd = userns.idmapped_clone(op["src"], userns_fd)
+                    fds.append(fd)
+                    premade[str(i)] = fd
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            raise OSError(
+                exc.errno,
+                f"cannot shift ownership of the writable roots for a root caller "
+                f"(idmapped mounts): {exc.strerror}",
+            ) from None
+        plan["view"]["premade"] = premade
+        return fds
 
     def _make_group(self, plan: dict[str, Any]) -> cgroups.RunGroup | None:
         spec = plan.get("cgroup")

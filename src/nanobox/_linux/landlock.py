@@ -392,8 +392,8 @@ def ruleset_size(handled_net: int, scoped: int) -> int:
 def _add_path(ruleset_fd: int, path: str, abi: int, write: bool, list_only: bool = False) -> None:
     try:
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError):
-        return
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return  # missing, or unreachable anyway (DAC): nothing to grant
     except OSError as exc:
         raise LandlockError(exc.errno or _errno.EIO, f"open {path}") from None
     try:

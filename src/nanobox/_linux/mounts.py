@@ -192,7 +192,11 @@ def build(view: dict[str, Any]) -> None:
             if os.path.exists(path):
                 dev_fds[name] = _step(f"clone {path}", _clone, path, recursive=False)
     sources: dict[int, int] = {}
+    for key, fd in view.get("premade", {}).items():
+        sources[int(key)] = fd  # idmapped clones made by the fork server
     for i, op in enumerate(view["ops"]):
+        if i in sources:
+            continue
         if op["t"] in ("bind", "robind"):
             fd = _step(f"clone {op['src']}", _clone, op["src"])
             if op["t"] == "robind":

@@ -185,6 +185,7 @@ def build_plan(
         "outer_gid": gid,
         "uid": uid,
         "gid": gid,
+        "root_mapping": uid == 0,
         "hostname": policy.hostname,
         "newnet": policy.network.mode != "host",
         "view": view_json,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +52,15 @@ class Launched:
 def _stage_a(plan: dict[str, Any], stdio: tuple[int, int, int], status_w: int, cmd_r: int) -> None:
     step = "close fds"
     try:
-        close_all_except({*stdio, status_w, cmd_r})
+        # The server's wakeup fd (and its SIGCHLD handler) are inherited, but
+        # the fd is about to be closed: a signal arriving now would fail to
+        # write to it and surface as EBADF later.
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        keep = {*stdio, status_w, cmd_r}
+        if plan.get("userns_fd") is not None:
+            keep |= {plan["userns_fd"], *plan["view"].get("premade", {}).values()}
+        close_all_except(keep)
         step = "join cgroup"
         me = str(os.getpid()).encode()
         for procs in plan.get("cgroup_procs", ()):
@@ -62,9 +71,20 @@ def _stage_a(plan: dict[str, Any], stdio: tuple[int, int, int], status_w: int, c
                 os.close(fd)
         step = "create namespaces"
         flags = BASE_FLAGS | (k.CLONE_NEWNET if plan["newnet"] else 0)
-        k.unshare(flags)
-        step = "map uid/gid"
-        userns.map_self(plan["outer_uid"], plan["outer_gid"], plan["uid"], plan["gid"])
+        userns_fd = plan.get("userns_fd")
+        if userns_fd is not None:
+            # Root caller: drop every supplementary group, enter the
+            # prepared namespace and become its root (a dedicated uid).
+            os.setgroups([])
+            k.setns(userns_fd, k.CLONE_NEWUSER)
+            os.close(userns_fd)
+            os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
+            k.unshare(flags & ~k.CLONE_NEWUSER)
+        else:
+            k.unshare(flags)
+            step = "map uid/gid"
+            userns.map_self(plan["outer_uid"], plan["outer_gid"], plan["uid"], plan["gid"])
         step = "fork init"
         pid = os.fork()
         if pid == 0:

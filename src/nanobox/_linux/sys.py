@@ -143,6 +143,10 @@ def unshare(flags: int) -> None:
     _check(_libc.unshare(ctypes.c_int(flags)), "unshare", hex(flags))
 
 
+def setns(fd: int, nstype: int) -> None:
+    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns", hex(nstype))
+
+
 def mount(
     source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None
 ) -> None:
@@ -249,6 +253,21 @@ def mount_setattr(
         ctypes.c_size_t(ctypes.sizeof(attr)),
     )
     _check(r, "mount_setattr", path or dirfd)
+
+
+def mount_setattr_idmap(tree_fd: int, userns_fd: int) -> None:
+    """Make the detached mount ``tree_fd`` idmapped through ``userns_fd``
+    (plus nosuid, nodev)."""
+    attr = _MountAttr(MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, 0, userns_fd)
+    r = _syscall(
+        ctypes.c_long(SYS_MOUNT_SETATTR),
+        ctypes.c_int(tree_fd),
+        b"",
+        ctypes.c_uint(AT_EMPTY_PATH),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
+    _check(r, "mount_setattr(MOUNT_ATTR_IDMAP)")
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:

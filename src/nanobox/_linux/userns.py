@@ -24,3 +24,60 @@ def map_self(outer_uid: int, outer_gid: int, inner_uid: int, inner_gid: int) -> 
     _write("/proc/self/setgroups", "deny")
     _write("/proc/self/uid_map", f"{inner_uid} {outer_uid} 1\n")
     _write("/proc/self/gid_map", f"{inner_gid} {outer_gid} 1\n")
+
+
+def make_userns(uid_map: str, gid_map: str) -> int:
+    """A user namespace with the given maps, as an fd (for ``setns`` and for
+    ``MOUNT_ATTR_IDMAP``). Needs privilege over the ids in the maps (root).
+
+    A short-lived child creates the namespace and waits; the caller writes
+    its maps from the parent namespace, opens it, and lets the child go.
+    """
+    from . import sys as k
+
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(ready_r)
+            os.close(go_w)
+            k.unshare(k.CLONE_NEWUSER)
+            os.write(ready_w, b"1")
+            os.read(go_r, 1)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.close(go_r)
+    try:
+        if os.read(ready_r, 1) != b"1":
+            raise OSError(1, "could not create a user namespace for the id mapping")
+        _write(f"/proc/{pid}/uid_map", uid_map)
+        _write(f"/proc/{pid}/setgroups", "deny")
+        _write(f"/proc/{pid}/gid_map", gid_map)
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(go_w)
+        os.close(ready_r)
+        os.waitpid(pid, 0)
+
+
+def idmapped_clone(path: str, userns_fd: int) -> int:
+    """A detached, recursive clone of ``path`` whose ownership is shifted
+    through ``userns_fd`` (files of on-disk uid 0 belong to the namespace's
+    root, i.e. the sandbox's unprivileged uid, and its writes land as uid 0)."""
+    from . import sys as k
+
+    fd = k.open_path_nofollow(path)
+    try:
+        tree = k.open_tree(
+            "", k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC | k.AT_EMPTY_PATH, dirfd=fd
+        )
+    finally:
+        os.close(fd)
+    try:
+        k.mount_setattr_idmap(tree, userns_fd)
+    except BaseException:
+        os.close(tree)
+        raise
+    return tree

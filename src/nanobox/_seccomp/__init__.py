@@ -1,0 +1,82 @@
+"""nanobox's own seccomp-BPF compiler and loader (pure Python, no libseccomp).
+
+* :mod:`.policy`: what to decide (:class:`Policy`, :class:`Rule`, :class:`Cond`,
+  actions) and :func:`decide`, the reference semantics;
+* :mod:`.compiler`: :func:`compile` turns a policy into a BPF program for
+  x86_64 or aarch64;
+* :mod:`.default`: :func:`default_policy`, the deny-list nanobox applies;
+* :mod:`.loader`: :func:`install` attaches a program to the calling process;
+* :mod:`.bpf`, :mod:`.interp`: instruction encoding and an interpreter that
+  runs programs without a kernel (tests, fuzzing);
+* ``syscalls_<arch>``: generated syscall tables (``tools/gen_syscall_tables.py``).
+
+The names above are imported lazily (on first use), so that the stage-2
+process, which imports only :mod:`nanobox._seccomp.loader` (``ctypes`` and
+``os``), does not pay for the compiler and the syscall tables.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .compiler import compile, compile_insns, native_arch
+    from .default import default_policy
+    from .policy import (
+        ALLOW,
+        KILL_PROCESS,
+        LOG,
+        NOTIFY,
+        Action,
+        Allow,
+        Cond,
+        Errno,
+        KillProcess,
+        Log,
+        Notify,
+        Policy,
+        Rule,
+        SeccompPolicyError,
+        UnsupportedArchError,
+        decide,
+    )
+
+_HOMES = {
+    "compile": "compiler",
+    "compile_insns": "compiler",
+    "native_arch": "compiler",
+    "default_policy": "default",
+}
+
+__all__ = [
+    "ALLOW",
+    "KILL_PROCESS",
+    "LOG",
+    "NOTIFY",
+    "Action",
+    "Allow",
+    "Cond",
+    "Errno",
+    "KillProcess",
+    "Log",
+    "Notify",
+    "Policy",
+    "Rule",
+    "SeccompPolicyError",
+    "UnsupportedArchError",
+    "compile",
+    "compile_insns",
+    "decide",
+    "default_policy",
+    "native_arch",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f".{_HOMES.get(name, 'policy')}", __name__)
+    value = getattr(module, name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,1392 @@
+"""The egress proxy: HTTP (CONNECT and absolute-form) and SOCKS5 on asyncio.
+
+The sandbox binds the listeners inside its network namespace and hands the
+listening sockets over; :meth:`Proxy.serve` accepts on them (never re-binding)
+and dials out from the supervisor's namespace after the allowlist checks of
+:class:`~nanobox.net.rules.Ruleset`:
+
+1. the requested host is canonicalised and checked by name (deny rules first);
+2. names are resolved here, every resolved address is checked (special ranges
+   need an explicit IP/CIDR allow), and the proxy connects to exactly the
+   addresses it checked, so a second DNS answer can never be used;
+3. for tunnels to port 443 (HTTP CONNECT and SOCKS5) the TLS ClientHello's SNI
+   must name the same host (``check_sni``), without decrypting anything.
+
+Raw tunnels are relayed with ``os.splice`` through a pipe (zero copy) when
+available, else with fixed buffers; both are driven by reader/writer callbacks
+with at most one buffer in flight per direction, so a slow reader stops the
+proxy from reading the other side (no unbounded buffering). When one side
+finishes sending, the proxy shuts down the write half of the other and keeps
+relaying the opposite direction until it ends too, so nothing is truncated;
+on a reset the other side is reset as well, so failures are never silent.
+
+Plain HTTP is parsed and framed by h11 (imported on the first HTTP
+connection); each request gets its own upstream connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import functools
+import ipaddress
+import logging
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from nanobox.net import socks5, tls
+from nanobox.net.events import ConnectionEvent, NetStats, Protocol
+from nanobox.net.http import (
+    CONNECT_ESTABLISHED,
+    HTTPRequestError,
+    Target,
+    client_side,
+    error_response,
+    forward_request_headers,
+    forward_response_headers,
+    parse_target,
+    upstream_side,
+)
+from nanobox.net.rules import Decision, Host, IPAddress, Ruleset, canonical_host, format_host
+
+if TYPE_CHECKING:
+    import h11
+
+__all__ = ["Proxy", "ProxyThread", "Resolver"]
+
+_log = logging.getLogger("nanobox.net")
+
+Resolver = Callable[[str], Awaitable[Sequence["IPAddress | str"]]]
+EventCallback = Callable[[ConnectionEvent], None]
+_T = TypeVar("_T")
+
+_RECV = 65536
+_BUFFER = 256 * 1024
+_PIPE_SIZE = 1024 * 1024
+_MAX_ADDRESSES = 32
+_CLOSE_DRAIN_SECONDS = 2.0
+_CLOSE_DRAIN_BYTES = 1024 * 1024
+_TLS_ALERT_ACCESS_DENIED = b"\x15\x03\x03\x00\x02\x02\x31"
+_F_SETPIPE_SZ = 1031
+_F_GETPIPE_SZ = 1032
+_USE_SPLICE_DEFAULT = sys.platform.startswith("linux") and hasattr(os, "splice")
+
+# failure kind -> (HTTP status, SOCKS5 reply)
+_FAILURES: dict[str, tuple[int, int]] = {
+    "denied": (403, socks5.Reply.NOT_ALLOWED),
+    "timeout": (504, socks5.Reply.TTL_EXPIRED),
+    "refused": (502, socks5.Reply.CONNECTION_REFUSED),
+    "host-unreachable": (502, socks5.Reply.HOST_UNREACHABLE),
+    "network-unreachable": (502, socks5.Reply.NETWORK_UNREACHABLE),
+    "error": (502, socks5.Reply.GENERAL_FAILURE),
+}
+_ERRNO_KIND = {
+    errno.ECONNREFUSED: "refused",
+    errno.EHOSTUNREACH: "host-unreachable",
+    errno.EHOSTDOWN: "host-unreachable",
+    errno.ENETUNREACH: "network-unreachable",
+    errno.ENETDOWN: "network-unreachable",
+    errno.ETIMEDOUT: "timeout",
+}
+
+
+async def _default_resolver(host: str) -> Sequence[str]:
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+def _uncancel() -> None:
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "uncancel"):
+        task.uncancel()
+
+
+def _nodelay(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _reset_on_close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+class _Closed(Exception):
+    """The client went away."""
+
+
+class _Watchdog:
+    """Cancels a task after ``timeout`` seconds without I/O (``touch``)."""
+
+    __slots__ = ("expired", "handle", "last", "loop", "paused", "task", "timeout")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.loop = loop
+        self.timeout = timeout
+        self.last = loop.time()
+        self.task: asyncio.Task[Any] | None = None
+        self.handle: asyncio.TimerHandle | None = None
+        self.expired = False
+        self.paused = False
+
+    def start(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.handle = self.loop.call_later(self.timeout, self._fire)
+
+    def touch(self) -> None:
+        self.last = self.loop.time()
+
+    def _fire(self) -> None:
+        remaining = self.last + self.timeout - self.loop.time()
+        if self.paused or remaining > 0:
+            self.handle = self.loop.call_later(max(remaining, 0.01), self._fire)
+            return
+        self.handle = None
+        self.expired = True
+        if self.task is not None:
+            self.task.cancel()
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+
+class _Run:
+    __slots__ = (
+        "closed",
+        "listeners",
+        "main",
+        "run_id",
+        "stats",
+        "stopped",
+        "tasks",
+    )
+
+    def __init__(
+        self, run_id: str, listeners: list[tuple[socket.socket, Literal["http", "socks5"]]]
+    ) -> None:
+        self.run_id = run_id
+        self.listeners = listeners
+        self.stats = NetStats()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.closed = False
+        self.stopped = asyncio.Event()
+        self.main: asyncio.Task[None] | None = None
+
+
+class _Flow:
+    """One destination request (one event)."""
+
+    __slots__ = (
+        "address",
+        "allowed",
+        "bytes_down",
+        "bytes_up",
+        "canon",
+        "error",
+        "failure",
+        "host",
+        "method",
+        "port",
+        "protocol",
+        "reason",
+        "response_started",
+        "rule",
+        "run",
+        "started",
+        "status",
+    )
+
+    def __init__(
+        self, run: _Run, protocol: Protocol, host: str, port: int, method: str | None
+    ) -> None:
+        self.run = run
+        self.protocol: Protocol = protocol
+        self.host = host
+        self.port = port
+        self.method = method
+        self.canon: Host | None = None
+        self.address: str | None = None
+        self.allowed: bool | None = None
+        self.rule: str | None = None
+        self.reason = ""
+        self.error: str | None = None
+        self.failure: str | None = None
+        self.status: int | None = None
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.started = time.time()
+        self.response_started = False
+
+    def count_up(self, n: int) -> None:
+        self.bytes_up += n
+        if not self.run.closed:
+            self.run.stats.bytes_up += n
+
+    def count_down(self, n: int) -> None:
+        self.bytes_down += n
+        if not self.run.closed:
+            self.run.stats.bytes_down += n
+
+    def fail_status(self, kind: str) -> int:
+        http_status, reply = _FAILURES[kind]
+        return reply if self.protocol == "socks5" else http_status
+
+
+class _Conn:
+    __slots__ = ("flow", "kind", "run", "sock", "watchdog")
+
+    def __init__(
+        self, run: _Run, sock: socket.socket, kind: Literal["http", "socks5"], watchdog: _Watchdog
+    ) -> None:
+        self.run = run
+        self.sock = sock
+        self.kind = kind
+        self.watchdog = watchdog
+        self.flow: _Flow | None = None
+
+
+# --------------------------------------------------------------------------- relay
+
+
+class _Pump:
+    """One direction of a tunnel, driven by loop reader/writer callbacks."""
+
+    __slots__ = (
+        "buf",
+        "cap",
+        "count",
+        "done",
+        "dst",
+        "end",
+        "eof",
+        "loop",
+        "pending",
+        "pipe_full",
+        "pipe_r",
+        "pipe_w",
+        "reading",
+        "relay",
+        "src",
+        "start",
+        "view",
+        "writing",
+    )
+
+    def __init__(
+        self,
+        relay: _Relay,
+        src: socket.socket,
+        dst: socket.socket,
+        count: Callable[[int], None],
+        use_splice: bool,
+    ) -> None:
+        self.relay = relay
+        self.loop = relay.loop
+        self.src = src
+        self.dst = dst
+        self.count = count
+        self.pending = 0
+        self.eof = False
+        self.done = False
+        self.reading = False
+        self.writing = False
+        self.pipe_full = False
+        self.pipe_r = self.pipe_w = -1
+        self.start = self.end = 0
+        self.buf: bytearray | None = None
+        self.view: memoryview | None = None
+        if use_splice:
+            self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                import fcntl
+
+                fcntl.fcntl(self.pipe_w, _F_SETPIPE_SZ, _PIPE_SIZE)
+            except OSError:
+                pass
+            try:
+                import fcntl
+
+                self.cap = fcntl.fcntl(self.pipe_w, _F_GETPIPE_SZ)
+            except OSError:
+                self.cap = 65536
+        else:
+            self.buf = bytearray(_BUFFER)
+            self.view = memoryview(self.buf)
+            self.cap = _BUFFER
+
+    # -- registration
+
+    def _want(self) -> None:
+        if self.done:
+            return
+        if self.view is not None:
+            can_read = not self.eof and self.end < self.cap
+        else:
+            can_read = not self.eof and not self.pipe_full and self.pending < self.cap
+        if can_read != self.reading:
+            if can_read:
+                self.loop.add_reader(self.src.fileno(), self.on_readable)
+            else:
+                self.loop.remove_reader(self.src.fileno())
+            self.reading = can_read
+
+    def _set_writing(self, on: bool) -> None:
+        if on != self.writing:
+            if on:
+                self.loop.add_writer(self.dst.fileno(), self.on_writable)
+            else:
+                self.loop.remove_writer(self.dst.fileno())
+            self.writing = on
+
+    def begin(self) -> None:
+        self._want()
+
+    def stop(self) -> None:
+        """Unregister callbacks and free the pipe (sockets stay open)."""
+        if self.reading:
+            self.loop.remove_reader(self.src.fileno())
+            self.reading = False
+        if self.writing:
+            self.loop.remove_writer(self.dst.fileno())
+            self.writing = False
+        self.done = True
+        for fd in (self.pipe_r, self.pipe_w):
+            if fd >= 0:
+                os.close(fd)
+        self.pipe_r = self.pipe_w = -1
+        self.view = None
+        self.buf = None
+
+    # -- data movement
+
+    def _fill(self) -> int | None:
+        try:
+            if self.view is not None:
+                n = self.src.recv_into(self.view[self.end :])
+                self.end += n
+                return n
+            return os.splice(
+                self.src.fileno(),
+                self.pipe_w,
+                self.cap - self.pending,
+                flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK,
+            )
+        except (BlockingIOError, InterruptedError):
+            return None
+
+    def _drain(self) -> int | None:
+        try:
+            if self.view is not None:
+                n = self.dst.send(self.view[self.start : self.end])
+                self.start += n
+                if self.start == self.end:
+                    self.start = self.end = 0
+                return n
+            return os.splice(
+                self.pipe_r,
+                self.dst.fileno(),
+                self.pending,
+                flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK,
+            )
+        except (BlockingIOError, InterruptedError):
+            return None
+
+    def on_readable(self) -> None:
+        try:
+            n = self._fill()
+        except OSError as exc:
+            self.relay.fail(exc)
+            return
+        if n is None:
+            if self.view is None and self.pending > 0:
+                self.pipe_full = True  # EAGAIN with data in the pipe: out of pipe slots
+                self._flush()
+            return
+        if n == 0:
+            self.eof = True
+        else:
+            self.pending += n
+            self.relay.watchdog.touch()
+        self._flush()
+
+    def on_writable(self) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.pending:
+            try:
+                n = self._drain()
+            except OSError as exc:
+                self.relay.fail(exc)
+                return
+            if n is None:
+                self._set_writing(True)
+                break
+            self.pending -= n
+            self.pipe_full = False
+            self.count(n)
+            self.relay.watchdog.touch()
+        else:
+            self._set_writing(False)
+        if self.eof and not self.pending:
+            self._finish()
+            return
+        self._want()
+
+    def _finish(self) -> None:
+        self.stop()
+        with contextlib.suppress(OSError):
+            self.dst.shutdown(socket.SHUT_WR)
+        self.relay.direction_done()
+
+
+class _Relay:
+    __slots__ = ("down", "error", "future", "loop", "up", "watchdog")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        client: socket.socket,
+        upstream: socket.socket,
+        flow: _Flow,
+        watchdog: _Watchdog,
+        use_splice: bool,
+    ) -> None:
+        self.loop = loop
+        self.watchdog = watchdog
+        self.error: OSError | None = None
+        self.future: asyncio.Future[None] = loop.create_future()
+        self.up = _Pump(self, client, upstream, flow.count_up, use_splice)
+        try:
+            self.down = _Pump(self, upstream, client, flow.count_down, use_splice)
+        except BaseException:
+            self.up.stop()
+            raise
+
+    async def run(self) -> None:
+        try:
+            self.up.begin()
+            self.down.begin()
+            await self.future
+        finally:
+            self.up.stop()
+            self.down.stop()
+
+    def direction_done(self) -> None:
+        if self.up.done and self.down.done and not self.future.done():
+            self.future.set_result(None)
+
+    def fail(self, exc: OSError) -> None:
+        if self.error is None:
+            self.error = exc
+        self.up.stop()
+        self.down.stop()
+        if not self.future.done():
+            self.future.set_result(None)
+
+
+# --------------------------------------------------------------------------- proxy
+
+
+class Proxy:
+    """An allowlisting forward proxy (HTTP and SOCKS5) for one sandbox.
+
+    ``resolver`` is an async callable ``host -> [address, ...]`` (default:
+    ``loop.getaddrinfo``). ``connect_timeout`` bounds name resolution plus
+    connecting; ``idle_timeout`` closes connections without traffic (and gives
+    504 to an HTTP client still waiting for a response); ``max_connections``
+    caps simultaneous client connections over all runs. ``on_event`` receives
+    a :class:`~nanobox.net.events.ConnectionEvent` per connection, on the
+    proxy's event loop thread. With ``check_sni``, tunnels to ``tls_ports``
+    must start with a TLS ClientHello whose SNI names the requested host
+    (tunnels to IP literals are exempt: clients send no SNI for them).
+    ``use_splice`` picks the tunnel relay (default: ``os.splice`` on Linux).
+    All methods must be called on the loop's thread (see :class:`ProxyThread`
+    for synchronous callers).
+    """
+
+    def __init__(
+        self,
+        ruleset: Ruleset,
+        *,
+        resolver: Resolver | None = None,
+        connect_timeout: float = 30.0,
+        idle_timeout: float = 300.0,
+        max_connections: int = 256,
+        check_sni: bool = True,
+        on_event: EventCallback | None = None,
+        tls_ports: Collection[int] = (443,),
+        use_splice: bool | None = None,
+    ) -> None:
+        if connect_timeout <= 0 or idle_timeout <= 0 or max_connections < 1:
+            raise ValueError("timeouts must be positive and max_connections at least 1")
+        self.ruleset = ruleset
+        self.resolver: Resolver = resolver or _default_resolver
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.check_sni = check_sni
+        self.tls_ports = frozenset(tls_ports)
+        self.on_event = on_event
+        self.use_splice = _USE_SPLICE_DEFAULT if use_splice is None else use_splice
+        self._runs: dict[str, _Run] = {}
+        self._active = 0
+        self._closed = False
+
+    # -- runs
+
+    @property
+    def active_connections(self) -> int:
+        return self._active
+
+    def start_run(
+        self,
+        run_id: str,
+        http_listener: socket.socket | None,
+        socks_listener: socket.socket | None,
+    ) -> asyncio.Task[None]:
+        """Start accepting on the given listening sockets (taking ownership of
+        them) and return the task that finishes when the run is stopped and
+        cleaned up. Must be called with the loop running."""
+        if self._closed:
+            raise RuntimeError("proxy is closed")
+        if run_id in self._runs:
+            raise ValueError(f"run {run_id!r} is already being served")
+        listeners: list[tuple[socket.socket, Literal["http", "socks5"]]] = []
+        if http_listener is not None:
+            listeners.append((http_listener, "http"))
+        if socks_listener is not None:
+            listeners.append((socks_listener, "socks5"))
+        for sock, kind in listeners:
+            if sock.type != socket.SOCK_STREAM or not sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+            ):
+                raise ValueError(f"the {kind} socket is not a listening stream socket")
+        loop = asyncio.get_running_loop()
+        run = _Run(run_id, listeners)
+        self._runs[run_id] = run
+        for sock, _ in listeners:
+            sock.setblocking(False)
+        run.main = loop.create_task(self._run_main(run))
+        for sock, kind in listeners:
+            loop.add_reader(sock.fileno(), self._on_acceptable, run, sock, kind)
+        return run.main
+
+    async def serve(
+        self,
+        http_listener: socket.socket | None,
+        socks_listener: socket.socket | None,
+        run_id: str,
+    ) -> None:
+        """Serve the listening sockets until :meth:`stop_run` (or until this
+        coroutine is cancelled, which stops the run)."""
+        main = self.start_run(run_id, http_listener, socks_listener)
+        try:
+            await asyncio.shield(main)
+        except asyncio.CancelledError:
+            if run_id in self._runs:
+                self.stop_run(run_id)
+            await main
+            raise
+
+    def stop_run(self, run_id: str) -> dict[str, Any]:
+        """Stop serving ``run_id``: close its listeners and connections and
+        return its network summary (see :meth:`NetStats.summary`). Cleanup
+        finishes asynchronously; await :meth:`finish_run` to wait for it."""
+        run = self._runs[run_id]
+        active = len(run.tasks)
+        if not run.closed:
+            run.closed = True
+            self._stop_accepting(run)
+            for task in list(run.tasks):
+                task.cancel()
+            run.stopped.set()
+        return run.stats.summary(active=active)
+
+    async def finish_run(self, run_id: str) -> dict[str, Any]:
+        """:meth:`stop_run` and wait until its sockets and tasks are gone."""
+        run = self._runs[run_id]
+        summary = self.stop_run(run_id)
+        if run.main is not None:
+            await asyncio.shield(run.main)
+        return summary
+
+    async def aclose(self) -> None:
+        """Stop every run and wait for the cleanup."""
+        self._closed = True
+        mains = []
+        for run_id, run in list(self._runs.items()):
+            self.stop_run(run_id)
+            if run.main is not None:
+                mains.append(run.main)
+        if mains:
+            await asyncio.gather(*mains, return_exceptions=True)
+
+    async def _run_main(self, run: _Run) -> None:
+        try:
+            await run.stopped.wait()
+        finally:
+            run.closed = True
+            self._stop_accepting(run)
+            while run.tasks:
+                for task in list(run.tasks):
+                    task.cancel()
+                await asyncio.gather(*list(run.tasks), return_exceptions=True)
+            for sock, _ in run.listeners:
+                sock.close()
+            self._runs.pop(run.run_id, None)
+
+    def _stop_accepting(self, run: _Run) -> None:
+        loop = asyncio.get_running_loop()
+        for sock, _ in run.listeners:
+            if sock.fileno() >= 0:
+                loop.remove_reader(sock.fileno())
+
+    def _on_acceptable(
+        self, run: _Run, listener: socket.socket, kind: Literal["http", "socks5"]
+    ) -> None:
+        # A reader callback rather than an accept task: a cancelled
+        # loop.sock_accept() can drop a socket it has already accepted.
+        loop = asyncio.get_running_loop()
+        for _ in range(64):
+            if run.closed:
+                return
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    _log.warning("proxy accept failed (%s); pausing for 0.1 s", exc)
+                    loop.remove_reader(listener.fileno())
+                    loop.call_later(0.1, self._resume_accepting, run, listener, kind)
+                    return
+                if exc.errno in (errno.EPROTO, errno.ECONNRESET):
+                    continue
+                _log.error("proxy listener for run %s failed: %s", run.run_id, exc)
+                loop.remove_reader(listener.fileno())
+                return
+            sock.setblocking(False)
+            if self._active >= self.max_connections:
+                self._refuse_busy(run, sock, kind)
+                continue
+            self._active += 1
+            try:
+                task = loop.create_task(self._connection(run, sock, kind))
+            except BaseException:
+                self._active -= 1
+                sock.close()
+                raise
+            run.tasks.add(task)
+            task.add_done_callback(functools.partial(self._connection_done, run, sock))
+
+    def _resume_accepting(
+        self, run: _Run, listener: socket.socket, kind: Literal["http", "socks5"]
+    ) -> None:
+        if not run.closed and listener.fileno() >= 0:
+            asyncio.get_running_loop().add_reader(
+                listener.fileno(), self._on_acceptable, run, listener, kind
+            )
+
+    def _connection_done(self, run: _Run, sock: socket.socket, task: asyncio.Task[None]) -> None:
+        # A done callback rather than a finally: it also runs for a task that
+        # was cancelled before it started.
+        run.tasks.discard(task)
+        sock.close()
+        self._active -= 1
+
+    def _refuse_busy(self, run: _Run, sock: socket.socket, kind: Literal["http", "socks5"]) -> None:
+        reason = f"connection limit ({self.max_connections}) reached"
+        flow = _Flow(run, "http" if kind == "http" else "socks5", "", 0, None)
+        flow.allowed = False
+        flow.reason = reason
+        if kind == "http":
+            flow.status = 503
+            with contextlib.suppress(OSError):
+                sock.send(error_response(503, reason))
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        sock.close()
+        if not run.closed:
+            run.stats.note_denied("(connection limit)")
+        self._emit(flow)
+
+    async def _connection(
+        self, run: _Run, sock: socket.socket, kind: Literal["http", "socks5"]
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        watchdog = _Watchdog(loop, self.idle_timeout)
+        conn = _Conn(run, sock, kind, watchdog)
+        task = asyncio.current_task()
+        assert task is not None
+        watchdog.start(task)
+        _nodelay(sock)
+        try:
+            try:
+                if kind == "http":
+                    await self._serve_http(conn)
+                else:
+                    await self._serve_socks(conn)
+            except asyncio.CancelledError:
+                if not watchdog.expired or run.closed:
+                    raise
+                _uncancel()
+                await self._on_idle(conn)
+        except (OSError, _Closed) as exc:
+            _log.debug("proxy connection ended: %r", exc)
+            if conn.flow is not None and conn.flow.error is None:
+                conn.flow.error = f"connection lost: {exc}"
+        except Exception:  # noqa: BLE001 - logged; one connection must not stop the proxy
+            _log.exception("proxy connection handler failed")
+            if conn.flow is not None and conn.flow.error is None:
+                conn.flow.error = "internal error"
+        finally:
+            watchdog.stop()
+            if conn.flow is not None:
+                if conn.flow.error is None and run.closed:
+                    conn.flow.error = "run stopped"
+                self._emit(conn.flow)
+                conn.flow = None
+            sock.close()
+
+    async def _on_idle(self, conn: _Conn) -> None:
+        flow = conn.flow
+        if flow is None:
+            return
+        flow.error = f"idle timeout ({self.idle_timeout:g} s)"
+        if flow.protocol == "http" and flow.response_started:
+            _reset_on_close(conn.sock)  # the response is incomplete: say so
+        elif flow.protocol == "http" and flow.allowed is not False:
+            flow.status = 504
+            with contextlib.suppress(OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.get_running_loop().sock_sendall(
+                        conn.sock,
+                        error_response(504, f"no response within {self.idle_timeout:g} s"),
+                    ),
+                    5.0,
+                )
+
+    # -- events and decisions
+
+    def _emit(self, flow: _Flow) -> None:
+        event = ConnectionEvent(
+            run_id=flow.run.run_id,
+            protocol=flow.protocol,
+            host=flow.host,
+            port=flow.port,
+            address=flow.address,
+            decision="allowed" if flow.allowed else "denied",
+            rule=flow.rule,
+            reason=flow.reason,
+            bytes_up=flow.bytes_up,
+            bytes_down=flow.bytes_down,
+            error=flow.error,
+            status=None if flow.status is None else int(flow.status),
+            method=flow.method,
+            started=flow.started,
+            duration=time.time() - flow.started,
+        )
+        _log.debug(
+            "%s %s %s:%s %s", event.protocol, event.decision, event.host, event.port, event.reason
+        )
+        if self.on_event is not None:
+            try:
+                self.on_event(event)
+            except Exception:  # noqa: BLE001 - a subscriber must not break the proxy
+                _log.exception("proxy on_event callback failed")
+
+    def _deny(self, flow: _Flow, decision: Decision | None, reason: str | None = None) -> None:
+        flow.allowed = False
+        flow.failure = "denied"
+        if decision is not None:
+            flow.rule = decision.rule
+            flow.reason = decision.reason
+        if reason is not None:
+            flow.reason = reason
+        flow.status = flow.fail_status("denied")
+        if not flow.run.closed:
+            flow.run.stats.note_denied(f"{flow.host}:{flow.port}")
+
+    def _upstream_failed(self, flow: _Flow, kind: str, message: str) -> None:
+        flow.failure = kind
+        flow.error = message
+        flow.status = flow.fail_status(kind)
+        if not flow.run.closed:
+            flow.run.stats.failed += 1
+
+    def _allow(self, flow: _Flow) -> None:
+        flow.allowed = True
+        if not flow.run.closed:
+            flow.run.stats.allowed += 1
+
+    async def _resolve(self, name: str) -> list[IPAddress]:
+        try:
+            answers = await self.resolver(name)
+        except (OSError, asyncio.TimeoutError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise socket.gaierror(socket.EAI_FAIL, f"resolver failed: {exc!r}") from exc
+        out: list[IPAddress] = []
+        for item in answers:
+            addr = ipaddress.ip_address(item) if isinstance(item, str) else item
+            if addr not in out:
+                out.append(addr)
+            if len(out) >= _MAX_ADDRESSES:
+                break
+        if not out:
+            raise socket.gaierror(socket.EAI_NONAME, "no addresses")
+        return out
+
+    async def _open(self, conn: _Conn, flow: _Flow, raw_host: Host) -> socket.socket | None:
+        """Check ``flow``'s destination and connect. ``None`` when refused or
+        failed (the flow then says why and what to answer)."""
+        try:
+            canon = canonical_host(raw_host) if isinstance(raw_host, str) else raw_host
+        except ValueError as exc:
+            self._deny(flow, None, f"invalid host: {exc}")
+            return None
+        flow.canon = canon
+        flow.host = str(canon)
+        by_name = isinstance(canon, str)
+        decision = self.ruleset.decide_name(canon, flow.port)
+        if not decision.allowed:
+            self._deny(flow, decision)
+            return None
+        flow.rule = decision.rule
+        flow.reason = decision.reason
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
+        conn.watchdog.paused = True
+        try:
+            if isinstance(canon, str):
+                addresses = await asyncio.wait_for(self._resolve(canon), self.connect_timeout)
+            else:
+                addresses = [canon]
+            for addr in addresses:
+                verdict = self.ruleset.decide_address(addr, flow.port, by_name)
+                if not verdict.allowed:
+                    flow.address = str(addr)
+                    self._deny(flow, verdict)
+                    return None
+                if verdict.rule is not None and verdict.rule != flow.rule:
+                    flow.rule = f"{flow.rule} + {verdict.rule}"
+            self._allow(flow)
+            last: OSError | None = None
+            for addr in addresses:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
+                upstream = socket.socket(family, socket.SOCK_STREAM)
+                try:
+                    upstream.setblocking(False)
+                    flow.address = str(addr)
+                    await asyncio.wait_for(
+                        loop.sock_connect(upstream, (str(addr), flow.port)), remaining
+                    )
+                except OSError as exc:
+                    upstream.close()
+                    last = exc
+                    continue
+                except BaseException:
+                    upstream.close()
+                    raise
+                _nodelay(upstream)
+                if conn.run.closed:
+                    upstream.close()
+                    raise asyncio.CancelledError
+                return upstream
+            assert last is not None
+            raise last
+        except asyncio.TimeoutError:
+            if flow.allowed is None:
+                self._allow(flow)
+            self._upstream_failed(
+                flow, "timeout", f"timed out after {self.connect_timeout:g} s resolving/connecting"
+            )
+        except socket.gaierror as exc:
+            self._allow(flow)
+            self._upstream_failed(flow, "host-unreachable", f"cannot resolve {canon}: {exc}")
+        except OSError as exc:
+            kind = _ERRNO_KIND.get(exc.errno or 0, "error")
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            where = f"{format_host(ipaddress.ip_address(flow.address or '0.0.0.0'))}:{flow.port}"
+            self._upstream_failed(flow, kind, f"cannot connect to {where}: {why}")
+        except ValueError as exc:  # the resolver returned something that is not an address
+            self._allow(flow)
+            self._upstream_failed(flow, "error", f"bad resolver answer: {exc}")
+        finally:
+            conn.watchdog.paused = False
+            conn.watchdog.touch()
+        return None
+
+    # -- shared I/O helpers
+
+    async def _recv(self, conn: _Conn, size: int = _RECV) -> bytes:
+        data = await asyncio.get_running_loop().sock_recv(conn.sock, size)
+        conn.watchdog.touch()
+        return data
+
+    async def _send(self, conn: _Conn, sock: socket.socket, data: bytes) -> None:
+        await asyncio.get_running_loop().sock_sendall(sock, data)
+        conn.watchdog.touch()
+
+    async def _graceful_close(self, conn: _Conn) -> None:
+        """Half-close and discard what the client still sends, briefly, so an
+        error response is not destroyed by a reset."""
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_WR)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _CLOSE_DRAIN_SECONDS
+        drained = 0
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            while drained < _CLOSE_DRAIN_BYTES:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                data = await asyncio.wait_for(loop.sock_recv(conn.sock, _RECV), remaining)
+                if not data:
+                    break
+                drained += len(data)
+
+    async def _tunnel(
+        self, conn: _Conn, flow: _Flow, upstream: socket.socket, early: bytes
+    ) -> None:
+        try:
+            if self.check_sni and flow.port in self.tls_ports and isinstance(flow.canon, str):
+                checked = await self._check_sni(conn, flow, early)
+                if checked is None:
+                    return
+                early = checked
+            if early:
+                await self._send(conn, upstream, early)
+                flow.count_up(len(early))
+            relay = _Relay(
+                asyncio.get_running_loop(),
+                conn.sock,
+                upstream,
+                flow,
+                conn.watchdog,
+                self.use_splice,
+            )
+            await relay.run()
+            if relay.error is not None:
+                flow.error = f"connection reset: {relay.error}"
+                _reset_on_close(conn.sock)
+                _reset_on_close(upstream)
+        finally:
+            upstream.close()
+
+    async def _check_sni(self, conn: _Conn, flow: _Flow, early: bytes) -> bytes | None:
+        buf = bytearray(early)
+        while True:
+            try:
+                sni = tls.extract_sni(buf)
+            except tls.TLSError as exc:
+                reason = f"port 443 tunnel without a valid TLS ClientHello: {exc}"
+                break
+            if sni is not tls.NEED_MORE:
+                if sni is None:
+                    reason = f"TLS ClientHello without SNI for {flow.host}"
+                    break
+                try:
+                    named = canonical_host(sni)
+                except ValueError:
+                    named = None
+                if named == flow.canon:
+                    return bytes(buf)
+                reason = f"TLS SNI {sni!r} does not match the requested host {flow.host!r}"
+                break
+            data = await self._recv(conn, 16384)
+            if not data:
+                return None
+            buf += data
+        if flow.allowed and not flow.run.closed:
+            flow.run.stats.allowed -= 1
+        self._deny(flow, None, reason)
+        with contextlib.suppress(OSError):
+            conn.sock.send(_TLS_ALERT_ACCESS_DENIED)
+        return None
+
+    # -- SOCKS5
+
+    async def _serve_socks(self, conn: _Conn) -> None:
+        hs = socks5.Socks5Server()
+        try:
+            while True:
+                event = hs.next_event()
+                if event is socks5.NEED_DATA:
+                    data = await self._recv(conn, 4096)
+                    if not data:
+                        return
+                    hs.receive_data(data)
+                elif isinstance(event, socks5.Greeting):
+                    await self._send(conn, conn.sock, hs.select_method())
+                    if hs.state == "closed":
+                        return
+                else:
+                    request = event
+                    break
+        except socks5.Socks5Error as exc:
+            if exc.reply is not None:
+                with contextlib.suppress(OSError):
+                    await self._send(conn, conn.sock, socks5.build_reply(exc.reply))
+                flow = _Flow(conn.run, "socks5", "", 0, None)
+                self._deny(flow, None, f"SOCKS5 protocol error: {exc}")
+                flow.status = exc.reply
+                conn.flow = flow
+            return
+        host = request.host
+        flow = _Flow(
+            conn.run, "socks5", host if isinstance(host, str) else str(host), request.port, None
+        )
+        conn.flow = flow
+        if request.command != socks5.Command.CONNECT:
+            name = socks5.Command(request.command).name
+            self._deny(flow, None, f"SOCKS5 {name} is not supported (CONNECT only)")
+            flow.status = socks5.Reply.COMMAND_NOT_SUPPORTED
+            await self._send(conn, conn.sock, hs.reply(socks5.Reply.COMMAND_NOT_SUPPORTED))
+            return
+        upstream = await self._open(conn, flow, host)
+        if upstream is None:
+            assert flow.status is not None
+            await self._send(conn, conn.sock, hs.reply(flow.status))
+            return
+        try:
+            flow.status = socks5.Reply.SUCCEEDED
+            await self._send(conn, conn.sock, hs.reply(socks5.Reply.SUCCEEDED))
+        except BaseException:
+            upstream.close()
+            raise
+        await self._tunnel(conn, flow, upstream, hs.trailing_data)
+
+    # -- HTTP
+
+    async def _h11_next(self, conn: _Conn, h: h11.Connection) -> Any:
+        import h11
+
+        while True:
+            event = h.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            h.receive_data(await self._recv(conn))
+
+    async def _serve_http(self, conn: _Conn) -> None:
+        import h11
+
+        h = client_side()
+        while True:
+            try:
+                event = await self._h11_next(conn, h)
+            except h11.RemoteProtocolError as exc:
+                if h.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    await self._send(
+                        conn,
+                        conn.sock,
+                        error_response(exc.error_status_hint, f"bad request: {exc}"),
+                    )
+                    await self._graceful_close(conn)
+                return
+            if not isinstance(event, h11.Request):
+                return  # ConnectionClosed (or a client that broke the protocol)
+            method = event.method.decode("ascii")
+            target_text = event.target.decode("ascii", "replace")
+            try:
+                target = parse_target(method, target_text)
+                if target.kind == "connect" and any(
+                    name in (b"content-length", b"transfer-encoding") for name, _ in event.headers
+                ):
+                    raise HTTPRequestError(400, "CONNECT with a request body")
+            except HTTPRequestError as exc:
+                flow = _Flow(conn.run, "http", target_text[:256], 0, method)
+                self._deny(flow, None, f"bad request: {exc.message}")
+                flow.status = exc.status
+                conn.flow = flow
+                await self._send(conn, conn.sock, error_response(exc.status, exc.message))
+                await self._graceful_close(conn)
+                return
+            if target.kind == "connect":
+                await self._http_connect(conn, h, target)
+                return
+            keep_alive = await self._http_forward(conn, h, event, target)
+            if not keep_alive:
+                await self._graceful_close(conn)
+                return
+            h.start_next_cycle()
+
+    async def _refuse_http(self, conn: _Conn, flow: _Flow, what: str) -> None:
+        assert flow.status is not None
+        where = f"{format_host(flow.canon if flow.canon is not None else flow.host)}:{flow.port}"
+        if flow.failure == "denied":
+            message = f"{what} {where} denied: {flow.reason}"
+        else:
+            message = f"{what} {where} failed: {flow.error}"
+        await self._send(conn, conn.sock, error_response(flow.status, message))
+
+    async def _http_connect(self, conn: _Conn, h: h11.Connection, target: Target) -> None:
+        flow = _Flow(conn.run, "connect", target.host, target.port, "CONNECT")
+        conn.flow = flow
+        early = h.trailing_data[0]
+        upstream = await self._open(conn, flow, target.host)
+        if upstream is None:
+            await self._refuse_http(conn, flow, "CONNECT")
+            await self._graceful_close(conn)
+            return
+        try:
+            await self._send(conn, conn.sock, CONNECT_ESTABLISHED)
+            flow.status = 200
+            flow.response_started = True
+        except BaseException:
+            upstream.close()
+            raise
+        await self._tunnel(conn, flow, upstream, early)
+
+    async def _http_forward(
+        self, conn: _Conn, h: h11.Connection, request: h11.Request, target: Target
+    ) -> bool:
+        """Forward one request; True if the client connection can be reused."""
+        import h11
+
+        method = request.method.decode("ascii")
+        flow = _Flow(conn.run, "http", target.host, target.port, method)
+        conn.flow = flow
+        upstream = await self._open(conn, flow, target.host)
+        if upstream is None:
+            await self._refuse_http(conn, flow, method)
+            conn.flow = None
+            self._emit(flow)
+            return False
+        up = upstream_side()
+        body_task: asyncio.Task[None] | None = None
+        try:
+            head = up.send(
+                h11.Request(
+                    method=request.method,
+                    target=target.path.encode("ascii"),
+                    headers=forward_request_headers(request.headers, target.authority),
+                )
+            )
+            assert head is not None
+            await self._send(conn, upstream, head)
+            flow.count_up(len(head))
+            if h.they_are_waiting_for_100_continue:
+                info = h.send(h11.InformationalResponse(status_code=100, headers=[]))
+                assert info is not None
+                await self._send(conn, conn.sock, info)
+            body_task = asyncio.get_running_loop().create_task(
+                self._forward_body(conn, h, up, upstream, flow)
+            )
+            complete = await self._forward_response(conn, h, up, upstream, flow)
+            if complete and not body_task.done():
+                # The response can finish before the body task has even run
+                # (a GET with data already waiting); give the rest of the
+                # request a moment so the client connection can be reused.
+                await asyncio.wait({body_task}, timeout=1.0)
+            body_ok = body_task.done() and not body_task.cancelled() and not body_task.exception()
+            keep_alive = (
+                complete and body_ok and h.our_state is h11.DONE and h.their_state is h11.DONE
+            )
+        finally:
+            if body_task is not None:
+                if not body_task.done():
+                    body_task.cancel()
+                with contextlib.suppress(BaseException):
+                    await body_task
+            upstream.close()
+        # On an exception the flow stays in conn.flow: _connection reports it
+        # (after answering 504 if it was the idle timeout).
+        conn.flow = None
+        self._emit(flow)
+        return keep_alive
+
+    async def _forward_body(
+        self,
+        conn: _Conn,
+        h: h11.Connection,
+        up: h11.Connection,
+        upstream: socket.socket,
+        flow: _Flow,
+    ) -> None:
+        import h11
+
+        while True:
+            event = await self._h11_next(conn, h)
+            if isinstance(event, h11.Data):
+                out = up.send(event)
+            elif isinstance(event, h11.EndOfMessage):
+                out = up.send(h11.EndOfMessage())
+            else:
+                raise _Closed("client closed the connection during the request body")
+            if out:
+                await self._send(conn, upstream, out)
+                flow.count_up(len(out))
+            if isinstance(event, h11.EndOfMessage):
+                return
+
+    async def _forward_response(
+        self,
+        conn: _Conn,
+        h: h11.Connection,
+        up: h11.Connection,
+        upstream: socket.socket,
+        flow: _Flow,
+    ) -> bool:
+        """Relay the response; False if it could not be completed."""
+        import h11
+
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                event = up.next_event()
+                if event is h11.NEED_DATA:
+                    data = await loop.sock_recv(upstream, _RECV)
+                    conn.watchdog.touch()
+                    flow.count_down(len(data))
+                    up.receive_data(data)
+                    continue
+            except (h11.RemoteProtocolError, OSError) as exc:
+                return await self._bad_gateway(conn, flow, f"bad response from upstream: {exc}")
+            if isinstance(event, h11.InformationalResponse):
+                if event.status_code in (100, 101):
+                    if event.status_code == 101:
+                        return await self._bad_gateway(conn, flow, "unexpected 101 from upstream")
+                    continue
+                out = h.send(
+                    h11.InformationalResponse(
+                        status_code=event.status_code,
+                        headers=forward_response_headers(event.headers),
+                        reason=event.reason,
+                    )
+                )
+            elif isinstance(event, h11.Response):
+                out = h.send(
+                    h11.Response(
+                        status_code=event.status_code,
+                        headers=forward_response_headers(event.headers),
+                        reason=event.reason,
+                    )
+                )
+                flow.status = event.status_code
+                flow.response_started = True
+            elif isinstance(event, h11.Data):
+                out = h.send(h11.Data(data=event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                out = h.send(h11.EndOfMessage())
+                if out:
+                    await self._send(conn, conn.sock, out)
+                return True
+            else:  # ConnectionClosed before the end of the response
+                return await self._bad_gateway(conn, flow, "upstream closed the connection early")
+            if out:
+                await self._send(conn, conn.sock, out)
+
+    async def _bad_gateway(self, conn: _Conn, flow: _Flow, message: str) -> bool:
+        flow.error = message
+        if not flow.response_started:
+            flow.status = 502
+            await self._send(conn, conn.sock, error_response(502, message))
+        else:
+            _reset_on_close(conn.sock)  # mid-body: make the truncation visible
+        return False
+
+
+# --------------------------------------------------------------------------- thread wrapper
+
+
+class ProxyThread:
+    """Runs a :class:`Proxy` on its own event loop in a daemon thread, for
+    synchronous callers. Every method is thread-safe."""
+
+    def __init__(self, ruleset: Ruleset, **proxy_options: Any) -> None:
+        self._ruleset = ruleset
+        self._options = proxy_options
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._proxy: Proxy | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def proxy(self) -> Proxy:
+        if self._proxy is None:
+            raise RuntimeError("ProxyThread is not started")
+        return self._proxy
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                return
+            proxy = Proxy(self._ruleset, **self._options)
+            loop = asyncio.new_event_loop()
+            ready = threading.Event()
+
+            def main() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(ready.set)
+                try:
+                    loop.run_forever()
+                finally:
+                    try:
+                        loop.run_until_complete(loop.shutdown_asyncgens())
+                        loop.run_until_complete(loop.shutdown_default_executor())
+                    finally:
+                        loop.close()
+
+            thread = threading.Thread(target=main, name="nanobox-proxy", daemon=True)
+            thread.start()
+            ready.wait()
+            self._proxy, self._loop, self._thread = proxy, loop, thread
+
+    def _call(self, coro: Coroutine[Any, Any, _T], timeout: float | None) -> _T:
+        loop = self._loop
+        if loop is None:
+            coro.close()
+            raise RuntimeError("ProxyThread is not started")
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+    def add_run(
+        self,
+        run_id: str,
+        http_sock: socket.socket | None,
+        socks_sock: socket.socket | None,
+    ) -> None:
+        """Start serving the run's listening sockets (ownership passes to the proxy)."""
+        proxy = self.proxy
+
+        async def start() -> None:
+            proxy.start_run(run_id, http_sock, socks_sock)
+
+        self._call(start(), 30.0)
+
+    def finish_run(self, run_id: str, timeout: float | None = 30.0) -> dict[str, Any]:
+        """Stop the run, wait for its connections to close, return its summary."""
+        return self._call(self.proxy.finish_run(run_id), timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            loop, thread, proxy = self._loop, self._thread, self._proxy
+            if loop is None or thread is None or proxy is None:
+                return
+            try:
+                asyncio.run_coroutine_threadsafe(proxy.aclose(), loop).result(30.0)
+            finally:
+                loop.call_soon_threadsafe(loop.stop)
+                thread.join(30.0)
+                self._loop = self._thread = self._proxy = None
+
+    def __enter__(self) -> ProxyThread:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,707 @@
+"""The proxy end to end, with real sockets on loopback only.
+
+Names are resolved by a fake resolver (``allowed.test`` -> 127.0.0.1 ...), and
+loopback upstreams are reached through an explicit ``127.0.0.1/32`` allow rule,
+which is exactly the "unless explicitly allowed" path of the address check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import socket
+import ssl
+import struct
+import threading
+import time
+import zlib
+
+import pytest
+from _net_support import (
+    BLOCK,
+    TIMEOUT,
+    FakeResolver,
+    H11Client,
+    ThreadServer,
+    bulk_handler,
+    connect,
+    echo_handler,
+    free_port,
+    http_connect,
+    http_handler,
+    open_fds,
+    pattern,
+    proxy_harness,
+    proxy_task_count,
+    read_head,
+    record_handler,
+    recv_all,
+    recv_exact,
+    silent_handler,
+    socks_connect,
+)
+
+from nanobox.net import Proxy, Ruleset
+
+SPELLINGS_127 = [
+    "127.0.0.1",
+    "2130706433",
+    "0x7f000001",
+    "0x7f.1",
+    "127.1",
+    "127.0.1",
+    "0177.0.0.1",
+    "0177.0.0.01",
+    "0x7F.0.0.1",
+    "127.0.0.1.",
+    "[::ffff:127.0.0.1]",
+    "[::ffff:7f00:1]",
+    "0x7f.0x0.0x0.0x1",
+]
+SPELLINGS_METADATA = [
+    "169.254.169.254",
+    "2852039166",
+    "0xa9fea9fe",
+    "0xa9.0xfe.0xa9.0xfe",
+    "0251.0376.0251.0376",
+    "169.254.43518",
+    "169.16689662",
+    "[::ffff:169.254.169.254]",
+    "[::ffff:a9fe:a9fe]",
+]
+
+
+@pytest.fixture(scope="module")
+def echo_server():
+    with ThreadServer(echo_handler) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def http_server():
+    with ThreadServer(http_handler) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def bulk_server():
+    with ThreadServer(bulk_handler) as server:
+        yield server
+
+
+def last_event(harness, n=1):
+    events = harness.wait_events(n)
+    assert len(events) >= n, events
+    return events[n - 1]
+
+
+# --------------------------------------------------------------------------- HTTP CONNECT
+
+
+def test_connect_allowed_end_to_end_with_half_close(echo_server):
+    with proxy_harness() as h:
+        sock, status, extra = http_connect(h.http_port, f"allowed.test:{echo_server.port}")
+        assert status == 200 and extra == b""
+        payload = pattern(3_000_000)
+        sender = threading.Thread(target=lambda: (sock.sendall(payload), sock.shutdown(1)))
+        sender.start()
+        received = recv_all(sock)  # the echo server closes only after our EOF
+        sender.join()
+        sock.close()
+        assert received == payload
+        event = last_event(h)
+        summary = h.finish()
+    assert event.decision == "allowed" and event.protocol == "connect"
+    assert event.host == "allowed.test" and event.address == "127.0.0.1"
+    assert event.bytes_up == len(payload) and event.bytes_down == len(payload)
+    assert event.rule == "allowed.test + 127.0.0.1"
+    assert summary["allowed"] == 1 and summary["denied"] == 0
+    assert summary["bytes_up"] == summary["bytes_down"] == len(payload)
+
+
+def test_connect_denied_gives_403_and_event(echo_server):
+    with proxy_harness(deny=["other.test"]) as h:
+        sock, status, body = http_connect(h.http_port, f"evil.test:{echo_server.port}")
+        sock.close()
+        assert status == 403
+        assert b"evil.test" in body and b"no allow rule" in body
+        sock, status, body = http_connect(h.http_port, f"other.test:{echo_server.port}")
+        sock.close()
+        assert status == 403 and b"denied by rule other.test" in body
+        events = h.wait_events(2)
+        summary = h.finish()
+    assert [e.decision for e in events] == ["denied", "denied"]
+    assert events[1].rule == "other.test"
+    assert summary["denied"] == 2 and summary["allowed"] == 0
+    assert summary["denied_destinations"] == {
+        f"evil.test:{echo_server.port}": 1,
+        f"other.test:{echo_server.port}": 1,
+    }
+
+
+def test_deny_rule_beats_wildcard_allow(echo_server):
+    with proxy_harness(allow=["*.test", "127.0.0.1/32"], deny=["other.test"]) as h:
+        sock, status, _ = http_connect(h.http_port, f"allowed.test:{echo_server.port}")
+        sock.close()
+        assert status == 200
+        sock, status, _ = http_connect(h.http_port, f"other.test:{echo_server.port}")
+        sock.close()
+        assert status == 403
+
+
+@pytest.mark.parametrize("name", ["loop.test", "meta.test", "private.test", "mixed.test"])
+def test_names_resolving_to_special_ranges_are_refused(name, echo_server):
+    resolver = FakeResolver(
+        {
+            "loop.test": ["127.0.0.1"],
+            "meta.test": ["169.254.169.254"],
+            "private.test": ["10.1.2.3"],
+            "mixed.test": ["192.0.2.1", "127.0.0.1"],
+        }
+    )
+    # A name rule only: no IP/CIDR rule covers the resolved address.
+    with proxy_harness(allow=["*.test"], resolver=resolver) as h:
+        sock, status, body = http_connect(h.http_port, f"{name}:{echo_server.port}")
+        sock.close()
+        event = last_event(h)
+    assert status == 403
+    assert b"allow it explicitly with an IP/CIDR rule" in body
+    assert event.decision == "denied" and event.address is not None
+
+
+def test_explicit_ip_rule_allows_the_resolved_loopback(echo_server):
+    with proxy_harness(allow=["*.test", f"127.0.0.1:{echo_server.port}"]) as h:
+        sock, status, _ = http_connect(h.http_port, f"loop.test:{echo_server.port}")
+        sock.sendall(b"ping")
+        assert recv_exact(sock, 4) == b"ping"
+        sock.close()
+        assert status == 200
+        sock, status, _ = http_connect(h.http_port, f"loop.test:{free_port()}")
+        sock.close()
+        assert status == 403  # the IP rule is for the echo port only
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS_127 + SPELLINGS_METADATA)
+def test_numeric_spellings_refused_everywhere(spelling, echo_server):
+    port = echo_server.port
+    with proxy_harness(allow=["allowed.test", "*.test"]) as h:
+        sock, status, body = http_connect(h.http_port, f"{spelling}:{port}")
+        sock.close()
+        assert status == 403, body
+        client = H11Client(h.http_port)
+        status, _, _ = client.request("GET", f"http://{spelling}:{port}/", [("host", "x")])
+        client.close()
+        assert status == 403
+        host = spelling.strip("[]")
+        sock, reply = socks_connect(h.socks_port, host, port)
+        sock.close()
+        assert reply == 0x02
+        events = h.wait_events(3)
+    canonical = {str(ipaddress.ip_address("127.0.0.1")), "169.254.169.254"}
+    assert all(e.decision == "denied" and e.host in canonical for e in events), events
+
+
+def test_numeric_spellings_allowed_by_ip_rule(echo_server):
+    with proxy_harness(allow=["127.0.0.1/32"]) as h:
+        for spelling in ("2130706433", "0x7f.1", "127.1", "0177.0.0.1", "[::ffff:127.0.0.1]"):
+            sock, status, _ = http_connect(h.http_port, f"{spelling}:{echo_server.port}")
+            sock.close()
+            assert status == 200, spelling
+
+
+def test_single_lookup_per_connection(echo_server):
+    resolver = FakeResolver({"allowed.test": ["127.0.0.1"]})
+    with proxy_harness(resolver=resolver) as h:
+        sock, status, _ = http_connect(h.http_port, f"allowed.test:{echo_server.port}")
+        sock.sendall(b"x")
+        assert recv_exact(sock, 1) == b"x"
+        sock.close()
+    assert status == 200 and resolver.calls == ["allowed.test"]
+
+
+def test_connect_refused_gives_502():
+    with proxy_harness() as h:
+        sock, status, body = http_connect(h.http_port, f"allowed.test:{free_port()}")
+        sock.close()
+        event = last_event(h)
+        summary = h.finish()
+    assert status == 502 and b"failed" in body
+    assert event.decision == "allowed" and "refused" in (event.error or "").lower()
+    assert summary["failed"] == 1
+
+
+def test_unresolvable_gives_502():
+    with proxy_harness(allow=["*.test"]) as h:
+        sock, status, _ = http_connect(h.http_port, "nowhere.test:80")
+        sock.close()
+    assert status == 502
+
+
+def test_connect_timeout_gives_504():
+    resolver = FakeResolver({"allowed.test": ["127.0.0.1"]}, delay=5.0)
+    with proxy_harness(resolver=resolver, connect_timeout=0.3) as h:
+        start = time.monotonic()
+        sock, status, _ = http_connect(h.http_port, "allowed.test:80")
+        sock.close()
+        elapsed = time.monotonic() - start
+        client = H11Client(h.http_port)
+        status2, _, _ = client.request("GET", "http://allowed.test:80/")
+        client.close()
+        sock, reply = socks_connect(h.socks_port, "allowed.test", 80)
+        sock.close()
+    assert status == 504 and status2 == 504 and reply == 0x06
+    assert elapsed < 3
+
+
+def test_connect_tunnel_idle_timeout_closes():
+    with ThreadServer(silent_handler) as silent, proxy_harness(idle_timeout=0.5) as h:
+        sock, status, _ = http_connect(h.http_port, f"allowed.test:{silent.port}")
+        assert status == 200
+        start = time.monotonic()
+        assert sock.recv(10) == b""
+        assert 0.3 < time.monotonic() - start < 5
+        sock.close()
+        event = last_event(h)
+    assert "idle timeout" in (event.error or "")
+
+
+@pytest.mark.parametrize(
+    ("sni", "ok"), [("allowed.test", True), ("other.test", False), ("ALLOWED.test.", True)]
+)
+def test_sni_must_match_connect_host(sni, ok):
+    received: list[bytes] = []
+    with ThreadServer(record_handler(received)) as server:
+        with proxy_harness(allow=["*.test", "127.0.0.1/32"], tls_ports={server.port}) as h:
+            sock, status, _ = http_connect(h.http_port, f"allowed.test:{server.port}")
+            assert status == 200
+            hello = client_hello(sni)
+            sock.sendall(hello[:50])  # split across reads
+            time.sleep(0.05)
+            sock.sendall(hello[50:])
+            if ok:
+                sock.sendall(b"rest")
+                sock.shutdown(socket.SHUT_WR)
+            reply = recv_all(sock)
+            sock.close()
+            event = last_event(h)
+            summary = h.finish()
+        deadline = time.monotonic() + TIMEOUT
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.01)
+    if ok:
+        assert received == [hello + b"rest"]
+        assert event.decision == "allowed"
+    else:
+        assert reply.startswith(b"\x15\x03")  # a TLS alert
+        assert received == [b""]  # nothing reached the server
+        assert event.decision == "denied" and "SNI" in event.reason
+        assert summary["denied"] == 1 and summary["allowed"] == 0
+
+
+def test_sni_check_refuses_non_tls_on_tls_port():
+    received: list[bytes] = []
+    with ThreadServer(record_handler(received)) as server:
+        with proxy_harness(tls_ports={server.port}) as h:
+            sock, status, _ = http_connect(h.http_port, f"allowed.test:{server.port}")
+            sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            recv_all(sock)
+            sock.close()
+            event = last_event(h)
+    assert status == 200 and event.decision == "denied" and "ClientHello" in event.reason
+
+
+def client_hello(server_name: str) -> bytes:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    data = outgoing.read()
+    assert server_name.encode() in data  # sent as given
+    return data
+
+
+# --------------------------------------------------------------------------- plain HTTP
+
+
+def test_plain_http_get_keep_alive_and_header_stripping(http_server):
+    with proxy_harness() as h:
+        client = H11Client(h.http_port)
+        url = f"http://allowed.test:{http_server.port}/headers"
+        status, _, body = client.request(
+            "GET",
+            url,
+            [
+                ("Host", "ignored.example"),
+                ("Proxy-Authorization", "Basic c2VjcmV0"),
+                ("Proxy-Connection", "keep-alive"),
+                ("Keep-Alive", "timeout=5"),
+                ("Connection", "keep-alive, X-Hop"),
+                ("X-Hop", "1"),
+                ("TE", "trailers"),
+                ("X-End-To-End", "kept"),
+            ],
+        )
+        assert status == 200
+        seen = json.loads(body)
+        names = {k.lower(): v for k, v in seen}
+        assert names["host"] == f"allowed.test:{http_server.port}"
+        assert names["connection"] == "close"
+        assert names["x-end-to-end"] == "kept"
+        for hop in ("proxy-authorization", "proxy-connection", "keep-alive", "x-hop", "te"):
+            assert hop not in names
+        assert names["@target"] == "/headers"
+        # the same client connection again (keep-alive), a plain body this time
+        status, headers, body = client.request("GET", f"http://allowed.test:{http_server.port}/x")
+        assert (status, body) == (200, b"hello")
+        assert "keep-alive" not in headers
+        client.close()
+        events = h.wait_events(2)
+    assert [e.protocol for e in events] == ["http", "http"]
+    assert all(e.status == 200 and e.method == "GET" for e in events)
+
+
+def test_plain_http_chunked_upload_and_download(http_server):
+    with proxy_harness() as h:
+        client = H11Client(h.http_port)
+        base = f"http://allowed.test:{http_server.port}"
+        chunks = [pattern(100_000 + i) for i in range(20)]
+        status, _, body = client.request(
+            "POST", base + "/sha", [("Transfer-Encoding", "chunked")], chunks
+        )
+        import hashlib
+
+        expected = hashlib.sha256(b"".join(chunks)).hexdigest()
+        assert status == 200
+        assert json.loads(body) == {"sha256": expected, "length": sum(map(len, chunks))}
+        status, headers, body = client.request("GET", base + "/chunked/1234567")
+        assert status == 200 and headers.get("transfer-encoding") == "chunked"
+        assert body == pattern(1234567)
+        # Expect: 100-continue is answered by the proxy
+        status, _, body = client.request(
+            "POST",
+            base + "/sha",
+            [("Content-Length", "5"), ("Expect", "100-continue")],
+            [b"abcde"],
+        )
+        assert status == 200 and json.loads(body)["length"] == 5
+        client.close()
+
+
+def test_plain_http_refusals(http_server):
+    with proxy_harness() as h:
+        for request, code in [
+            (b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n", 400),
+            (b"GET https://allowed.test/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n", 400),
+            (b"GET http://u:p@allowed.test/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n", 400),
+            (b"GET http://evil.test/ HTTP/1.1\r\nHost: evil.test\r\n\r\n", 403),
+            (f"GET http://allowed.test:{free_port()}/ HTTP/1.1\r\nHost: a\r\n\r\n".encode(), 502),
+            (b"garbage\r\n\r\n", 400),
+        ]:
+            sock = connect(h.http_port)
+            sock.sendall(request)
+            status, _, _ = read_head(sock)
+            sock.close()
+            assert status == code, request
+
+
+def test_plain_http_second_request_denied_on_same_connection(http_server):
+    with proxy_harness() as h:
+        client = H11Client(h.http_port)
+        status, _, _ = client.request("GET", f"http://allowed.test:{http_server.port}/x")
+        assert status == 200
+        status, _, body = client.request("GET", f"http://evil.test:{http_server.port}/x")
+        assert status == 403 and b"evil.test" in body
+        client.close()
+
+
+def test_plain_http_idle_upstream_gives_504():
+    with ThreadServer(silent_handler) as silent, proxy_harness(idle_timeout=0.5) as h:
+        client = H11Client(h.http_port)
+        start = time.monotonic()
+        status, _, body = client.request("GET", f"http://allowed.test:{silent.port}/")
+        elapsed = time.monotonic() - start
+        client.close()
+        event = last_event(h)
+    assert status == 504 and b"no response" in body
+    assert 0.3 < elapsed < 5
+    assert event.status == 504 and "idle" in (event.error or "")
+
+
+# --------------------------------------------------------------------------- SOCKS5
+
+
+def test_socks5_domain_ipv4_ipv6(echo_server):
+    with ThreadServer(echo_handler, host="::1") as echo6:
+        with proxy_harness(allow=["allowed.test", "v6.test", "127.0.0.1/32", "[::1]"]) as h:
+            targets = [
+                ("allowed.test", echo_server.port),
+                (ipaddress.IPv4Address("127.0.0.1"), echo_server.port),
+                (ipaddress.IPv6Address("::1"), echo6.port),
+                ("v6.test", echo6.port),
+            ]
+            for host, port in targets:
+                sock, reply = socks_connect(h.socks_port, host, port)
+                assert reply == 0
+                sock.sendall(b"hello " + str(host).encode())
+                sock.shutdown(socket.SHUT_WR)
+                assert recv_all(sock) == b"hello " + str(host).encode()
+                sock.close()
+            events = h.wait_events(4)
+    assert [e.protocol for e in events] == ["socks5"] * 4
+    assert [e.address for e in events] == ["127.0.0.1", "127.0.0.1", "::1", "::1"]
+    assert all(e.decision == "allowed" and e.status == 0 for e in events)
+
+
+def test_socks5_refusals(echo_server):
+    with proxy_harness() as h:
+        sock, reply = socks_connect(h.socks_port, "evil.test", echo_server.port)
+        sock.close()
+        assert reply == 0x02
+        for cmd in (2, 3):
+            sock, reply = socks_connect(h.socks_port, "allowed.test", echo_server.port, cmd=cmd)
+            sock.close()
+            assert reply == 0x07
+        sock, reply = socks_connect(h.socks_port, "allowed.test", free_port())
+        sock.close()
+        assert reply == 0x05
+        sock, reply = socks_connect(h.socks_port, "nowhere.test", 80)
+        sock.close()
+        assert reply in (0x02, 0x04)
+        # not a greeting at all: just closed
+        sock = connect(h.socks_port)
+        sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        assert recv_all(sock) == b""
+        sock.close()
+        # no acceptable method
+        sock = connect(h.socks_port)
+        sock.sendall(b"\x05\x01\x02")
+        assert recv_all(sock) == b"\x05\xff"
+        sock.close()
+        events = h.wait_events(5)
+    assert [e.status for e in events[:4]] == [2, 7, 7, 5]
+
+
+def test_socks5_unresolvable_name_is_host_unreachable():
+    with proxy_harness(allow=["*.test"]) as h:
+        sock, reply = socks_connect(h.socks_port, "nowhere.test", 80)
+        sock.close()
+    assert reply == 0x04
+
+
+# --------------------------------------------------------------------------- faults and load
+
+
+def bulk_request(sock: socket.socket, size: int) -> None:
+    sock.sendall(struct.pack("!Q", size))
+
+
+def read_counting(
+    sock: socket.socket, limit: int | None = None, start: bytes = b""
+) -> tuple[int, int]:
+    """Read to EOF (or ``limit`` bytes): (count, crc32), counting ``start`` first."""
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    total, crc = len(start), zlib.crc32(start)
+    while limit is None or total < limit:
+        n = sock.recv_into(view)
+        if not n:
+            break
+        crc = zlib.crc32(view[:n], crc)
+        total += n
+    return total, crc
+
+
+def expected_crc(size: int) -> int:
+    crc = 0
+    block_crc_count = size // len(BLOCK)
+    for _ in range(block_crc_count):
+        crc = zlib.crc32(BLOCK, crc)
+    return zlib.crc32(BLOCK[: size % len(BLOCK)], crc)
+
+
+def test_client_disconnect_mid_stream_does_not_disturb_others(bulk_server):
+    size = 20_000_000
+    with proxy_harness() as h:
+        a, status_a, _ = http_connect(h.http_port, f"allowed.test:{bulk_server.port}")
+        b, reply_b = socks_connect(h.socks_port, "allowed.test", bulk_server.port)
+        assert status_a == 200 and reply_b == 0
+        bulk_request(a, 500_000_000)
+        bulk_request(b, size)
+        read_counting(a, limit=1_000_000)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        a.close()  # abrupt reset mid-stream
+        assert read_counting(b) == (size, expected_crc(size))
+        b.close()
+        events = h.wait_events(2)
+    assert {e.protocol for e in events} == {"connect", "socks5"}
+    aborted = next(e for e in events if e.protocol == "connect")
+    assert aborted.error is not None and aborted.bytes_down < 500_000_000
+
+
+def test_200_parallel_connections(echo_server):
+    n = 200
+
+    async def main(port: int) -> list[bytes]:
+        established = 0
+        all_up = asyncio.Event()
+
+        async def one(i: int) -> bytes:
+            nonlocal established
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            authority = f"allowed.test:{echo_server.port}"
+            writer.write(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            established += 1
+            if established == n:
+                all_up.set()
+            await asyncio.wait_for(all_up.wait(), 30)
+            message = f"message {i} ".encode() * 50
+            writer.write(message)
+            await writer.drain()
+            data = await reader.readexactly(len(message))
+            writer.close()
+            await writer.wait_closed()
+            return data
+
+        return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n))), 60)
+
+    with proxy_harness() as h:
+        results = asyncio.run(main(h.http_port))
+        assert results == [f"message {i} ".encode() * 50 for i in range(n)]
+        h.wait_events(n)
+        summary = h.finish()
+    assert summary["allowed"] == n and summary["denied"] == 0
+
+
+def test_connection_cap():
+    with ThreadServer(silent_handler) as silent, proxy_harness(max_connections=2) as h:
+        held = [http_connect(h.http_port, f"allowed.test:{silent.port}")[0] for _ in range(2)]
+        sock, status, body = http_connect(h.http_port, f"allowed.test:{silent.port}")
+        sock.close()
+        assert status == 503 and b"connection limit" in body
+        for s in held:
+            s.close()
+        summary = h.finish()
+    assert summary["denied"] == 1
+
+
+def test_stop_run_closes_everything_and_leaks_nothing(echo_server, bulk_server):
+    time.sleep(0.2)  # let earlier tests' server-side sockets close
+    baseline = open_fds()
+    with proxy_harness() as h:
+        # some finished traffic of every kind...
+        sock, _, _ = http_connect(h.http_port, f"allowed.test:{echo_server.port}")
+        sock.sendall(b"x")
+        recv_exact(sock, 1)
+        sock.close()
+        sock, _ = socks_connect(h.socks_port, "evil.test", 80)
+        sock.close()
+        # ...and connections still open when the run stops
+        live = []
+        for _ in range(5):
+            s, status, _ = http_connect(h.http_port, f"allowed.test:{bulk_server.port}")
+            assert status == 200
+            bulk_request(s, 10**12)
+            live.append(s)
+        idle = connect(h.http_port)  # mid-handshake
+        summary = h.finish()
+        assert summary["active"] >= 5
+        assert proxy_task_count(h.thread) == 0
+        assert h.thread.proxy.active_connections == 0
+        for s in [*live, idle]:
+            s.settimeout(TIMEOUT)
+            try:
+                while s.recv(1 << 20):
+                    pass
+            except ConnectionResetError:
+                pass
+            s.close()
+        events = h.wait_events(7)
+        assert sum(1 for e in events if e.error == "run stopped") >= 5
+    deadline = time.monotonic() + TIMEOUT
+    while open_fds() > baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert open_fds() <= baseline
+
+
+def test_serve_and_stop_run_in_one_loop(echo_server):
+    """The asyncio API directly: serve() until stop_run()."""
+    from _net_support import listening_socket
+
+    async def main() -> dict:
+        proxy = Proxy(
+            Ruleset(["allowed.test", "127.0.0.1/32"]),
+            resolver=FakeResolver({"allowed.test": ["127.0.0.1"]}),
+        )
+        listener = listening_socket()
+        port = listener.getsockname()[1]
+        serving = asyncio.create_task(proxy.serve(listener, None, "r"))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        authority = f"allowed.test:{echo_server.port}"
+        writer.write(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\nabc".encode())
+        await reader.readuntil(b"\r\n\r\n")
+        assert await reader.readexactly(3) == b"abc"
+        summary = proxy.stop_run("r")
+        await serving
+        assert await reader.read() == b""
+        writer.close()
+        assert listener.fileno() == -1
+        await proxy.aclose()
+        assert len(asyncio.all_tasks()) == 1
+        return summary
+
+    summary = asyncio.run(main())
+    assert summary["allowed"] == 1 and summary["active"] == 1 and summary["bytes_up"] == 3
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+@pytest.mark.slow
+def test_200mb_through_connect_socks_and_http(bulk_server, http_server, capsys):
+    size = 200_000_000
+    want = (size, expected_crc(size))
+    rates: dict[str, float] = {}
+
+    def timed(label: str, sock: socket.socket, start: bytes = b"") -> None:
+        began = time.perf_counter()
+        result = read_counting(sock, limit=size, start=start)
+        elapsed = time.perf_counter() - began
+        sock.close()
+        assert result == want, label
+        rates[label] = size / elapsed / 1e6
+
+    direct = connect(bulk_server.port)
+    bulk_request(direct, size)
+    timed("direct", direct)
+    for splice in (True, False):
+        mode = "splice" if splice else "copy"
+        with proxy_harness(use_splice=splice) as h:
+            sock, status, _ = http_connect(h.http_port, f"allowed.test:{bulk_server.port}")
+            assert status == 200
+            bulk_request(sock, size)
+            timed(f"CONNECT ({mode})", sock)
+            sock, reply = socks_connect(h.socks_port, "allowed.test", bulk_server.port)
+            assert reply == 0
+            bulk_request(sock, size)
+            timed(f"SOCKS5 ({mode})", sock)
+            if splice:
+                sock = connect(h.http_port)
+                url = f"http://allowed.test:{http_server.port}/bytes/{size}"
+                sock.sendall(f"GET {url} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+                status, headers, rest = read_head(sock)
+                assert status == 200 and int(headers["content-length"]) == size
+                timed("plain HTTP (h11)", sock, start=rest)
+            summary = h.finish()
+            assert summary["bytes_down"] >= 2 * size
+    direct = connect(http_server.port)
+    direct.sendall(f"GET /bytes/{size} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+    _, _, rest = read_head(direct)
+    timed("direct HTTP", direct, start=rest)
+    with capsys.disabled():
+        print()
+        for label, rate in rates.items():
+            print(f"    {label:<18} {rate:8.0f} MB/s")
