@@ -24,12 +24,13 @@ if TYPE_CHECKING:
         UnsupportedError,
     )
     from .events import Event
-    from .policy import Limits, Network, Policy, load_policy
+    from .policy import Filesystem, Limits, Network, Policy, load_policy
     from .result import Outcome, Result, Violation
     from .sandbox import Sandbox, run, run_async
 
 __all__ = [
     "Event",
+    "Filesystem",
     "Limits",
     "Network",
     "Outcome",
@@ -56,6 +57,7 @@ _LAZY = {
     "SetupError": "errors",
     "UnsupportedError": "errors",
     "Event": "events",
+    "Filesystem": "policy",
     "Limits": "policy",
     "Network": "policy",
     "Policy": "policy",

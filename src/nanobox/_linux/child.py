@@ -18,6 +18,10 @@ import resource
 import signal
 from typing import Any, NoReturn
 
+# Imported here, not lazily: in a minimal rootfs the package's files are no
+# longer reachable once the view is built.
+from .._seccomp import loader as seccomp_loader
+from . import landlock
 from . import sys as k
 from .fds import close_all_except, write_all
 
@@ -107,16 +111,12 @@ def exec_command(plan: dict[str, Any], stdio: tuple[int, int, int], err_w: int) 
 
         if plan.get("landlock"):
             step = "landlock"
-            from . import landlock
-
             landlock.apply(landlock.LandlockPlan.from_json(plan["landlock"]))
 
         prog = plan.get("seccomp")
         if prog:
             step = "seccomp"
-            from .._seccomp.loader import install
-
-            install(bytes.fromhex(prog))
+            seccomp_loader.install(bytes.fromhex(prog))
 
         step = "exec"
         env = dict(plan["env"])

@@ -185,8 +185,14 @@ class Server:
             for i, op in enumerate(plan["view"]["ops"]):
                 if op["t"] == "bind":
                     fd = userns.idmapped_clone(op["src"], userns_fd)
-                    fds.append(fd)
-                    premade[str(i)] = fd
+                elif op["t"] == "robind":
+                    # The sandbox's uid may not reach the source (e.g. under
+                    # a 0700 directory of root's): clone it here.
+                    fd = userns.readonly_clone(op["src"])
+                else:
+                    continue
+                fds.append(fd)
+                premade[str(i)] = fd
         except OSError as exc:
             for fd in fds:
                 os.close(fd)
@@ -300,11 +306,12 @@ class Server:
             os.close(launched.status_r)
             launched.status_r = -1
         os.close(launched.cmd_w)
+        # Before replying: when run() returns, the workspace is as it was.
+        self.placeholders.release(job.placeholders)
         if not job.client_gone:
             self._send(job.chan, msg)
             self.sel.unregister(job.chan)
         job.chan.close()
-        self.placeholders.release(job.placeholders)
         if job.group is not None:
             # After replying: the caller does not wait for the removal. The
             # group is empty (the pid namespace died with its init).

@@ -43,8 +43,15 @@ class View:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self, rootfs: str, tmp_size: int) -> dict[str, Any]:
+        # A destination missing directly under "/" needs a rebuilt root (a
+        # mount point cannot be created in the read-only host root itself).
+        mirror = rootfs == "host" and any(
+            os.path.dirname(op["dst"].rstrip("/")) == "/" and not os.path.lexists(op["dst"])
+            for op in self.ops
+        )
         return {
             "rootfs": rootfs,
+            "mirror_root": mirror,
             "ops": self.ops,
             "dev": True,
             "proc": True,
@@ -191,6 +198,7 @@ def landlock_plan(view: View) -> dict[str, Any]:
             cover(os.path.join(path, name), depth + 1)
 
     cover("/", 0)
+    read += [p for p in view.readable_extra if not any(_is_under(p, h) for h in hidden)]
     write = [*view.writable, "/run", "/var/run", *DEV_WRITABLE]
     return {
         "read": read,

@@ -222,6 +222,8 @@ def build(view: dict[str, Any]) -> None:
     # 3. the root
     if view.get("rootfs") == "minimal":
         _minimal_root(b)
+    elif view.get("mirror_root"):
+        _mirror_root(b)
     else:
         _step(
             "make the host root read-only",
@@ -262,7 +264,7 @@ def build(view: dict[str, Any]) -> None:
     # 5. /dev, /proc, /sys
     if view.get("dev", True):
         _build_dev(b, dev_fds, view.get("shm_size", 64 * 1024 * 1024))
-    minimal = view.get("rootfs") == "minimal"
+    minimal = view.get("rootfs") == "minimal" or bool(view.get("mirror_root"))
     if view.get("sys", False) and not minimal:
         _step("create mount point /sys", b.ensure, "/sys", True)
         _step(
@@ -280,7 +282,7 @@ def build(view: dict[str, Any]) -> None:
         )
     for directory in b.shadows:
         _step(f"make {directory} read-only", k.mount_setattr, directory, k.MOUNT_ATTR_RDONLY)
-    if view.get("rootfs") == "minimal":
+    if view.get("rootfs") == "minimal" or view.get("mirror_root"):
         _step("make / read-only", k.mount_setattr, "/", k.MOUNT_ATTR_RDONLY)
 
 
@@ -308,25 +310,28 @@ def _protect(b: _Builder, op: dict[str, Any]) -> None:
 
 
 def _minimal_root(b: _Builder) -> None:
+    paths = list(MINIMAL_DIRS) + [f"/etc/{name}" for name in MINIMAL_ETC]
+    _new_root(b, paths, "create the minimal root")
+
+
+def _mirror_root(b: _Builder) -> None:
+    """The host root rebuilt on a tmpfs (each top-level entry bound
+    read-only), so new top-level mount points can be created."""
+    skip = ("proc", "dev", "sys")
+    paths = ["/" + name for name in sorted(os.listdir("/")) if name not in skip]
+    _new_root(b, paths, "create the root")
+
+
+def _new_root(b: _Builder, paths: list[str], what: str) -> None:
     clones: list[tuple[str, int | str]] = []  # (path, clone fd or symlink target)
-    for path in MINIMAL_DIRS:
-        if os.path.islink(path):
-            clones.append((path, os.readlink(path)))
-        elif os.path.isdir(path):
-            fd = _step(f"clone {path}", _clone, path)
-            k.mount_setattr("", k.MOUNT_ATTR_RDONLY | ATTR_SAFE, recursive=True, dirfd=fd)
-            clones.append((path, fd))
-    for name in MINIMAL_ETC:
-        path = f"/etc/{name}"
+    for path in paths:
         if os.path.islink(path):
             clones.append((path, os.readlink(path)))
         elif os.path.exists(path):
             fd = _step(f"clone {path}", _clone, path)
             k.mount_setattr("", k.MOUNT_ATTR_RDONLY | ATTR_SAFE, recursive=True, dirfd=fd)
             clones.append((path, fd))
-    root = _step(
-        "create the minimal root", k.fsmount_tmpfs, {"mode": "0755", "size": "16m"}, ATTR_SAFE
-    )
+    root = _step(what, k.fsmount_tmpfs, {"mode": "0755", "size": "16m"}, ATTR_SAFE)
     staging = "/tmp"
     _step("mount the minimal root", k.move_mount, root, staging)
     os.close(root)

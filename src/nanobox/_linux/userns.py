@@ -70,9 +70,7 @@ def idmapped_clone(path: str, userns_fd: int) -> int:
 
     fd = k.open_path_nofollow(path)
     try:
-        tree = k.open_tree(
-            "", k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC | k.AT_EMPTY_PATH, dirfd=fd
-        )
+        tree = k.open_tree("", k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC | k.AT_EMPTY_PATH, dirfd=fd)
     finally:
         os.close(fd)
     try:
@@ -80,4 +78,24 @@ def idmapped_clone(path: str, userns_fd: int) -> int:
     except BaseException:
         os.close(tree)
         raise
+    return tree
+
+
+def readonly_clone(path: str) -> int:
+    """A detached, recursive, read-only (nosuid, nodev) clone of ``path``."""
+    from . import sys as k
+
+    fd = k.open_path_nofollow(path)
+    try:
+        tree = k.open_tree(
+            "", k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC | k.AT_EMPTY_PATH | k.AT_RECURSIVE, dirfd=fd
+        )
+    finally:
+        os.close(fd)
+    k.mount_setattr(
+        "",
+        k.MOUNT_ATTR_RDONLY | k.MOUNT_ATTR_NOSUID | k.MOUNT_ATTR_NODEV,
+        recursive=True,
+        dirfd=tree,
+    )
     return tree
