@@ -27,8 +27,13 @@ if TYPE_CHECKING:
     from .policy import Filesystem, Limits, Network, Policy, load_policy
     from .result import Outcome, Result, Violation
     from .sandbox import Sandbox, run, run_async
+    from .syscalls import Arg, SyscallRule, Syscalls, load_syscalls
 
 __all__ = [
+    "Arg",
+    "SyscallRule",
+    "Syscalls",
+    "load_syscalls",
     "Event",
     "Filesystem",
     "Limits",
@@ -69,6 +74,10 @@ _LAZY = {
     "run": "sandbox",
     "run_async": "sandbox",
     "check": "check",
+    "Arg": "syscalls",
+    "SyscallRule": "syscalls",
+    "Syscalls": "syscalls",
+    "load_syscalls": "syscalls",
 }
 
 

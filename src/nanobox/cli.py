@@ -115,6 +115,11 @@ def _build_parser() -> _Parser:
         help="let the command write a protected path (e.g. .vscode or .git/hooks)",
     )
     r.add_argument("--rootfs", metavar="KIND", help="host (default) or minimal")
+    r.add_argument(
+        "--seccomp",
+        metavar="POLICY",
+        help="syscall filter: default, none, or a TOML file (see docs/API.md)",
+    )
     r.add_argument("--policy", metavar="FILE.toml", help="policy file (same names as Python)")
     r.add_argument("--result", metavar="FILE", help="write the result as JSON ('-' = stderr)")
     r.add_argument(
@@ -239,6 +244,13 @@ def _policy_from_args(ns: argparse.Namespace) -> Any:
             changes["filesystem"] = dataclasses.replace(base.filesystem, **fs_changes)
         except PolicyError as exc:
             raise _UsageError(_flag_message(exc)) from None
+    if ns.seccomp is not None:
+        if ns.seccomp in ("default", "none"):
+            changes["syscalls"] = ns.seccomp
+        else:
+            from .syscalls import load_syscalls
+
+            changes["syscalls"] = load_syscalls(ns.seccomp)
     if ns.network is not None:
         if ns.network not in ("none", "host"):
             raise _UsageError(f"--network: expected 'none' or 'host', got {ns.network!r}")
@@ -268,6 +280,7 @@ _FIELD_FLAGS = {
     "filesystem.unprotect": "--unprotect",
     "filesystem.protect": "protected path",
     "cwd": "--cwd",
+    "syscalls": "--seccomp",
     "env": "--env",
 }
 

@@ -265,6 +265,7 @@ class Policy:
     limits: Limits = field(default_factory=Limits)
     network: Network = field(default_factory=Network)
     filesystem: Filesystem = field(default_factory=Filesystem)
+    syscalls: Any = "default"  # "default", "none" or a nanobox.Syscalls
     env: Mapping[str, str] = field(default_factory=dict)
     inherit_env: bool = False
     allow_degraded: bool = False
@@ -279,6 +280,20 @@ class Policy:
             raise PolicyError(
                 "filesystem", f"expected nanobox.Filesystem, got {type(self.filesystem).__name__}"
             )
+        if isinstance(self.syscalls, str):
+            if self.syscalls not in ("default", "none"):
+                raise PolicyError(
+                    "syscalls",
+                    f"expected 'default', 'none' or a nanobox.Syscalls, got {self.syscalls!r}",
+                )
+        else:
+            from .syscalls import Syscalls
+
+            if not isinstance(self.syscalls, Syscalls):
+                raise PolicyError(
+                    "syscalls",
+                    f"expected 'default', 'none' or a nanobox.Syscalls, got {self.syscalls!r}",
+                )
         if not isinstance(self.network, Network):
             raise PolicyError(
                 "network", f"expected nanobox.Network, got {type(self.network).__name__}"
@@ -340,6 +355,10 @@ def _build(cls: type[Any], data: Mapping[str, Any], prefix: str) -> Any:
             raise PolicyError(f"{prefix}{key}", f"unknown key (valid keys: {valid})")
         if cls is Policy and key in _SECTIONS:
             value = _build(_SECTIONS[key], value, f"{key}.")
+        elif cls is Policy and key == "syscalls" and isinstance(value, Mapping):
+            from .syscalls import syscalls_from_mapping
+
+            value = syscalls_from_mapping(value)
         kwargs[key] = value
     try:
         return cls(**kwargs)

@@ -151,6 +151,28 @@ def resources(
     return None, extra, degraded
 
 
+_programs: dict[object, str] = {}
+
+
+def seccomp_program(policy: Policy) -> str | None:
+    """The compiled filter for ``policy.syscalls`` (hex), cached per policy."""
+    spec = policy.syscalls
+    if spec == "none":
+        return None
+    key: object = spec
+    cached = _programs.get(key)
+    if cached is None:
+        from .. import _seccomp
+        from ..syscalls import to_seccomp_policy
+
+        try:
+            cached = _seccomp.compile(to_seccomp_policy(spec)).hex()
+        except _seccomp.SeccompPolicyError as exc:
+            raise PolicyError("syscalls", str(exc)) from None
+        _programs[key] = cached
+    return cached
+
+
 def build_plan(
     policy: Policy,
     args: Sequence[str],
@@ -194,5 +216,5 @@ def build_plan(
         "rlimits": rlimits(policy) + extra_rlimits,
         "timeout": timeout,
         "cpu_time": None if lim.cpu_time is None else float(lim.cpu_time),
-        "seccomp": None,
+        "seccomp": seccomp_program(policy),
     }
