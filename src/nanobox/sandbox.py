@@ -392,6 +392,25 @@ class Sandbox:
             outcome = Outcome.EXITED
         if exec_error:
             violations.append(Violation("exec", exec_error.get("message", "exec failed")))
+        for sv in msg.get("syscall_violations", ()):
+            err_name = _errno.errorcode.get(sv["errno"], str(sv["errno"]))
+            violations.append(
+                Violation(
+                    "syscall",
+                    f"{sv['syscall']} ({sv['arch']} #{sv['nr']}) refused with {err_name} "
+                    f"(pid {sv['pid']})",
+                    {
+                        "syscall": sv["syscall"],
+                        "nr": sv["nr"],
+                        "arch": sv["arch"],
+                        "pid": sv["pid"],
+                        "errno": err_name,
+                    },
+                )
+            )
+        extra = msg.get("syscall_violation_count", 0) - len(msg.get("syscall_violations", ()))
+        if extra > 0:
+            violations.append(Violation("syscall", f"{extra} more refused syscalls not listed"))
         out, err_b = io.out.value(), io.err.value()
         stdout: Any = out.decode(errors="replace") if prep.text else out
         stderr: Any = err_b.decode(errors="replace") if prep.text else err_b
@@ -421,7 +440,8 @@ class Sandbox:
         if events._subscribers or self.on_event is not None or events._log.isEnabledFor(10):
             self._emit(prep.run_id, "setup", {"seconds": msg.get("setup_s")})
             for v in violations:
-                self._emit(prep.run_id, "limit" if v.kind != "exec" else "violation", v.to_dict())
+                kind = "violation" if v.kind in ("exec", "syscall") else "limit"
+                self._emit(prep.run_id, kind, v.to_dict())
             self._emit(
                 prep.run_id,
                 "exit",

@@ -16,6 +16,7 @@ import json
 import os
 import resource
 import signal
+import socket
 from typing import Any, NoReturn
 
 # Imported here, not lazily: in a minimal rootfs the package's files are no
@@ -74,7 +75,9 @@ def _clamp(soft: int, hard: int, cur_hard: int) -> tuple[int, int]:
     return soft, hard
 
 
-def exec_command(plan: dict[str, Any], stdio: tuple[int, int, int], err_w: int) -> NoReturn:
+def exec_command(
+    plan: dict[str, Any], stdio: tuple[int, int, int], err_w: int, notify_sock: int = -1
+) -> NoReturn:
     step = "signals"
     try:
         signal.set_wakeup_fd(-1)
@@ -94,7 +97,7 @@ def exec_command(plan: dict[str, Any], stdio: tuple[int, int, int], err_w: int) 
         high = [os.dup(fd) for fd in stdio]  # never collide with 0..2
         for target, fd in enumerate(high):
             os.dup2(fd, target, inheritable=True)
-        close_all_except({err_w})
+        close_all_except({err_w, notify_sock})
 
         step = "chdir"
         os.chdir(plan["cwd"])
@@ -116,7 +119,11 @@ def exec_command(plan: dict[str, Any], stdio: tuple[int, int, int], err_w: int) 
         prog = plan.get("seccomp")
         if prog:
             step = "seccomp"
-            seccomp_loader.install(bytes.fromhex(prog))
+            listener = seccomp_loader.install(bytes.fromhex(prog), new_listener=notify_sock >= 0)
+            if listener is not None:
+                step = "seccomp listener"
+                socket.send_fds(socket.socket(fileno=notify_sock), [b"L"], [listener])
+                os.close(listener)
 
         step = "exec"
         env = dict(plan["env"])

@@ -21,7 +21,7 @@ import socket
 import time
 from typing import Any, NoReturn
 
-from . import child, mounts, netns
+from . import child, mounts, netns, notify
 from .fds import write_all
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -86,13 +86,22 @@ def init_main(
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda _s, _f: None)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    notify_mine = notify_theirs = None
+    if plan.get("seccomp") and plan.get("seccomp_notify"):
+        notify_mine, notify_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     setup_s = time.monotonic() - t_setup
 
     start = time.monotonic()
     pid = os.fork()
     if pid == 0:
-        child.exec_command(plan, stdio, err_w)
+        child.exec_command(
+            plan, stdio, err_w, notify_theirs.fileno() if notify_theirs is not None else -1
+        )
     os.close(err_w)
+    listener: notify.Listener | None = None
+    if notify_mine is not None and notify_theirs is not None:
+        notify_theirs.close()
+        notify_mine.setblocking(False)
     for fd in set(stdio):
         os.close(fd)
 
@@ -102,6 +111,8 @@ def init_main(
     poller = select.poll()
     poller.register(wake_r, select.POLLIN)
     poller.register(cmd_r, select.POLLIN)
+    if notify_mine is not None:
+        poller.register(notify_mine.fileno(), select.POLLIN)
 
     status: int | None = None
     end = start
@@ -123,6 +134,18 @@ def init_main(
             elif fd == cmd_r:
                 data = os.read(cmd_r, 64)
                 reason = "killed" if data else "server_gone"
+            elif notify_mine is not None and fd == notify_mine.fileno():
+                try:
+                    _msg, fds, _f, _a = socket.recv_fds(notify_mine, 16, 1)
+                except BlockingIOError:
+                    fds = []
+                poller.unregister(fd)
+                if fds:
+                    listener = notify.Listener(fds[0], plan["seccomp_notify"])
+                    poller.register(fds[0], select.POLLIN)
+            elif listener is not None and fd == listener.fd:
+                if not listener.handle():
+                    poller.unregister(fd)
         # reap whatever exited (orphans included)
         while True:
             try:
@@ -176,6 +199,8 @@ def init_main(
         "maxrss_kb": ru.ru_maxrss,
         "setup_s": setup_s,
         "exec_error": exec_error,
+        "syscall_violations": listener.recorded if listener is not None else [],
+        "syscall_violation_count": listener.count if listener is not None else 0,
     }
     write_all(status_w, b"R" + json.dumps(report).encode() + b"\n")
     os._exit(0)

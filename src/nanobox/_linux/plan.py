@@ -151,22 +151,25 @@ def resources(
     return None, extra, degraded
 
 
-_programs: dict[object, str] = {}
+_programs: dict[object, tuple[str, dict[str, Any]]] = {}
 
 
-def seccomp_program(policy: Policy) -> str | None:
-    """The compiled filter for ``policy.syscalls`` (hex), cached per policy."""
+def seccomp_program(policy: Policy) -> tuple[str | None, dict[str, Any] | None]:
+    """The compiled filter for ``policy.syscalls`` (hex) and the table the
+    init answers refused calls from, cached per policy."""
     spec = policy.syscalls
     if spec == "none":
-        return None
+        return None, None
     key: object = spec
     cached = _programs.get(key)
     if cached is None:
         from .. import _seccomp
         from ..syscalls import to_seccomp_policy
+        from .notify import reporting_policy
 
         try:
-            cached = _seccomp.compile(to_seccomp_policy(spec)).hex()
+            reporting, table = reporting_policy(to_seccomp_policy(spec))
+            cached = (_seccomp.compile(reporting).hex(), table)
         except _seccomp.SeccompPolicyError as exc:
             raise PolicyError("syscalls", str(exc)) from None
         _programs[key] = cached
@@ -185,6 +188,7 @@ def build_plan(
     uid, gid = os.getuid(), os.getgid()
     lim = policy.limits
     cgroup, extra_rlimits, degraded = resources(policy)
+    program, notify_table = seccomp_program(policy)
     fs = policy.filesystem
     home = os.environ.get("HOME") or os.path.expanduser("~")
     view = fsplan.build(fs, cwd, home)
@@ -216,5 +220,6 @@ def build_plan(
         "rlimits": rlimits(policy) + extra_rlimits,
         "timeout": timeout,
         "cpu_time": None if lim.cpu_time is None else float(lim.cpu_time),
-        "seccomp": seccomp_program(policy),
+        "seccomp": program,
+        "seccomp_notify": notify_table,
     }
