@@ -122,6 +122,12 @@ class Sandbox:
         if stdin is not None:
             stdin_fd = stdin if isinstance(stdin, int) else stdin.fileno()
         run_id = uuid.uuid4().hex[:16]
+        from ._linux import client
+
+        try:
+            server = client.get_server(fork=self._fork_server)
+        except client.ServerGone as exc:
+            raise SandboxError(str(exc), step="start") from None
         plan = planmod.build_plan(
             self.policy,
             argv,
@@ -129,6 +135,7 @@ class Sandbox:
             cwd=planmod.resolve_cwd(cwd),
             env=planmod.build_env(self.policy, env),
             timeout=timeout_s,
+            userns=(server.userns, server.userns_detail),
         )
         return _Prepared(
             run_id=run_id,

@@ -9,6 +9,7 @@ starts its own on first use.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -48,6 +49,18 @@ class ForkServer:
             self.pid = self.popen.pid
         child.close()
         self.ctrl = parent
+        # The server first says what it can do (user namespaces or not).
+        parent.settimeout(30)
+        try:
+            hello = json.loads(parent.recv(65536) or b"{}")
+        except (OSError, ValueError):
+            hello = {}
+        parent.settimeout(None)
+        if hello.get("t") != "hello":
+            self.close()
+            raise ServerGone(0, "the nanobox fork server did not start")
+        self.userns: bool = bool(hello["userns"])
+        self.userns_detail: str = str(hello["detail"])
 
     @staticmethod
     def _fork(parent: socket.socket, child: socket.socket) -> int:

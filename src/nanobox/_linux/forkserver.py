@@ -50,6 +50,7 @@ class _Job:
         "group",
         "launched",
         "placeholders",
+        "tmpdir",
     )
 
     def __init__(
@@ -59,6 +60,7 @@ class _Job:
         self.launched = launched
         self.group = group
         self.placeholders: list[str] = []
+        self.tmpdir: str | None = None
         self.exit_status: int | None = None
         self.finished = False
         self.client_gone = False
@@ -113,15 +115,19 @@ class Server:
         stdio = (fds[1], fds[2], fds[3])
         group: cgroups.RunGroup | None = None
         placeholders: list[str] = []
+        tmpdir: str | None = None
         extra_fds: list[int] = []
         try:
             plan = json.loads(msg)
             group = self._make_group(plan)
             placeholders = self.placeholders.acquire(plan.get("placeholders", ()))
+            if plan.get("private_tmp"):
+                tmpdir = make_private_tmp(plan)
             if plan.get("outer_uid") == 0 and plan.get("root_mapping"):
                 extra_fds = self._root_mapping(plan)
             launched = spawn.launch(plan, stdio)
         except spawn.SpawnError as exc:
+            remove_tree(tmpdir)
             self.placeholders.release(placeholders)
             if group is not None:
                 group.remove()
@@ -129,6 +135,7 @@ class Server:
             chan.close()
             return True
         except OSError as exc:
+            remove_tree(tmpdir)
             self.placeholders.release(placeholders)
             if group is not None:
                 group.remove()
@@ -160,6 +167,7 @@ class Server:
                 os.close(fd)
         job = _Job(chan, launched, group)
         job.placeholders = placeholders
+        job.tmpdir = tmpdir
         self.jobs_by_pid[launched.pid] = job
         chan.setblocking(False)
         self.sel.register(chan, selectors.EVENT_READ, ("chan", job))
@@ -308,6 +316,7 @@ class Server:
         os.close(launched.cmd_w)
         # Before replying: when run() returns, the workspace is as it was.
         self.placeholders.release(job.placeholders)
+        remove_tree(job.tmpdir)
         if not job.client_gone:
             self._send(job.chan, msg)
             self.sel.unregister(job.chan)
@@ -337,6 +346,7 @@ class Server:
                 break
         for job in jobs:
             self.placeholders.release(job.placeholders)
+            remove_tree(job.tmpdir)
             if job.group is not None:
                 job.group.remove()
 
@@ -394,6 +404,51 @@ class Placeholders:
                 pass
 
 
+def make_private_tmp(plan: dict[str, Any]) -> str:
+    """Without a mount namespace there is no private /tmp: give the run a
+    directory of its own as $TMPDIR (writable under Landlock), removed after."""
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix=f"nanobox-{plan['id']}-")
+    env = dict(plan["env"])
+    env["TMPDIR"] = path
+    plan["env"] = sorted(env.items())
+    if plan.get("landlock"):
+        plan["landlock"]["write"].append(path)
+    return path
+
+
+def remove_tree(path: str | None) -> None:
+    if path:
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def probe_userns() -> tuple[bool, str]:
+    """Can this process build a sandbox's namespaces (user namespace with a
+    working mount namespace)? Tried in a throw-away child."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        msg = b"ok"
+        try:
+            uid, gid = os.getuid(), os.getgid()
+            k.unshare(k.CLONE_NEWUSER | k.CLONE_NEWNS)
+            userns.map_self(uid, gid, uid, gid)
+            k.mount(None, "/", None, k.MS_REC | k.MS_PRIVATE)
+        except OSError as exc:
+            msg = f"{exc.strerror or exc} (errno {exc.errno})".encode()
+        os.write(w, msg)
+        os._exit(0)
+    os.close(w)
+    data = os.read(r, 4096)
+    os.close(r)
+    os.waitpid(pid, 0)
+    return data == b"ok", data.decode(errors="replace")
+
+
 def main(ctrl_fd: int) -> None:
     """Entry point of the server process."""
     k.prctl(k.PR_SET_CHILD_SUBREAPER, 1)
@@ -406,6 +461,8 @@ def main(ctrl_fd: int) -> None:
             pass
     ctrl = socket.socket(fileno=ctrl_fd)
     ctrl.setblocking(True)
+    ok, detail = probe_userns()
+    ctrl.send(json.dumps({"t": "hello", "userns": ok, "detail": detail}).encode())
     try:
         Server(ctrl).serve()
     finally:

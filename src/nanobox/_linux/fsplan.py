@@ -173,7 +173,38 @@ DEV_WRITABLE = (
 )
 
 
-def landlock_plan(view: View) -> dict[str, Any]:
+def build_nons(fs: Filesystem, cwd: str, home: str) -> View:
+    """The view without a mount namespace: nothing is mounted, so every
+    path stays where it is and Landlock alone decides."""
+    view = View()
+    if fs.rootfs != "host":
+        raise PolicyError("filesystem.rootfs", "needs a mount namespace (user namespaces are off)")
+    if fs.tmpfs:
+        raise PolicyError("filesystem.tmpfs", "needs a mount namespace (user namespaces are off)")
+    if fs.workspace:
+        view.writable.append(cwd)
+    for field_name, entries in (("read_write", fs.read_write), ("read_only", fs.read_only)):
+        for entry in entries:
+            src, dst, optional = _split(entry, home)
+            real = _canonical_source(src, optional, f"filesystem.{field_name}")
+            if real is None:
+                continue
+            if os.path.normpath(dst) != src:
+                raise PolicyError(
+                    f"filesystem.{field_name}",
+                    f"{entry!r}: placing a path elsewhere needs a mount namespace "
+                    "(user namespaces are off)",
+                )
+            (view.writable if field_name == "read_write" else view.readable_extra).append(real)
+    hides = (list(DEFAULT_HIDES) if fs.default_hides else []) + list(fs.hide)
+    for entry in hides:
+        path = os.path.normpath(expand(entry.rstrip("?"), home))
+        if os.path.lexists(path):
+            view.hidden.append(os.path.realpath(path))
+    return view
+
+
+def landlock_plan(view: View, *, nons: bool = False, tcp: bool = False) -> dict[str, Any]:
     """The Landlock ruleset matching ``view``: everything readable except the
     hidden paths (their ancestors get list-only rights), writes only to the
     writable roots, private tmpfs mounts and the usual /dev nodes; abstract
@@ -199,13 +230,20 @@ def landlock_plan(view: View) -> dict[str, Any]:
 
     cover("/", 0)
     read += [p for p in view.readable_extra if not any(_is_under(p, h) for h in hidden)]
-    write = [*view.writable, "/run", "/var/run", *DEV_WRITABLE]
+    if nons:
+        # No private mounts: only the writable roots, the run's own $TMPDIR
+        # (added by the fork server) and the usual device nodes.
+        write = [*view.writable, *DEV_WRITABLE]
+    else:
+        write = [*view.writable, "/run", "/var/run", *DEV_WRITABLE]
     return {
         "read": read,
         "write": write,
         "list": listing,
         "scope_abstract_unix": True,
         "scope_signal": True,
+        "restrict_tcp": tcp,
+        "min_abi": 1 if nons else 0,
     }
 
 

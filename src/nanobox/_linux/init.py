@@ -40,6 +40,64 @@ def _error(status_w: int, step: str, exc: BaseException) -> NoReturn:
         os._exit(1)
 
 
+class _SkipSetup(Exception):
+    pass
+
+
+def _descendants() -> list[int]:
+    """PIDs below this process (without a pid namespace: the sandbox)."""
+    me = os.getpid()
+    parent: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                parent[int(name)] = int(fh.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    out: list[int] = []
+    frontier = {me}
+    while frontier:
+        frontier = {pid for pid, ppid in parent.items() if ppid in frontier}
+        out.extend(frontier)
+    return out
+
+
+def _tree_cpu_nons() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = ru.ru_utime + ru.ru_stime
+    ticks = 0
+    for pid in _descendants():
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+    return total + ticks / _TICK
+
+
+def _kill_descendants() -> None:
+    """SIGKILL everything below this process until nothing is left (each
+    round also catches what forked meanwhile; orphans come back to us)."""
+    for _ in range(1000):
+        pids = _descendants()
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        while True:
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+
+
 def _tree_cpu() -> float:
     """CPU seconds of the whole sandbox: everything reaped so far plus every
     live process (its own time and that of the children it reaped)."""
@@ -70,13 +128,23 @@ def init_main(
 ) -> NoReturn:
     t_setup = time.monotonic()
     step = "hostname"
+    nons = plan.get("mode") == "nons"
     try:
+        if nons:
+            # No pid namespace: be the subreaper of everything the command
+            # starts, so orphans come back here to be reaped and killed.
+            from . import sys as k
+
+            k.prctl(k.PR_SET_CHILD_SUBREAPER, 1)
+            raise _SkipSetup
         socket.sethostname(plan["hostname"])
         if plan["newnet"]:
             step = "loopback"
             netns.loopback_up()
         step = "filesystem view"
         mounts.build(plan["view"])
+    except _SkipSetup:
+        pass
     except mounts.MountStepError as exc:
         _error(status_w, exc.step, exc)
     except BaseException as exc:  # noqa: BLE001
@@ -164,13 +232,16 @@ def init_main(
         if deadline is not None and now >= deadline:
             reason = "timeout"
             break
-        if cpu_limit is not None and _tree_cpu() >= cpu_limit:
+        if cpu_limit is not None and (_tree_cpu_nons() if nons else _tree_cpu()) >= cpu_limit:
             reason = "cpu_limit"
             break
 
     if status is None:
         end = time.monotonic()
-    _kill_all()
+    if nons:
+        _kill_descendants()
+    else:
+        _kill_all()
     while True:
         try:
             got, st = os.waitpid(-1, 0)

@@ -154,19 +154,39 @@ def resources(
 _programs: dict[object, tuple[str, dict[str, Any]]] = {}
 
 
-def seccomp_program(policy: Policy) -> tuple[str | None, dict[str, Any] | None]:
+def seccomp_program(
+    policy: Policy, *, no_network: bool = False
+) -> tuple[str | None, dict[str, Any] | None]:
     """The compiled filter for ``policy.syscalls`` (hex) and the table the
-    init answers refused calls from, cached per policy."""
+    init answers refused calls from, cached per policy. ``no_network`` adds
+    socket rules standing in for an empty network namespace."""
     spec = policy.syscalls
-    if spec == "none":
+    if spec == "none" and not no_network:
         return None, None
-    key: object = spec
+    key: object = (spec, no_network)
     cached = _programs.get(key)
     if cached is None:
         from .. import _seccomp
-        from ..syscalls import to_seccomp_policy
+        from ..syscalls import Arg, SyscallRule, Syscalls, to_seccomp_policy
         from .notify import reporting_policy
 
+        if no_network:
+            base = (
+                Syscalls()
+                if spec == "default"
+                else (Syscalls(base="allow") if spec == "none" else spec)
+            )
+            assert isinstance(base, Syscalls)
+            unix_only = (
+                SyscallRule("socket", "allow", args=(Arg(0, "masked_eq", 1, 0xFFFFFFFF),)),
+                SyscallRule("socket", "errno", "EACCES"),
+            )
+            spec = Syscalls(
+                base=base.base,
+                allow=base.allow,
+                deny=base.deny,
+                rules=unix_only + tuple(base.rules),
+            )
         try:
             reporting, table = reporting_policy(to_seccomp_policy(spec))
             cached = (_seccomp.compile(reporting).hex(), table)
@@ -174,6 +194,44 @@ def seccomp_program(policy: Policy) -> tuple[str | None, dict[str, Any] | None]:
             raise PolicyError("syscalls", str(exc)) from None
         _programs[key] = cached
     return cached
+
+
+def without_namespaces(policy: Policy, detail: str) -> list[str]:
+    """What is weaker when the sandbox runs without user namespaces (degraded
+    mode), or the refusal when that is not allowed."""
+    from ..sandbox import USERNS_HELP
+    from . import landlock
+
+    if not policy.allow_degraded:
+        raise UnsupportedError(
+            f"cannot create the sandbox's user namespace ({detail}): {USERNS_HELP}; or allow "
+            "degraded mode (--allow-degraded) to run with Landlock, seccomp and rlimits only",
+            step="create namespaces",
+        )
+    abi = landlock.abi_version()
+    if abi == 0:
+        raise UnsupportedError(
+            f"no user namespaces ({detail}) and no Landlock on this kernel: nanobox cannot "
+            "restrict the filesystem at all, even in degraded mode",
+            step="landlock",
+        )
+    out = [
+        f"namespaces: no user namespace ({detail}); no pid, mount, network, ipc, uts or "
+        "cgroup namespace",
+        f"filesystem: Landlock only (ABI {abi}): no read-only mounts, protected paths are not "
+        "enforced, hidden directories' names can be listed; /tmp is replaced by a private "
+        "directory in $TMPDIR",
+        "processes: host processes are visible in /proc (signals and ptrace to them are "
+        "refused by Landlock scoping and seccomp)",
+        "ipc, hostname: shared with the host",
+    ]
+    if policy.network.mode != "host":
+        tcp = " and Landlock TCP rules" if abi >= 4 else ""
+        out.append(
+            "network: no network namespace; every socket family but AF_UNIX is refused by "
+            f"seccomp{tcp}"
+        )
+    return out
 
 
 def build_plan(
@@ -184,23 +242,40 @@ def build_plan(
     cwd: str,
     env: dict[str, str],
     timeout: float | None,
+    userns: tuple[bool, str] = (True, ""),
 ) -> dict[str, Any]:
     uid, gid = os.getuid(), os.getgid()
     lim = policy.limits
     cgroup, extra_rlimits, degraded = resources(policy)
-    program, notify_table = seccomp_program(policy)
     fs = policy.filesystem
     home = os.environ.get("HOME") or os.path.expanduser("~")
-    view = fsplan.build(fs, cwd, home)
+    mode = "full"
+    if not userns[0]:
+        mode = "nons"
+        degraded += without_namespaces(policy, userns[1])
+        if uid == 0:
+            degraded.append(
+                "identity: the command keeps the caller's uid 0 on host files (no user "
+                "namespace to give it an unprivileged one); Landlock still limits writes"
+            )
+        program, notify_table = seccomp_program(policy, no_network=policy.network.mode != "host")
+        view = fsplan.build_nons(fs, cwd, home)
+    else:
+        program, notify_table = seccomp_program(policy)
+        view = fsplan.build(fs, cwd, home)
     view_json = view.to_json(fs.rootfs, int(fs.tmp_size))
     view_json["sys"] = policy.network.mode != "host"
     ll = None
-    if fs.landlock:
-        from . import landlock
+    from . import landlock
 
-        if landlock.abi_version() > 0:
-            ll = fsplan.landlock_plan(view)
+    if mode == "nons":
+        ll = fsplan.landlock_plan(view, nons=True, tcp=policy.network.mode != "host")
+    elif fs.landlock and landlock.abi_version() > 0:
+        ll = fsplan.landlock_plan(view)
     return {
+        "mode": mode,
+        "private_tmp": mode == "nons",
+        "allow_degraded": policy.allow_degraded,
         "degraded": degraded,
         "cgroup": cgroup,
         "id": run_id,
@@ -211,7 +286,7 @@ def build_plan(
         "outer_gid": gid,
         "uid": uid,
         "gid": gid,
-        "root_mapping": uid == 0,
+        "root_mapping": uid == 0 and mode == "full",
         "hostname": policy.hostname,
         "newnet": policy.network.mode != "host",
         "view": view_json,

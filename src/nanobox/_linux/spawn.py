@@ -70,6 +70,13 @@ def _stage_a(plan: dict[str, Any], stdio: tuple[int, int, int], status_w: int, c
             finally:
                 os.close(fd)
         step = "create namespaces"
+        if plan.get("mode") == "nons":
+            step = "fork init"
+            pid = os.fork()
+            if pid == 0:
+                init.init_main(plan, stdio, status_w, cmd_r)
+            write_all(status_w, b"P%d\n" % pid)
+            os._exit(0)
         flags = BASE_FLAGS | (k.CLONE_NEWNET if plan["newnet"] else 0)
         userns_fd = plan.get("userns_fd")
         if userns_fd is not None:

@@ -292,10 +292,16 @@ def drop_all_capabilities() -> None:
         except OSError as exc:
             if exc.errno == 22:  # EINVAL: past the last capability
                 break
+            if exc.errno == 1:  # EPERM: no CAP_SETPCAP (no user namespace): nothing to drop
+                break
             raise
         cap += 1
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-    prctl(PR_SET_SECUREBITS, SECBITS_LOCKED_DOWN)
+    try:
+        prctl(PR_SET_SECUREBITS, SECBITS_LOCKED_DOWN)
+    except OSError as exc:
+        if exc.errno != 1:  # EPERM without CAP_SETPCAP: uid 0 grants nothing anyway then
+            raise
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
     r = _syscall(ctypes.c_long(SYS_CAPSET), ctypes.byref(header), ctypes.byref(data))
