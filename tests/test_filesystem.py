@@ -376,3 +376,31 @@ def test_unknown_filesystem_key_in_policy(workspace: Path, tmp_path: Path) -> No
 
 def test_is_root_flag() -> None:
     assert IS_ROOT == (os.geteuid() == 0)
+
+
+# -- each layer on its own --------------------------------------------------------
+
+
+def test_mount_view_alone_blocks_writes_and_hides(workspace: Path, home: Path) -> None:
+    """Landlock off: the mount view by itself keeps /etc, $HOME and secrets safe.
+    (Landlock by itself is tested in test_nouserns.py, where no mounts exist.)"""
+    policy = nanobox.Policy(filesystem=nanobox.Filesystem(landlock=False))
+    name = f"nanobox-test-{uuid.uuid4().hex}"
+    r = sh(
+        f"echo x > /etc/{name}; echo x > {home}/{name}; cat {home}/.ssh/secret; echo ws > w",
+        policy=policy,
+    )
+    assert not os.path.exists(f"/etc/{name}") and not (home / name).exists()
+    assert b"TOPSECRET" not in r.stdout and (workspace / "w").exists()
+
+
+def test_landlock_is_on_by_default(workspace: Path) -> None:
+    from nanobox._linux import landlock
+
+    if landlock.abi_version() == 0:
+        pytest.skip("no Landlock on this kernel")
+    r = sh(
+        "grep -c . /proc/self/status >/dev/null; cat /proc/self/attr/current 2>/dev/null; "
+        'python3 -c "import ctypes; l=ctypes.CDLL(None); print(l.syscall(444, 0, 0, 1))"'
+    )
+    assert r.returncode == 0

@@ -1,0 +1,113 @@
+"""Without user namespaces (really denied: a scratch user namespace whose
+``user.max_user_namespaces`` is 0, so nested ones fail with ENOSPC, as in
+many containers): refuse by default; in degraded mode Landlock, seccomp and
+rlimits still hold, and the result says what is weaker."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import SPY, pids_with, wait_until
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare"),
+]
+
+
+def in_scratch_userns(script: str, cwd: Path) -> subprocess.CompletedProcess[bytes]:
+    """Run ``script`` in a new user namespace where nested ones are denied."""
+    wrapper = (
+        f"echo 0 > /proc/sys/user/max_user_namespaces && cd {shlex.quote(str(cwd))} && {script}"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.run(
+        ["unshare", "-Ur", "sh", "-c", wrapper], capture_output=True, timeout=120, env=env
+    )
+
+
+def nanobox_cmd(*args: str) -> str:
+    return shlex.join([sys.executable, "-m", "nanobox", *args])
+
+
+@pytest.fixture
+def home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    h = Path(f"/var/tmp/nanobox-test-home-{uuid.uuid4().hex}")
+    (h / ".ssh").mkdir(parents=True)
+    (h / ".ssh" / "id_rsa").write_text("TOPSECRET")
+    (h / "notes.txt").write_text("public")
+    monkeypatch.setenv("HOME", str(h))
+    try:
+        yield h
+    finally:
+        shutil.rmtree(h, ignore_errors=True)
+
+
+def test_nested_user_namespaces_really_are_denied(tmp_path: Path) -> None:
+    p = in_scratch_userns("unshare -U true", tmp_path)
+    assert p.returncode != 0 and b"No space left on device" in p.stderr
+
+
+def test_refused_by_default_with_a_clear_message(tmp_path: Path) -> None:
+    p = in_scratch_userns(nanobox_cmd("run", "--", "true"), tmp_path)
+    assert p.returncode == 125
+    lines = p.stderr.decode().splitlines()
+    assert len(lines) == 1
+    assert "user namespace" in lines[0] and "sysctl" in lines[0] and "--allow-degraded" in lines[0]
+
+
+def test_degraded_mode_still_confines(tmp_path: Path, home: Path) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    target = home / "planted"
+    res = tmp_path / "r.json"
+    script = (
+        f"echo ok > in-ws; echo x > {target}; cat {home}/.ssh/id_rsa; cat {home}/notes.txt; "
+        "echo t > $TMPDIR/t && echo tmp-ok; "
+        f"{SPY} -c 'import socket; socket.socket(socket.AF_INET)' 2>/dev/null || echo no-inet; "
+        "echo done"
+    )
+    p = in_scratch_userns(
+        nanobox_cmd("run", "--allow-degraded", "--result", str(res), "--", "sh", "-c", script), ws
+    )
+    assert p.returncode == 0, p.stderr
+    out = p.stdout.decode()
+    assert "TOPSECRET" not in out and "public" in out
+    assert "tmp-ok" in out and "no-inet" in out and out.endswith("done\n")
+    assert (ws / "in-ws").read_text() == "ok\n"
+    assert not target.exists()
+    data = json.loads(res.read_text())
+    kinds = " ".join(data["degraded"])
+    for word in ("namespaces:", "filesystem: Landlock only", "network:", "processes:"):
+        assert word in kinds
+    assert any(v["kind"] == "syscall" and v["syscall"] == "socket" for v in data["violations"])
+    # Control: in the same scratch namespace, without nanobox, both succeed.
+    ctl = in_scratch_userns(f"echo x > {target} && cat {home}/.ssh/id_rsa", ws)
+    assert ctl.stdout == b"TOPSECRET"
+    assert target.exists()
+
+
+def test_degraded_mode_kills_daemons(tmp_path: Path, marker: str) -> None:
+    script = f"({SPY} -c 'import os,time; os.setsid(); time.sleep(300)' {marker} &); echo started"
+    p = in_scratch_userns(
+        nanobox_cmd("run", "--allow-degraded", "--", "sh", "-c", script), tmp_path
+    )
+    assert p.stdout == b"started\n", p.stderr
+    assert wait_until(lambda: not pids_with(marker), timeout=5)
+
+
+def test_degraded_refuses_what_needs_mounts(tmp_path: Path) -> None:
+    p = in_scratch_userns(
+        nanobox_cmd("run", "--allow-degraded", "--tmpfs", "/scratch", "--", "true"), tmp_path
+    )
+    assert p.returncode == 125 and b"--tmpfs" in p.stderr and b"mount namespace" in p.stderr
