@@ -260,12 +260,28 @@ def test_proc_self_exe_is_the_command(workspace: Path) -> None:
     assert r.stdout.startswith(b"/usr/bin/readlink") or r.stdout.startswith(b"/bin/readlink")
 
 
-def test_written_files_cannot_gain_setuid(workspace: Path) -> None:
-    r = sh("cp /bin/true ./t && chmod u+s ./t; stat -c %A ./t")
-    mode = (workspace / "t").stat().st_mode
-    # The workspace is nosuid inside; on the host the bit must not be set
-    # (seccomp refuses it) -- checked once seccomp is on (see test_seccomp).
-    assert r.returncode == 0 or mode & 0o4000 == 0
+SETID = {
+    "chmod u+s": "cp /bin/true t && chmod u+s t",
+    "chmod g+s": "cp /bin/true t && chmod g+s t",
+    "chmod 4755": "cp /bin/true t && chmod 4755 t",
+    "install -m": "install -m 4755 /bin/true t",
+    "open O_CREAT 04755": (
+        "python3 -c \"import os; os.close(os.open('t', os.O_CREAT | os.O_WRONLY, 0o4755))\""
+    ),
+    "mkdir -m 2755": "mkdir -m 2755 t",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SETID))
+def test_files_cannot_gain_setuid_or_setgid(workspace: Path, name: str) -> None:
+    r = sh(SETID[name])
+    t = workspace / "t"
+    assert not (t.exists() and t.stat().st_mode & 0o6000), (name, oct(t.stat().st_mode))
+    assert any(v.kind == "syscall" for v in r.violations), r.stderr
+    # Control: outside, the same command leaves a setuid/setgid file.
+    t.unlink(missing_ok=True) if t.is_file() else (t.rmdir() if t.exists() else None)
+    outside(SETID[name], cwd=workspace)
+    assert t.stat().st_mode & 0o6000, name
 
 
 # -- root callers ---------------------------------------------------------------

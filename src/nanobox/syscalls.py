@@ -123,6 +123,68 @@ def _known_names() -> frozenset[str]:
     return frozenset(syscalls_x86_64.SYSCALLS) | frozenset(syscalls_aarch64.SYSCALLS)
 
 
+S_ISUID_ISGID = 0o6000
+O_CREAT_TMPFILE = 0o100 | 0o20000000  # O_CREAT | __O_TMPFILE (x86_64 and aarch64)
+
+# (syscall, index of the mode argument, index of the flags argument or None)
+_MODE_ARGS = (
+    ("chmod", 1, None),
+    ("fchmod", 1, None),
+    ("fchmodat", 2, None),
+    ("fchmodat2", 2, None),
+    ("mknod", 1, None),
+    ("mknodat", 2, None),
+    ("mkdir", 1, None),
+    ("mkdirat", 2, None),
+    ("creat", 1, None),
+    ("open", 2, 1),
+    ("openat", 3, 2),
+)
+
+
+def no_setid_rules() -> list[Any]:
+    """Refuse setting the setuid/setgid bits: a file planted in a writable
+    root must not become a privileged program on the host (with a root
+    caller's idmapped workspace it would even be owned by root). ``openat2``
+    keeps its mode in memory BPF cannot read: it gets ENOSYS (callers fall
+    back to ``openat``)."""
+    from . import _seccomp as sc
+
+    rules: list[Any] = []
+    for name, mode_arg, flags_arg in _MODE_ARGS:
+        if flags_arg is not None:
+            rules.append(
+                sc.Rule(
+                    name,
+                    sc.ALLOW,
+                    (sc.Cond.masked_eq(flags_arg, O_CREAT_TMPFILE, 0),),
+                    "not creating: the mode is ignored",
+                )
+            )
+        rules.append(
+            sc.Rule(
+                name,
+                sc.ALLOW,
+                (sc.Cond.masked_eq(mode_arg, S_ISUID_ISGID, 0),),
+                "no setuid/setgid bit",
+            )
+        )
+        rules.append(
+            sc.Rule(
+                name, sc.Errno(_errno.EPERM), (), "setuid/setgid bits are refused in the sandbox"
+            )
+        )
+    rules.append(
+        sc.Rule(
+            "openat2",
+            sc.Errno(_errno.ENOSYS),
+            (),
+            "its mode is in memory BPF can't read; ENOSYS -> openat",
+        )
+    )
+    return rules
+
+
 def to_seccomp_policy(spec: str | Syscalls) -> Any:
     """Translate into the compiler's policy model."""
     from . import _seccomp as sc
@@ -153,6 +215,7 @@ def to_seccomp_policy(spec: str | Syscalls) -> Any:
     rules += [sc.Rule(name, sc.ALLOW) for name in spec.allow]
     if spec.base == "default":
         rules += list(DEFAULT_RULES)
+        rules += no_setid_rules()
     default = sc.Errno(_errno.EPERM) if spec.base == "deny" else sc.ALLOW
     return sc.Policy(default=default, rules=tuple(rules))
 
