@@ -420,3 +420,52 @@ def test_landlock_is_on_by_default(workspace: Path) -> None:
         'python3 -c "import ctypes; l=ctypes.CDLL(None); print(l.syscall(444, 0, 0, 1))"'
     )
     assert r.returncode == 0
+
+
+# -- unix sockets ------------------------------------------------------------------
+
+
+CONNECT = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+    print("CONNECTED")
+except OSError as e:
+    print("refused", e.errno)
+"""
+
+
+def test_host_unix_socket_outside_private_dirs_is_not_connectable(workspace: Path) -> None:
+    """A read-only view does not stop connect(): nanobox brokers it."""
+    d = Path(f"/var/tmp/nanobox-test-{uuid.uuid4().hex}")
+    d.mkdir()
+    path = d / "s.sock"
+    srv = __import__("socket").socket(__import__("socket").AF_UNIX)
+    try:
+        srv.bind(str(path))
+        srv.listen()
+        path.chmod(0o777)
+        r = nanobox.run([SPY, "-c", CONNECT, str(path)], timeout=30)
+        assert r.stdout == b"refused 13\n", r.stderr
+        assert any(v.kind == "unix_socket" for v in r.violations)
+        ctl = subprocess.run([SPY, "-c", CONNECT, str(path)], capture_output=True, timeout=30)
+        assert ctl.stdout == b"CONNECTED\n"
+    finally:
+        srv.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_unix_sockets_inside_the_sandbox_work(workspace: Path) -> None:
+    code = (
+        "import socket, os\n"
+        "for p in ('ws.sock', '/tmp/t.sock'):\n"
+        "    l = socket.socket(socket.AF_UNIX); l.bind(p); l.listen()\n"
+        "    c = socket.socket(socket.AF_UNIX); c.connect(p); a, _ = l.accept()\n"
+        "    c.send(b'x'); assert a.recv(1) == b'x'\n"
+        "    os.unlink(p)\n"
+        "a, b = socket.socketpair(); a.send(b'y'); assert b.recv(1) == b'y'\n"
+        "print('ok')\n"
+    )
+    r = nanobox.run([SPY, "-c", code], timeout=30)
+    assert r.stdout == b"ok\n", r.stderr

@@ -415,6 +415,14 @@ class Sandbox:
                     },
                 )
             )
+        for ud in msg.get("unix_denied", ()):
+            violations.append(
+                Violation(
+                    "unix_socket",
+                    f"connect to {ud['path']} refused (outside the sandbox's writable places)",
+                    {"path": ud["path"], "pid": ud["pid"]},
+                )
+            )
         extra = msg.get("syscall_violation_count", 0) - len(msg.get("syscall_violations", ()))
         if extra > 0:
             violations.append(Violation("syscall", f"{extra} more refused syscalls not listed"))

@@ -415,6 +415,7 @@ def make_private_tmp(plan: dict[str, Any]) -> str:
     plan["env"] = sorted(env.items())
     if plan.get("landlock"):
         plan["landlock"]["write"].append(path)
+    plan.setdefault("connect_allowed", []).append(path)
     return path
 
 

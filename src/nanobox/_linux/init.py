@@ -209,7 +209,9 @@ def init_main(
                     fds = []
                 poller.unregister(fd)
                 if fds:
-                    listener = notify.Listener(fds[0], plan["seccomp_notify"])
+                    listener = notify.Listener(
+                        fds[0], plan["seccomp_notify"], plan.get("connect_allowed")
+                    )
                     poller.register(fds[0], select.POLLIN)
             elif listener is not None and fd == listener.fd:
                 if not listener.handle():
@@ -271,6 +273,9 @@ def init_main(
         "setup_s": setup_s,
         "exec_error": exec_error,
         "syscall_violations": listener.recorded if listener is not None else [],
+        "unix_denied": listener.broker.denied[:100]
+        if listener is not None and listener.broker is not None
+        else [],
         "syscall_violation_count": listener.count if listener is not None else 0,
     }
     write_all(status_w, b"R" + json.dumps(report).encode() + b"\n")

@@ -17,6 +17,10 @@ import fcntl
 import struct
 from typing import Any
 
+# Imported now (in the fork server), not lazily: inside the sandbox's view
+# the interpreter's library may be unreachable.
+from .unixconnect import ConnectBroker
+
 SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100
 SECCOMP_IOCTL_NOTIF_SEND = 0xC0182101
 _NOTIF = struct.Struct("=QII iI Q 6Q")  # id, pid, flags, nr, arch, ip, args[6]
@@ -46,8 +50,14 @@ def _holds(cond: list[Any], args: tuple[int, ...]) -> bool:
 class Listener:
     """The init's side: answer notifications, remember what was refused."""
 
-    def __init__(self, fd: int, spec: dict[str, Any]) -> None:
+    def __init__(
+        self, fd: int, spec: dict[str, Any], connect_allowed: list[str] | None = None
+    ) -> None:
         self.fd = fd
+        self.connect_nr: int | None = spec.get("connect")
+        self.broker = None
+        if self.connect_nr is not None:
+            self.broker = ConnectBroker(connect_allowed or [])
         self.table: dict[str, list[list[Any]]] = spec["table"]
         self.default: int | None = spec.get("default")
         self.names: dict[str, str] = spec["names"]
@@ -61,6 +71,13 @@ class Listener:
                 return int(err)
         return int(self.default) if self.default is not None else 1  # EPERM
 
+    def respond(self, nid: int, err: int) -> None:
+        """Answer notification ``nid``: success (0) or the error ``err``."""
+        try:
+            fcntl.ioctl(self.fd, SECCOMP_IOCTL_NOTIF_SEND, _RESP.pack(nid, 0, -err, 0))
+        except OSError:
+            pass
+
     def handle(self) -> bool:
         """Answer one pending notification; False when the listener is dead."""
         buf = bytearray(_NOTIF.size)
@@ -71,6 +88,9 @@ class Listener:
         except OSError as exc:
             return exc.errno == 2  # ENOENT: the caller died meanwhile
         nid, pid, _flags, nr, _arch, _ip, *args = _NOTIF.unpack(buf)
+        if nr == self.connect_nr and self.broker is not None:
+            self.broker.handle(self.fd, nid, pid, tuple(args), self.respond)
+            return True
         err = self.errno_for(nr, tuple(args))
         try:
             fcntl.ioctl(self.fd, SECCOMP_IOCTL_NOTIF_SEND, _RESP.pack(nid, 0, -err, 0))
@@ -90,7 +110,7 @@ class Listener:
         return True
 
 
-def reporting_policy(policy: Any) -> tuple[Any, dict[str, Any]]:
+def reporting_policy(policy: Any, *, broker_connect: bool = True) -> tuple[Any, dict[str, Any]]:
     """Turn reportable Errno actions of ``policy`` (a compiler Policy) into
     Notify; return it with the table the init answers from."""
     import errno as _errno
@@ -118,5 +138,10 @@ def reporting_policy(policy: Any) -> tuple[Any, dict[str, Any]]:
         default_errno = default.errno
         default = sc.NOTIFY
     names = {str(nr): name for name, nr in info.syscalls.items()}
+    spec: dict[str, Any] = {"table": table, "default": default_errno, "names": names, "arch": arch}
+    if broker_connect:
+        # Every connect() goes to the init, which performs it (unixconnect).
+        rules.insert(0, sc.Rule("connect", sc.NOTIFY, (), "pathname unix sockets: see unixconnect"))
+        spec["connect"] = info.syscalls["connect"]
     new = sc.Policy(default=default, rules=tuple(rules), x32=policy.x32, unknown=policy.unknown)
-    return new, {"table": table, "default": default_errno, "names": names, "arch": arch}
+    return new, spec

@@ -291,6 +291,9 @@ def build_plan(
         "newnet": policy.network.mode != "host",
         "view": view_json,
         "placeholders": view.placeholders,
+        "connect_allowed": [*view.writable, "/run", "/var/run", "/dev/shm"]
+        if mode == "full"
+        else list(view.writable),
         "landlock": ll,
         "rlimits": rlimits(policy) + extra_rlimits,
         "timeout": timeout,
