@@ -429,6 +429,30 @@ def test_plain_http_idle_upstream_gives_504():
     assert event.status == 504 and "idle" in (event.error or "")
 
 
+def test_plain_http_client_leaving_early_releases_the_upstream():
+    closed_at: list[float] = []
+
+    def handler(conn: socket.socket) -> None:
+        conn.settimeout(30)
+        while conn.recv(65536):
+            pass
+        closed_at.append(time.monotonic())
+
+    with ThreadServer(handler) as server, proxy_harness(idle_timeout=60) as h:
+        sock = connect(h.http_port)
+        url = f"http://allowed.test:{server.port}/slow"
+        sock.sendall(f"POST {url} HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nabc".encode())
+        time.sleep(0.2)
+        left = time.monotonic()
+        sock.close()
+        deadline = time.monotonic() + TIMEOUT
+        while not closed_at and time.monotonic() < deadline:
+            time.sleep(0.01)
+        event = last_event(h)
+    assert closed_at and closed_at[0] - left < 2
+    assert event.bytes_up > 0 and "not completed" in (event.error or "")
+
+
 # --------------------------------------------------------------------------- SOCKS5
 
 
@@ -538,6 +562,55 @@ def test_client_disconnect_mid_stream_does_not_disturb_others(bulk_server):
     assert {e.protocol for e in events} == {"connect", "socks5"}
     aborted = next(e for e in events if e.protocol == "connect")
     assert aborted.error is not None and aborted.bytes_down < 500_000_000
+
+
+def live_bytes_down(harness) -> int:
+    async def read() -> int:
+        return harness.thread.proxy._runs[harness.run_id].stats.bytes_down
+
+    return harness.thread._call(read(), 10.0)
+
+
+@pytest.mark.parametrize("mode", ["connect-splice", "connect-copy", "socks-splice", "http"])
+def test_slow_reader_bounds_buffering(mode, bulk_server, http_server):
+    huge = 2_000_000_000
+    with proxy_harness(use_splice=mode.endswith("splice")) as h:
+        if mode.startswith("connect"):
+            sock, _, _ = http_connect(h.http_port, f"allowed.test:{bulk_server.port}")
+            bulk_request(sock, huge)
+        elif mode.startswith("socks"):
+            sock, _ = socks_connect(h.socks_port, "allowed.test", bulk_server.port)
+            bulk_request(sock, huge)
+        else:
+            sock = connect(h.http_port)
+            url = f"http://allowed.test:{http_server.port}/bytes/{huge}"
+            sock.sendall(f"GET {url} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        time.sleep(0.5)
+        first = live_bytes_down(h)
+        time.sleep(0.5)
+        second = live_bytes_down(h)
+        # only kernel socket buffers and one proxy buffer are in flight
+        assert second == first and second < 64_000_000, (first, second)
+        # and reading resumes the flow
+        got, _ = read_counting(sock, limit=second + 10_000_000)
+        assert got >= second + 10_000_000
+        sock.close()
+
+
+def test_pipe_shortage_falls_back_to_copying(echo_server, monkeypatch):
+    import nanobox.net.proxy as proxy_module
+
+    def no_pipes(flags: int) -> tuple[int, int]:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(proxy_module.os, "pipe2", no_pipes)
+    with proxy_harness(use_splice=True) as h:
+        sock, status, _ = http_connect(h.http_port, f"allowed.test:{echo_server.port}")
+        assert status == 200
+        sock.sendall(b"still works")
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_all(sock) == b"still works"
+        sock.close()
 
 
 def test_200_parallel_connections(echo_server):

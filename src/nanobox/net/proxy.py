@@ -147,7 +147,8 @@ class _Watchdog:
     def _fire(self) -> None:
         remaining = self.last + self.timeout - self.loop.time()
         if self.paused or remaining > 0:
-            self.handle = self.loop.call_later(max(remaining, 0.01), self._fire)
+            delay = self.timeout if self.paused else remaining
+            self.handle = self.loop.call_later(delay, self._fire)
             return
         self.handle = None
         self.expired = True
@@ -305,24 +306,24 @@ class _Pump:
         self.start = self.end = 0
         self.buf: bytearray | None = None
         self.view: memoryview | None = None
+        self.cap = _BUFFER
         if use_splice:
-            self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             try:
-                import fcntl
+                self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:  # e.g. EMFILE: relay by copying instead
+                _log.debug("no pipe for splice (%s); copying instead", exc)
+            else:
+                import fcntl  # Linux only, like splice
 
-                fcntl.fcntl(self.pipe_w, _F_SETPIPE_SZ, _PIPE_SIZE)
-            except OSError:
-                pass
-            try:
-                import fcntl
-
-                self.cap = fcntl.fcntl(self.pipe_w, _F_GETPIPE_SZ)
-            except OSError:
-                self.cap = 65536
-        else:
-            self.buf = bytearray(_BUFFER)
-            self.view = memoryview(self.buf)
-            self.cap = _BUFFER
+                with contextlib.suppress(OSError):
+                    fcntl.fcntl(self.pipe_w, _F_SETPIPE_SZ, _PIPE_SIZE)
+                try:
+                    self.cap = fcntl.fcntl(self.pipe_w, _F_GETPIPE_SZ)
+                except OSError:
+                    self.cap = 65536
+                return
+        self.buf = bytearray(_BUFFER)
+        self.view = memoryview(self.buf)
 
     # -- registration
 
@@ -642,6 +643,9 @@ class Proxy:
                 for task in list(run.tasks):
                     task.cancel()
                 await asyncio.gather(*list(run.tasks), return_exceptions=True)
+                # gather() of finished tasks may return without yielding
+                # (3.12+); yield so their done callbacks can run.
+                await asyncio.sleep(0)
             for sock, _ in run.listeners:
                 sock.close()
             self._runs.pop(run.run_id, None)
@@ -816,7 +820,8 @@ class Proxy:
             flow.reason = reason
         flow.status = flow.fail_status("denied")
         if not flow.run.closed:
-            flow.run.stats.note_denied(f"{flow.host}:{flow.port}")
+            where = f"{flow.host}:{flow.port}" if flow.port else "(invalid request)"
+            flow.run.stats.note_denied(where)
 
     def _upstream_failed(self, flow: _Flow, kind: str, message: str) -> None:
         flow.failure = kind
@@ -1168,7 +1173,8 @@ class Proxy:
             self._emit(flow)
             return False
         up = upstream_side()
-        body_task: asyncio.Task[None] | None = None
+        loop = asyncio.get_running_loop()
+        tasks: list[asyncio.Task[Any]] = []
         try:
             head = up.send(
                 h11.Request(
@@ -1184,25 +1190,33 @@ class Proxy:
                 info = h.send(h11.InformationalResponse(status_code=100, headers=[]))
                 assert info is not None
                 await self._send(conn, conn.sock, info)
-            body_task = asyncio.get_running_loop().create_task(
-                self._forward_body(conn, h, up, upstream, flow)
-            )
-            complete = await self._forward_response(conn, h, up, upstream, flow)
+            # Both directions at once: the upstream may answer before the
+            # request body is complete.
+            body_task = loop.create_task(self._forward_body(conn, h, up, upstream, flow))
+            response_task = loop.create_task(self._forward_response(conn, h, up, upstream, flow))
+            tasks = [body_task, response_task]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if not response_task.done():
+                failure = None if body_task.cancelled() else body_task.exception()
+                if failure is not None:  # the client went away or broke the protocol
+                    flow.error = f"request not completed: {failure}"
+                    raise _Closed(flow.error)
+                await asyncio.wait([response_task])
+            complete = response_task.result()
             if complete and not body_task.done():
                 # The response can finish before the body task has even run
                 # (a GET with data already waiting); give the rest of the
                 # request a moment so the client connection can be reused.
-                await asyncio.wait({body_task}, timeout=1.0)
+                await asyncio.wait([body_task], timeout=1.0)
             body_ok = body_task.done() and not body_task.cancelled() and not body_task.exception()
             keep_alive = (
                 complete and body_ok and h.our_state is h11.DONE and h.their_state is h11.DONE
             )
         finally:
-            if body_task is not None:
-                if not body_task.done():
-                    body_task.cancel()
-                with contextlib.suppress(BaseException):
-                    await body_task
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
             upstream.close()
         # On an exception the flow stays in conn.flow: _connection reports it
         # (after answering 504 if it was the idle timeout).
@@ -1221,15 +1235,21 @@ class Proxy:
         import h11
 
         while True:
-            event = await self._h11_next(conn, h)
+            try:
+                event = await self._h11_next(conn, h)
+            except OSError as exc:
+                raise _Closed(f"client connection failed: {exc}") from exc
             if isinstance(event, h11.Data):
                 out = up.send(event)
             elif isinstance(event, h11.EndOfMessage):
                 out = up.send(h11.EndOfMessage())
             else:
-                raise _Closed("client closed the connection during the request body")
+                raise _Closed("the client closed the connection during the request")
             if out:
-                await self._send(conn, upstream, out)
+                try:
+                    await self._send(conn, upstream, out)
+                except OSError:
+                    return  # the upstream stopped reading; its response (or EOF) says why
                 flow.count_up(len(out))
             if isinstance(event, h11.EndOfMessage):
                 return
