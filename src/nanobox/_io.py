@@ -73,6 +73,8 @@ class RunIO:
         self.message: dict[str, Any] | None = None
         self.chan_closed = False
         self.output_killed = False
+        self.on_listeners: Callable[[list[int]], None] | None = None
+        self.proxy_run: str | None = None
 
     @property
     def done(self) -> bool:
@@ -94,17 +96,31 @@ class RunIO:
             self.kill()
         return True
 
-    def on_chan(self) -> None:
+    def on_chan(self) -> bool:
+        """Read one message; return False once the final one (or EOF) came."""
         try:
-            data = self.chan.recv(1 << 20)
+            data, fds, _flags, _addr = socket.recv_fds(self.chan, 1 << 20, 4)
         except BlockingIOError:
-            return
+            return True
         except OSError:
-            data = b""
-        if data:
-            self.message = json.loads(data)
-        else:
+            data, fds = b"", []
+        if not data:
+            for fd in fds:
+                os.close(fd)
             self.chan_closed = True
+            return False
+        msg = json.loads(data)
+        if msg.get("t") == "listeners":
+            if self.on_listeners is not None and len(fds) == 2:
+                self.on_listeners(fds)
+            else:
+                for fd in fds:
+                    os.close(fd)
+            return True
+        for fd in fds:
+            os.close(fd)
+        self.message = msg
+        return False
 
     def on_stdin(self) -> bool:
         """Write more input; return False when stdin is finished (closed)."""

@@ -73,7 +73,23 @@ def _build_parser() -> _Parser:
     )
     r.add_argument("--inherit-env", action="store_true", help="pass this environment through")
     r.add_argument("--cwd", metavar="PATH", help="working directory (the writable workspace)")
-    r.add_argument("--network", metavar="MODE", help="none (default) or host")
+    r.add_argument("--network", metavar="MODE", help="none (default), allowlist or host")
+    r.add_argument(
+        "--allow-net",
+        metavar="RULE",
+        action="append",
+        default=[],
+        help="allow NAME[:PORT], *.SUFFIX, IP, CIDR or [IPv6]:PORT through the proxy",
+    )
+    r.add_argument(
+        "--deny-net",
+        metavar="RULE",
+        action="append",
+        default=[],
+        help="deny a destination (same syntax; checked first)",
+    )
+    r.add_argument("--net-connect-timeout", metavar="DUR", help="proxy connect timeout (30s)")
+    r.add_argument("--net-idle-timeout", metavar="DUR", help="proxy idle timeout (5m)")
     r.add_argument(
         "--ro",
         metavar="PATH[:DEST]",
@@ -189,7 +205,12 @@ def _setup_logging(ns: argparse.Namespace) -> None:
 def _policy_from_args(ns: argparse.Namespace) -> Any:
     from .policy import Limits, Network, Policy, load_policy
 
-    base = load_policy(ns.policy) if ns.policy else Policy()
+    from .errors import PolicyError as _PolicyError
+
+    try:
+        base = load_policy(ns.policy) if ns.policy else Policy()
+    except _PolicyError as exc:
+        raise _UsageError(f"--policy {ns.policy}: {exc}") from None
     limits: dict[str, Any] = {}
     for opt, name in (
         ("timeout", "wall_time"),
@@ -251,10 +272,30 @@ def _policy_from_args(ns: argparse.Namespace) -> Any:
             from .syscalls import load_syscalls
 
             changes["syscalls"] = load_syscalls(ns.seccomp)
+    net_changes: dict[str, Any] = {}
     if ns.network is not None:
-        if ns.network not in ("none", "host"):
-            raise _UsageError(f"--network: expected 'none' or 'host', got {ns.network!r}")
-        changes["network"] = Network(mode=ns.network)
+        if ns.network not in ("none", "allowlist", "host"):
+            raise _UsageError(
+                f"--network: expected 'none', 'allowlist' or 'host', got {ns.network!r}"
+            )
+        net_changes["mode"] = ns.network
+    if ns.allow_net or ns.deny_net:
+        net_changes["mode"] = "allowlist"
+        net_changes["allowed"] = tuple(base.network.allowed) + tuple(ns.allow_net)
+        net_changes["denied"] = tuple(base.network.denied) + tuple(ns.deny_net)
+    if ns.net_connect_timeout is not None:
+        net_changes["connect_timeout"] = ns.net_connect_timeout
+    if ns.net_idle_timeout is not None:
+        net_changes["idle_timeout"] = ns.net_idle_timeout
+    if net_changes:
+        import dataclasses
+
+        from .errors import PolicyError
+
+        try:
+            changes["network"] = dataclasses.replace(base.network, **net_changes)
+        except PolicyError as exc:
+            raise _UsageError(_flag_message(exc)) from None
     env = dict(base.env)
     for item in ns.env:
         key, sep, value = item.partition("=")
@@ -281,6 +322,11 @@ _FIELD_FLAGS = {
     "filesystem.protect": "protected path",
     "cwd": "--cwd",
     "syscalls": "--seccomp",
+    "network.allowed": "--allow-net",
+    "network.denied": "--deny-net",
+    "network.mode": "--network",
+    "network.connect_timeout": "--net-connect-timeout",
+    "network.idle_timeout": "--net-idle-timeout",
     "env": "--env",
 }
 

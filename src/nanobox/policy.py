@@ -137,15 +137,64 @@ class Limits:
 
 @dataclass(frozen=True, kw_only=True)
 class Network:
-    """Network policy. ``mode="none"`` (default): an empty network namespace
-    with only loopback. ``mode="host"``: the host's network (explicit opt-in,
-    flagged in results)."""
+    """Network policy.
 
-    mode: Literal["none", "host"] = "none"
+    - ``mode="none"`` (default): an empty network namespace with only
+      loopback.
+    - ``mode="allowlist"``: the same empty namespace, whose only way out is
+      nanobox's proxy (HTTP/HTTPS on 127.0.0.1:3128, SOCKS5 on
+      127.0.0.1:1080, announced in ``HTTP_PROXY``/``HTTPS_PROXY``/
+      ``ALL_PROXY``); it lets through only destinations matching ``allowed``
+      and not ``denied`` (checked first). Rules: ``NAME[:PORT]``,
+      ``*.suffix[:PORT]``, ``IP[:PORT]``, ``CIDR[:PORT]``, ``[IPv6]:PORT``.
+      ``Network.allow("pypi.org", "*.githubusercontent.com")`` builds one.
+    - ``mode="host"``: the host's network (explicit opt-in; flagged in
+      results).
+    """
+
+    mode: Literal["none", "allowlist", "host"] = "none"
+    allowed: tuple[str, ...] = ()
+    denied: tuple[str, ...] = ()
+    connect_timeout: DurationLike = 30.0
+    idle_timeout: DurationLike = 300.0
+    max_connections: int = 256
+    check_sni: bool = True
 
     def __post_init__(self) -> None:
-        if self.mode not in ("none", "host"):
-            raise PolicyError("network.mode", f"expected 'none' or 'host', got {self.mode!r}")
+        if self.mode not in ("none", "allowlist", "host"):
+            raise PolicyError(
+                "network.mode", f"expected 'none', 'allowlist' or 'host', got {self.mode!r}"
+            )
+        for name in ("allowed", "denied"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            if not isinstance(value, (tuple, list)):
+                raise PolicyError(f"network.{name}", f"expected a list of rules, got {value!r}")
+            from .net.rules import parse_rule
+
+            for rule in value:
+                try:
+                    parse_rule(rule)
+                except (ValueError, TypeError) as exc:
+                    raise PolicyError(f"network.{name}", str(exc)) from None
+            _set(self, name, tuple(value))
+        if self.allowed and self.mode == "none":
+            _set(self, "mode", "allowlist")
+        if self.mode != "allowlist" and (self.allowed or self.denied):
+            raise PolicyError("network.allowed", f"rules need mode 'allowlist', not {self.mode!r}")
+        _norm_duration(self, "network.", "connect_timeout")
+        _norm_duration(self, "network.", "idle_timeout")
+        _norm_count(self, "network.", "max_connections", minimum=1)
+        if not isinstance(self.check_sni, bool):
+            raise PolicyError(
+                "network.check_sni", f"expected true or false, got {self.check_sni!r}"
+            )
+
+    @classmethod
+    def allow(cls, *rules: str, deny: tuple[str, ...] = (), **options: Any) -> Network:
+        """An allowlist network: ``Network.allow("pypi.org", "*.pythonhosted.org")``."""
+        return cls(mode="allowlist", allowed=tuple(rules), denied=tuple(deny), **options)
 
 
 DEFAULT_HIDES = (

@@ -9,6 +9,7 @@ import selectors
 import signal
 import socket
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -76,6 +77,8 @@ class Sandbox:
         self.policy = policy
         self.on_event = on_event
         self._fork_server = False  # the CLI sets this: it is single-threaded
+        self._proxy: Any = None  # one allowlist proxy per Sandbox, shared by its runs
+        self._proxy_lock = threading.Lock()
 
     def __enter__(self) -> Sandbox:
         return self
@@ -84,7 +87,34 @@ class Sandbox:
         self.close()
 
     def close(self) -> None:
-        """Nothing to release per sandbox today (the fork server is shared)."""
+        """Stop this sandbox's network proxy, if it has one (the fork server
+        is shared by every sandbox of the process and stays)."""
+        with self._proxy_lock:
+            proxy, self._proxy = self._proxy, None
+        if proxy is not None:
+            proxy.close()
+
+    def _get_proxy(self) -> Any:
+        with self._proxy_lock:
+            if self._proxy is None:
+                from .net.proxy import ProxyThread
+                from .net.rules import Ruleset
+
+                net = self.policy.network
+                proxy = ProxyThread(
+                    Ruleset(allow=net.allowed, deny=net.denied),
+                    connect_timeout=float(net.connect_timeout),
+                    idle_timeout=float(net.idle_timeout),
+                    max_connections=int(net.max_connections),
+                    check_sni=net.check_sni,
+                    on_event=self._on_net_event,
+                )
+                proxy.start()
+                self._proxy = proxy
+            return self._proxy
+
+    def _on_net_event(self, event: Any) -> None:
+        self._emit(event.run_id, "network", event.to_dict())
 
     # -- preparing ---------------------------------------------------------
     def _prepare(
@@ -196,6 +226,15 @@ class Sandbox:
             prep.stdin_data,
             kill_on_overflow=lim.on_output_limit == "kill",
         )
+        if self.policy.network.mode == "allowlist":
+            proxy = self._get_proxy()
+
+            def on_listeners(fds: list[int]) -> None:
+                socks = [socket.socket(fileno=fd) for fd in fds]
+                proxy.add_run(prep.run_id, socks[0], socks[1])
+                io.proxy_run = prep.run_id
+
+            io.on_listeners = on_listeners
         self._emit(prep.run_id, "start", {"command": list(prep.args)})
         return io
 
@@ -238,8 +277,8 @@ class Sandbox:
                 for key, _ in sel.select():
                     fd = key.fd
                     if fd == chan_fd:
-                        io.on_chan()
-                        sel.unregister(fd)
+                        if not io.on_chan():
+                            sel.unregister(fd)
                     elif fd == io.stdin_fd:
                         if not io.on_stdin():
                             sel.unregister(fd)
@@ -249,7 +288,14 @@ class Sandbox:
             sel.close()
         finally:
             io.close()
-        return self._finish(prep, io)
+            net = self._finish_proxy(io)
+        return self._finish(prep, io, net)
+
+    def _finish_proxy(self, io: RunIO) -> dict[str, Any] | None:
+        if io.proxy_run is None or self._proxy is None:
+            return None
+        summary: dict[str, Any] = self._proxy.finish_run(io.proxy_run)
+        return summary
 
     async def run_async(
         self,
@@ -289,9 +335,9 @@ class Sandbox:
                 finished.set_result(None)
 
         def on_chan() -> None:
-            io.on_chan()
-            loop.remove_reader(chan_fd)
-            watched.discard(("r", chan_fd))
+            if not io.on_chan():
+                loop.remove_reader(chan_fd)
+                watched.discard(("r", chan_fd))
             check_done()
 
         def on_out(fd: int) -> None:
@@ -319,13 +365,16 @@ class Sandbox:
             for kind, fd in watched:
                 (loop.remove_reader if kind == "r" else loop.remove_writer)(fd)
             io.close()  # on cancellation this closes the channel: the server kills the run
-        return self._finish(prep, io)
+            net = None
+            if io.proxy_run is not None:
+                net = await loop.run_in_executor(None, self._finish_proxy, io)
+        return self._finish(prep, io, net)
 
     # -- results -----------------------------------------------------------
     def _emit(self, run_id: str, kind: str, data: dict[str, Any]) -> None:
         events.emit(events.Event(run_id, kind, data), self.on_event)
 
-    def _finish(self, prep: _Prepared, io: RunIO) -> Result[Any]:
+    def _finish(self, prep: _Prepared, io: RunIO, net: dict[str, Any] | None = None) -> Result[Any]:
         msg = io.message
         if msg is None:
             raise SandboxError("the nanobox fork server died during the run", step="supervise")
@@ -423,6 +472,20 @@ class Sandbox:
                     {"path": ud["path"], "pid": ud["pid"]},
                 )
             )
+        network: dict[str, Any] | None = None
+        if self.policy.network.mode == "host":
+            network = {"mode": "host"}
+        elif self.policy.network.mode == "allowlist":
+            network = {"mode": "allowlist", **(net or {})}
+            for dest, count in (net or {}).get("denied_destinations", {}).items():
+                violations.append(
+                    Violation(
+                        "network",
+                        f"connection to {dest} denied by the allowlist"
+                        + (f" ({count} times)" if count > 1 else ""),
+                        {"destination": dest, "count": count},
+                    )
+                )
         extra = msg.get("syscall_violation_count", 0) - len(msg.get("syscall_violations", ()))
         if extra > 0:
             violations.append(Violation("syscall", f"{extra} more refused syscalls not listed"))
@@ -449,7 +512,7 @@ class Sandbox:
             stderr_truncated=io.err.truncated,
             degraded=prep.degraded,
             violations=tuple(violations),
-            network={"mode": "host"} if self.policy.network.mode == "host" else None,
+            network=network,
             oom_killed=oom_killed,
         )
         if events._subscribers or self.on_event is not None or events._log.isEnabledFor(10):
@@ -515,9 +578,17 @@ def run(
     Raises :class:`nanobox.SetupError` if the sandbox could not be built and
     :class:`nanobox.UnsupportedError` if the policy cannot be enforced here.
     """
-    return Sandbox(policy).run(
-        args, input=input, stdin=stdin, cwd=cwd, env=env, timeout=timeout, text=text, check=check
-    )
+    with Sandbox(policy) as box:
+        return box.run(
+            args,
+            input=input,
+            stdin=stdin,
+            cwd=cwd,
+            env=env,
+            timeout=timeout,
+            text=text,
+            check=check,
+        )
 
 
 async def run_async(
@@ -533,6 +604,17 @@ async def run_async(
     check: bool = False,
 ) -> Result[Any]:
     """The asyncio twin of :func:`run`; cancelling it kills the sandbox."""
-    return await Sandbox(policy).run_async(
-        args, input=input, stdin=stdin, cwd=cwd, env=env, timeout=timeout, text=text, check=check
-    )
+    box = Sandbox(policy)
+    try:
+        return await box.run_async(
+            args,
+            input=input,
+            stdin=stdin,
+            cwd=cwd,
+            env=env,
+            timeout=timeout,
+            text=text,
+            check=check,
+        )
+    finally:
+        box.close()

@@ -123,6 +123,8 @@ class Server:
             placeholders = self.placeholders.acquire(plan.get("placeholders", ()))
             if plan.get("private_tmp"):
                 tmpdir = make_private_tmp(plan)
+            if plan.get("proxy"):
+                plan["chan_fd"] = chan.fileno()  # the init sends the proxy listeners on it
             if plan.get("outer_uid") == 0 and plan.get("root_mapping"):
                 extra_fds = self._root_mapping(plan)
             launched = spawn.launch(plan, stdio)

@@ -98,6 +98,28 @@ def _kill_descendants() -> None:
                 break
 
 
+def _send_listeners(chan_fd: int, ports: list[int]) -> None:
+    """Bind the proxy's listeners inside the sandbox's network namespace and
+    hand them to the caller, before the command exists: no start-up race,
+    and the command never holds them."""
+    socks: list[socket.socket] = []
+    try:
+        for port in ports:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen(1024)
+        chan = socket.socket(fileno=chan_fd)
+        try:
+            socket.send_fds(chan, [b'{"t": "listeners"}'], [s.fileno() for s in socks])
+        finally:
+            chan.close()
+    finally:
+        for s in socks:
+            s.close()
+
+
 def _tree_cpu() -> float:
     """CPU seconds of the whole sandbox: everything reaped so far plus every
     live process (its own time and that of the children it reaped)."""
@@ -143,6 +165,9 @@ def init_main(
             netns.loopback_up()
         step = "filesystem view"
         mounts.build(plan["view"])
+        if plan.get("proxy"):
+            step = "proxy listeners"
+            _send_listeners(plan["chan_fd"], plan["proxy_ports"])
     except _SkipSetup:
         pass
     except mounts.MountStepError as exc:

@@ -16,6 +16,16 @@ from . import fsplan
 from .child import DEFAULT_PATH
 
 BASE_ENV = ("PATH", "HOME", "LANG", "TERM")
+PROXY_HTTP_PORT = 3128
+PROXY_SOCKS_PORT = 1080
+PROXY_ENV = {
+    **{
+        name: f"http://127.0.0.1:{PROXY_HTTP_PORT}"
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
+    },
+    **{name: f"socks5h://127.0.0.1:{PROXY_SOCKS_PORT}" for name in ("ALL_PROXY", "all_proxy")},
+    **{name: "localhost,127.0.0.1,::1" for name in ("NO_PROXY", "no_proxy")},
+}
 _FORBIDDEN_WORKSPACES = ("/proc", "/sys", "/dev")
 
 
@@ -250,7 +260,17 @@ def build_plan(
     fs = policy.filesystem
     home = os.environ.get("HOME") or os.path.expanduser("~")
     mode = "full"
+    allowlist = policy.network.mode == "allowlist"
+    if allowlist:
+        env.update(PROXY_ENV)
     if not userns[0]:
+        if allowlist:
+            raise UnsupportedError(
+                f"a network allowlist needs a network namespace, and user namespaces are "
+                f"unavailable here ({userns[1]}); nanobox never falls back to the host "
+                "network",
+                step="network",
+            )
         mode = "nons"
         degraded += without_namespaces(policy, userns[1])
         if uid == 0:
@@ -273,6 +293,8 @@ def build_plan(
     elif fs.landlock and landlock.abi_version() > 0:
         ll = fsplan.landlock_plan(view)
     return {
+        "proxy": allowlist,
+        "proxy_ports": [PROXY_HTTP_PORT, PROXY_SOCKS_PORT],
         "mode": mode,
         "private_tmp": mode == "nons",
         "allow_degraded": policy.allow_degraded,

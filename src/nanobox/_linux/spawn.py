@@ -58,6 +58,8 @@ def _stage_a(plan: dict[str, Any], stdio: tuple[int, int, int], status_w: int, c
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         keep = {*stdio, status_w, cmd_r}
+        if plan.get("chan_fd") is not None:
+            keep.add(plan["chan_fd"])
         if plan.get("userns_fd") is not None:
             keep |= {plan["userns_fd"], *plan["view"].get("premade", {}).values()}
         close_all_except(keep)

@@ -198,7 +198,7 @@ def _emit_cond(asm: _Asm, cond: Cond, fail: int) -> None:
     ok = asm.label()
     if op == "ne":
         asm.load(hi)
-        asm.jump(bpf.BPF_JEQ, vhi, None, fail)
+        asm.jump(bpf.BPF_JEQ, vhi, None, ok)
         asm.load(lo)
         asm.jump(bpf.BPF_JEQ, vlo, fail, ok)
     else:

@@ -30,7 +30,7 @@ import errno
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Final, Literal, Union
+from typing import Final, Literal, TypeAlias
 
 from . import bpf, syscalls_aarch64, syscalls_x86_64
 from .bpf import SeccompData
@@ -128,7 +128,7 @@ class Notify:
         return bpf.SECCOMP_RET_USER_NOTIF
 
 
-Action = Union[Allow, Errno, KillProcess, Log, Notify]
+Action: TypeAlias = Allow | Errno | KillProcess | Log | Notify
 
 ALLOW: Final = Allow()
 KILL_PROCESS: Final = KillProcess()
