@@ -203,9 +203,8 @@ def _setup_logging(ns: argparse.Namespace) -> None:
 
 
 def _policy_from_args(ns: argparse.Namespace) -> Any:
-    from .policy import Limits, Network, Policy, load_policy
-
     from .errors import PolicyError as _PolicyError
+    from .policy import Limits, Policy, load_policy
 
     try:
         base = load_policy(ns.policy) if ns.policy else Policy()

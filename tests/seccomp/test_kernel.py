@@ -116,6 +116,13 @@ def _run(filtered: bool, tmp_path: Path, x32_nr: int | None = None) -> tuple[int
     return proc.returncode, lines
 
 
+def _yama_scope() -> int:
+    try:
+        return int(Path("/proc/sys/kernel/yama/ptrace_scope").read_text())
+    except (OSError, ValueError):
+        return 0
+
+
 def _err(result: list[int]) -> int:
     assert result[0] == -1, f"expected failure, got {result}"
     return result[1]
@@ -134,7 +141,8 @@ def test_default_policy_on_the_kernel(tmp_path: Path) -> None:
     assert inside["socket_inet"][0] >= 0
     # denied, where the control run got something else
     assert _err(inside["ptrace_traceme"]) == errno.EPERM
-    assert outside["ptrace_traceme"] != inside["ptrace_traceme"]  # succeeds (0) outside
+    if _yama_scope() < 3:  # scope 3 forbids PTRACE_TRACEME for everyone
+        assert outside["ptrace_traceme"] == [0, 0]
     assert _err(inside["unshare_newuser"]) == errno.EPERM
     assert _err(inside["clone_newuser"]) == errno.EPERM
     assert _err(inside["tiocsti_high_bits"]) == errno.EPERM
@@ -156,7 +164,7 @@ def test_x32_ptrace_kills_the_process(tmp_path: Path) -> None:
     assert len(lines) == 1  # the first report, then killed before the second
     # Control: an x32 getpid, harmless whether or not the host enables x32.
     code, lines = _run(False, tmp_path, 0x40000000 | NR["getpid"])
-    assert code == 0 and lines[-1]["x32"] != [-1, 0]
+    assert code == 0 and "x32" in lines[-1]  # ENOSYS or a pid, but alive
 
 
 LISTENER = r"""

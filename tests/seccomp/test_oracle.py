@@ -41,16 +41,16 @@ from typing import Any
 import pytest
 
 try:
-    import pyseccomp as seccomp
+    import pyseccomp as seccomp  # type: ignore[import-untyped, import-not-found, unused-ignore]
 except ImportError:
     pytest.skip("pyseccomp is not installed (pip install pyseccomp)", allow_module_level=True)
 except Exception as exc:  # pyseccomp raises RuntimeError when libseccomp.so is missing
     pytest.skip(f"pyseccomp cannot load libseccomp: {exc}", allow_module_level=True)
 
-from nanobox._seccomp import bpf, interp  # noqa: E402
-from nanobox._seccomp.bpf import SeccompData  # noqa: E402
-from nanobox._seccomp.compiler import compile  # noqa: E402
-from nanobox._seccomp.default import (  # noqa: E402
+from nanobox._seccomp import bpf, interp
+from nanobox._seccomp.bpf import SeccompData
+from nanobox._seccomp.compiler import compile
+from nanobox._seccomp.default import (
     AF_INET,
     AF_INET6,
     AF_NETLINK,
@@ -66,7 +66,7 @@ from nanobox._seccomp.default import (  # noqa: E402
     TIOCSTI,
     default_policy,
 )
-from nanobox._seccomp.policy import ARCHES, Cond, Rule  # noqa: E402
+from nanobox._seccomp.policy import ARCHES, Cond, Rule
 
 U32 = 0xFFFFFFFF
 LIB_ARCH = {"x86_64": seccomp.Arch.X86_64, "aarch64": seccomp.Arch.AARCH64}
@@ -107,8 +107,7 @@ def conditional_rules() -> dict[str, list[tuple[int, list[Any]]]]:
             for bit in ns_bits
         ],
         "personality": [
-            (EPERM, [low32(0, mask, value)])
-            for mask, value in outside(set(ALLOWED_PERSONALITIES))
+            (EPERM, [low32(0, mask, value)]) for mask, value in outside(set(ALLOWED_PERSONALITIES))
         ],
         "ioctl": [(EPERM, [eq32(1, TIOCSTI)]), (EPERM, [eq32(1, TIOCLINUX)])],
         "socket": [
@@ -205,7 +204,7 @@ def argument_vectors(name: str) -> Iterator[tuple[int, ...]]:
     indices = sorted(by_arg)
     for combo in itertools.product(*(_probe_values(by_arg[i]) for i in indices)):
         args = [0] * 6
-        for index, value in zip(indices, combo):
+        for index, value in zip(indices, combo, strict=True):
             args[index] = value
         yield tuple(args)
 
