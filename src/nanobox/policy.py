@@ -148,6 +148,8 @@ class Network:
       and not ``denied`` (checked first). Rules: ``NAME[:PORT]``,
       ``*.suffix[:PORT]``, ``IP[:PORT]``, ``CIDR[:PORT]``, ``[IPv6]:PORT``.
       ``Network.allow("pypi.org", "*.githubusercontent.com")`` builds one.
+      ``resolve`` pins names to addresses for the proxy (like an
+      ``/etc/hosts`` entry of its own); the usual address checks still apply.
     - ``mode="host"``: the host's network (explicit opt-in; flagged in
       results).
     """
@@ -159,8 +161,25 @@ class Network:
     idle_timeout: DurationLike = 300.0
     max_connections: int = 256
     check_sni: bool = True
+    resolve: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.resolve, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.resolve.items()
+        ):
+            raise PolicyError(
+                "network.resolve", f"expected NAME = ADDRESS pairs, got {self.resolve!r}"
+            )
+        import ipaddress
+
+        for name, addr in self.resolve.items():
+            try:
+                ipaddress.ip_address(addr)
+            except ValueError:
+                raise PolicyError(
+                    f"network.resolve.{name}", f"{addr!r} is not an IP address"
+                ) from None
+        _set(self, "resolve", dict(self.resolve))
         if self.mode not in ("none", "allowlist", "host"):
             raise PolicyError(
                 "network.mode", f"expected 'none', 'allowlist' or 'host', got {self.mode!r}"

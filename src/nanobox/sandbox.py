@@ -97,12 +97,15 @@ class Sandbox:
     def _get_proxy(self) -> Any:
         with self._proxy_lock:
             if self._proxy is None:
-                from .net.proxy import ProxyThread
+                from .net.proxy import ProxyThread, static_resolver
                 from .net.rules import Ruleset
 
                 net = self.policy.network
                 proxy = ProxyThread(
                     Ruleset(allow=net.allowed, deny=net.denied),
+                    resolver=static_resolver({k: [v] for k, v in net.resolve.items()})
+                    if net.resolve
+                    else None,
                     connect_timeout=float(net.connect_timeout),
                     idle_timeout=float(net.idle_timeout),
                     max_connections=int(net.max_connections),

@@ -38,7 +38,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from nanobox.net import socks5, tls
@@ -101,6 +101,21 @@ async def _default_resolver(host: str) -> Sequence[str]:
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     return [str(info[4][0]) for info in infos]
+
+
+def static_resolver(hosts: Mapping[str, Sequence[str]]) -> Resolver:
+    """A resolver that answers names in ``hosts`` itself (like ``curl
+    --resolve`` or an ``/etc/hosts`` entry for this proxy only) and asks the
+    system for the rest. The answers still go through every check."""
+    table = {name.lower().rstrip("."): list(addrs) for name, addrs in hosts.items()}
+
+    async def resolve(host: str) -> Sequence[str]:
+        found = table.get(host.lower().rstrip("."))
+        if found is not None:
+            return found
+        return await _default_resolver(host)
+
+    return resolve
 
 
 def _uncancel() -> None:
