@@ -615,6 +615,18 @@ def test_pipe_shortage_falls_back_to_copying(echo_server, monkeypatch):
 
 def test_200_parallel_connections(echo_server):
     n = 200
+    # Each spliced tunnel holds six fds (client, upstream, two pipes) and the
+    # test's own clients more: 200 of them exceed a default soft limit of
+    # 1024, as an unprivileged user has. Raise the soft limit to the hard one.
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > 4096:
+        hard = 4096
+    if soft < hard:
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+        )
 
     async def main(port: int) -> list[bytes]:
         established = 0
