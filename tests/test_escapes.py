@@ -171,3 +171,16 @@ def test_custom_policy_file(workspace: Path, cbin: Path, tmp_path: Path) -> None
     bad.write_text('deny = ["no_such_syscall"]\n')
     p = nanobox_cli("run", "--seccomp", str(bad), "true")
     assert p.returncode == 125 and b"no_such_syscall" in p.stderr
+
+
+def test_precompiled_default_filter_is_current() -> None:
+    """The checked-in default program equals a fresh compile (per arch)."""
+    from nanobox import _seccomp
+    from nanobox._linux.notify import reporting_policy
+    from nanobox._seccomp import default_program
+    from nanobox.syscalls import to_seccomp_policy
+
+    for arch in ("x86_64", "aarch64"):
+        policy, table = reporting_policy(to_seccomp_policy("default"), arch=arch)
+        assert _seccomp.compile(policy, arch).hex() == default_program.PROGRAMS[arch], arch
+        assert table == default_program.table(arch)

@@ -12,6 +12,7 @@ if [ "${NANOBOX_SKIP_LINT:-0}" != 1 ]; then
     echo "== ruff"; .venv/bin/ruff check src tests tools bench
     echo "== mypy"; .venv/bin/mypy
     echo "== syscall tables"; .venv/bin/python tools/gen_syscall_tables.py --check
+    echo "== default filter"; .venv/bin/python tools/gen_default_filter.py --check
 fi
 echo "== pytest"
 exec .venv/bin/python -m pytest "$@"

@@ -110,7 +110,9 @@ class Listener:
         return True
 
 
-def reporting_policy(policy: Any, *, broker_connect: bool = True) -> tuple[Any, dict[str, Any]]:
+def reporting_policy(
+    policy: Any, *, broker_connect: bool = True, arch: str | None = None
+) -> tuple[Any, dict[str, Any]]:
     """Turn reportable Errno actions of ``policy`` (a compiler Policy) into
     Notify; return it with the table the init answers from."""
     import errno as _errno
@@ -119,7 +121,7 @@ def reporting_policy(policy: Any, *, broker_connect: bool = True) -> tuple[Any, 
     from .._seccomp.policy import arch_info, native_arch
 
     quiet = {_errno.ENOSYS, _errno.EOPNOTSUPP}
-    arch = native_arch()
+    arch = arch or native_arch()
     info = arch_info(arch)
     table: dict[str, list[list[Any]]] = {}
     rules = []

@@ -175,6 +175,17 @@ def seccomp_program(
         return None, None
     key: object = (spec, no_network)
     cached = _programs.get(key)
+    if cached is None and spec == "default" and not no_network:
+        # Precompiled (tools/gen_default_filter.py): no compiler imports on the
+        # CLI's start-up path.
+        import platform
+
+        from .._seccomp import default_program
+
+        arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine(), platform.machine())
+        if arch in default_program.PROGRAMS:
+            cached = (default_program.PROGRAMS[arch], default_program.table(arch))
+            _programs[key] = cached
     if cached is None:
         from .. import _seccomp
         from ..syscalls import Arg, SyscallRule, Syscalls, to_seccomp_policy
