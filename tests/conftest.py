@@ -16,6 +16,9 @@ PY = sys.executable
 # The interpreter to run *inside* sandboxes: a root caller's sandbox runs as
 # an unprivileged uid, which cannot reach an interpreter under /root (pyenv).
 SPY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+# Under the VM lane's software emulation everything is ~20x slower: timing
+# tolerances widen and long repetitions shrink.
+SLOW = os.environ.get("NANOBOX_VM_LANE") == "1"
 IS_ROOT = os.geteuid() == 0
 
 
@@ -106,6 +109,13 @@ def cgroups_usable() -> bool:
     from nanobox._linux.cgroups import Placement
 
     return isinstance(plan.cgroup_placement(), Placement)
+
+
+def userns_usable() -> bool:
+    """Can nanobox build its namespaces here (asks the fork server)?"""
+    from nanobox._linux import client
+
+    return client.get_server().userns
 
 
 def nanobox_cli(

@@ -411,7 +411,10 @@ class Sandbox:
         peak = msg["maxrss_kb"] * 1024
         cg = msg.get("cgroup") or {}
         if "cpu_s" in cg:
-            cpu, user_s, system_s = cg["cpu_s"], cg["user_s"], cg["system_s"]
+            su, ss = msg.get("self_utime", 0.0), msg.get("self_stime", 0.0)
+            user_s = max(0.0, cg["user_s"] - su)
+            system_s = max(0.0, cg["system_s"] - ss)
+            cpu = max(0.0, cg["cpu_s"] - su - ss)
         if "peak_bytes" in cg:
             peak = cg["peak_bytes"]
         oom_killed = cg.get("oom_kills", 0) > 0

@@ -224,10 +224,8 @@ class RunGroup:
                     _write(f"{g}/memory.swap.max", "0")
                 except FileNotFoundError:  # no swap accounting: swap cannot be used
                     pass
-                try:
-                    _write(f"{g}/memory.oom.group", "1")
-                except OSError:
-                    pass
+                # No memory.oom.group: the OOM killer should take the command's
+                # biggest process, not the init that reports the accounting.
             if pids is not None:
                 _write(f"{g}/pids.max", str(pids))
             if cpus is not None:

@@ -30,6 +30,7 @@ import selectors
 import signal
 import socket
 import sys
+import time
 from typing import Any
 
 from . import cgroups, spawn, userns
@@ -51,6 +52,7 @@ class _Job:
         "launched",
         "placeholders",
         "tmpdir",
+        "started",
     )
 
     def __init__(
@@ -61,6 +63,7 @@ class _Job:
         self.group = group
         self.placeholders: list[str] = []
         self.tmpdir: str | None = None
+        self.started = time.monotonic()
         self.exit_status: int | None = None
         self.finished = False
         self.client_gone = False
@@ -309,6 +312,22 @@ class Server:
                 "errno": None,
                 "message": f"sandbox init died (wait status {job.exit_status})",
             }
+            stats = job.group.stats() if job.group is not None else {}
+            if stats.get("oom_kills"):
+                # The OOM killer took the init too: everything in the group
+                # is dead; report the run as killed by the memory limit.
+                msg = {
+                    "t": "result",
+                    "status": 9,
+                    "reason": "exited",
+                    "wall": time.monotonic() - job.started,
+                    "utime": 0.0,
+                    "stime": 0.0,
+                    "maxrss_kb": 0,
+                    "self_cpu": 0.0,
+                    "exec_error": None,
+                    "init_lost": True,
+                }
         if job.group is not None:
             msg["cgroup"] = job.group.stats()
         if launched.status_r != -1:

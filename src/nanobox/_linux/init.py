@@ -279,6 +279,7 @@ def init_main(
         if got == pid and status is None:
             status = st
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    me = resource.getrusage(resource.RUSAGE_SELF)
     err = b""
     while True:
         chunk = os.read(err_r, 65536)
@@ -295,6 +296,10 @@ def init_main(
         "utime": ru.ru_utime,
         "stime": ru.ru_stime,
         "maxrss_kb": ru.ru_maxrss,
+        # The init's own CPU (setup, supervision) is in the cgroup's total:
+        # the caller subtracts it so accounting describes the command.
+        "self_utime": me.ru_utime,
+        "self_stime": me.ru_stime,
         "setup_s": setup_s,
         "exec_error": exec_error,
         "syscall_violations": listener.recorded if listener is not None else [],

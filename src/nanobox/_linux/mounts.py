@@ -102,7 +102,7 @@ class _Builder:
     def __init__(self, view: dict[str, Any]) -> None:
         self.view = view
         self.shadows: list[str] = []
-        self.empty_fd: int | None = None
+        self.null_fds: list[int] = []
 
     # -- mount points ------------------------------------------------------
     def ensure(self, dst: str, is_dir: bool) -> None:
@@ -158,17 +158,33 @@ class _Builder:
         self.shadows.append(directory)
 
     # -- hides -------------------------------------------------------------
-    def empty(self, is_dir: bool) -> int:
-        """A clone of an empty read-only directory or file (for hiding)."""
-        if self.empty_fd is None:
-            fd = k.fsmount_tmpfs({"mode": "0755", "size": "4k"}, ATTR_SAFE | k.MOUNT_ATTR_NOEXEC)
-            os.mkdir("d", 0o755, dir_fd=fd)
-            os.close(os.open("f", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o444, dir_fd=fd))
-            k.mount_setattr("", k.MOUNT_ATTR_RDONLY, dirfd=fd)
-            self.empty_fd = fd
-        return k.open_tree(
-            "d" if is_dir else "f", k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC, dirfd=self.empty_fd
+    def hide(self, dst: str) -> None:
+        """Cover ``dst``: a directory with an empty read-only tmpfs, a file
+        with a ``nodev`` read-only bind of /dev/null (it fails to open).
+        (Cloning out of a detached tmpfs would be neater, but kernels before
+        6.15 refuse ``open_tree`` on a detached mount.)"""
+        if os.path.isdir(dst):
+            _step(
+                f"hide {dst}",
+                k.mount,
+                "tmpfs",
+                dst,
+                "tmpfs",
+                k.MS_RDONLY | k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC,
+                "mode=0755,size=4k",
+            )
+            return
+        if not self.null_fds:
+            raise MountStepError(f"hide {dst}", OSError(19, "no /dev/null to hide files with"))
+        fd = self.null_fds.pop()
+        _step(
+            f"hide {dst}",
+            k.mount_setattr,
+            "",
+            k.MOUNT_ATTR_RDONLY | k.MOUNT_ATTR_NODEV | k.MOUNT_ATTR_NOSUID | k.MOUNT_ATTR_NOEXEC,
+            dirfd=fd,
         )
+        self.attach(fd, dst, f"hide {dst}")
 
     def attach(self, fd: int, dst: str, step: str) -> None:
         target = _step(f"open {dst}", k.open_path_nofollow, dst)
@@ -191,6 +207,11 @@ def build(view: dict[str, Any]) -> None:
             path = f"/dev/{name}"
             if os.path.exists(path):
                 dev_fds[name] = _step(f"clone {path}", _clone, path, recursive=False)
+    hides = sum(1 for op in view["ops"] if op["t"] == "hide")
+    if hides and os.path.exists("/dev/null"):
+        b.null_fds = [
+            _step("clone /dev/null", _clone, "/dev/null", recursive=False) for _ in range(hides)
+        ]
     sources: dict[int, int] = {}
     for key, fd in view.get("premade", {}).items():
         sources[int(key)] = fd  # idmapped clones made by the fork server
@@ -257,9 +278,9 @@ def build(view: dict[str, Any]) -> None:
         elif t == "hide":
             if not os.path.lexists(dst) or os.path.islink(dst):
                 continue
-            b.attach(b.empty(os.path.isdir(dst)), dst, f"hide {dst}")
-    if b.empty_fd is not None:
-        os.close(b.empty_fd)
+            b.hide(dst)
+    for fd in b.null_fds:
+        os.close(fd)
 
     # 5. /dev, /proc, /sys
     if view.get("dev", True):
