@@ -469,3 +469,24 @@ def test_unix_sockets_inside_the_sandbox_work(workspace: Path) -> None:
     )
     r = nanobox.run([SPY, "-c", code], timeout=30)
     assert r.stdout == b"ok\n", r.stderr
+
+
+def test_placeholders_of_a_killed_server_are_swept(workspace: Path, marker: str) -> None:
+    import threading
+
+    from nanobox._linux import client
+
+    def victim() -> None:
+        with pytest.raises(nanobox.SandboxError):
+            nanobox.run(["sleep", "60", marker][:2])
+
+    t = threading.Thread(target=victim)
+    t.start()
+    from conftest import wait_until
+
+    assert wait_until(lambda: (workspace / ".bashrc").exists(), timeout=20)
+    os.kill(client.get_server().pid, 9)  # the server cannot clean up after itself
+    t.join(30)
+    assert (workspace / ".bashrc").exists()  # left behind for now...
+    assert sh("true").returncode == 0  # ...and removed by the next server
+    assert sorted(os.listdir(workspace)) == []

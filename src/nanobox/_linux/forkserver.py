@@ -51,8 +51,8 @@ class _Job:
         "group",
         "launched",
         "placeholders",
-        "tmpdir",
         "started",
+        "tmpdir",
     )
 
     def __init__(
@@ -75,7 +75,8 @@ class Server:
         self.sel = selectors.DefaultSelector()
         self.jobs_by_pid: dict[int, _Job] = {}
         self.ident = cgroups.server_ident()
-        self.placeholders = Placeholders()
+        self.placeholders = Placeholders(self.ident)
+        sweep_placeholders()
         self.counter = 0
         self.swept: set[str] = set()
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -377,8 +378,26 @@ class Placeholders:
     exist yet (the init mounts read-only empties over them), shared by
     concurrent runs in the same workspace and removed by the last one."""
 
-    def __init__(self) -> None:
+    def __init__(self, ident: str = "") -> None:
         self.refs: dict[str, tuple[int, int]] = {}  # path -> (inode, users)
+        # A record on disk, so that placeholders of a server that was
+        # SIGKILLed are removed by the next server (see sweep_placeholders).
+        self.record = _state_file(f"placeholders.{ident}") if ident else None
+
+    def _save(self) -> None:
+        if self.record is None:
+            return
+        try:
+            if not self.refs:
+                os.unlink(self.record)
+                return
+            tmp = self.record + ".tmp"
+            with open(tmp, "w") as fh:
+                for path, (ino, _users) in self.refs.items():
+                    fh.write(f"{ino}\t{path}\n")
+            os.replace(tmp, self.record)
+        except OSError:
+            pass
 
     def acquire(self, specs: Any) -> list[str]:
         taken: list[str] = []
@@ -401,28 +420,92 @@ class Placeholders:
                     continue  # not ours: the init protects whatever is there
                 self.refs[path] = (os.lstat(path).st_ino, 1)
                 taken.append(path)
+            self._save()
         except BaseException:
             self.release(taken)
             raise
         return taken
 
     def release(self, taken: list[str]) -> None:
+        try:
+            self._release(taken)
+        finally:
+            self._save()
+
+    def _release(self, taken: list[str]) -> None:
         for path in taken:
             ino, users = self.refs[path]
             if users > 1:
                 self.refs[path] = (ino, users - 1)
                 continue
             del self.refs[path]
-            try:
-                st = os.lstat(path)
-                if st.st_ino != ino:
-                    continue
-                if os.path.isdir(path):
-                    os.rmdir(path)  # fails (and stays) if something was put inside
-                elif st.st_size == 0:
-                    os.unlink(path)
-            except OSError:
-                pass
+            remove_placeholder(path, ino)
+
+
+def remove_placeholder(path: str, ino: int) -> None:
+    """Remove a placeholder if it is still ours (same inode) and empty."""
+    try:
+        st = os.lstat(path)
+        if st.st_ino != ino:
+            return
+        if os.path.isdir(path):
+            os.rmdir(path)  # fails (and stays) if something was put inside
+        elif st.st_size == 0:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _state_dir() -> str | None:
+    """A private directory for crash-recovery records (0700, ours)."""
+    uid = os.getuid()
+    base = "/run/nanobox" if uid == 0 else os.environ.get("XDG_RUNTIME_DIR") or ""
+    path = os.path.join(base, "nanobox") if base and uid != 0 else base
+    if not path:
+        path = f"/tmp/nanobox-{uid}"
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+    except OSError:
+        return None
+    import stat as _stat
+
+    if not _stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+        return None  # not ours (or not private): do not trust it
+    return path
+
+
+def _state_file(name: str) -> str | None:
+    d = _state_dir()
+    return os.path.join(d, name) if d else None
+
+
+def sweep_placeholders() -> None:
+    """Remove placeholders recorded by servers that no longer run."""
+    d = _state_dir()
+    if d is None:
+        return
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith("placeholders.") or name.endswith(".tmp"):
+            continue
+        ident = name.split(".", 1)[1]
+        pid = ident.split("_", 1)[0]
+        if pid.isdigit() and cgroups._alive(int(pid), ident):
+            continue
+        record = os.path.join(d, name)
+        try:
+            with open(record) as fh:
+                for line in fh:
+                    ino, _, path = line.rstrip("\n").partition("\t")
+                    if ino.isdigit() and path:
+                        remove_placeholder(path, int(ino))
+            os.unlink(record)
+        except OSError:
+            pass
 
 
 def make_private_tmp(plan: dict[str, Any]) -> str:
