@@ -111,3 +111,37 @@ def test_degraded_refuses_what_needs_mounts(tmp_path: Path) -> None:
         nanobox_cmd("run", "--allow-degraded", "--tmpfs", "/scratch", "--", "true"), tmp_path
     )
     assert p.returncode == 125 and b"--tmpfs" in p.stderr and b"mount namespace" in p.stderr
+
+
+PROC_MASKED = "mount -t tmpfs none /proc/sys && "  # like a container's masked /proc
+
+
+@pytest.mark.skipif(
+    subprocess.run(["unshare", "-Urm", "true"], capture_output=True).returncode != 0,
+    reason="needs user namespaces for the scratch namespace",
+)
+def test_refused_proc_mount_fails_closed_or_degrades(tmp_path: Path) -> None:
+    """Where the kernel refuses a new procfs (containers with masked /proc),
+    nanobox refuses, or in degraded mode gives an empty /proc (never the
+    host's) and says so."""
+
+    def scratch(cmd: str) -> subprocess.CompletedProcess[bytes]:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        return subprocess.run(
+            ["unshare", "-Urm", "sh", "-c", PROC_MASKED + cmd],
+            capture_output=True,
+            timeout=120,
+            env=env,
+            cwd=tmp_path,
+        )
+
+    p = scratch(nanobox_cmd("run", "--", "true"))
+    assert p.returncode == 125 and b"procfs" in p.stderr, p.stderr
+    res = tmp_path / "r.json"
+    p = scratch(
+        nanobox_cmd(
+            "run", "--allow-degraded", "--result", str(res), "--", "sh", "-c", "ls /proc | wc -l"
+        )
+    )
+    assert p.returncode == 0 and p.stdout == b"0\n", p.stderr
+    assert any(d.startswith("proc:") for d in json.loads(res.read_text())["degraded"])

@@ -516,7 +516,7 @@ class Sandbox:
             stderr_bytes=io.err.total,
             stdout_truncated=io.out.truncated,
             stderr_truncated=io.err.truncated,
-            degraded=prep.degraded,
+            degraded=prep.degraded + tuple(msg.get("degraded", ())),
             violations=tuple(violations),
             network=network,
             oom_killed=oom_killed,

@@ -149,6 +149,7 @@ def init_main(
     plan: dict[str, Any], stdio: tuple[int, int, int], status_w: int, cmd_r: int
 ) -> NoReturn:
     t_setup = time.monotonic()
+    view_degraded: list[str] = []
     step = "hostname"
     nons = plan.get("mode") == "nons"
     try:
@@ -164,7 +165,7 @@ def init_main(
             step = "loopback"
             netns.loopback_up()
         step = "filesystem view"
-        mounts.build(plan["view"])
+        view_degraded = mounts.build(plan["view"])
         if plan.get("proxy"):
             step = "proxy listeners"
             _send_listeners(plan["chan_fd"], plan["proxy_ports"])
@@ -302,6 +303,7 @@ def init_main(
         "self_stime": me.ru_stime,
         "setup_s": setup_s,
         "exec_error": exec_error,
+        "degraded": view_degraded,
         "syscall_violations": listener.recorded if listener is not None else [],
         "unix_denied": listener.broker.denied[:100]
         if listener is not None and listener.broker is not None

@@ -103,6 +103,7 @@ class _Builder:
         self.view = view
         self.shadows: list[str] = []
         self.null_fds: list[int] = []
+        self.degraded: list[str] = []
 
     # -- mount points ------------------------------------------------------
     def ensure(self, dst: str, is_dir: bool) -> None:
@@ -195,8 +196,9 @@ class _Builder:
             os.close(fd)
 
 
-def build(view: dict[str, Any]) -> None:
-    """Execute ``view`` in the current (new, private-to-us) mount namespace."""
+def build(view: dict[str, Any]) -> list[str]:
+    """Execute ``view`` in the current (new, private-to-us) mount namespace;
+    return the degradations it had to accept (degraded mode only)."""
     b = _Builder(view)
     _step("make / private", k.mount, None, "/", None, k.MS_REC | k.MS_PRIVATE)
 
@@ -298,13 +300,44 @@ def build(view: dict[str, Any]) -> None:
         )
     if view.get("proc", True) and not minimal:
         _step("create mount point /proc", b.ensure, "/proc", True)
-        _step(
-            "mount /proc", k.mount, "proc", "/proc", "proc", k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC
-        )
+        _mount_proc(b, "/proc", view)
     for directory in b.shadows:
         _step(f"make {directory} read-only", k.mount_setattr, directory, k.MOUNT_ATTR_RDONLY)
     if view.get("rootfs") == "minimal" or view.get("mirror_root"):
         _step("make / read-only", k.mount_setattr, "/", k.MOUNT_ATTR_RDONLY)
+    return b.degraded
+
+
+def _mount_proc(b: _Builder, target: str, view: dict[str, Any]) -> None:
+    """A new procfs for the sandbox's pid namespace. Inside some containers
+    the kernel refuses one (their /proc has masked entries, so a new one
+    would reveal more): then, only in degraded mode, an empty read-only
+    /proc instead of the host's (which would show every host process)."""
+    flags = k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC
+    try:
+        k.mount("proc", target, "proc", flags)
+        return
+    except OSError as exc:
+        if exc.errno not in (1, 13) or not view.get("proc_fallback"):
+            raise MountStepError(
+                "mount /proc",
+                OSError(
+                    exc.errno,
+                    "the kernel refused a new procfs, as it does in containers whose "
+                    "/proc has masked paths: run the container with an unmasked /proc (e.g. Docker "
+                    "--security-opt systempaths=unconfined) or allow degraded mode",
+                ),
+            ) from exc
+    _step(
+        "mount an empty /proc",
+        k.mount,
+        "tmpfs",
+        target,
+        "tmpfs",
+        k.MS_RDONLY | flags,
+        "mode=0555,size=4k",
+    )
+    b.degraded.append("proc: the kernel refused a new /proc here; the command gets an empty one")
 
 
 def _protect(b: _Builder, op: dict[str, Any]) -> None:

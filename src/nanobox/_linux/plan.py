@@ -255,6 +255,17 @@ def without_namespaces(policy: Policy, detail: str) -> list[str]:
     return out
 
 
+def _in_initial_userns() -> bool:
+    """Is this process in the initial user namespace (a real root, not the
+    "root" of a container or a scratch namespace, who cannot map other
+    host uids)?"""
+    try:
+        with open("/proc/self/uid_map") as fh:
+            return fh.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return False
+
+
 def build_plan(
     policy: Policy,
     args: Sequence[str],
@@ -296,6 +307,7 @@ def build_plan(
         view = fsplan.build(fs, cwd, home)
     view_json = view.to_json(fs.rootfs, int(fs.tmp_size))
     view_json["sys"] = policy.network.mode != "host"
+    view_json["proc_fallback"] = policy.allow_degraded
     ll = None
     from . import landlock
 
@@ -319,7 +331,7 @@ def build_plan(
         "outer_gid": gid,
         "uid": uid,
         "gid": gid,
-        "root_mapping": uid == 0 and mode == "full",
+        "root_mapping": uid == 0 and mode == "full" and _in_initial_userns(),
         "hostname": policy.hostname,
         "newnet": policy.network.mode != "host",
         "view": view_json,
