@@ -14,7 +14,11 @@ Three cases sit outside the rules and are the same for every policy:
 * on x86_64, an x32 ABI call (``nr`` in ``0x40000000..0x7fffffff``) gets
   :attr:`Policy.x32`, which may only be a kill or an errno, never an allow: x32
   calls share the x86_64 arch token, so a deny-list that forgot them would be
-  bypassed by ``syscall(nr | 0x40000000)``;
+  bypassed by ``syscall(nr | 0x40000000)``.  The default is KILL_PROCESS, the
+  same treatment as a foreign ABI: no program nanobox runs is an x32 binary
+  (distributions boot with x32 disabled, where every x32 call fails anyway),
+  so an x32 call is a probe, and a SIGSYS kill makes it visible (exit status,
+  audit log) instead of letting it continue quietly;
 * a number that is in no table (gaps, numbers above the newest syscall these
   tables know, negative numbers) gets :attr:`Policy.unknown`, ``ENOSYS`` by
   default: newer syscalls are unreviewed, and ``ENOSYS`` is what makes libc
