@@ -9,7 +9,9 @@ py=${NANOBOX_PYTHON:-python3}
 [ -x .venv/bin/python ] || "$py" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 if [ "${NANOBOX_SKIP_LINT:-0}" != 1 ]; then
-    echo "== ruff"; .venv/bin/ruff check src tests tools bench
+    lint=(src tests tools)
+    [ -d bench ] && lint+=(bench)
+    echo "== ruff"; .venv/bin/ruff check "${lint[@]}"
     echo "== mypy"; .venv/bin/mypy
     echo "== syscall tables"; .venv/bin/python tools/gen_syscall_tables.py --check
     echo "== default filter"; .venv/bin/python tools/gen_default_filter.py --check
