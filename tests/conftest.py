@@ -78,18 +78,31 @@ def wait_until(pred: object, timeout: float = 10.0, interval: float = 0.02) -> b
 REPO = Path(__file__).resolve().parent.parent
 
 
+def build_cbin() -> Path:
+    """Compile the small C test programs in tests/c (once per content) and
+    return their directory.
+
+    Built under /var/tmp, not next to the checkout: the checkout may live
+    under /tmp, which is private (invisible) inside a sandbox. The VM lane
+    calls this on the host before booting (tools/vm-lane/tests.sh)."""
+    import hashlib
+
+    sources = sorted((REPO / "tests" / "c").glob("*.c"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
+    out = Path(f"/var/tmp/nanobox-testbin-{os.getuid()}-{digest}")
+    out.mkdir(parents=True, exist_ok=True)
+    for src in sources:
+        exe = out / src.stem
+        if not exe.exists():
+            tmp = out / f".{src.stem}.{os.getpid()}"
+            subprocess.run(["cc", "-O1", "-pthread", "-o", str(tmp), str(src)], check=True)
+            os.replace(tmp, exe)
+    return out
+
+
 @pytest.fixture(scope="session")
 def cbin() -> Path:
-    """Directory of the small C test programs in tests/c, compiled once.
-
-    Built under the repository (not /tmp, which is private in a sandbox)."""
-    out = REPO / "build" / "testbin"
-    out.mkdir(parents=True, exist_ok=True)
-    for src in (REPO / "tests" / "c").glob("*.c"):
-        exe = out / src.stem
-        if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
-            subprocess.run(["cc", "-O1", "-pthread", "-o", str(exe), str(src)], check=True)
-    return out
+    return build_cbin()
 
 
 def nanobox_groups() -> set[str]:

@@ -184,3 +184,34 @@ def test_precompiled_default_filter_is_current() -> None:
         policy, table = reporting_policy(to_seccomp_policy("default"), arch=arch)
         assert _seccomp.compile(policy, arch).hex() == default_program.PROGRAMS[arch], arch
         assert table == default_program.table(arch)
+
+
+def _unconditional_denials() -> list[tuple[str, int, int]]:
+    """(name, native number, errno) of every default rule that refuses a
+    syscall whatever its arguments."""
+    from nanobox._seccomp import default as dflt
+    from nanobox._seccomp.policy import Errno, arch_info, native_arch
+
+    table = arch_info(native_arch()).syscalls
+    out = []
+    for rule in dflt.DEFAULT_RULES:
+        others = [r for r in dflt.DEFAULT_RULES if r.syscall == rule.syscall and r is not rule]
+        if (
+            isinstance(rule.action, Errno)
+            and not rule.conds
+            and not others
+            and rule.syscall in table
+        ):
+            out.append((rule.syscall, table[rule.syscall], rule.action.errno))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "nr", "err"), _unconditional_denials(), ids=[d[0] for d in _unconditional_denials()]
+)
+def test_every_default_denial(workspace: Path, cbin: Path, name: str, nr: int, err: int) -> None:
+    """Every syscall the default list refuses outright, by raw number."""
+    r = inside(cbin, "raw", str(nr))
+    assert r.stdout == f"raw DENIED {err}\n".encode(), (name, r.stdout, r.stderr)
+    if err not in (38, 95):  # ENOSYS / EOPNOTSUPP answers are not reported
+        assert any(v.data.get("syscall") == name for v in r.violations), name

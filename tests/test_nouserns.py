@@ -156,3 +156,10 @@ def test_refused_proc_mount_fails_closed_or_degrades(tmp_path: Path) -> None:
     )
     assert p.returncode == 0 and p.stdout == b"0\n", p.stderr
     assert any(d.startswith("proc:") for d in json.loads(res.read_text())["degraded"])
+
+
+def test_allowlist_without_user_namespaces_is_refused_even_degraded(tmp_path: Path) -> None:
+    p = in_scratch_userns(
+        nanobox_cmd("run", "--allow-degraded", "--allow-net", "pypi.org", "--", "true"), tmp_path
+    )
+    assert p.returncode == 125 and b"network namespace" in p.stderr, p.stderr

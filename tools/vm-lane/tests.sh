@@ -50,14 +50,8 @@ fi
 # tests/conftest.py does the same when they are missing; in the guest that
 # would happen ~20x slower, into the throw-away overlay, on every boot).
 if command -v cc >/dev/null; then
-  mkdir -p build/testbin
-  for src in tests/c/*.c; do
-    [ -e "$src" ] || continue
-    exe=build/testbin/$(basename "$src" .c)
-    if [ ! -e "$exe" ] || [ "$exe" -ot "$src" ]; then
-      cc -O1 -pthread -o "$exe" "$src" || { err "cannot compile $src"; exit 1; }
-    fi
-  done
+  "$PY" -c 'import sys; sys.path.insert(0, "tests"); from conftest import build_cbin; print(build_cbin())' \
+    || { err "cannot compile the C test programs"; exit 1; }
 fi
 
 timeout=${NANOBOX_VMLANE_TIMEOUT:-1200}
