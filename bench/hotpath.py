@@ -1,0 +1,568 @@
+"""Where nanobox's start-up milliseconds go (a profile, not a benchmark).
+
+1. Warm run timeline: this process wraps nanobox's internal steps with
+   timestamp marks (``CLOCK_MONOTONIC``, shared by every process of the
+   fork chain; each mark appends one line to a log in the workspace, so it
+   still works inside the sandbox's mount namespace), forks the fork server
+   from itself (the CLI's mode, so the wrappers are inherited by the server,
+   stage A, the init and the command's pre-exec child) and runs
+   ``/bin/true`` N times. Per phase: the median over the runs.
+2. Client side: ``cProfile`` of N warm ``Sandbox.run`` calls (the caller's
+   process only), the nanobox functions with the most cumulative time.
+3. Plan building vs the workspace: ``build_plan`` in an empty directory vs
+   in a git checkout (the repository itself).
+4. What if: the warm loop without per-run cgroups when no limit is asked
+   for (a monkeypatch of ``plan.resources`` in a child process).
+5. Cold CLI: ``python -X importtime`` of ``nanobox run -- /bin/true`` and an
+   in-process split (imports, fork server start, the run).
+
+    python bench/hotpath.py [--runs 30] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import cProfile
+import functools
+import inspect
+import io
+import json
+import os
+import pstats
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import _common as c
+
+_LOG: str = ""
+
+
+def _mark(label: str) -> None:
+    try:
+        fd = os.open(_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError:
+        return
+    try:
+        os.write(fd, f"{time.monotonic_ns()} {os.getpid()} {label}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def _wrap(obj: Any, attr: str, label: str, *, end: bool = True) -> None:
+    orig: Callable[..., Any] = getattr(obj, attr)
+
+    @functools.wraps(orig)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _mark(label + ".B")
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            if end:
+                _mark(label + ".E")
+
+    static = isinstance(inspect.getattr_static(obj, attr), staticmethod)
+    setattr(obj, attr, staticmethod(wrapper) if static else wrapper)
+
+
+def instrument() -> None:
+    import socket as socket_mod
+
+    from nanobox import _io, sandbox
+    from nanobox._linux import (
+        cgroups,
+        child,
+        init,
+        landlock,
+        mounts,
+        netns,
+        spawn,
+    )
+    from nanobox._linux import forkserver as fsrv
+    from nanobox._linux import plan as planmod
+    from nanobox._linux import sys as k
+    from nanobox._seccomp import loader
+
+    S = sandbox.Sandbox
+    _wrap(S, "_prepare", "prepare")
+    _wrap(planmod, "build_plan", "build_plan")
+    _wrap(S, "_start", "start")
+    _wrap(S, "_finish", "finish")
+    _wrap(_io.RunIO, "on_chan", "on_chan", end=False)
+    _wrap(fsrv.Server, "_on_ctrl", "on_ctrl")
+    _wrap(fsrv.Server, "_make_group", "cgroup_create")
+    _wrap(fsrv.Placeholders, "acquire", "placeholders")
+    _wrap(fsrv.Server, "_root_mapping", "root_mapping")
+    _wrap(spawn, "launch", "launch")
+    _wrap(spawn, "_stage_a", "stage_a", end=False)
+    _wrap(cgroups.RunGroup, "stats", "cgroup_stats")
+    _wrap(fsrv.Server, "_send", "send")
+    _wrap(cgroups.RunGroup, "remove", "cgroup_remove")
+    _wrap(k, "unshare", "unshare")
+    _wrap(k, "setns", "setns")
+    _wrap(spawn, "close_all_except", "close_fds")
+    _wrap(os, "fork", "fork")  # ".E" is marked by the parent and by the child
+    _wrap(init, "init_main", "init", end=False)
+    _wrap(socket_mod, "sethostname", "hostname")
+    _wrap(netns, "loopback_up", "loopback")
+    _wrap(mounts, "build", "mounts")
+    _wrap(init, "_kill_all", "kill_all")
+    _wrap(init, "write_all", "report", end=False)
+    _wrap(child, "exec_command", "pre_exec", end=False)
+    _wrap(landlock, "apply", "landlock")
+    _wrap(loader, "install", "seccomp")
+    _wrap(child, "_exec_search", "execve", end=False)
+
+
+# (phase, from mark, to mark), marks as ROLE:label; consecutive on the
+# critical path of one run. Roles: client, server, A, B (init), C (command).
+PHASES = [
+    ("client: policy → plan (build_plan)", "client:build_plan.B", "client:build_plan.E"),
+    (
+        "client: rest of prepare (fork-server lookup, json)",
+        "client:build_plan.E",
+        "client:prepare.E",
+    ),
+    ("client: pipes + submit plan; server receives it", "client:start.B", "server:on_ctrl.B"),
+    ("server: create cgroups", "server:cgroup_create.B", "server:cgroup_create.E"),
+    ("server: protected-path placeholders", "server:placeholders.B", "server:placeholders.E"),
+    (
+        "server: root mapping (userns + idmapped workspace)",
+        "server:root_mapping.B",
+        "server:root_mapping.E",
+    ),
+    ("server: fork A", "server:launch.B", "A:fork.E"),
+    ("A: reset signals", "A:fork.E", "A:close_fds.B"),
+    ("A: close inherited fds", "A:close_fds.B", "A:close_fds.E"),
+    ("A: join the run's cgroups", "A:close_fds.E", "A:setns.B"),
+    ("A: setns into the prepared user namespace", "A:setns.B", "A:unshare.B"),
+    ("A: unshare(mnt, pid, net, ipc, uts, cgroup)", "A:unshare.B", "A:unshare.E"),
+    ("A: fork B (init)", "A:unshare.E", "B:fork.E"),
+    ("B: hostname", "B:hostname.B", "B:hostname.E"),
+    ("B: loopback up", "B:loopback.B", "B:loopback.E"),
+    ("B: filesystem view (mounts.build)", "B:mounts.B", "B:mounts.E"),
+    ("B: pipes, fork C", "B:mounts.E", "C:fork.E"),
+    ("C: signals, setsid, stdio, fds, chdir, rlimits, caps", "C:fork.E", "C:landlock.B"),
+    ("C: Landlock ruleset", "C:landlock.B", "C:landlock.E"),
+    ("C: seccomp filter", "C:seccomp.B", "C:seccomp.E"),
+    ("C: hand the seccomp listener to B", "C:seccomp.E", "C:execve.B"),
+    ("execve, /bin/true runs and exits, B wakes", "C:execve.B", "B:kill_all.B"),
+    ("B: kill(-1), reap, rusage, report", "B:kill_all.B", "B:report.B"),
+    ("server: read report → cgroup stats", "B:report.B", "server:cgroup_stats.B"),
+    ("server: cgroup stats", "server:cgroup_stats.B", "server:cgroup_stats.E"),
+    ("server: placeholders release, reply", "server:cgroup_stats.E", "server:send.B"),
+    ("client: receive result (json + IPC)", "server:send.B", "client:on_chan.B"),
+    ("client: build Result", "client:finish.B", "client:finish.E"),
+]
+OFF_PATH = [
+    (
+        "server: remove cgroups (after the reply)",
+        "server:cgroup_remove.B",
+        "server:cgroup_remove.E",
+    ),
+    ("server: launch() (fork A … A reports B's pid)", "server:launch.B", "server:launch.E"),
+    ("server: whole on_ctrl", "server:on_ctrl.B", "server:on_ctrl.E"),
+]
+
+
+def _roles(marks: list[tuple[int, int, str]], client_pid: int) -> dict[int, str]:
+    roles = {client_pid: "client"}
+    first = {"on_ctrl.B": "server", "stage_a.B": "A", "init.B": "B", "pre_exec.B": "C"}
+    for _ts, pid, label in marks:
+        if label in first and pid not in roles:
+            roles[pid] = first[label]
+    return roles
+
+
+def timeline(runs: int, cwd: str, policy: Any = None) -> dict[str, Any]:
+    global _LOG
+    import nanobox
+    from nanobox._linux import client
+
+    _LOG = os.path.join(cwd, "marks.log")
+    client.shutdown()  # a server started earlier would not have the wrappers
+    instrument()
+    box = nanobox.Sandbox(policy)
+    box._fork_server = True  # fork the server from here: it inherits the wrappers
+    box.run(["/bin/true"], cwd=cwd)
+    box.run(["/bin/true"], cwd=cwd)
+    os.unlink(_LOG)
+    fd = os.open(_LOG, os.O_WRONLY | os.O_CREAT, 0o666)
+    os.fchmod(fd, 0o666)  # the init and the command run as other uids
+    os.close(fd)
+    totals = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        r = box.run(["/bin/true"], cwd=cwd)
+        totals.append(time.perf_counter() - t0)
+        if r.returncode:
+            raise RuntimeError(f"/bin/true failed: {r.returncode}")
+        time.sleep(0.02)  # let the server remove the run's cgroups off the path
+    client.shutdown()
+    marks: list[tuple[int, int, str]] = []
+    with open(_LOG) as fh:
+        for ln in fh:
+            parts = ln.split()
+            if len(parts) == 3:
+                marks.append((int(parts[0]), int(parts[1]), parts[2]))
+    marks.sort()
+    roles = _roles(marks, os.getpid())
+    # split into runs at each client prepare; keep each mark's first occurrence
+    per_run: list[dict[str, int]] = []
+    for ts, pid, label in marks:
+        if label == "prepare.B" and roles.get(pid) == "client":
+            per_run.append({})
+        key = f"{roles.get(pid, 'other')}:{label}"
+        if per_run and key not in per_run[-1]:
+            per_run[-1][key] = ts
+    phases: dict[str, Any] = {}
+    for name, a, b in PHASES + OFF_PATH:
+        vals = [(r[b] - r[a]) / 1e6 for r in per_run if a in r and b in r]
+        if vals:
+            phases[name] = {
+                "mean_ms": sum(vals) / len(vals),
+                "median_ms": c.percentile(vals, 50),
+                "p90_ms": c.percentile(vals, 90),
+                "n": len(vals),
+                "critical": (name, a, b) in PHASES,
+            }
+    crit = sum(p["median_ms"] for p in phases.values() if p["critical"])
+    spans = [
+        (r["client:finish.E"] - r["client:prepare.B"]) / 1e6
+        for r in per_run
+        if "client:finish.E" in r and "client:prepare.B" in r
+    ]
+    return {
+        "runs": runs,
+        "phases": phases,
+        "sum_of_phase_medians_ms": crit,
+        "instrumented_total_ms": c.percentile(spans, 50) if spans else None,
+        "wall_total_ms": c.percentile(totals, 50) * 1e3,
+    }
+
+
+def client_profile(runs: int, cwd: str) -> dict[str, Any]:
+    import nanobox
+
+    box = nanobox.Sandbox()
+    box.run(["/bin/true"], cwd=cwd)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(runs):
+        box.run(["/bin/true"], cwd=cwd)
+    prof.disable()
+    st = pstats.Stats(prof)
+    rows = []
+    stats: dict[Any, Any] = st.stats  # type: ignore[attr-defined]
+    for (file, line, fn), (_cc, nc, tt, ct, _callers) in stats.items():
+        if "nanobox" not in file and fn not in ("poll", "select"):
+            continue
+        short = file.split("/src/")[-1] if "/src/" in file else os.path.basename(file)
+        rows.append(
+            {
+                "function": f"{short}:{line}({fn})",
+                "calls_per_run": nc / runs,
+                "cum_ms_per_run": ct / runs * 1e3,
+                "self_ms_per_run": tt / runs * 1e3,
+            }
+        )
+    rows.sort(key=lambda r: -r["cum_ms_per_run"])
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(8)
+    return {"top_cumulative": rows[:16], "top_self_text": buf.getvalue()[-2500:]}
+
+
+def plan_vs_workspace(cwd: str) -> dict[str, Any]:
+    import nanobox
+    from nanobox._linux import plan as planmod
+
+    out = {}
+    for label, where in (("empty directory", cwd), (f"git checkout ({c.REPO})", c.REPO)):
+        times = []
+        plan: dict[str, Any] = {}
+        for _ in range(7):
+            t0 = time.perf_counter()
+            plan = planmod.build_plan(
+                nanobox.Policy(),
+                ["/bin/true"],
+                run_id="x",
+                cwd=where,
+                env=planmod.build_env(nanobox.Policy(), None),
+                timeout=None,
+            )
+            times.append(time.perf_counter() - t0)
+        out[label] = {
+            "build_plan_ms": c.percentile(times, 50) * 1e3,
+            "mount_ops": len(plan["view"]["ops"]),
+            "landlock_paths": sum(len(plan["landlock"][k]) for k in ("read", "write", "list"))
+            if plan.get("landlock")
+            else 0,
+            "plan_json_bytes": len(json.dumps(plan)),
+        }
+    return out
+
+
+def cold_cli(cwd: str) -> dict[str, Any]:
+    exe = c.VENV_NANOBOX
+    py = c.VENV_PYTHON
+    res: dict[str, Any] = {}
+    p = subprocess.run(
+        [py, "-X", "importtime", exe, "run", "--", "/bin/true"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    imports = []
+    for line in p.stderr.splitlines():
+        if not line.startswith("import time:") or "self [us]" in line:
+            continue
+        parts = line[len("import time:") :].split("|")
+        self_us, cum_us, name = int(parts[0]), int(parts[1]), parts[2]
+        depth = (len(name) - len(name.lstrip())) // 2
+        imports.append((name.strip(), self_us, cum_us, depth))
+    top = [i for i in imports if i[3] == 0]
+    res["import_total_ms"] = sum(i[2] for i in top) / 1e3
+    res["top_imports"] = [
+        {"module": n, "cumulative_ms": cu / 1e3}
+        for n, _s, cu, _d in sorted(top, key=lambda i: -i[2])[:12]
+    ]
+    res["nanobox_modules"] = [
+        {"module": n, "self_ms": s / 1e3}
+        for n, s, _cu, _d in sorted(
+            (i for i in imports if i[0].startswith("nanobox")), key=lambda i: -i[1]
+        )[:10]
+    ]
+    split = r"""
+import sys, time, json
+t0 = time.perf_counter()
+import nanobox.cli as cli
+from nanobox.sandbox import Sandbox
+from nanobox._linux import client, plan
+t1 = time.perf_counter()
+marks = {}
+orig_init = client.ForkServer.__init__
+def init(self, *a, **k):
+    s = time.perf_counter()
+    orig_init(self, *a, **k)
+    marks["fork_server_start"] = time.perf_counter() - s
+client.ForkServer.__init__ = init
+orig_run = Sandbox.run
+def run(self, *a, **k):
+    s = time.perf_counter()
+    try:
+        return orig_run(self, *a, **k)
+    finally:
+        marks["run_total"] = time.perf_counter() - s
+Sandbox.run = run
+try:
+    cli.main(["run", "--", "/bin/true"])
+except SystemExit:
+    pass
+t2 = time.perf_counter()
+marks["imports"] = t1 - t0
+marks["cli_main_total"] = t2 - t1
+sys.stderr.write("SPLIT " + json.dumps(marks) + "\n")
+"""
+    samples: list[dict[str, float]] = []
+    walls = []
+    bare = []
+    for _ in range(9):
+        t0 = time.perf_counter()
+        q = subprocess.run([py, "-c", split], cwd=cwd, capture_output=True, text=True, timeout=60)
+        walls.append(time.perf_counter() - t0)
+        for line in q.stderr.splitlines():
+            if line.startswith("SPLIT "):
+                samples.append(json.loads(line[6:]))
+        dt, _ = c.time_command([py, "-c", "pass"], cwd)
+        bare.append(dt)
+    if samples:
+        keys = samples[0].keys()
+        res["split_ms"] = {
+            k: c.percentile([s[k] for s in samples if k in s], 50) * 1e3 for k in keys
+        }
+    res["wall_ms"] = c.percentile(walls, 50) * 1e3
+    res["python_c_pass_ms"] = c.percentile(bare, 50) * 1e3
+    if q.returncode not in (0, None) and not samples:
+        res["error"] = q.stderr[-500:]
+    return res
+
+
+def what_if_child(variant: str, runs: int, cwd: str, gap: float) -> float:
+    """One warm loop in fork-server mode, optionally without per-run cgroups
+    for policies that ask for no limits (a monkeypatch: an experiment, not a
+    nanobox option)."""
+    import nanobox
+    from nanobox._linux import client
+    from nanobox._linux import plan as planmod
+
+    if variant == "no per-run cgroups":
+        orig = planmod.resources
+
+        def resources(policy: Any) -> Any:
+            lim = policy.limits
+            if lim.memory is None and lim.pids is None and lim.cpus is None:
+                return None, [], []
+            return orig(policy)
+
+        planmod.resources = resources
+    box = nanobox.Sandbox()
+    box._fork_server = True
+    for _ in range(3):
+        box.run(["/bin/true"], cwd=cwd)
+    times = []
+    for _ in range(runs):
+        time.sleep(gap)
+        t0 = time.perf_counter()
+        box.run(["/bin/true"], cwd=cwd)
+        times.append(time.perf_counter() - t0)
+    client.shutdown()
+    return c.percentile(times, 50) * 1e3
+
+
+def what_if(runs: int, cwd: str) -> dict[str, Any]:
+    """Warm start with the default policy as is vs without per-run cgroups,
+    back to back and with a 50 ms pause before each run (isolated starts),
+    alternating, 3 rounds, each in a fresh process."""
+    keys = [(v, g) for g in (0.0, 0.05) for v in ("as is", "no per-run cgroups")]
+    out: dict[tuple[str, float], list[float]] = {k: [] for k in keys}
+    for r in range(3):
+        for variant, gap in c.alternating(keys, r):
+            p = subprocess.run(
+                [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--what-if-child",
+                    variant,
+                    str(runs),
+                    cwd,
+                    str(gap),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            if p.returncode != 0:
+                raise RuntimeError(p.stderr[-500:])
+            out[(variant, gap)].append(float(p.stdout.strip().splitlines()[-1]))
+    return {
+        f"{v}, {'back to back' if g == 0 else f'{g * 1e3:.0f} ms pause before each run'}": {
+            "round_medians_ms": x,
+            "median_ms": c.percentile(x, 50),
+        }
+        for (v, g), x in out.items()
+    }
+
+
+def measure(runs: int) -> dict[str, Any]:
+    errors: dict[str, str] = {}
+    out: dict[str, Any] = {"errors": errors}
+    with c.workdir() as cwd:
+        out["cold_cli"] = c.guarded(errors, "cold_cli", lambda: cold_cli(cwd))
+        out["plan_vs_workspace"] = c.guarded(errors, "plan", lambda: plan_vs_workspace(cwd))
+        out["client_profile"] = c.guarded(errors, "cprofile", lambda: client_profile(runs, cwd))
+        out["what_if"] = c.guarded(errors, "what_if", lambda: what_if(runs, cwd))
+        # last: it patches nanobox in this process
+        out["timeline"] = c.guarded(errors, "timeline", lambda: timeline(runs, cwd))
+    return out
+
+
+def table(res: dict[str, Any]) -> str:
+    parts = []
+    tl = res.get("timeline")
+    if tl:
+        rows = [
+            [
+                n,
+                c.fmt(p["median_ms"]),
+                c.fmt(p.get("mean_ms")),
+                c.fmt(p["p90_ms"]),
+                "" if p["critical"] else "off path",
+            ]
+            for n, p in tl["phases"].items()
+        ]
+        parts.append(
+            f"Warm `Sandbox.run(['/bin/true'])` as uid {os.getuid()}, {tl['runs']} runs "
+            f"(instrumented median {c.fmt(tl['instrumented_total_ms'])} ms, wall "
+            f"{c.fmt(tl['wall_total_ms'])} ms):\n\n"
+            + c.md_table(["phase", "median ms", "mean ms", "p90 ms", ""], rows)
+        )
+    cp = res.get("client_profile")
+    if cp:
+        rows = [
+            [
+                r["function"],
+                c.fmt(r["calls_per_run"], 1),
+                c.fmt(r["cum_ms_per_run"]),
+                c.fmt(r["self_ms_per_run"]),
+            ]
+            for r in cp["top_cumulative"]
+        ]
+        parts.append(
+            "Caller-side cProfile (per run):\n\n"
+            + c.md_table(["function", "calls", "cumulative ms", "self ms"], rows)
+        )
+    pw = res.get("plan_vs_workspace")
+    if pw:
+        rows = [
+            [
+                k,
+                c.fmt(v["build_plan_ms"]),
+                v["mount_ops"],
+                v["landlock_paths"],
+                v["plan_json_bytes"],
+            ]
+            for k, v in pw.items()
+        ]
+        parts.append(
+            "`build_plan` vs the workspace:\n\n"
+            + c.md_table(
+                ["cwd", "build_plan ms", "mount ops", "Landlock paths", "plan JSON bytes"], rows
+            )
+        )
+    cc = res.get("cold_cli")
+    if cc:
+        split = cc.get("split_ms", {})
+        parts.append(
+            f"Cold CLI: wall {c.fmt(cc['wall_ms'])} ms (bare `python -c pass` "
+            f"{c.fmt(cc['python_c_pass_ms'])} ms); in-process: imports "
+            f"{c.fmt(split.get('imports'))} ms, fork server start "
+            f"{c.fmt(split.get('fork_server_start'))} ms, `Sandbox.run` "
+            f"{c.fmt(split.get('run_total'))} ms, CLI main total "
+            f"{c.fmt(split.get('cli_main_total'))} ms; `-X importtime` top-level total "
+            f"{c.fmt(cc['import_total_ms'])} ms.\n\n"
+            + c.md_table(
+                ["top-level import", "cumulative ms"],
+                [[i["module"], c.fmt(i["cumulative_ms"])] for i in cc["top_imports"]],
+            )
+        )
+    wi = res.get("what_if")
+    if wi:
+        rows = [
+            [k, c.fmt(v["median_ms"]), " · ".join(c.fmt(x) for x in v["round_medians_ms"])]
+            for k, v in wi.items()
+        ]
+        parts.append(
+            "What if (monkeypatched experiment, fork-server mode): default policy without the "
+            "per-run cgroups (accounting from rusage):\n\n"
+            + c.md_table(["variant", "warm median ms", "per round"], rows)
+        )
+    for k, v in res.get("errors", {}).items():
+        parts.append(f"- error in **{k}**: {v}")
+    return "\n\n".join(parts)
+
+
+def main() -> None:
+    if len(sys.argv) == 6 and sys.argv[1] == "--what-if-child":
+        print(what_if_child(sys.argv[2], int(sys.argv[3]), sys.argv[4], float(sys.argv[5])))
+        return
+    p = c.base_args(__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=30)
+    a = p.parse_args()
+    res = measure(8 if a.quick else a.runs)
+    c.emit(res, a.json, table)
+
+
+if __name__ == "__main__":
+    main()
