@@ -115,11 +115,13 @@ IO=$(mktemp -d "${TMPDIR:-/tmp}/nanobox-vmlane.XXXXXX")
 trap 'rm -rf "$IO"' EXIT
 chmod 755 "$IO"
 
+KEEP_TMP=0
 case $PWD/ in
   /tmp/*) err "note: the current directory is under /tmp: the guest keeps the host's /tmp (overlay)"
-          TMPFS=none ;;
+          KEEP_TMP=1
+          [ "$TMPFS" = tmpfs ] && TMPFS=none ;;
 esac
-printf 'CGROUP=%s\nTMPFS=%s\n' "$CG" "$TMPFS" > "$IO/config"
+printf 'CGROUP=%s\nTMPFS=%s\nKEEP_TMP=%s\n' "$CG" "$TMPFS" "$KEEP_TMP" > "$IO/config"
 i=0
 # shellcheck disable=SC2054  # the commas are qemu's
 DEVS=(-fsdev "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap"
@@ -175,7 +177,13 @@ $bb mount -t securityfs -o nosuid,nodev,noexec securityfs /sys/kernel/security
 $bb mount -t 9p -o $o,ro kmods /lib/modules || die "cannot mount /lib/modules"
 case $TMPFS in
   tmpfs) $bb mount -t tmpfs -o nosuid,nodev,mode=1777 tmp /tmp ;;
-  ext4) $bb mount -t ext4 -o nosuid,nodev,noinit_itable /dev/vda /tmp && $bb chmod 1777 /tmp || die "cannot mount /tmp" ;;
+  ext4)
+    # Always at /vmtmp (tests put pytest's basetemp there), and over /tmp
+    # unless the checkout itself lives under /tmp.
+    $bb mkdir -p /vmtmp
+    $bb mount -t ext4 -o nosuid,nodev,noinit_itable /dev/vda /vmtmp && $bb chmod 1777 /vmtmp \
+      || die "cannot mount the ext4 /tmp disk"
+    if [ "$KEEP_TMP" != 1 ]; then $bb mount --bind /vmtmp /tmp || die "cannot mount /tmp"; fi ;;
 esac
 if [ "$CGROUP" = v1 ]; then
   $bb mount -t tmpfs -o nosuid,nodev,noexec,mode=755 cgroup /sys/fs/cgroup

@@ -71,6 +71,7 @@ for cfg in "${configs[@]}"; do
   start=$(date +%s%N)
   "$lane/run.sh" "${flags[@]}" --tmp ext4 --rw "$out" --timeout "$timeout" -- \
     "$PY" -m pytest -m vm -q -p no:cacheprovider --junitxml="$out/junit.xml" \
+    --basetemp=/vmtmp/pytest \
     "${pytest_extra[@]}" tests/ | tee "$out/output.log"
   rc=${PIPESTATUS[0]}
   secs=$(( ($(date +%s%N) - start) / 1000000 ))
