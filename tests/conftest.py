@@ -36,6 +36,17 @@ def workspace(tmp_path: Path) -> Iterator[Path]:
     """A fresh directory used as the sandbox's cwd (its writable workspace)."""
     ws = tmp_path / "ws"
     ws.mkdir()
+    if IS_ROOT:
+        # A root caller's command runs as an unprivileged uid, which must be
+        # able to reach its workspace: pytest makes its directories 0700.
+        # (Under /tmp this is moot -- the sandbox's /tmp is its own -- but
+        # the VM lane keeps the tests' directories on /vmtmp.)
+        for parent in ws.parents:
+            if str(parent) in ("/", "/tmp"):
+                break
+            st = parent.stat()
+            if st.st_uid == 0 and not st.st_mode & 0o001:
+                parent.chmod((st.st_mode & 0o7777) | 0o755)
     old = os.getcwd()
     os.chdir(ws)
     try:
