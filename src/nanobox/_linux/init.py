@@ -64,20 +64,6 @@ def _descendants() -> list[int]:
     return out
 
 
-def _tree_cpu_nons() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    total = ru.ru_utime + ru.ru_stime
-    ticks = 0
-    for pid in _descendants():
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as fh:
-                fields = fh.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
-    return total + ticks / _TICK
-
-
 def _kill_descendants() -> None:
     """SIGKILL everything below this process until nothing is left (each
     round also catches what forked meanwhile; orphans come back to us)."""
@@ -120,17 +106,22 @@ def _send_listeners(chan_fd: int, ports: list[int]) -> None:
             s.close()
 
 
-def _tree_cpu() -> float:
+def _sandbox_pids() -> list[str]:
+    """Every process of the sandbox but the init: the whole pid namespace,
+    or (without one) this process's descendants."""
+    return [name for name in os.listdir("/proc") if name.isdigit() and name != "1"]
+
+
+def _tree_cpu(pids: list[str] | list[int]) -> float:
     """CPU seconds of the whole sandbox: everything reaped so far plus every
-    live process (its own time and that of the children it reaped)."""
+    live process in ``pids`` (its own time and that of the children it
+    reaped)."""
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     total = ru.ru_utime + ru.ru_stime
     ticks = 0
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or name == "1":
-            continue
+    for pid in pids:
         try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
                 fields = fh.read().rsplit(b")", 1)[1].split()
         except OSError:
             continue
@@ -260,7 +251,9 @@ def init_main(
         if deadline is not None and now >= deadline:
             reason = "timeout"
             break
-        if cpu_limit is not None and (_tree_cpu_nons() if nons else _tree_cpu()) >= cpu_limit:
+        if cpu_limit is not None and (
+            _tree_cpu(_descendants() if nons else _sandbox_pids()) >= cpu_limit
+        ):
             reason = "cpu_limit"
             break
 
