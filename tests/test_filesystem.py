@@ -490,3 +490,25 @@ def test_placeholders_of_a_killed_server_are_swept(workspace: Path, marker: str)
     assert (workspace / ".bashrc").exists()  # left behind for now...
     assert sh("true").returncode == 0  # ...and removed by the next server
     assert sorted(os.listdir(workspace)) == []
+
+
+@pytest.mark.root_only
+def test_root_caller_workspace_below_a_root_only_directory() -> None:
+    """/root/project-like workspaces: the sandbox's unprivileged uid cannot
+    pass through a 0700 root directory, so nanobox covers it (its contents
+    were unreachable anyway) and keeps the path to the workspace."""
+    top = Path(f"/var/tmp/nanobox-test-{uuid.uuid4().hex}")
+    ws = top / "project"
+    ws.mkdir(parents=True)
+    top.chmod(0o700)
+    (top / "private.txt").write_text("root only")
+    (ws / "in.txt").write_text("data")
+    try:
+        r = nanobox.run(
+            ["sh", "-c", "cat in.txt; echo out > out.txt; cat ../private.txt"], cwd=ws, timeout=30
+        )
+        assert r.stdout == b"data", (r.stdout, r.stderr)
+        assert (ws / "out.txt").read_text() == "out\n"
+        assert (ws / "out.txt").stat().st_uid == 0
+    finally:
+        shutil.rmtree(top)

@@ -108,6 +108,7 @@ class _Builder:
     # -- mount points ------------------------------------------------------
     def ensure(self, dst: str, is_dir: bool) -> None:
         """Make ``dst`` exist as a directory or file to mount on."""
+        self.reach(dst)
         if os.path.lexists(dst):
             return
         parent = os.path.dirname(dst)
@@ -120,6 +121,31 @@ class _Builder:
                 raise
             self.shadow(parent)
             self._create(dst, is_dir)
+
+    def reach(self, dst: str) -> None:
+        """Make every directory above ``dst`` traversable for the sandbox.
+
+        A root caller's sandbox runs as an unprivileged uid, which cannot
+        pass through a directory only root may enter (``/root`` for a
+        workspace in ``/root/project``). Such a directory is covered with an
+        empty tmpfs -- its contents were unreachable anyway -- in which the
+        path to ``dst`` is then created; the source was cloned beforehand by
+        the fork server, so nothing needs to be reached through it."""
+        path = "/"
+        for part in [p for p in os.path.dirname(dst).split("/") if p]:
+            path = os.path.join(path, part)
+            if not os.path.isdir(path) or os.access(path, os.X_OK):
+                continue
+            _step(
+                f"cover untraversable {path}",
+                k.mount,
+                "tmpfs",
+                path,
+                "tmpfs",
+                k.MS_NOSUID | k.MS_NODEV,
+                "mode=0755,size=1m",
+            )
+            self.shadows.append(path)
 
     @staticmethod
     def _create(dst: str, is_dir: bool) -> None:
