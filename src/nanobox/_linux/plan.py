@@ -75,7 +75,6 @@ def build_env(policy: Policy, extra: Mapping[str, str] | None) -> dict[str, str]
 
 def rlimits(policy: Policy) -> list[tuple[int, int, int]]:
     lim = policy.limits
-    inf = resource.RLIM_INFINITY
     out = [(resource.RLIMIT_CORE, 0, 0)]
     if lim.open_files is not None:
         n = int(lim.open_files)
@@ -87,7 +86,6 @@ def rlimits(policy: Policy) -> list[tuple[int, int, int]]:
         # Per-process backstop; the init enforces the whole tree's total.
         soft = max(1, math.ceil(float(lim.cpu_time)))
         out.append((resource.RLIMIT_CPU, soft, soft + 1))
-    del inf
     return out
 
 
