@@ -78,6 +78,7 @@ def instrument() -> None:
         mounts,
         netns,
         spawn,
+        userns,
     )
     from nanobox._linux import forkserver as fsrv
     from nanobox._linux import plan as planmod
@@ -91,11 +92,14 @@ def instrument() -> None:
     _wrap(S, "_finish", "finish")
     _wrap(_io.RunIO, "on_chan", "on_chan", end=False)
     _wrap(fsrv.Server, "_on_ctrl", "on_ctrl")
-    _wrap(fsrv.Server, "_make_group", "cgroup_create")
+    _wrap(fsrv.Server, "_take_starter", "take_starter")
+    _wrap(fsrv.Server, "_new_starter", "new_starter")
     _wrap(fsrv.Placeholders, "acquire", "placeholders")
-    _wrap(fsrv.Server, "_root_mapping", "root_mapping")
-    _wrap(spawn, "launch", "launch")
-    _wrap(spawn, "_stage_a", "stage_a", end=False)
+    _wrap(spawn.Starter, "start", "send_plan")
+    _wrap(spawn, "_starter_main", "stage_a", end=False)
+    _wrap(spawn, "_premade", "premade")
+    _wrap(userns, "make_userns", "make_userns")
+    _wrap(spawn, "_stage_a", "stage_a_plan", end=False)
     _wrap(cgroups.RunGroup, "stats", "cgroup_stats")
     _wrap(fsrv.Server, "_send", "send")
     _wrap(cgroups.RunGroup, "remove", "cgroup_remove")
@@ -125,17 +129,15 @@ PHASES = [
         "client:prepare.E",
     ),
     ("client: pipes + submit plan; server receives it", "client:start.B", "server:on_ctrl.B"),
-    ("server: create cgroups", "server:cgroup_create.B", "server:cgroup_create.E"),
-    ("server: protected-path placeholders", "server:placeholders.B", "server:placeholders.E"),
     (
-        "server: root mapping (userns + idmapped workspace)",
-        "server:root_mapping.B",
-        "server:root_mapping.E",
+        "server: take the spare stage A (or fork one)",
+        "server:take_starter.B",
+        "server:take_starter.E",
     ),
-    ("server: fork A", "server:launch.B", "A:fork.E"),
-    ("A: reset signals", "A:fork.E", "A:close_fds.B"),
-    ("A: close inherited fds", "A:close_fds.B", "A:close_fds.E"),
-    ("A: join the run's cgroups", "A:close_fds.E", "A:setns.B"),
+    ("server: limits, placeholders", "server:take_starter.E", "server:send_plan.B"),
+    ("server: send the plan to stage A", "server:send_plan.B", "server:send_plan.E"),
+    ("A: receive the plan", "server:send_plan.E", "A:premade.B"),
+    ("A: idmapped clones of the writable roots", "A:premade.B", "A:premade.E"),
     ("A: setns into the prepared user namespace", "A:setns.B", "A:unshare.B"),
     ("A: unshare(mnt, pid, net, ipc, uts, cgroup)", "A:unshare.B", "A:unshare.E"),
     ("A: fork B (init)", "A:unshare.E", "B:fork.E"),
@@ -161,7 +163,13 @@ OFF_PATH = [
         "server:cgroup_remove.B",
         "server:cgroup_remove.E",
     ),
-    ("server: launch() (fork A … A reports B's pid)", "server:launch.B", "server:launch.E"),
+    (
+        "server: fork a stage A (the spare, after a reply)",
+        "server:new_starter.B",
+        "server:new_starter.E",
+    ),
+    ("stage A: join the run's cgroups (before its plan)", "A:close_fds.E", "A:make_userns.B"),
+    ("stage A: user namespace for the id mapping", "A:make_userns.B", "A:make_userns.E"),
     ("server: whole on_ctrl", "server:on_ctrl.B", "server:on_ctrl.E"),
 ]
 

@@ -23,7 +23,8 @@ def _fds() -> set[int]:
 
 
 def _children() -> set[int]:
-    """Live (non-zombie) descendants of this process, excluding the fork server."""
+    """Live (non-zombie) descendants of this process, but the fork server's
+    spare stage A (kept for a second after a run, named ``nanobox-spare``)."""
     me = os.getpid()
     parents: dict[int, int] = {}
     for name in os.listdir("/proc"):
@@ -34,7 +35,7 @@ def _children() -> set[int]:
                 fields = fh.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if fields[0] != "Z":
+        if fields[0] != "Z" and not _is_spare(name):
             parents[int(name)] = int(fields[1])
     out = set()
     frontier = {me}
@@ -43,6 +44,14 @@ def _children() -> set[int]:
         out |= nxt
         frontier = nxt
     return out
+
+
+def _is_spare(pid: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/comm") as fh:
+            return fh.read().strip() == "nanobox-spare"
+    except OSError:
+        return False
 
 
 def _one(i: int, token: str) -> tuple[int, bytes, bytes]:

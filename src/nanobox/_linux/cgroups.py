@@ -208,13 +208,13 @@ class RunGroup:
         try:
             for path in group.paths.values():
                 os.mkdir(path)
-            group._apply(limits)
+            group.apply(limits)
         except BaseException:
             group.remove()
             raise
         return group
 
-    def _apply(self, limits: dict[str, Any]) -> None:
+    def apply(self, limits: dict[str, Any]) -> None:
         mem, pids, cpus = limits.get("memory"), limits.get("pids"), limits.get("cpus")
         if self.version == 2:
             g = self.paths[""]

@@ -42,43 +42,64 @@ ROOT_UID_BASE = 0x60000000
 ROOT_UID_SPAN = 0x0FFFFFFF
 
 
+# A spare starter is kept this long after a run, waiting for the next.
+SPARE_LINGER_S = 1.0
+
+
 class _Job:
     __slots__ = (
+        "buffer",
         "chan",
         "client_gone",
+        "cmd_w",
         "exit_status",
         "finished",
         "group",
-        "launched",
+        "kill_asked",
+        "pid",
         "placeholders",
         "started",
+        "starter_pid",
+        "status_r",
         "tmpdir",
     )
 
-    def __init__(
-        self, chan: socket.socket, launched: spawn.Launched, group: cgroups.RunGroup | None
-    ) -> None:
+    def __init__(self, chan: socket.socket, starter: spawn.Starter) -> None:
         self.chan = chan
-        self.launched = launched
-        self.group = group
+        self.starter_pid = starter.pid
+        self.status_r = starter.status_r
+        self.cmd_w = starter.cmd_w
+        self.group: cgroups.RunGroup | None = starter.group
+        self.buffer = bytearray()
+        self.pid: int | None = None  # the init's, once stage A reports it
         self.placeholders: list[str] = []
         self.tmpdir: str | None = None
         self.started = time.monotonic()
         self.exit_status: int | None = None
         self.finished = False
         self.client_gone = False
+        self.kill_asked = False
 
 
 class Server:
     def __init__(self, ctrl: socket.socket) -> None:
         self.ctrl = ctrl
         self.sel = selectors.DefaultSelector()
+        self.jobs: set[_Job] = set()
+        self.starting: dict[int, _Job] = {}  # stage A pid -> its job, until reaped
         self.jobs_by_pid: dict[int, _Job] = {}
+        # Exit statuses of inits reaped before their starter's report was read.
+        self.early_exits: dict[int, int] = {}
         self.ident = cgroups.server_ident()
         self.placeholders = Placeholders(self.ident)
         sweep_placeholders()
         self.counter = 0
         self.swept: set[str] = set()
+        self.spare: spawn.Starter | None = None
+        self.spare_until = 0.0
+        self.last_key: Any = None
+        # Groups of discarded starters: removed once the starter is reaped.
+        self.discarded: dict[int, cgroups.RunGroup | None] = {}
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda _s, _f: None)
@@ -88,7 +109,13 @@ class Server:
     # -- main loop ---------------------------------------------------------
     def serve(self) -> None:
         while True:
-            for key, _ in self.sel.select():
+            timeout = None
+            if self.spare is not None:
+                timeout = max(0.0, self.spare_until - time.monotonic())
+            events = self.sel.select(timeout)
+            if self.spare is not None and time.monotonic() >= self.spare_until:
+                self._drop_spare()
+            for key, _ in events:
                 what, job = key.data
                 if what == "ctrl":
                     if not self._on_ctrl():
@@ -104,6 +131,67 @@ class Server:
                 elif what == "status":
                     self._on_status(job)
 
+    # -- starters ----------------------------------------------------------
+    @staticmethod
+    def _key(plan: dict[str, Any]) -> Any:
+        spec = plan.get("cgroup")
+        placement = json.dumps(spec["placement"], sort_keys=True) if spec else None
+        return (placement, bool(plan.get("outer_uid") == 0 and plan.get("root_mapping")))
+
+    def _new_starter(self, key: Any) -> spawn.Starter:
+        """Fork a stage A for runs like ``key``: its cgroups are created now
+        (limits come with the plan), its id mapping too."""
+        placement_json, root_mapping = key
+        self.counter += 1
+        group: cgroups.RunGroup | None = None
+        if placement_json is not None:
+            placement = cgroups.Placement(**json.loads(placement_json))
+            for base in placement.bases.values():
+                if base not in self.swept:
+                    self.swept.add(base)
+                    cgroups.sweep(placement)
+            group = cgroups.RunGroup.create(placement, f"{self.ident}.{self.counter}", {})
+        sid = None
+        if root_mapping:
+            # Root callers' sandboxes run as a dedicated unprivileged uid.
+            sid = ROOT_UID_BASE + ((os.getpid() << 12 | (self.counter & 0xFFF)) % ROOT_UID_SPAN)
+        try:
+            return spawn.fork_starter(group.procs_files() if group else [], sid, key, group)
+        except BaseException:
+            if group is not None:
+                group.remove()
+            raise
+
+    def _take_starter(self, key: Any) -> spawn.Starter:
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            if spare.key == key:
+                return spare
+            self._discard(spare)
+        return self._new_starter(key)
+
+    def _discard(self, starter: spawn.Starter) -> None:
+        starter.discard()
+        self.discarded[starter.pid] = starter.group
+
+    def _drop_spare(self) -> None:
+        if self.spare is not None:
+            self._discard(self.spare)
+            self.spare = None
+
+    def _refill(self) -> None:
+        """After a run: have the next run's stage A ready (for a while)."""
+        if self.last_key is None:
+            return
+        self.spare_until = time.monotonic() + SPARE_LINGER_S
+        if self.spare is not None:
+            return
+        try:
+            self.spare = self._new_starter(self.last_key)
+        except Exception:  # noqa: BLE001 - the next run forks its own, and reports
+            self.spare = None
+
+    # -- requests ----------------------------------------------------------
     def _on_ctrl(self) -> bool:
         try:
             msg, fds, _flags, _addr = socket.recv_fds(self.ctrl, MAX_PLAN, 8)
@@ -116,52 +204,36 @@ class Server:
                 os.close(fd)
             return True
         chan = socket.socket(fileno=fds[0])
-        stdio = (fds[1], fds[2], fds[3])
-        group: cgroups.RunGroup | None = None
+        stdio = [fds[1], fds[2], fds[3]]
+        starter: spawn.Starter | None = None
         placeholders: list[str] = []
         tmpdir: str | None = None
-        extra_fds: list[int] = []
+        step = "cgroup"
         try:
             plan = json.loads(msg)
-            group = self._make_group(plan)
+            key = self._key(plan)
+            self.last_key = key
+            starter = self._take_starter(key)
+            step = "spawn"
+            if starter.group is not None:
+                starter.group.apply(plan["cgroup"]["limits"])
             placeholders = self.placeholders.acquire(plan.get("placeholders", ()))
             if plan.get("private_tmp"):
                 tmpdir = make_private_tmp(plan)
-            if plan.get("proxy"):
-                plan["chan_fd"] = chan.fileno()  # the init sends the proxy listeners on it
-            if plan.get("outer_uid") == 0 and plan.get("root_mapping"):
-                extra_fds = self._root_mapping(plan)
-            launched = spawn.launch(plan, stdio)
-        except spawn.SpawnError as exc:
-            remove_tree(tmpdir)
-            self.placeholders.release(placeholders)
-            if group is not None:
-                group.remove()
-            self._send(chan, {"t": "error", **exc.info})
-            chan.close()
-            return True
-        except OSError as exc:
-            remove_tree(tmpdir)
-            self.placeholders.release(placeholders)
-            if group is not None:
-                group.remove()
-            self._send(
-                chan,
-                {
-                    "t": "error",
-                    "step": "cgroup" if group is None else "spawn",
-                    "errno": exc.errno,
-                    "message": str(exc),
-                },
-            )
-            chan.close()
-            return True
+            if starter.sid is not None:
+                plan["sandbox_uid"] = starter.sid
+            send = stdio + ([chan.fileno()] if plan.get("proxy") else [])
+            starter.start(plan, send)
         except Exception as exc:  # noqa: BLE001 - report, keep serving
+            remove_tree(tmpdir)
+            self.placeholders.release(placeholders)
+            if starter is not None:
+                self._discard(starter)
             self._send(
                 chan,
                 {
                     "t": "error",
-                    "step": "spawn",
+                    "step": step,
                     "errno": getattr(exc, "errno", None),
                     "message": str(exc),
                 },
@@ -169,67 +241,18 @@ class Server:
             chan.close()
             return True
         finally:
-            for fd in set(stdio) | set(extra_fds):
+            for fd in stdio:
                 os.close(fd)
-        job = _Job(chan, launched, group)
+        job = _Job(chan, starter)
         job.placeholders = placeholders
         job.tmpdir = tmpdir
-        self.jobs_by_pid[launched.pid] = job
+        self.jobs.add(job)
+        self.starting[starter.pid] = job
         chan.setblocking(False)
         self.sel.register(chan, selectors.EVENT_READ, ("chan", job))
-        os.set_blocking(launched.status_r, False)
-        self.sel.register(launched.status_r, selectors.EVENT_READ, ("status", job))
-        if b"\n" in launched.buffer:
-            self._on_status(job, read=False)
+        os.set_blocking(job.status_r, False)
+        self.sel.register(job.status_r, selectors.EVENT_READ, ("status", job))
         return True
-
-    def _root_mapping(self, plan: dict[str, Any]) -> list[int]:
-        """For a root caller: run the sandbox as a dedicated unprivileged uid
-        (its root inside), and shift the writable roots' ownership to it
-        with idmapped mounts, so host files keep root's protection while the
-        workspace stays writable (and new files in it belong to root)."""
-        self.counter += 1
-        sid = ROOT_UID_BASE + ((os.getpid() << 12 | (self.counter & 0xFFF)) % ROOT_UID_SPAN)
-        userns_fd = userns.make_userns(f"0 {sid} 1\n", f"0 {sid} 1\n")
-        fds = [userns_fd]
-        plan["userns_fd"] = userns_fd
-        plan["sandbox_uid"] = sid
-        premade: dict[str, int] = {}
-        try:
-            for i, op in enumerate(plan["view"]["ops"]):
-                if op["t"] == "bind":
-                    fd = userns.idmapped_clone(op["src"], userns_fd)
-                elif op["t"] == "robind":
-                    # The sandbox's uid may not reach the source (e.g. under
-                    # a 0700 directory of root's): clone it here.
-                    fd = userns.readonly_clone(op["src"])
-                else:
-                    continue
-                fds.append(fd)
-                premade[str(i)] = fd
-        except OSError as exc:
-            for fd in fds:
-                os.close(fd)
-            raise OSError(
-                exc.errno,
-                f"cannot shift ownership of the writable roots for a root caller "
-                f"(idmapped mounts): {exc.strerror}",
-            ) from None
-        plan["view"]["premade"] = premade
-        return fds
-
-    def _make_group(self, plan: dict[str, Any]) -> cgroups.RunGroup | None:
-        spec = plan.get("cgroup")
-        if not spec:
-            return None
-        placement = cgroups.Placement(**spec["placement"])
-        for base in placement.bases.values():
-            if base not in self.swept:
-                self.swept.add(base)
-                cgroups.sweep(placement)
-        group = cgroups.RunGroup.create(placement, f"{self.ident}.{plan['id']}", spec["limits"])
-        plan["cgroup_procs"] = group.procs_files()
-        return group
 
     def _drain_wake(self) -> None:
         try:
@@ -246,10 +269,18 @@ class Server:
                 return
             if pid == 0:
                 return
+            if pid in self.discarded:
+                group = self.discarded.pop(pid)
+                if group is not None:
+                    group.remove()
+                continue
             job = self.jobs_by_pid.get(pid)
             if job is not None:
                 job.exit_status = status
                 self._maybe_finish(job)
+            elif self.starting.pop(pid, None) is None:
+                # An init whose starter's "P" line is not read yet.
+                self.early_exits[pid] = status
 
     def _on_chan(self, job: _Job) -> None:
         try:
@@ -263,45 +294,102 @@ class Server:
             self.sel.unregister(job.chan)
             self._kill(job)
         elif data.startswith(b"K"):
+            if job.pid is None:
+                job.kill_asked = True  # the init is not known yet: kill it when it is
+                return
             try:
-                os.write(job.launched.cmd_w, b"K")
+                os.write(job.cmd_w, b"K")
             except OSError:
                 pass
 
     def _kill(self, job: _Job) -> None:
+        if job.pid is None:
+            job.kill_asked = True
+            return
         if job.exit_status is None:
             try:
-                os.kill(job.launched.pid, signal.SIGKILL)  # still our unreaped child: no reuse
+                os.kill(job.pid, signal.SIGKILL)  # still our unreaped child: no reuse
             except ProcessLookupError:
                 pass
 
-    def _on_status(self, job: _Job, read: bool = True) -> None:
-        launched = job.launched
-        if read:
-            try:
-                chunk = os.read(launched.status_r, 65536)
-            except BlockingIOError:
+    def _on_status(self, job: _Job) -> None:
+        try:
+            chunk = os.read(job.status_r, 65536)
+        except BlockingIOError:
+            return
+        if chunk:
+            job.buffer += chunk
+        else:
+            self.sel.unregister(job.status_r)
+            os.close(job.status_r)
+            job.status_r = -1
+        if job.pid is None:
+            if b"\n" not in job.buffer and job.status_r != -1:
                 return
-            if chunk:
-                launched.buffer += chunk
-                if b"\n" not in launched.buffer:
-                    return
+            line, _, rest = bytes(job.buffer).partition(b"\n")
+            if line.startswith(b"P") and line[1:].isdigit():
+                job.pid = int(line[1:])
+                job.buffer = bytearray(rest)
+                self.jobs_by_pid[job.pid] = job
+                if job.pid in self.early_exits:
+                    job.exit_status = self.early_exits.pop(job.pid)
+                if job.kill_asked:
+                    if job.client_gone:
+                        self._kill(job)
+                    else:
+                        try:
+                            os.write(job.cmd_w, b"K")
+                        except OSError:
+                            pass
             else:
-                self.sel.unregister(launched.status_r)
-                os.close(launched.status_r)
-                launched.status_r = -1
-        if b"\n" in launched.buffer or launched.status_r == -1:
+                self._setup_failed(job, line)
+                return
+        if b"\n" in job.buffer or job.status_r == -1:
             self._maybe_finish(job)
 
+    def _setup_failed(self, job: _Job, line: bytes) -> None:
+        """Stage A failed (or died) before an init existed."""
+        job.finished = True
+        self.jobs.discard(job)
+        if line.startswith(b"E"):
+            msg: dict[str, Any] = {"t": "error", **json.loads(line[1:])}
+        else:
+            msg = {"t": "error", "step": "spawn", "errno": None, "message": "setup process died"}
+        self._close_job(job)
+        # The starter exits by itself; its group goes when it is reaped.
+        if self.starting.pop(job.starter_pid, None) is not None:
+            self.discarded[job.starter_pid] = job.group
+        elif job.group is not None:
+            job.group.remove()
+        job.group = None
+        self._reply(job, msg)
+
+    def _close_job(self, job: _Job) -> None:
+        if job.status_r != -1:
+            self.sel.unregister(job.status_r)
+            os.close(job.status_r)
+            job.status_r = -1
+        os.close(job.cmd_w)
+        # Before replying: when run() returns, the workspace is as it was.
+        self.placeholders.release(job.placeholders)
+        remove_tree(job.tmpdir)
+
+    def _reply(self, job: _Job, msg: dict[str, Any]) -> None:
+        if not job.client_gone:
+            self._send(job.chan, msg)
+            self.sel.unregister(job.chan)
+        job.chan.close()
+        self._refill()
+
     def _maybe_finish(self, job: _Job) -> None:
-        launched = job.launched
-        if job.finished or job.exit_status is None:
+        if job.finished or job.exit_status is None or job.pid is None:
             return
-        if launched.status_r != -1 and b"\n" not in launched.buffer:
+        if job.status_r != -1 and b"\n" not in job.buffer:
             return  # the report may still be in flight
         job.finished = True
-        del self.jobs_by_pid[launched.pid]
-        line = bytes(launched.buffer).partition(b"\n")[0]
+        self.jobs.discard(job)
+        del self.jobs_by_pid[job.pid]
+        line = bytes(job.buffer).partition(b"\n")[0]
         if line.startswith(b"R"):
             msg: dict[str, Any] = {"t": "result", **json.loads(line[1:])}
         elif line.startswith(b"E"):
@@ -331,18 +419,8 @@ class Server:
                 }
         if job.group is not None:
             msg["cgroup"] = job.group.stats()
-        if launched.status_r != -1:
-            self.sel.unregister(launched.status_r)
-            os.close(launched.status_r)
-            launched.status_r = -1
-        os.close(launched.cmd_w)
-        # Before replying: when run() returns, the workspace is as it was.
-        self.placeholders.release(job.placeholders)
-        remove_tree(job.tmpdir)
-        if not job.client_gone:
-            self._send(job.chan, msg)
-            self.sel.unregister(job.chan)
-        job.chan.close()
+        self._close_job(job)
+        self._reply(job, msg)
         if job.group is not None:
             # After replying: the caller does not wait for the removal. The
             # group is empty (the pid namespace died with its init).
@@ -358,19 +436,38 @@ class Server:
             pass
 
     def _shutdown(self) -> None:
-        jobs = list(self.jobs_by_pid.values())
-        for job in jobs:
-            self._kill(job)
+        self._drop_spare()
+        jobs = list(self.jobs)
+        # Every child left is a sandbox's init or a stage A (an init whose
+        # pid was never read is ours too, as subreaper, once its A is gone).
         while True:
+            for child_pid in _children():
+                try:
+                    os.kill(child_pid, signal.SIGKILL)  # unreaped: no reuse
+                except ProcessLookupError:
+                    pass
             try:
                 os.waitpid(-1, 0)
             except ChildProcessError:
                 break
+        for group in self.discarded.values():
+            if group is not None:
+                group.remove()
         for job in jobs:
             self.placeholders.release(job.placeholders)
             remove_tree(job.tmpdir)
             if job.group is not None:
                 job.group.remove()
+
+
+def _children() -> list[int]:
+    """This process's unreaped children (from /proc)."""
+    me = os.getpid()
+    try:
+        with open(f"/proc/{me}/task/{me}/children") as fh:
+            return [int(p) for p in fh.read().split()]
+    except OSError:
+        return []
 
 
 class Placeholders:

@@ -370,9 +370,16 @@ def _protect(b: _Builder, op: dict[str, Any]) -> None:
     """Bind ``dst`` read-only onto itself (or, with ``rw``, pin it as a mount
     point that cannot be renamed or removed)."""
     dst = op["dst"]
-    if not os.path.lexists(dst):  # the placeholder vanished: fail closed
-        raise MountStepError(f"protect {dst}", FileNotFoundError(2, "no such file"))
-    if os.path.islink(dst):
+    try:
+        st = os.lstat(dst)
+    except PermissionError:
+        # Below a directory the sandbox cannot search (e.g. another user's
+        # 0700 directory in a root caller's workspace): the command cannot
+        # reach it either, so there is nothing to protect.
+        return
+    except FileNotFoundError:  # the placeholder vanished: fail closed
+        raise MountStepError(f"protect {dst}", FileNotFoundError(2, "no such file")) from None
+    if stat.S_ISLNK(st.st_mode):
         raise MountStepError(f"protect {dst}", OSError(40, "is a symlink"))  # ELOOP
     fd = _step(f"clone {dst}", _clone, dst)
     if op.get("rw"):

@@ -1,10 +1,20 @@
 """Namespace creation and the fork chain of one run.
 
-    server --fork--> A: unshare(user, mount, pid, net, ipc, uts, cgroup),
-                        write its uid/gid map, fork B, report B's pid, exit
+    server --fork--> A: a *starter*: joins the run's cgroups (and, for a root
+                        caller, creates the run's user namespace) before it
+                        is given a plan; then unshare(user, mount, pid, net,
+                        ipc, uts, cgroup), write its uid/gid map, fork B,
+                        report B's pid, exit
                      B: PID 1 of the new pid namespace (``init``), reparented
                         to the server (a child subreaper) when A exits
                      C: the command, PID 2 (``child``)
+
+A starter is forked ahead of its plan so that the slow parts that do not
+depend on the plan (a cgroup migration waits for an RCU grace period; a user
+namespace for the id mapping needs a fork) happen off the critical path: the
+fork server keeps one spare starter ready after a run. The plan and its fds
+(stdio, and the caller's channel when a proxy listens) arrive on the
+starter's socket.
 
 The server is single-threaded, so forking it (and running Python in the
 children) is safe. A reports on ``status`` with ``P<pid>`` or ``E<json>``;
@@ -15,9 +25,9 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
-from dataclasses import dataclass, field
+import socket
+import time
 from typing import Any
 
 from . import init, userns
@@ -32,24 +42,92 @@ BASE_FLAGS = (
     | k.CLONE_NEWUTS
     | k.CLONE_NEWCGROUP
 )
-SPAWN_TIMEOUT_MS = 30_000
+MAX_PLAN = 1 << 20
 
 
-class SpawnError(Exception):
-    def __init__(self, info: dict[str, Any]) -> None:
-        super().__init__(info.get("message", "sandbox setup failed"))
-        self.info = info
+class Starter:
+    """The server's handle on a forked stage A that waits for its plan."""
+
+    __slots__ = ("born", "cmd_w", "group", "key", "pid", "sid", "sock", "status_r")
+
+    def __init__(
+        self, pid: int, sock: socket.socket, status_r: int, cmd_w: int, key: Any, group: Any
+    ) -> None:
+        self.pid = pid
+        self.sock = sock
+        self.status_r = status_r
+        self.cmd_w = cmd_w
+        self.key = key
+        self.group = group
+        self.sid: int | None = None
+        self.born = time.monotonic()
+
+    def start(self, plan: dict[str, Any], fds: list[int]) -> None:
+        """Hand the starter its plan; it goes on alone (reporting on status)."""
+        socket.send_fds(self.sock, [json.dumps(plan).encode()], fds)
+        self.sock.close()
+
+    def discard(self) -> None:
+        """Let an unused starter go: it sees EOF and exits."""
+        self.sock.close()
+        for fd in (self.status_r, self.cmd_w):
+            if fd >= 0:
+                os.close(fd)
 
 
-@dataclass
-class Launched:
-    pid: int
-    status_r: int
-    cmd_w: int
-    buffer: bytearray = field(default_factory=bytearray)
+def fork_starter(procs_files: list[str], sid: int | None, key: Any, group: Any) -> Starter:
+    """Fork a stage A that joins ``procs_files`` (and makes a user namespace
+    mapping root to ``sid``) at once, then waits for its plan."""
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    cmd_r, cmd_w = os.pipe2(os.O_CLOEXEC)
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        pid = os.fork()
+    except OSError:
+        for fd in (status_r, status_w, cmd_r, cmd_w):
+            os.close(fd)
+        mine.close()
+        theirs.close()
+        raise
+    if pid == 0:
+        try:
+            _starter_main(theirs.fileno(), status_w, cmd_r, procs_files, sid)
+        finally:
+            os._exit(1)
+    os.close(status_w)
+    os.close(cmd_r)
+    theirs.close()
+    starter = Starter(pid, mine, status_r, cmd_w, key, group)
+    starter.sid = sid
+    return starter
 
 
-def _stage_a(plan: dict[str, Any], stdio: tuple[int, int, int], status_w: int, cmd_r: int) -> None:
+def _set_name(name: bytes) -> None:
+    """The process name ``ps`` shows (a spare waits beside the server)."""
+    try:
+        fd = os.open("/proc/self/comm", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, name)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _fail(status_w: int, step: str, exc: BaseException) -> None:
+    info = {"step": step, "errno": getattr(exc, "errno", None), "message": str(exc)}
+    try:
+        write_all(status_w, b"E" + json.dumps(info).encode() + b"\n")
+    finally:
+        os._exit(1)
+
+
+def _starter_main(
+    sock_fd: int, status_w: int, cmd_r: int, procs_files: list[str], sid: int | None
+) -> None:
+    # Never return into the server's loop: every path ends in os._exit.
+    early: tuple[str, BaseException] | None = None
+    userns_fd: int | None = None
     step = "close fds"
     try:
         # The server's wakeup fd (and its SIGCHLD handler) are inherited, but
@@ -57,21 +135,73 @@ def _stage_a(plan: dict[str, Any], stdio: tuple[int, int, int], status_w: int, c
         # write to it and surface as EBADF later.
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        keep = {*stdio, status_w, cmd_r}
-        if plan.get("chan_fd") is not None:
-            keep.add(plan["chan_fd"])
-        if plan.get("userns_fd") is not None:
-            keep |= {plan["userns_fd"], *plan["view"].get("premade", {}).values()}
-        close_all_except(keep)
+        close_all_except({sock_fd, status_w, cmd_r})
+        _set_name(b"nanobox-spare")
         step = "join cgroup"
         me = str(os.getpid()).encode()
-        for procs in plan.get("cgroup_procs", ()):
+        for procs in procs_files:
             fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
             try:
                 os.write(fd, me)
             finally:
                 os.close(fd)
-        step = "create namespaces"
+        if sid is not None:
+            step = "user namespace for the id mapping"
+            userns_fd = userns.make_userns(f"0 {sid} 1\n", f"0 {sid} 1\n")
+    except BaseException as exc:  # noqa: BLE001 - reported once the plan is here
+        early = (step, exc)
+    try:
+        sock = socket.socket(fileno=sock_fd)
+        msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_PLAN, 8)
+        sock.close()
+    except BaseException:  # noqa: BLE001
+        os._exit(0)
+    if not msg:
+        os._exit(0)  # discarded, or the server went away
+    if early is not None:
+        _fail(status_w, *early)
+    _set_name(b"nanobox-init")  # B inherits it
+    try:
+        plan = json.loads(msg)
+        stdio = (fds[0], fds[1], fds[2])
+        if len(fds) > 3:
+            plan["chan_fd"] = fds[3]
+        if userns_fd is not None:
+            plan["userns_fd"] = userns_fd
+            plan["view"]["premade"] = _premade(plan, userns_fd)
+    except BaseException as exc:  # noqa: BLE001
+        _fail(status_w, "prepare", exc)
+    _stage_a(plan, stdio, status_w, cmd_r)
+
+
+def _premade(plan: dict[str, Any], userns_fd: int) -> dict[str, int]:
+    """For a root caller: the writable roots as idmapped clones (their
+    on-disk root ownership is the sandbox uid inside), and read-only roots
+    cloned here, where root can still reach them."""
+    premade: dict[str, int] = {}
+    try:
+        for i, op in enumerate(plan["view"]["ops"]):
+            if op["t"] == "bind":
+                fd = userns.idmapped_clone(op["src"], userns_fd)
+            elif op["t"] == "robind":
+                # The sandbox's uid may not reach the source (e.g. under
+                # a 0700 directory of root's): clone it here.
+                fd = userns.readonly_clone(op["src"])
+            else:
+                continue
+            premade[str(i)] = fd
+    except OSError as exc:
+        raise OSError(
+            exc.errno,
+            f"cannot shift ownership of the writable roots for a root caller "
+            f"(idmapped mounts): {exc.strerror}",
+        ) from None
+    return premade
+
+
+def _stage_a(plan: dict[str, Any], stdio: tuple[int, int, int], status_w: int, cmd_r: int) -> None:
+    step = "create namespaces"
+    try:
         if plan.get("mode") == "nons":
             step = "fork init"
             pid = os.fork()
@@ -101,47 +231,4 @@ def _stage_a(plan: dict[str, Any], stdio: tuple[int, int, int], status_w: int, c
         write_all(status_w, b"P%d\n" % pid)
         os._exit(0)
     except BaseException as exc:  # noqa: BLE001 - never return into the server
-        info = {"step": step, "errno": getattr(exc, "errno", None), "message": str(exc)}
-        try:
-            write_all(status_w, b"E" + json.dumps(info).encode() + b"\n")
-        finally:
-            os._exit(1)
-
-
-def launch(plan: dict[str, Any], stdio: tuple[int, int, int]) -> Launched:
-    """Fork the chain for ``plan``; return B's pid and its pipes."""
-    status_r, status_w = os.pipe2(os.O_CLOEXEC)
-    cmd_r, cmd_w = os.pipe2(os.O_CLOEXEC)
-    try:
-        pid = os.fork()
-    except OSError:
-        for fd in (status_r, status_w, cmd_r, cmd_w):
-            os.close(fd)
-        raise
-    if pid == 0:
-        _stage_a(plan, stdio, status_w, cmd_r)
-        os._exit(1)  # pragma: no cover
-    os.close(status_w)
-    os.close(cmd_r)
-    buf = bytearray()
-    try:
-        poller = select.poll()
-        poller.register(status_r, select.POLLIN)
-        while b"\n" not in buf:
-            if not poller.poll(SPAWN_TIMEOUT_MS):
-                os.kill(pid, 9)
-                raise SpawnError({"step": "spawn", "errno": None, "message": "setup timed out"})
-            chunk = os.read(status_r, 65536)
-            if not chunk:
-                break
-            buf += chunk
-    finally:
-        os.waitpid(pid, 0)
-    line, _, rest = bytes(buf).partition(b"\n")
-    if line.startswith(b"P"):
-        return Launched(int(line[1:]), status_r, cmd_w, bytearray(rest))
-    os.close(status_r)
-    os.close(cmd_w)
-    if line.startswith(b"E"):
-        raise SpawnError(json.loads(line[1:]))
-    raise SpawnError({"step": "spawn", "errno": None, "message": "setup process died"})
+        _fail(status_w, step, exc)

@@ -1,0 +1,85 @@
+"""The fork server keeps one stage A ("starter") ready after a run, with its
+cgroups already joined, so the next run skips the slow cgroup migration.
+It must apply each run's limits, and vanish (process and cgroups) when no
+run comes for a moment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import nanobox
+from conftest import SPY, cgroups_usable, nanobox_groups, userns_usable, wait_until
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(not userns_usable(), reason="no user namespaces (see test_nouserns)"),
+]
+
+
+def _spares() -> list[int]:
+    """Spare starters below this process."""
+    me = os.getpid()
+    parents: dict[int, int] = {}
+    names: dict[int, str] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{name}/comm") as fh:
+                names[int(name)] = fh.read().strip()
+        except OSError:
+            continue
+        parents[int(name)] = int(fields[1])
+    below: set[int] = set()
+    frontier = {me}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier}
+        below |= frontier
+    return [pid for pid in below if names.get(pid) == "nanobox-spare"]
+
+
+def test_spare_is_ready_after_a_run_and_goes_away(workspace: Path) -> None:
+    box = nanobox.Sandbox()
+    try:
+        groups_before = nanobox_groups()
+        assert box.run(["true"]).returncode == 0
+        assert wait_until(lambda: len(_spares()) == 1, timeout=2), "no spare after a run"
+        spare = _spares()[0]
+        assert box.run(["true"]).returncode == 0  # takes the spare
+        assert spare not in _spares()
+        # Nothing comes next: the spare and its groups go within a few seconds.
+        assert wait_until(lambda: not _spares(), timeout=5)
+        assert wait_until(lambda: not nanobox_groups() - groups_before, timeout=5)
+    finally:
+        box.close()
+
+
+@pytest.mark.skipif(not cgroups_usable(), reason="no usable cgroup here")
+def test_spare_gets_each_runs_limits(workspace: Path) -> None:
+    limited = nanobox.Sandbox(nanobox.Policy(limits=nanobox.Limits(memory="48M")))
+    free = nanobox.Sandbox()
+    touch = "b = bytearray({} << 20); b[::4096] = b'x' * len(b[::4096])"
+    for _ in range(2):  # the first starter is fresh, the next ones spares
+        assert free.run(["true"]).returncode == 0
+        r = limited.run([SPY, "-c", touch.format(200)])
+        assert r.outcome is nanobox.Outcome.MEMORY_LIMIT, r
+        # ... and a run without limits right after is not limited.
+        r = free.run([SPY, "-c", touch.format(100)])
+        assert r.returncode == 0, r
+        assert r.peak_memory_bytes is not None and r.peak_memory_bytes > 90 << 20
+
+
+def test_server_exit_takes_the_spare(workspace: Path) -> None:
+    from nanobox._linux import client
+
+    groups_before = nanobox_groups()
+    nanobox.run(["true"])
+    assert wait_until(lambda: len(_spares()) == 1, timeout=2)
+    client.shutdown()  # the caller lets its fork server go (as at exit)
+    assert wait_until(lambda: not _spares(), timeout=5)
+    assert wait_until(lambda: not nanobox_groups() - groups_before, timeout=5)
