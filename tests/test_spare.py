@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 
 import nanobox
-from conftest import SPY, cgroups_usable, nanobox_groups, userns_usable, wait_until
+from conftest import (
+    SPY,
+    cgroups_usable,
+    nanobox_cli,
+    nanobox_groups,
+    userns_usable,
+    wait_until,
+)
 
 pytestmark = [
     pytest.mark.vm,
@@ -82,4 +89,30 @@ def test_server_exit_takes_the_spare(workspace: Path) -> None:
     assert wait_until(lambda: len(_spares()) == 1, timeout=2)
     client.shutdown()  # the caller lets its fork server go (as at exit)
     assert wait_until(lambda: not _spares(), timeout=5)
+    assert wait_until(lambda: not nanobox_groups() - groups_before, timeout=5)
+
+
+def _all_spares() -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/comm") as fh:
+                    if fh.read().strip() == "nanobox-spare":
+                        out.append(int(name))
+            except OSError:
+                continue
+    return out
+
+
+def test_cli_leaves_nothing_after_a_usage_error_or_a_run(workspace: Path) -> None:
+    """The CLI forks its server (which makes a spare) before it parses its
+    options: a bad option, or the end of the run, must take both away."""
+    groups_before = nanobox_groups()
+    spares_before = set(_all_spares())
+    p = nanobox_cli("run", "--memory", "lots", "--", "true")
+    assert p.returncode == 125 and b"--memory" in p.stderr
+    p = nanobox_cli("run", "--", "sh", "-c", "echo ok")
+    assert p.returncode == 0 and p.stdout == b"ok\n"
+    assert wait_until(lambda: not set(_all_spares()) - spares_before, timeout=5)
     assert wait_until(lambda: not nanobox_groups() - groups_before, timeout=5)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-import subprocess
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -73,20 +72,48 @@ class SetupError(SandboxError):
     result: Result[Any] | None = None
 
 
-class SandboxedProcessError(SandboxError, subprocess.CalledProcessError):
-    """Raised by ``Result.check()`` (or ``check=True``) for a failed command."""
+if TYPE_CHECKING:
+    import subprocess
 
-    def __init__(self, result: Result[Any]) -> None:
-        subprocess.CalledProcessError.__init__(
-            self, result.returncode, list(result.args), result.stdout, result.stderr
-        )
-        SandboxError.__init__(
-            self,
-            f"command {list(result.args)!r} ended with outcome "
-            f"{result.outcome.value} (returncode {result.returncode})",
-            step="run",
-        )
-        self.result = result
+    class SandboxedProcessError(SandboxError, subprocess.CalledProcessError):
+        """Raised by ``Result.check()`` (or ``check=True``) for a failed command."""
 
-    def __str__(self) -> str:
-        return self.message
+        result: Result[Any]
+
+        def __init__(self, result: Result[Any]) -> None: ...
+
+
+def _make_sandboxed_process_error() -> type:
+    """The class is built on first use: it subclasses
+    ``subprocess.CalledProcessError``, and importing :mod:`subprocess` would
+    cost the CLI's start-up ~2 ms that it rarely needs."""
+    import subprocess
+
+    class SandboxedProcessError(SandboxError, subprocess.CalledProcessError):
+        """Raised by ``Result.check()`` (or ``check=True``) for a failed command."""
+
+        def __init__(self, result: Result[Any]) -> None:
+            subprocess.CalledProcessError.__init__(
+                self, result.returncode, list(result.args), result.stdout, result.stderr
+            )
+            SandboxError.__init__(
+                self,
+                f"command {list(result.args)!r} ended with outcome "
+                f"{result.outcome.value} (returncode {result.returncode})",
+                step="run",
+            )
+            self.result = result
+
+        def __str__(self) -> str:
+            return self.message
+
+    SandboxedProcessError.__module__ = __name__
+    return SandboxedProcessError
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SandboxedProcessError":
+        cls = _make_sandboxed_process_error()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,7 @@ logged to the ``nanobox.events`` logger at DEBUG level with the event as
 
 from __future__ import annotations
 
-import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -18,7 +18,14 @@ from typing import Any
 
 __all__ = ["Event", "subscribe", "unsubscribe"]
 
-_log = logging.getLogger("nanobox.events")
+
+
+def _logger() -> Any:
+    """The ``nanobox.events`` logger, or None when nothing in this process
+    imported :mod:`logging` (then nothing could have configured a handler,
+    and the CLI's start-up does not pay for importing it)."""
+    logging = sys.modules.get("logging")
+    return None if logging is None else logging.getLogger("nanobox.events")
 
 
 @dataclass(frozen=True)
@@ -54,13 +61,16 @@ def unsubscribe(callback: Subscriber) -> None:
 
 def emit(event: Event, local: Subscriber | None = None) -> None:
     """Deliver ``event``; a failing subscriber is logged, never propagated."""
-    if _log.isEnabledFor(logging.DEBUG):
-        _log.debug("%s %s", event.kind, dict(event.data), extra={"nanobox_event": event.to_dict()})
+    log = _logger()
+    if log is not None and log.isEnabledFor(10):  # logging.DEBUG
+        log.debug("%s %s", event.kind, dict(event.data), extra={"nanobox_event": event.to_dict()})
     targets = list(_subscribers)
     if local is not None:
         targets.append(local)
     for callback in targets:
         try:
             callback(event)
-        except Exception:  # noqa: BLE001 - a subscriber must not break a run
-            _log.exception("event subscriber %r failed", callback)
+        except Exception:  # a subscriber must not break a run
+            import logging
+
+            logging.getLogger("nanobox.events").exception("event subscriber %r failed", callback)

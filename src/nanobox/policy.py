@@ -170,8 +170,8 @@ class Network:
             raise PolicyError(
                 "network.resolve", f"expected NAME = ADDRESS pairs, got {self.resolve!r}"
             )
-        import ipaddress
-
+        if self.resolve:
+            import ipaddress
         for name, addr in self.resolve.items():
             try:
                 ipaddress.ip_address(addr)
@@ -190,8 +190,8 @@ class Network:
                 value = (value,)
             if not isinstance(value, (tuple, list)):
                 raise PolicyError(f"network.{name}", f"expected a list of rules, got {value!r}")
-            from .net.rules import parse_rule
-
+            if value:
+                from .net.rules import parse_rule
             for rule in value:
                 try:
                     parse_rule(rule)

@@ -10,7 +10,6 @@ import signal
 import socket
 import sys
 import threading
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
@@ -154,7 +153,7 @@ class Sandbox:
         stdin_fd: int | None = None
         if stdin is not None:
             stdin_fd = stdin if isinstance(stdin, int) else stdin.fileno()
-        run_id = uuid.uuid4().hex[:16]
+        run_id = os.urandom(8).hex()
         from ._linux import client
 
         try:
@@ -521,7 +520,8 @@ class Sandbox:
             network=network,
             oom_killed=oom_killed,
         )
-        if events._subscribers or self.on_event is not None or events._log.isEnabledFor(10):
+        log = events._logger()
+        if events._subscribers or self.on_event is not None or (log and log.isEnabledFor(10)):
             self._emit(prep.run_id, "setup", {"seconds": msg.get("setup_s")})
             for v in violations:
                 kind = "violation" if v.kind in ("exec", "syscall") else "limit"

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 import threading
+from typing import Any
 
 _lock = threading.Lock()
 _server: ForkServer | None = None
@@ -25,13 +25,15 @@ class ServerGone(OSError):
 
 
 class ForkServer:
-    def __init__(self, *, fork: bool = False) -> None:
+    def __init__(self, *, fork: bool = False, oneshot: bool = False) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.popen: subprocess.Popen[bytes] | None = None
+        self.popen: Any = None  # subprocess.Popen, when the server was exec'd
         self.pid: int
         if fork:
-            self.pid = self._fork(parent, child)
+            self.pid = self._fork(parent, child, oneshot)
         else:
+            import subprocess
+
             pkg_parent = os.path.dirname(
                 os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             )
@@ -49,21 +51,29 @@ class ForkServer:
             self.pid = self.popen.pid
         child.close()
         self.ctrl = parent
-        # The server first says what it can do (user namespaces or not).
-        parent.settimeout(30)
+        self.userns = False
+        self.userns_detail = ""
+        self._hello = False
+
+    def await_hello(self) -> None:
+        """The server first says what it can do (user namespaces or not)."""
+        if self._hello:
+            return
+        self.ctrl.settimeout(30)
         try:
-            hello = json.loads(parent.recv(65536) or b"{}")
+            hello = json.loads(self.ctrl.recv(65536) or b"{}")
         except (OSError, ValueError):
             hello = {}
-        parent.settimeout(None)
+        self.ctrl.settimeout(None)
         if hello.get("t") != "hello":
             self.close()
             raise ServerGone(0, "the nanobox fork server did not start")
-        self.userns: bool = bool(hello["userns"])
-        self.userns_detail: str = str(hello["detail"])
+        self.userns = bool(hello["userns"])
+        self.userns_detail = str(hello["detail"])
+        self._hello = True
 
     @staticmethod
-    def _fork(parent: socket.socket, child: socket.socket) -> int:
+    def _fork(parent: socket.socket, child: socket.socket, oneshot: bool) -> int:
         """Fork the server from this (single-threaded) process: no new
         interpreter to start, which matters for the CLI's start-up time."""
         pid = os.fork()
@@ -77,7 +87,7 @@ class ForkServer:
                 from . import fds, forkserver
 
                 fds.close_all_except({child.fileno(), 2})
-                forkserver.main(child.fileno())
+                forkserver.main(child.fileno(), refill=not oneshot)
             finally:
                 os._exit(1)
         return pid
@@ -104,7 +114,23 @@ def get_server(*, fork: bool = False) -> ForkServer:
     with _lock:
         if _server is None:
             _server = ForkServer(fork=fork)
-        return _server
+        server = _server
+        try:
+            server.await_hello()
+        except ServerGone:
+            _server = None
+            raise
+        return server
+
+
+def start_oneshot() -> None:
+    """Fork the server now, for a single-threaded caller about to make one
+    run (the CLI): it starts (and prepares the run's stage A) while the
+    caller goes on building its plan."""
+    global _server
+    with _lock:
+        if _server is None:
+            _server = ForkServer(fork=True, oneshot=True)
 
 
 def reset_server(dead: ForkServer) -> None:

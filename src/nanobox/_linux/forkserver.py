@@ -82,8 +82,9 @@ class _Job:
 
 
 class Server:
-    def __init__(self, ctrl: socket.socket) -> None:
+    def __init__(self, ctrl: socket.socket, refill: bool = True) -> None:
         self.ctrl = ctrl
+        self.refill = refill
         self.sel = selectors.DefaultSelector()
         self.jobs: set[_Job] = set()
         self.starting: dict[int, _Job] = {}  # stage A pid -> its job, until reaped
@@ -119,7 +120,7 @@ class Server:
                 what, job = key.data
                 if what == "ctrl":
                     if not self._on_ctrl():
-                        self._shutdown()
+                        self.shutdown()
                         return
                 elif what == "wake":
                     self._drain_wake()
@@ -181,6 +182,10 @@ class Server:
 
     def _refill(self) -> None:
         """After a run: have the next run's stage A ready (for a while)."""
+        if self.refill:
+            self.make_spare()
+
+    def make_spare(self) -> None:
         if self.last_key is None:
             return
         self.spare_until = time.monotonic() + SPARE_LINGER_S
@@ -435,7 +440,7 @@ class Server:
         except OSError:
             pass
 
-    def _shutdown(self) -> None:
+    def shutdown(self) -> None:
         self._drop_spare()
         jobs = list(self.jobs)
         # Every child left is a sandbox's init or a stage A (an init whose
@@ -651,8 +656,27 @@ def probe_userns() -> tuple[bool, str]:
     return data == b"ok", data.decode(errors="replace")
 
 
-def main(ctrl_fd: int) -> None:
-    """Entry point of the server process."""
+def _default_key(userns_ok: bool) -> Any:
+    """The starter key of a default-policy run from this server's caller:
+    the spare made at start-up matches it (a wrong guess is just dropped)."""
+    try:
+        placement = cgroups.place(cgroups.detect())
+        placement_json: str | None = json.dumps(placement.to_json(), sort_keys=True)
+    except Exception:  # noqa: BLE001 - no usable cgroups: runs have no group
+        placement_json = None
+    root = False
+    if os.getuid() == 0 and userns_ok:
+        try:
+            with open("/proc/self/uid_map") as fh:
+                root = fh.read().split() == ["0", "0", "4294967295"]
+        except OSError:
+            pass
+    return (placement_json, root)
+
+
+def main(ctrl_fd: int, refill: bool = True) -> None:
+    """Entry point of the server process. ``refill``: keep a spare stage A
+    after each run (a one-shot caller, the CLI, does not want one)."""
     k.prctl(k.PR_SET_CHILD_SUBREAPER, 1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -663,10 +687,20 @@ def main(ctrl_fd: int) -> None:
             pass
     ctrl = socket.socket(fileno=ctrl_fd)
     ctrl.setblocking(True)
-    ok, detail = probe_userns()
-    ctrl.send(json.dumps({"t": "hello", "userns": ok, "detail": detail}).encode())
+    server = Server(ctrl, refill=refill)
     try:
-        Server(ctrl).serve()
+        # The first run's stage A starts now, while the caller builds its
+        # plan (assuming user namespaces work: a wrong guess is dropped).
+        server.last_key = _default_key(True)
+        server.make_spare()
+        ok, detail = probe_userns()
+        ctrl.send(json.dumps({"t": "hello", "userns": ok, "detail": detail}).encode())
+        server.serve()
+    except BaseException:
+        # E.g. the caller is gone before the hello (the CLI after a usage
+        # error): leave nothing behind.
+        server.shutdown()
+        raise
     finally:
         sys.stdout.flush()
     os._exit(0)

@@ -176,11 +176,10 @@ def seccomp_program(
     if cached is None and spec == "default" and not no_network:
         # Precompiled (tools/gen_default_filter.py): no compiler imports on the
         # CLI's start-up path.
-        import platform
-
         from .._seccomp import default_program
 
-        arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine(), platform.machine())
+        machine = os.uname().machine
+        arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
         if arch in default_program.PROGRAMS:
             cached = (default_program.PROGRAMS[arch], default_program.table(arch))
             _programs[key] = cached

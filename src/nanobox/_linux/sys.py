@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 
-_MACHINE = platform.machine()
+_MACHINE = os.uname().machine
 # Numbers that differ between the two supported arches; the new mount API
 # numbers (>= 424) are shared by every arch.
 if _MACHINE in ("x86_64", "amd64"):
