@@ -202,6 +202,8 @@ class Server:
             msg, fds, _flags, _addr = socket.recv_fds(self.ctrl, MAX_PLAN, 8)
         except InterruptedError:  # pragma: no cover
             return True
+        except ConnectionResetError:
+            return False  # the caller is gone
         if not msg and not fds:
             return False
         if len(fds) != 4:
