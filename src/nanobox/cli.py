@@ -194,6 +194,7 @@ def _setup_logging(ns: argparse.Namespace) -> None:
     if ns.quiet or not ns.verbose:
         return
     import logging
+
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
 

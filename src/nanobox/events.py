@@ -19,7 +19,6 @@ from typing import Any
 __all__ = ["Event", "subscribe", "unsubscribe"]
 
 
-
 def _logger() -> Any:
     """The ``nanobox.events`` logger, or None when nothing in this process
     imported :mod:`logging` (then nothing could have configured a handler,

@@ -9,14 +9,16 @@ starts its own on first use.
 
 from __future__ import annotations
 
+import _thread
 import json
 import os
 import socket
 import sys
-import threading
 from typing import Any
 
-_lock = threading.Lock()
+# ``_thread``, not ``threading``: the CLI forks its server from this process,
+# and ``threading``'s at-fork hook would slow every fork the server makes.
+_lock = _thread.allocate_lock()
 _server: ForkServer | None = None
 
 
@@ -156,7 +158,7 @@ def shutdown() -> None:
 
 def _after_fork_in_child() -> None:
     global _server, _lock
-    _lock = threading.Lock()
+    _lock = _thread.allocate_lock()
     if _server is not None:
         try:
             _server.ctrl.close()

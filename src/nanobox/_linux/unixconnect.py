@@ -21,12 +21,12 @@ own thread, because a blocking ``connect`` may take long.
 
 from __future__ import annotations
 
+import _thread
 import ctypes
 import fcntl
 import os
 import socket
 import struct
-import threading
 from collections.abc import Callable
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -72,9 +72,9 @@ class ConnectBroker:
         args: tuple[int, ...],
         respond: Callable[[int, int], None],
     ) -> None:
-        threading.Thread(
-            target=self._run, args=(listener_fd, nid, pid, args, respond), daemon=True
-        ).start()
+        # The low-level module: importing ``threading`` would register an
+        # at-fork hook in the fork server that makes every fork ~0.25 ms slower.
+        _thread.start_new_thread(self._run, (listener_fd, nid, pid, args, respond))
 
     def _run(
         self,
