@@ -191,3 +191,41 @@ def test_environment_is_clean_by_default(workspace: Path, monkeypatch: pytest.Mo
     inherit = nanobox.Policy(inherit_env=True)
     names2 = eval(sandboxed(code, policy=inherit).stdout)
     assert "NANOBOX_SECRET_TOKEN" in names2
+
+
+_SIGNALS_PROBE = (
+    "import signal, subprocess, sys\n"
+    "sys.path[:0] = sys.argv[2:]\n"
+    "import nanobox\n"
+    "for s in (signal.SIGHUP, signal.SIGUSR1, signal.SIGTERM):\n"
+    "    signal.signal(s, signal.SIG_IGN)\n"
+    "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})\n"
+    "cmd = ['grep', '-E', '^Sig(Ign|Blk)', '/proc/self/status']\n"
+    "if sys.argv[1] == 'sandbox':\n"
+    "    sys.stdout.write(nanobox.run(cmd).stdout.decode())\n"
+    "else:\n"
+    "    sys.stdout.write(subprocess.run(cmd, capture_output=True, text=True).stdout)\n"
+)
+
+
+def test_command_starts_with_default_signal_dispositions(workspace: Path) -> None:
+    """A caller that ignores or blocks signals (nohup, a service manager)
+    does not pass that on: the command can be stopped by SIGTERM/SIGHUP."""
+    src = str(Path(nanobox.__file__).parent.parent)
+
+    def probe(where: str) -> dict[str, int]:
+        out = subprocess.run(
+            [sys.executable, "-c", _SIGNALS_PROBE, where, src],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        return {
+            k.strip(): int(v, 16) for k, v in (ln.split(":") for ln in out.stdout.split("\n") if ln)
+        }
+
+    outside = probe("outside")
+    assert outside["SigIgn"] and outside["SigBlk"], outside  # the control inherits them
+    inside = probe("sandbox")
+    assert inside == {"SigIgn": 0, "SigBlk": 0}, inside

@@ -81,11 +81,13 @@ def exec_command(
     step = "signals"
     try:
         signal.set_wakeup_fd(-1)
+        # Caught signals return to their default at execve by themselves;
+        # ignored ones stay ignored (SIGPIPE, SIGXFSZ, the server's SIGINT,
+        # anything the caller inherited): only those are reset.
         for sig in range(1, signal.NSIG):
-            if sig in (signal.SIGKILL, signal.SIGSTOP):
-                continue
             try:
-                signal.signal(sig, signal.SIG_DFL)
+                if signal.getsignal(sig) is signal.SIG_IGN:
+                    signal.signal(sig, signal.SIG_DFL)
             except (OSError, ValueError, RuntimeError):
                 pass
         signal.pthread_sigmask(signal.SIG_SETMASK, ())

@@ -389,13 +389,20 @@ class Server:
         self._refill()
 
     def _maybe_finish(self, job: _Job) -> None:
-        if job.finished or job.exit_status is None or job.pid is None:
+        if job.finished or job.pid is None:
             return
-        if job.status_r != -1 and b"\n" not in job.buffer:
-            return  # the report may still be in flight
+        reported = b"\n" in job.buffer
+        if not reported and (job.exit_status is None or job.status_r != -1):
+            return  # running, or the report may still be in flight
         job.finished = True
         self.jobs.discard(job)
         del self.jobs_by_pid[job.pid]
+        # The init writes its report after every other process of the
+        # sandbox is dead and reaped; it exits right after. Reply now, and
+        # remove the groups once it is reaped (they are busy until then).
+        linger = job.exit_status is None
+        if linger:
+            self.discarded[job.pid] = job.group
         line = bytes(job.buffer).partition(b"\n")[0]
         if line.startswith(b"R"):
             msg: dict[str, Any] = {"t": "result", **json.loads(line[1:])}
@@ -428,7 +435,7 @@ class Server:
             msg["cgroup"] = job.group.stats()
         self._close_job(job)
         self._reply(job, msg)
-        if job.group is not None:
+        if job.group is not None and not linger:
             # After replying: the caller does not wait for the removal. The
             # group is empty (the pid namespace died with its init).
             job.group.remove()
