@@ -73,11 +73,12 @@ def instrument() -> None:
     from nanobox._linux import (
         cgroups,
         child,
-        init,
         landlock,
         mounts,
         netns,
+        pid1,
         spawn,
+        supervise,
         userns,
     )
     from nanobox._linux import forkserver as fsrv
@@ -100,6 +101,10 @@ def instrument() -> None:
     _wrap(spawn, "_premade", "premade")
     _wrap(userns, "make_userns", "make_userns")
     _wrap(spawn, "_stage_a", "stage_a_plan", end=False)
+    _wrap(pid1, "main", "pid1", end=False)
+    _wrap(supervise.Run, "on_cmd_exit", "cmd_exit")
+    _wrap(supervise.Run, "kill", "kill_init")
+    _wrap(supervise.Run, "report", "report")
     _wrap(cgroups.RunGroup, "stats", "cgroup_stats")
     _wrap(fsrv.Server, "_send", "send")
     _wrap(cgroups.RunGroup, "remove", "cgroup_remove")
@@ -107,12 +112,9 @@ def instrument() -> None:
     _wrap(k, "setns", "setns")
     _wrap(spawn, "close_all_except", "close_fds")
     _wrap(os, "fork", "fork")  # ".E" is marked by the parent and by the child
-    _wrap(init, "init_main", "init", end=False)
     _wrap(socket_mod, "sethostname", "hostname")
     _wrap(netns, "loopback_up", "loopback")
     _wrap(mounts, "build", "mounts")
-    _wrap(init, "_kill_all", "kill_all")
-    _wrap(init, "write_all", "report", end=False)
     _wrap(child, "exec_command", "pre_exec", end=False)
     _wrap(landlock, "apply", "landlock")
     _wrap(loader, "install", "seccomp")
@@ -140,20 +142,18 @@ PHASES = [
     ("A: idmapped clones of the writable roots", "A:premade.B", "A:premade.E"),
     ("A: setns into the prepared user namespace", "A:setns.B", "A:unshare.B"),
     ("A: unshare(mnt, pid, net, ipc, uts, cgroup)", "A:unshare.B", "A:unshare.E"),
-    ("A: fork B (init)", "A:unshare.E", "B:fork.E"),
-    ("B: hostname", "B:hostname.B", "B:hostname.E"),
-    ("B: loopback up", "B:loopback.B", "B:loopback.E"),
-    ("B: filesystem view (mounts.build)", "B:mounts.B", "B:mounts.E"),
-    ("B: pipes, fork C", "B:mounts.E", "C:fork.E"),
-    ("C: signals, setsid, stdio, fds, chdir, rlimits, caps", "C:fork.E", "C:landlock.B"),
+    ("A: fork PID 1 and the command's process", "A:unshare.E", "A:hostname.B"),
+    ("A: hostname, loopback up", "A:hostname.B", "A:loopback.E"),
+    ("A: wait for PID 1's procfs", "A:loopback.E", "A:mounts.B"),
+    ("A: filesystem view (mounts.build)", "A:mounts.B", "A:mounts.E"),
+    ("A: release the command (it waited since its fork)", "A:mounts.E", "C:pre_exec.B"),
+    ("C: signals, setsid, stdio, fds, chdir, rlimits, caps", "C:pre_exec.B", "C:landlock.B"),
     ("C: Landlock ruleset", "C:landlock.B", "C:landlock.E"),
     ("C: seccomp filter", "C:seccomp.B", "C:seccomp.E"),
-    ("C: hand the seccomp listener to B", "C:seccomp.E", "C:execve.B"),
-    ("execve, /bin/true runs and exits, B wakes", "C:execve.B", "B:kill_all.B"),
-    ("B: kill(-1), reap, rusage, report", "B:kill_all.B", "B:report.B"),
-    ("server: read report → cgroup stats", "B:report.B", "server:cgroup_stats.B"),
-    ("server: cgroup stats", "server:cgroup_stats.B", "server:cgroup_stats.E"),
-    ("server: placeholders release, reply", "server:cgroup_stats.E", "server:send.B"),
+    ("C: hand the seccomp listener to the server", "C:seccomp.E", "C:execve.B"),
+    ("execve, /bin/true runs and exits, the server reaps it", "C:execve.B", "server:cmd_exit.B"),
+    ("server: kill PID 1; namespace teardown; reap it", "server:kill_init.B", "server:report.B"),
+    ("server: report, cgroup stats, placeholders, reply", "server:report.B", "server:send.B"),
     ("client: receive result (json + IPC)", "server:send.B", "client:on_chan.B"),
     ("client: build Result", "client:finish.B", "client:finish.E"),
 ]
@@ -176,7 +176,7 @@ OFF_PATH = [
 
 def _roles(marks: list[tuple[int, int, str]], client_pid: int) -> dict[int, str]:
     roles = {client_pid: "client"}
-    first = {"on_ctrl.B": "server", "stage_a.B": "A", "init.B": "B", "pre_exec.B": "C"}
+    first = {"on_ctrl.B": "server", "stage_a.B": "A", "pid1.B": "B", "pre_exec.B": "C"}
     for _ts, pid, label in marks:
         if label in first and pid not in roles:
             roles[pid] = first[label]

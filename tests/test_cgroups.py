@@ -144,18 +144,24 @@ def test_50_at_once_leave_no_groups(workspace: Path) -> None:
 
 
 def _init_pid_of(marker: str) -> int | None:
+    """PID 1 of the pid namespace of the process with ``marker``."""
     for pid in pids_with(marker):
-        with open(f"/proc/{pid}/stat") as fh:
-            ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
         try:
-            with open(f"/proc/{ppid}/status") as fh:
-                if any(
-                    line.split()[1:] and line.startswith("NSpid:") and line.split()[-1] == "1"
-                    for line in fh
-                ):
-                    return ppid
+            ns = os.readlink(f"/proc/{pid}/ns/pid")
         except OSError:
             continue
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                if os.readlink(f"/proc/{name}/ns/pid") != ns:
+                    continue
+                with open(f"/proc/{name}/status") as fh:
+                    nspid = next(ln for ln in fh if ln.startswith("NSpid:")).split()
+            except (OSError, StopIteration):
+                continue
+            if nspid[-1] == "1" and len(nspid) > 2:
+                return int(name)
     return None
 
 

@@ -33,7 +33,8 @@ def _report(err_w: int, kind: bytes, step: str, exc: BaseException) -> None:
     errno = getattr(exc, "errno", None)
     payload = {"step": step, "errno": errno, "message": str(exc)}
     try:
-        write_all(err_w, kind + json.dumps(payload).encode())
+        # One line: on the fork server's status pipe it follows stage A's.
+        write_all(err_w, kind + json.dumps(payload).encode() + b"\n")
     except OSError:
         pass
 

@@ -33,7 +33,7 @@ import sys
 import time
 from typing import Any
 
-from . import cgroups, spawn, userns
+from . import cgroups, spawn, supervise, userns
 from . import sys as k
 
 MAX_PLAN = 1 << 20
@@ -56,22 +56,34 @@ class _Job:
         "finished",
         "group",
         "kill_asked",
+        "pending",
+        "pending_listener",
         "pid",
         "placeholders",
+        "plan",
+        "report",
+        "run",
+        "sock",
         "started",
         "starter_pid",
         "status_r",
         "tmpdir",
     )
 
-    def __init__(self, chan: socket.socket, starter: spawn.Starter) -> None:
+    def __init__(self, chan: socket.socket, starter: spawn.Starter, plan: dict[str, Any]) -> None:
         self.chan = chan
         self.starter_pid = starter.pid
         self.status_r = starter.status_r
         self.cmd_w = starter.cmd_w
+        self.sock: socket.socket | None = starter.sock  # the command's listener comes here
         self.group: cgroups.RunGroup | None = starter.group
+        self.plan = plan
         self.buffer = bytearray()
         self.pid: int | None = None  # the init's, once stage A reports it
+        self.run: supervise.Run | None = None  # set when the server supervises it
+        self.report: bytes | None = None  # the init's own report (no-namespace mode)
+        self.pending: list[bytes] = []  # the command's lines that came before "P"
+        self.pending_listener: int | None = None  # its seccomp listener, likewise
         self.placeholders: list[str] = []
         self.tmpdir: str | None = None
         self.started = time.monotonic()
@@ -88,9 +100,11 @@ class Server:
         self.sel = selectors.DefaultSelector()
         self.jobs: set[_Job] = set()
         self.starting: dict[int, _Job] = {}  # stage A pid -> its job, until reaped
-        self.jobs_by_pid: dict[int, _Job] = {}
-        # Exit statuses of inits reaped before their starter's report was read.
-        self.early_exits: dict[int, int] = {}
+        self.jobs_by_pid: dict[int, _Job] = {}  # init pid -> job
+        self.jobs_by_cmd: dict[int, _Job] = {}  # command pid -> job (supervised runs)
+        # Children reaped before their stage A's report was read.
+        self.early_exits: dict[int, tuple[int, Any]] = {}
+        self.helpers: set[int] = set()
         self.ident = cgroups.server_ident()
         self.placeholders = Placeholders(self.ident)
         sweep_placeholders()
@@ -99,7 +113,8 @@ class Server:
         self.spare: spawn.Starter | None = None
         self.spare_until = 0.0
         self.last_key: Any = None
-        # Groups of discarded starters: removed once the starter is reaped.
+        # Groups of discarded starters (and of inits that reported before
+        # they exited): removed once that process is reaped.
         self.discarded: dict[int, cgroups.RunGroup | None] = {}
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
@@ -108,13 +123,22 @@ class Server:
         self.sel.register(self.wake_r, selectors.EVENT_READ, ("wake", None))
 
     # -- main loop ---------------------------------------------------------
+    def _timeout(self) -> float | None:
+        times = [self.spare_until] if self.spare is not None else []
+        for job in self.jobs:
+            if job.run is not None:
+                t = job.run.next_timer()
+                if t is not None:
+                    times.append(t)
+        if not times:
+            return None
+        return max(0.0, min(times) - time.monotonic())
+
     def serve(self) -> None:
         while True:
-            timeout = None
-            if self.spare is not None:
-                timeout = max(0.0, self.spare_until - time.monotonic())
-            events = self.sel.select(timeout)
-            if self.spare is not None and time.monotonic() >= self.spare_until:
+            events = self.sel.select(self._timeout())
+            now = time.monotonic()
+            if self.spare is not None and now >= self.spare_until:
                 self._drop_spare()
             for key, _ in events:
                 what, job = key.data
@@ -131,6 +155,29 @@ class Server:
                     self._on_chan(job)
                 elif what == "status":
                     self._on_status(job)
+                elif what == "sock":
+                    self._on_sock(job)
+                elif what == "notify":
+                    self._on_notify(job)
+                elif what == "helper":
+                    self._on_helper(job)
+            self._check_timers()
+
+    def _check_timers(self) -> None:
+        now = time.monotonic()
+        for job in list(self.jobs):
+            run = job.run
+            if run is None or run.next_timer() is None:
+                continue
+            if run.check_timers(now, self._group_cpu(job)):
+                self._end_run(job)
+
+    @staticmethod
+    def _group_cpu(job: _Job) -> Any:
+        if job.group is None:
+            return None
+        group = job.group
+        return lambda: group.stats().get("cpu_s")
 
     # -- starters ----------------------------------------------------------
     @staticmethod
@@ -229,6 +276,7 @@ class Server:
                 tmpdir = make_private_tmp(plan)
             if starter.sid is not None:
                 plan["sandbox_uid"] = starter.sid
+                plan["userns_root"] = True
             send = stdio + ([chan.fileno()] if plan.get("proxy") else [])
             starter.start(plan, send)
         except Exception as exc:  # noqa: BLE001 - report, keep serving
@@ -250,7 +298,7 @@ class Server:
         finally:
             for fd in stdio:
                 os.close(fd)
-        job = _Job(chan, starter)
+        job = _Job(chan, starter, plan)
         job.placeholders = placeholders
         job.tmpdir = tmpdir
         self.jobs.add(job)
@@ -259,6 +307,9 @@ class Server:
         self.sel.register(chan, selectors.EVENT_READ, ("chan", job))
         os.set_blocking(job.status_r, False)
         self.sel.register(job.status_r, selectors.EVENT_READ, ("status", job))
+        assert job.sock is not None
+        job.sock.setblocking(False)
+        self.sel.register(job.sock, selectors.EVENT_READ, ("sock", job))
         return True
 
     def _drain_wake(self) -> None:
@@ -271,23 +322,43 @@ class Server:
     def _reap(self) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, rusage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
-            if pid in self.discarded:
-                group = self.discarded.pop(pid)
-                if group is not None:
-                    group.remove()
-                continue
-            job = self.jobs_by_pid.get(pid)
-            if job is not None:
-                job.exit_status = status
-                self._maybe_finish(job)
-            elif self.starting.pop(pid, None) is None:
-                # An init whose starter's "P" line is not read yet.
-                self.early_exits[pid] = status
+            self._reaped(pid, status, rusage)
+
+    def _reaped(self, pid: int, status: int, rusage: Any) -> None:
+        if pid in self.discarded:
+            group = self.discarded.pop(pid)
+            if group is not None:
+                group.remove()
+            return
+        if pid in self.helpers:
+            self.helpers.discard(pid)
+            return
+        job = self.jobs_by_cmd.get(pid)
+        if job is not None and job.run is not None:
+            job.run.on_cmd_exit(status, rusage)
+            self._end_run(job)
+            self._maybe_finish(job)
+            return
+        job = self.jobs_by_pid.get(pid)
+        if job is not None:
+            job.exit_status = status
+            if job.run is not None:
+                job.run.init_done = True
+                job.run.init_rusage = rusage
+            self._maybe_finish(job)
+        elif self.starting.pop(pid, None) is None:
+            # An init or command whose stage A's "P" line is not read yet.
+            self.early_exits[pid] = (status, rusage)
+
+    def _end_run(self, job: _Job) -> None:
+        """The command ended or a limit was hit: kill the sandbox."""
+        if job.run is not None:
+            job.run.kill(sample_orphans=job.group is None)
 
     def _on_chan(self, job: _Job) -> None:
         try:
@@ -304,6 +375,11 @@ class Server:
             if job.pid is None:
                 job.kill_asked = True  # the init is not known yet: kill it when it is
                 return
+            if job.run is not None:
+                if job.run.cmd_status is None and job.run.reason == "exited":
+                    job.run.reason, job.run.end = "killed", time.monotonic()
+                self._end_run(job)
+                return
             try:
                 os.write(job.cmd_w, b"K")
             except OSError:
@@ -313,7 +389,9 @@ class Server:
         if job.pid is None:
             job.kill_asked = True
             return
-        if job.exit_status is None:
+        if job.run is not None:
+            self._end_run(job)
+        elif job.exit_status is None:
             try:
                 os.kill(job.pid, signal.SIGKILL)  # still our unreaped child: no reuse
             except ProcessLookupError:
@@ -330,29 +408,106 @@ class Server:
             self.sel.unregister(job.status_r)
             os.close(job.status_r)
             job.status_r = -1
-        if job.pid is None:
-            if b"\n" not in job.buffer and job.status_r != -1:
-                return
+        while b"\n" in job.buffer:
             line, _, rest = bytes(job.buffer).partition(b"\n")
-            if line.startswith(b"P") and line[1:].isdigit():
-                job.pid = int(line[1:])
-                job.buffer = bytearray(rest)
+            job.buffer = bytearray(rest)
+            if not self._on_line(job, line):
+                return
+        if job.status_r == -1 and job.pid is None:
+            self._setup_failed(job, bytes(job.buffer))
+            return
+        self._maybe_finish(job)
+
+    def _on_line(self, job: _Job, line: bytes) -> bool:
+        """One line on a run's status pipe; False when the job is over."""
+        if job.pid is None:
+            if line.startswith(b"P{"):
+                info = json.loads(line[1:])
+                run = supervise.Run(info, job.plan)
+                job.run, job.pid = run, run.init_pid
+                run.hold_namespaces()
+                self.jobs_by_pid[run.init_pid] = job
+                self.jobs_by_cmd[run.cmd_pid] = job
+                for pending in job.pending:
+                    run.on_line(pending)
+                if job.pending_listener is not None:
+                    self._take_listener(job, job.pending_listener)
+                    job.pending_listener = None
+                for pid in (run.cmd_pid, run.init_pid):
+                    if pid in self.early_exits:
+                        self._reaped(pid, *self.early_exits.pop(pid))
+            elif line.startswith(b"P") and line[1:].isdigit():
+                job.pid = int(line[1:])  # no namespaces: the init supervises
                 self.jobs_by_pid[job.pid] = job
                 if job.pid in self.early_exits:
-                    job.exit_status = self.early_exits.pop(job.pid)
-                if job.kill_asked:
-                    if job.client_gone:
-                        self._kill(job)
-                    else:
-                        try:
-                            os.write(job.cmd_w, b"K")
-                        except OSError:
-                            pass
+                    job.exit_status = self.early_exits.pop(job.pid)[0]
+            elif line[:1] in (b"S", b"X"):
+                job.pending.append(line)  # the command's, before stage A's "P"
+                return True
             else:
                 self._setup_failed(job, line)
-                return
-        if b"\n" in job.buffer or job.status_r == -1:
-            self._maybe_finish(job)
+                return False
+            if job.kill_asked:
+                if job.client_gone or job.run is not None:
+                    if job.run is not None and job.run.reason == "exited":
+                        job.run.reason = "killed"
+                    self._kill(job)
+                else:
+                    try:
+                        os.write(job.cmd_w, b"K")
+                    except OSError:
+                        pass
+            return True
+        if job.run is not None:
+            job.run.on_line(line)
+        elif job.report is None:
+            job.report = line
+        return True
+
+    def _on_sock(self, job: _Job) -> None:
+        """The command hands over its seccomp listener (then execs, closing
+        the socket)."""
+        assert job.sock is not None
+        try:
+            _msg, fds, _f, _a = socket.recv_fds(job.sock, 16, 1)
+        except BlockingIOError:
+            return
+        except OSError:
+            fds = []
+            _msg = b""
+        if fds:
+            if job.run is None:
+                job.pending_listener = fds[0]  # taken with stage A's "P" line
+            else:
+                self._take_listener(job, fds[0])
+            for fd in fds[1:]:
+                os.close(fd)
+            return
+        if not _msg:
+            self.sel.unregister(job.sock)
+            job.sock.close()
+            job.sock = None
+
+    def _take_listener(self, job: _Job, fd: int) -> None:
+        assert job.run is not None
+        job.run.take_listener(fd, lambda: [])
+        self.sel.register(fd, selectors.EVENT_READ, ("notify", job))
+
+    def _on_notify(self, job: _Job) -> None:
+        run = job.run
+        assert run is not None and run.listener is not None
+        helper_before = run.helper
+        if not run.listener.handle():
+            self.sel.unregister(run.listener.fd)
+        if run.helper is not None and run.helper is not helper_before:
+            self.helpers.add(run.helper.pid)
+            self.sel.register(run.helper.sock, selectors.EVENT_READ, ("helper", job))
+
+    def _on_helper(self, job: _Job) -> None:
+        run = job.run
+        assert run is not None and run.helper is not None
+        got = run.helper.drain()
+        run.denied.extend(got)
 
     def _setup_failed(self, job: _Job, line: bytes) -> None:
         """Stage A failed (or died) before an init existed."""
@@ -376,6 +531,24 @@ class Server:
             self.sel.unregister(job.status_r)
             os.close(job.status_r)
             job.status_r = -1
+        if job.sock is not None:
+            self.sel.unregister(job.sock)
+            job.sock.close()
+            job.sock = None
+        if job.pending_listener is not None:
+            os.close(job.pending_listener)
+            job.pending_listener = None
+        if job.run is not None:
+            run = job.run
+            if run.listener is not None:
+                try:
+                    self.sel.unregister(run.listener.fd)
+                except (KeyError, ValueError):
+                    pass
+            if run.helper is not None:
+                run.denied.extend(run.helper.drain())
+                self.sel.unregister(run.helper.sock)
+            run.close()
         os.close(job.cmd_w)
         # Before replying: when run() returns, the workspace is as it was.
         self.placeholders.release(job.placeholders)
@@ -391,54 +564,79 @@ class Server:
     def _maybe_finish(self, job: _Job) -> None:
         if job.finished or job.pid is None:
             return
-        reported = b"\n" in job.buffer
-        if not reported and (job.exit_status is None or job.status_r != -1):
-            return  # running, or the report may still be in flight
+        run = job.run
+        if run is not None:
+            # Supervised here: the command was reaped, the init too (so the
+            # whole pid namespace is gone), and its last line was read.
+            if not run.done() or job.status_r != -1:
+                return
+            msg: dict[str, Any] = {"t": "result", **run.report()}
+            oom = job.group is not None and job.group.stats().get("oom_kills")
+            if run.init_lost and not oom:
+                # PID 1 died while the command ran, and not by our hand.
+                msg = {
+                    "t": "error",
+                    "step": "supervise",
+                    "errno": None,
+                    "message": f"sandbox init died (wait status {job.exit_status})",
+                }
+            linger = False
+        else:
+            reported = job.report is not None
+            if not reported and (job.exit_status is None or job.status_r != -1):
+                return  # running, or the report may still be in flight
+            # The init writes its report after every other process of the
+            # sandbox is dead and reaped; it exits right after. Reply now,
+            # and remove the groups once it is reaped (busy until then).
+            linger = job.exit_status is None
+            msg = self._init_report(job)
         job.finished = True
         self.jobs.discard(job)
-        del self.jobs_by_pid[job.pid]
-        # The init writes its report after every other process of the
-        # sandbox is dead and reaped; it exits right after. Reply now, and
-        # remove the groups once it is reaped (they are busy until then).
-        linger = job.exit_status is None
+        self.jobs_by_pid.pop(job.pid, None)
+        if run is not None:
+            self.jobs_by_cmd.pop(run.cmd_pid, None)
         if linger:
             self.discarded[job.pid] = job.group
-        line = bytes(job.buffer).partition(b"\n")[0]
-        if line.startswith(b"R"):
-            msg: dict[str, Any] = {"t": "result", **json.loads(line[1:])}
-        elif line.startswith(b"E"):
-            msg = {"t": "error", **json.loads(line[1:])}
-        else:
-            msg = {
-                "t": "error",
-                "step": "supervise",
-                "errno": None,
-                "message": f"sandbox init died (wait status {job.exit_status})",
-            }
-            stats = job.group.stats() if job.group is not None else {}
-            if stats.get("oom_kills"):
-                # The OOM killer took the init too: everything in the group
-                # is dead; report the run as killed by the memory limit.
-                msg = {
-                    "t": "result",
-                    "status": 9,
-                    "reason": "exited",
-                    "wall": time.monotonic() - job.started,
-                    "utime": 0.0,
-                    "stime": 0.0,
-                    "maxrss_kb": 0,
-                    "self_cpu": 0.0,
-                    "exec_error": None,
-                    "init_lost": True,
-                }
         if job.group is not None:
             msg["cgroup"] = job.group.stats()
         self._close_job(job)
         self._reply(job, msg)
+        if run is not None:
+            run.release_namespaces()
         if job.group is not None and not linger:
             # After replying: the caller does not wait for the removal. The
             # group is empty (the pid namespace died with its init).
             job.group.remove()
+
+    def _init_report(self, job: _Job) -> dict[str, Any]:
+        line = job.report or b""
+        if line.startswith(b"R"):
+            return {"t": "result", **json.loads(line[1:])}
+        if line.startswith(b"E"):
+            return {"t": "error", **json.loads(line[1:])}
+        msg: dict[str, Any] = {
+            "t": "error",
+            "step": "supervise",
+            "errno": None,
+            "message": f"sandbox init died (wait status {job.exit_status})",
+        }
+        stats = job.group.stats() if job.group is not None else {}
+        if stats.get("oom_kills"):
+            # The OOM killer took the init too: everything in the group
+            # is dead; report the run as killed by the memory limit.
+            msg = {
+                "t": "result",
+                "status": 9,
+                "reason": "exited",
+                "wall": time.monotonic() - job.started,
+                "utime": 0.0,
+                "stime": 0.0,
+                "maxrss_kb": 0,
+                "self_cpu": 0.0,
+                "exec_error": None,
+                "init_lost": True,
+            }
+        return msg
 
     @staticmethod
     def _send(chan: socket.socket, msg: dict[str, Any]) -> None:
@@ -452,8 +650,9 @@ class Server:
     def shutdown(self) -> None:
         self._drop_spare()
         jobs = list(self.jobs)
-        # Every child left is a sandbox's init or a stage A (an init whose
-        # pid was never read is ours too, as subreaper, once its A is gone).
+        # Every child left is a sandbox's init or command, a stage A or a
+        # broker helper (an init whose pid was never read is ours too, as
+        # subreaper, once its A is gone).
         while True:
             for child_pid in _children():
                 try:

@@ -84,7 +84,7 @@ def _kill_descendants() -> None:
                 break
 
 
-def _send_listeners(chan_fd: int, ports: list[int]) -> None:
+def send_listeners(chan_fd: int, ports: list[int]) -> None:
     """Bind the proxy's listeners inside the sandbox's network namespace and
     hand them to the caller, before the command exists: no start-up race,
     and the command never holds them."""
@@ -159,7 +159,7 @@ def init_main(
         view_degraded = mounts.build(plan["view"])
         if plan.get("proxy"):
             step = "proxy listeners"
-            _send_listeners(plan["chan_fd"], plan["proxy_ports"])
+            send_listeners(plan["chan_fd"], plan["proxy_ports"])
     except _SkipSetup:
         pass
     except mounts.MountStepError as exc:

@@ -99,8 +99,12 @@ def _clone(path: str, *, recursive: bool = True) -> int:
 
 
 class _Builder:
-    def __init__(self, view: dict[str, Any]) -> None:
+    def __init__(self, view: dict[str, Any], proc: int | OSError | None = None) -> None:
         self.view = view
+        # The sandbox's procfs, made by its PID 1 (a detached mount), or why
+        # it could not be; None: mount one here (this process is in the pid
+        # namespace itself).
+        self.proc = proc
         self.shadows: list[str] = []
         self.null_fds: list[int] = []
         self.degraded: list[str] = []
@@ -222,10 +226,10 @@ class _Builder:
             os.close(fd)
 
 
-def build(view: dict[str, Any]) -> list[str]:
+def build(view: dict[str, Any], proc: int | OSError | None = None) -> list[str]:
     """Execute ``view`` in the current (new, private-to-us) mount namespace;
     return the degradations it had to accept (degraded mode only)."""
-    b = _Builder(view)
+    b = _Builder(view, proc)
     _step("make / private", k.mount, None, "/", None, k.MS_REC | k.MS_PRIVATE)
 
     # 2. clone every source while the host view is intact
@@ -341,7 +345,12 @@ def _mount_proc(b: _Builder, target: str, view: dict[str, Any]) -> None:
     /proc instead of the host's (which would show every host process)."""
     flags = k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC
     try:
-        k.mount("proc", target, "proc", flags)
+        if isinstance(b.proc, OSError):
+            raise b.proc
+        if b.proc is not None:
+            k.move_mount(b.proc, target)
+        else:
+            k.mount("proc", target, "proc", flags)
         return
     except OSError as exc:
         if exc.errno not in (1, 13) or not view.get("proc_fallback"):
@@ -437,14 +446,19 @@ def _new_root(b: _Builder, paths: list[str], what: str) -> None:
         os.close(src)
     # proc and sysfs can only be mounted while a fully visible instance
     # exists in this mount namespace: mount them before the host root goes.
-    _step(
-        "mount /proc",
-        k.mount,
-        "proc",
-        staging + "/proc",
-        "proc",
-        k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC,
-    )
+    if isinstance(b.proc, OSError):
+        raise MountStepError("mount /proc", b.proc)
+    if b.proc is not None:
+        _step("mount /proc", k.move_mount, b.proc, staging + "/proc")
+    else:
+        _step(
+            "mount /proc",
+            k.mount,
+            "proc",
+            staging + "/proc",
+            "proc",
+            k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC,
+        )
     if b.view.get("sys", False):
         _step(
             "mount /sys",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import struct
+from collections.abc import Callable
 from typing import Any
 
 # Imported now (in the fork server), not lazily: inside the sandbox's view
@@ -51,13 +52,22 @@ class Listener:
     """The init's side: answer notifications, remember what was refused."""
 
     def __init__(
-        self, fd: int, spec: dict[str, Any], connect_allowed: list[str] | None = None
+        self,
+        fd: int,
+        spec: dict[str, Any],
+        connect_allowed: list[str] | None = None,
+        *,
+        broker: Any = None,
+        pid_of: Callable[[int], int] | None = None,
     ) -> None:
         self.fd = fd
         self.connect_nr: int | None = spec.get("connect")
-        self.broker = None
-        if self.connect_nr is not None:
+        self.broker = broker
+        if self.connect_nr is not None and broker is None:
             self.broker = ConnectBroker(connect_allowed or [])
+        # How a notification's pid (in the listener's pid namespace) reads
+        # in the sandbox's.
+        self.pid_of = pid_of
         self.table: dict[str, list[list[Any]]] = spec["table"]
         self.default: int | None = spec.get("default")
         self.names: dict[str, str] = spec["names"]
@@ -103,7 +113,7 @@ class Listener:
                     "syscall": self.names.get(str(nr), f"syscall_{nr}"),
                     "nr": nr,
                     "arch": self.arch,
-                    "pid": pid,
+                    "pid": self.pid_of(pid) if self.pid_of is not None else pid,
                     "errno": err,
                 }
             )

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import time
 from typing import Any
 
-from . import init, userns
+from . import child, init, mounts, netns, pid1, userns
 from . import sys as k
 from .fds import close_all_except, write_all
 
@@ -63,9 +64,9 @@ class Starter:
         self.born = time.monotonic()
 
     def start(self, plan: dict[str, Any], fds: list[int]) -> None:
-        """Hand the starter its plan; it goes on alone (reporting on status)."""
+        """Hand the starter its plan; it goes on alone (reporting on status).
+        The socket stays: the command hands its seccomp listener over it."""
         socket.send_fds(self.sock, [json.dumps(plan).encode()], fds)
-        self.sock.close()
 
     def discard(self) -> None:
         """Let an unused starter go: it sees EOF and exits."""
@@ -153,7 +154,7 @@ def _starter_main(
     try:
         sock = socket.socket(fileno=sock_fd)
         msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_PLAN, 8)
-        sock.close()
+        sock.detach()  # kept: the command hands its seccomp listener over it
     except BaseException:  # noqa: BLE001
         os._exit(0)
     if not msg:
@@ -171,7 +172,7 @@ def _starter_main(
             plan["view"]["premade"] = _premade(plan, userns_fd)
     except BaseException as exc:  # noqa: BLE001
         _fail(status_w, "prepare", exc)
-    _stage_a(plan, stdio, status_w, cmd_r)
+    _stage_a(plan, stdio, status_w, cmd_r, sock_fd)
 
 
 def _premade(plan: dict[str, Any], userns_fd: int) -> dict[str, int]:
@@ -199,10 +200,13 @@ def _premade(plan: dict[str, Any], userns_fd: int) -> dict[str, int]:
     return premade
 
 
-def _stage_a(plan: dict[str, Any], stdio: tuple[int, int, int], status_w: int, cmd_r: int) -> None:
+def _stage_a(
+    plan: dict[str, Any], stdio: tuple[int, int, int], status_w: int, cmd_r: int, sock_fd: int
+) -> None:
     step = "create namespaces"
     try:
         if plan.get("mode") == "nons":
+            os.close(sock_fd)
             step = "fork init"
             pid = os.fork()
             if pid == 0:
@@ -224,11 +228,97 @@ def _stage_a(plan: dict[str, Any], stdio: tuple[int, int, int], status_w: int, c
             k.unshare(flags)
             step = "map uid/gid"
             userns.map_self(plan["outer_uid"], plan["outer_gid"], plan["uid"], plan["gid"])
-        step = "fork init"
-        pid = os.fork()
-        if pid == 0:
-            init.init_main(plan, stdio, status_w, cmd_r)
-        write_all(status_w, b"P%d\n" % pid)
-        os._exit(0)
     except BaseException as exc:  # noqa: BLE001 - never return into the server
         _fail(status_w, step, exc)
+    _build_sandbox(plan, stdio, status_w, cmd_r, sock_fd)
+
+
+def _build_sandbox(
+    plan: dict[str, Any], stdio: tuple[int, int, int], status_w: int, cmd_r: int, sock_fd: int
+) -> None:
+    """In the new namespaces: PID 1 first (it makes the procfs), then the
+    command's process (PID 2), which waits while this process builds the
+    view and binds the proxy listeners (so its fork overlaps that work).
+    Both are this process's children until it exits; then the server (a
+    subreaper) gets them. The ``P`` line tells the server their pids."""
+    t0 = time.monotonic()
+    step = "fork init"
+    init_pid = cmd_pid = 0
+    try:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        init_pid = os.fork()
+        if init_pid == 0:
+            mine.close()
+            pid1.main(theirs.detach(), cmd_r)
+        theirs.close()
+        os.close(cmd_r)
+        step = "fork command"
+        go_r, go_w = os.pipe2(os.O_CLOEXEC)
+        cmd_pid = os.fork()
+        if cmd_pid == 0:
+            _command(plan, stdio, status_w, sock_fd, go_r, go_w)
+        os.close(go_r)
+        step = "hostname"
+        socket.sethostname(plan["hostname"])
+        if plan["newnet"]:
+            step = "loopback"
+            netns.loopback_up()
+        step = "procfs"
+        msg, fds, _f, _a = socket.recv_fds(mine, 64, 1)
+        mine.close()
+        if not fds and not msg:
+            raise OSError(10, "the sandbox's PID 1 died")  # ECHILD
+        proc: int | OSError = fds[0] if fds else OSError(int(msg[1:] or b"1"), "procfs")
+        step = "filesystem view"
+        degraded = mounts.build(plan["view"], proc)
+        if fds:
+            os.close(fds[0])
+        if plan.get("proxy"):
+            step = "proxy listeners"
+            init.send_listeners(plan["chan_fd"], plan["proxy_ports"])
+        step = "start the command"
+        setup_s = time.monotonic() - t0
+        start = time.monotonic()
+        os.write(go_w, b"g")
+        os.close(go_w)
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        info = {
+            "init": init_pid,
+            "cmd": cmd_pid,
+            "start": start,
+            "setup_s": setup_s,
+            "degraded": degraded,
+            "self_utime": me.ru_utime,
+            "self_stime": me.ru_stime,
+        }
+        write_all(status_w, b"P" + json.dumps(info).encode() + b"\n")
+        os._exit(0)
+    except BaseException as exc:  # noqa: BLE001 - never return into the server
+        for pid in (cmd_pid, init_pid):
+            if pid > 0:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        if isinstance(exc, mounts.MountStepError):
+            step = exc.step
+        _fail(status_w, step, exc)
+
+
+def _command(
+    plan: dict[str, Any],
+    stdio: tuple[int, int, int],
+    status_w: int,
+    sock_fd: int,
+    go_r: int,
+    go_w: int,
+) -> None:
+    """The command's process: wait until stage A says the view is ready."""
+    try:
+        os.close(go_w)
+        if os.read(go_r, 1) != b"g":
+            os._exit(125)  # stage A failed (and reports it)
+        os.close(go_r)
+    except BaseException:  # noqa: BLE001
+        os._exit(125)
+    child.exec_command(plan, stdio, status_w, sock_fd if plan.get("seccomp_notify") else -1)

@@ -200,10 +200,17 @@ def open_path_nofollow(path: str) -> int:
 
 def fsmount_tmpfs(options: dict[str, str], attrs: int = 0) -> int:
     """A new, detached tmpfs mount (fsopen/fsconfig/fsmount)."""
+    return fsmount_new("tmpfs", options, attrs)
+
+
+def fsmount_new(fstype: str, options: dict[str, str], attrs: int = 0) -> int:
+    """A new, detached mount of ``fstype`` (fsopen/fsconfig/fsmount). A
+    procfs made so shows the caller's pid namespace, wherever it is
+    attached later (and by whom)."""
     fs = _check(
-        _syscall(ctypes.c_long(SYS_FSOPEN), b"tmpfs", ctypes.c_uint(FSOPEN_CLOEXEC)),
+        _syscall(ctypes.c_long(SYS_FSOPEN), fstype.encode(), ctypes.c_uint(FSOPEN_CLOEXEC)),
         "fsopen",
-        "tmpfs",
+        fstype,
     )
     try:
         for key, value in options.items():
@@ -231,7 +238,7 @@ def fsmount_tmpfs(options: dict[str, str], attrs: int = 0) -> int:
             ctypes.c_uint(FSMOUNT_CLOEXEC),
             ctypes.c_uint(attrs),
         )
-        return _check(r, "fsmount", "tmpfs")
+        return _check(r, "fsmount", fstype)
     finally:
         os.close(fs)
 

@@ -60,9 +60,23 @@ def _under(path: str, roots: list[str]) -> bool:
 class ConnectBroker:
     """Performs the sandbox's ``connect()`` calls (see the module docstring)."""
 
-    def __init__(self, allowed_roots: list[str]) -> None:
+    def __init__(
+        self,
+        allowed_roots: list[str],
+        *,
+        proc_fd: int | None = None,
+        on_denied: Callable[[dict[str, object]], None] | None = None,
+    ) -> None:
         self.allowed = [os.path.realpath(r) for r in allowed_roots]
         self.denied: list[dict[str, object]] = []
+        # Where the processes are found: "/proc" of this process's view, or
+        # (for the fork server's helper, outside the sandbox's pid
+        # namespace) an fd of the host's procfs that is also the cwd.
+        self.proc_fd = proc_fd
+        self.on_denied = on_denied
+
+    def _proc(self, rel: str) -> str:
+        return rel if self.proc_fd is not None else f"/proc/{rel}"
 
     def handle(
         self,
@@ -96,7 +110,7 @@ class ConnectBroker:
         fd, addr_ptr, addr_len = args[0] & 0xFFFFFFFF, args[1], args[2] & 0xFFFFFFFF
         if addr_len > 4096 or addr_ptr == 0:
             return 22  # EINVAL (EFAULT for NULL: close enough, the kernel says EFAULT)
-        with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        with open(self._proc(f"{pid}/mem"), "rb", buffering=0) as mem:
             mem.seek(addr_ptr)
             addr = mem.read(addr_len)
         # The pid could have been reused between the notification and here.
@@ -118,7 +132,7 @@ class ConnectBroker:
         raw = addr[2:].split(b"\0", 1)[0]
         if not raw:
             return 22
-        cwd = os.open(f"/proc/{pid}/cwd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        cwd = os.open(self._proc(f"{pid}/cwd"), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             try:
                 pin = os.open(raw, os.O_PATH | os.O_CLOEXEC, dir_fd=cwd)
@@ -127,11 +141,14 @@ class ConnectBroker:
         finally:
             os.close(cwd)
         try:
-            real = os.readlink(f"/proc/self/fd/{pin}")
+            real = os.readlink(self._proc(f"self/fd/{pin}"))
             if not _under(real, self.allowed):
-                self.denied.append({"path": real, "pid": pid})
+                entry: dict[str, object] = {"path": real, "pid": pid}
+                self.denied.append(entry)
+                if self.on_denied is not None:
+                    self.on_denied(entry)
                 return 13  # EACCES, as for a socket without write permission
-            target = f"/proc/self/fd/{pin}".encode()
+            target = self._proc(f"self/fd/{pin}").encode()
             return self._raw_connect(sock, struct.pack("=H", socket.AF_UNIX) + target + b"\0")
         finally:
             os.close(pin)

@@ -1,0 +1,361 @@
+"""Supervising a sandbox from the fork server (no Python process inside).
+
+Stage A reports the pids of the sandbox's PID 1 (an idle ``cat``, see
+``pid1``) and of the command (PID 2); when A exits both become the server's
+children (it is a child subreaper). For each run the server then:
+
+- waits for the command (``wait4``: its exit status and rusage);
+- enforces the wall-clock limit and the CPU-time limit of the whole
+  sandbox (from the run's cgroup, else by summing ``/proc`` over the
+  processes below PID 1 and the command, every 50 ms);
+- answers the seccomp notifications of the command's filter (refusals are
+  recorded as violations; ``connect()`` calls go to a broker helper that
+  joins the sandbox's user and mount namespaces, made on the first one);
+- ends the run by SIGKILLing PID 1: the kernel then kills everything else in
+  the pid namespace, and PID 1's exit is reaped once the namespace is
+  empty.
+
+``Run`` holds that state; the server calls it from its event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+from . import notify
+
+CPU_POLL_S = 0.05
+_TICK = os.sysconf("SC_CLK_TCK")
+MAX_DENIED = 100
+
+
+class Run:
+    """One sandbox supervised by the server."""
+
+    def __init__(self, info: dict[str, Any], plan: dict[str, Any]) -> None:
+        self.init_pid: int = int(info["init"])
+        self.cmd_pid: int = int(info["cmd"])
+        self.info = info
+        self.start: float = float(info["start"])
+        self.end: float | None = None
+        timeout = plan.get("timeout")
+        self.deadline: float | None = self.start + float(timeout) if timeout else None
+        cpu = plan.get("cpu_time")
+        self.cpu_limit: float | None = float(cpu) if cpu is not None else None
+        self.next_poll: float | None = (
+            time.monotonic() + CPU_POLL_S if self.cpu_limit is not None else None
+        )
+        self.reason = "exited"
+        self.cmd_status: int | None = None
+        self.cmd_rusage: Any = None
+        self.init_rusage: Any = None
+        self.init_done = False
+        self.killed = False  # the server ended it
+        self.init_lost = False
+        self.exec_error: dict[str, Any] | None = None
+        self.orphans_cpu = (0.0, 0.0)
+        self.listener: notify.Listener | None = None
+        self.helper: Helper | None = None
+        self.denied: list[dict[str, Any]] = []
+        self.ns_fds: list[int] = []
+        self.spec = plan.get("seccomp_notify")
+        self.connect_allowed: list[str] = list(plan.get("connect_allowed") or [])
+        root = bool(plan.get("userns_root"))
+        self.inner_ids = (0, 0) if root else (int(plan["uid"]), int(plan["gid"]))
+
+    # -- namespaces ------------------------------------------------------------
+    def hold_namespaces(self) -> None:
+        """Keep the sandbox's mount namespace alive past its PID 1: tearing
+        it down (unmounting the whole view) then happens when the server
+        lets go, after the reply, instead of inside PID 1's exit, which the
+        reply waits for."""
+        try:
+            self.ns_fds = [os.open(f"/proc/{self.init_pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)]
+        except OSError:
+            self.ns_fds = []
+
+    def release_namespaces(self) -> None:
+        for fd in self.ns_fds:
+            os.close(fd)
+        self.ns_fds = []
+
+    # -- timers --------------------------------------------------------------
+    def next_timer(self) -> float | None:
+        times = [t for t in (self.deadline, self.next_poll) if t is not None]
+        return min(times) if times else None
+
+    def check_timers(self, now: float, group_cpu: Any) -> bool:
+        """True when a limit was hit (the caller ends the run)."""
+        if self.cmd_status is not None:
+            return False
+        if self.deadline is not None and now >= self.deadline:
+            self.reason, self.end = "timeout", now
+            return True
+        if self.next_poll is not None and now >= self.next_poll:
+            self.next_poll = now + CPU_POLL_S
+            assert self.cpu_limit is not None
+            if self.tree_cpu(group_cpu) >= self.cpu_limit:
+                self.reason, self.end = "cpu_limit", now
+                return True
+        return False
+
+    def tree_cpu(self, group_cpu: Any) -> float:
+        """CPU seconds of the sandbox so far (stage A's own excluded)."""
+        if group_cpu is not None:
+            used = group_cpu()
+            if used is not None:
+                return float(used) - float(self.info["self_utime"] + self.info["self_stime"])
+        u, s = tree_times([self.init_pid, self.cmd_pid], include_roots=True)
+        return u + s
+
+    # -- events ----------------------------------------------------------------
+    def on_line(self, line: bytes) -> None:
+        """A line on the status pipe after ``P``: the command's setup or exec
+        failure (``S`` / ``X``)."""
+        if line[:1] in (b"S", b"X"):
+            try:
+                self.exec_error = {"kind": line[:1].decode(), **json.loads(line[1:])}
+            except ValueError:
+                self.exec_error = {"kind": "S", "step": "exec", "message": "setup failed"}
+
+    def on_cmd_exit(self, status: int, rusage: Any) -> None:
+        self.cmd_status, self.cmd_rusage = status, rusage
+        # PID 1 died (or is dying, taking the namespace with it) before the
+        # command and not by the server's hand: killed from outside.
+        self.init_lost = not self.killed and (self.init_done or _exiting(self.init_pid))
+        if self.end is None:
+            self.end = time.monotonic()
+
+    def kill(self, sample_orphans: bool) -> None:
+        """End the sandbox: SIGKILL its PID 1 (the kernel kills the rest)."""
+        if self.init_done:
+            return
+        self.killed = True
+        if sample_orphans:
+            # Without a cgroup, count what processes re-parented to PID 1
+            # used so far (they are reaped by the kernel, not waited for).
+            self.orphans_cpu = tree_times([self.init_pid], include_roots=False)
+        try:
+            os.kill(self.init_pid, signal.SIGKILL)  # our unreaped child: no reuse
+        except ProcessLookupError:
+            pass
+
+    def done(self) -> bool:
+        return self.cmd_status is not None and self.init_done
+
+    # -- seccomp notifications ---------------------------------------------------
+    def take_listener(self, fd: int, server_fds: Any) -> None:
+        spec = self.spec or {"table": {}, "names": {}, "arch": ""}
+        broker = None
+        if spec.get("connect") is not None:
+            broker = _Forwarder(self, server_fds)
+        self.listener = notify.Listener(fd, spec, broker=broker, pid_of=inner_pid)
+
+    def report(self) -> dict[str, Any]:
+        ru = self.cmd_rusage
+        end = self.end if self.end is not None else time.monotonic()
+        me_u, me_s = self.info["self_utime"], self.info["self_stime"]
+        if self.init_rusage is not None:
+            me_u += self.init_rusage.ru_utime
+            me_s += self.init_rusage.ru_stime
+        listener = self.listener
+        return {
+            "status": self.cmd_status,
+            "reason": self.reason,
+            "wall": end - self.start,
+            "utime": (ru.ru_utime if ru else 0.0) + self.orphans_cpu[0],
+            "stime": (ru.ru_stime if ru else 0.0) + self.orphans_cpu[1],
+            "maxrss_kb": ru.ru_maxrss if ru else 0,
+            "self_utime": me_u,
+            "self_stime": me_s,
+            "setup_s": self.info.get("setup_s"),
+            "exec_error": self.exec_error,
+            "degraded": self.info.get("degraded", []),
+            "syscall_violations": listener.recorded if listener is not None else [],
+            "unix_denied": self.denied[:MAX_DENIED],
+            "syscall_violation_count": listener.count if listener is not None else 0,
+        }
+
+    def close(self) -> None:
+        if self.listener is not None:
+            try:
+                os.close(self.listener.fd)
+            except OSError:
+                pass
+        if self.helper is not None:
+            self.helper.close()
+
+
+def _exiting(pid: int) -> bool:
+    """Is ``pid`` (our unreaped child) exiting or dead (PF_EXITING)?"""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return True
+    return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & 0x4)
+
+
+def inner_pid(pid: int) -> int:
+    """``pid`` (this process's view) as the sandbox sees it (its last NSpid)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"NSpid:"):
+                    return int(line.split()[-1])
+    except (OSError, ValueError):
+        pass
+    return pid
+
+
+def _inner_pid_here(pid: int) -> int:
+    """``inner_pid`` for the helper, whose cwd is the host's procfs."""
+    try:
+        with open(f"{pid}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"NSpid:"):
+                    return int(line.split()[-1])
+    except (OSError, ValueError):
+        pass
+    return pid
+
+
+def tree_times(roots: list[int], include_roots: bool) -> tuple[float, float]:
+    """User and system seconds of the live processes below ``roots`` (and of
+    the roots too, with ``include_roots``), their waited-for children
+    included."""
+    parent: dict[int, int] = {}
+    stats: dict[int, list[bytes]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(name)] = int(fields[1])
+        stats[int(name)] = fields
+    chosen = set(roots) if include_roots else set()
+    frontier = set(roots)
+    while frontier:
+        frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - chosen
+        chosen |= frontier
+    u = s = 0
+    for pid in chosen:
+        f = stats.get(pid)
+        if f is not None:
+            u += int(f[11]) + int(f[13])
+            s += int(f[12]) + int(f[14])
+    return u / _TICK, s / _TICK
+
+
+class _Forwarder:
+    """The server-side broker: hands each ``connect()`` notification to the
+    run's helper (started on the first)."""
+
+    def __init__(self, run: Run, server_fds: Any) -> None:
+        self.run = run
+        self.server_fds = server_fds
+
+    def handle(self, listener_fd: int, nid: int, pid: int, args: Any, respond: Any) -> None:
+        run = self.run
+        try:
+            if run.helper is None:
+                run.helper = Helper.start(run, listener_fd, self.server_fds())
+            run.helper.sock.send(json.dumps([nid, pid, list(args)]).encode())
+        except OSError as exc:
+            respond(nid, exc.errno or 13)
+
+
+class Helper:
+    """A process in the sandbox's user and mount namespaces that performs
+    the sandbox's ``connect()`` calls (``unixconnect``); it answers the
+    notifications itself and reports refusals on its socket."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self.sock = sock
+
+    @classmethod
+    def start(cls, run: Run, listener_fd: int, close_fds: list[int]) -> Helper:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                mine.close()
+                _helper_main(theirs.fileno(), listener_fd, run)
+            finally:
+                os._exit(1)
+        theirs.close()
+        mine.setblocking(False)
+        return cls(pid, mine)
+
+    def drain(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        while True:
+            try:
+                msg = self.sock.recv(65536)
+            except (BlockingIOError, OSError):
+                return out
+            if not msg:
+                return out
+            try:
+                out.append(json.loads(msg))
+            except ValueError:
+                continue
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _helper_main(sock_fd: int, listener_fd: int, run: Run) -> None:
+    from . import sys as k
+    from .fds import close_all_except
+    from .unixconnect import ConnectBroker
+
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    close_all_except({sock_fd, listener_fd})
+    sock = socket.socket(fileno=sock_fd)
+    try:
+        proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        user = os.open(f"/proc/{run.init_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        mnt = os.open(f"/proc/{run.init_pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        if os.getuid() == 0:
+            os.setgroups([])
+        k.setns(user, k.CLONE_NEWUSER)
+        gid, uid = run.inner_ids[1], run.inner_ids[0]
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+        k.setns(mnt, k.CLONE_NEWNS)
+        os.close(user)
+        os.close(mnt)
+        # Relative paths ("<pid>/mem", "self/fd/N") name this host procfs.
+        os.fchdir(proc)
+    except OSError:
+        os._exit(1)  # every pending connect fails with ENOSYS: still refused
+
+    def denied(entry: dict[str, Any]) -> None:
+        entry = {**entry, "pid": _inner_pid_here(int(entry["pid"]))}
+        try:
+            sock.send(json.dumps(entry).encode())
+        except OSError:
+            pass
+
+    broker = ConnectBroker(run.connect_allowed, proc_fd=proc, on_denied=denied)
+    listener = notify.Listener(listener_fd, {"table": {}, "names": {}, "arch": ""})
+    while True:
+        try:
+            msg = sock.recv(65536)
+        except InterruptedError:
+            continue
+        if not msg:
+            os._exit(0)
+        nid, pid, args = json.loads(msg)
+        broker.handle(listener_fd, nid, pid, tuple(args), listener.respond)
