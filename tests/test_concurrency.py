@@ -69,6 +69,7 @@ def test_warm_up_server(workspace: Path) -> None:
 
 def test_100_from_16_threads(workspace: Path) -> None:
     nanobox.run(["true"])  # the fork server is started once, then shared
+    time.sleep(0.2)  # the server's new spare (forked after the reply) has named itself
     fds_before, kids_before = _fds(), _children()
     token = uuid.uuid4().hex
     with ThreadPoolExecutor(16) as pool:
@@ -78,11 +79,26 @@ def test_100_from_16_threads(workspace: Path) -> None:
         assert out == f"{token} {i}\nin-{i}".encode()
         assert err == f"err {i}\n".encode()
     assert wait_until(lambda: _fds() == fds_before, timeout=5), _fds() ^ fds_before
-    assert wait_until(lambda: _children() == kids_before, timeout=5)
+    assert wait_until(lambda: _children() == kids_before, timeout=5), _describe(
+        _children() ^ kids_before
+    )
+
+
+def _describe(pids: set[int]) -> list[str]:
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmdline = fh.read().replace(b"\0", b" ")[:80]
+            out.append(f"{pid}: {cmdline!r}")
+        except OSError:
+            out.append(f"{pid}: gone")
+    return out
 
 
 def test_100_from_asyncio(workspace: Path) -> None:
     nanobox.run(["true"])
+    time.sleep(0.2)  # the server's new spare (forked after the reply) has named itself
     fds_before, kids_before = _fds(), _children()
     token = uuid.uuid4().hex
 

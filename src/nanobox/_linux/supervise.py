@@ -135,11 +135,13 @@ class Run:
         """End the sandbox: SIGKILL its PID 1 (the kernel kills the rest)."""
         if self.init_done:
             return
-        self.killed = True
-        if sample_orphans:
-            # Without a cgroup, count what processes re-parented to PID 1
-            # used so far (they are reaped by the kernel, not waited for).
-            self.orphans_cpu = tree_times([self.init_pid], include_roots=False)
+        first, self.killed = not self.killed, True
+        if sample_orphans and first:
+            # Without a cgroup, count what the command's live descendants and
+            # the processes re-parented to PID 1 used so far: they die with
+            # the namespace and are reaped by the kernel, not waited for.
+            roots = [self.init_pid] + ([self.cmd_pid] if self.cmd_status is None else [])
+            self.orphans_cpu = tree_times(roots, include_roots=False)
         try:
             os.kill(self.init_pid, signal.SIGKILL)  # our unreaped child: no reuse
         except ProcessLookupError:
