@@ -571,8 +571,8 @@ class Server:
             if not run.done() or job.status_r != -1:
                 return
             msg: dict[str, Any] = {"t": "result", **run.report()}
-            oom = job.group is not None and job.group.stats().get("oom_kills")
-            if run.init_lost and not oom:
+            stats = job.group.stats() if job.group is not None else None
+            if run.init_lost and not (stats or {}).get("oom_kills"):
                 # PID 1 died while the command ran, and not by our hand.
                 msg = {
                     "t": "error",
@@ -582,6 +582,7 @@ class Server:
                 }
             linger = False
         else:
+            stats = None
             reported = job.report is not None
             if not reported and (job.exit_status is None or job.status_r != -1):
                 return  # running, or the report may still be in flight
@@ -598,7 +599,7 @@ class Server:
         if linger:
             self.discarded[job.pid] = job.group
         if job.group is not None:
-            msg["cgroup"] = job.group.stats()
+            msg["cgroup"] = stats if stats is not None else job.group.stats()
         self._close_job(job)
         self._reply(job, msg)
         if run is not None:

@@ -14,6 +14,7 @@ init is gone the kernel fails the call with ``ENOSYS``: still refused.
 from __future__ import annotations
 
 import fcntl
+import select
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -89,7 +90,17 @@ class Listener:
             pass
 
     def handle(self) -> bool:
-        """Answer one pending notification; False when the listener is dead."""
+        """Answer one pending notification; False when the listener is dead.
+
+        Never blocks: RECV waits for the next notification, and a listener
+        whose filter has no users left (the command is gone) polls as
+        readable (POLLHUP) with none to come."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        ready = poller.poll(0)
+        mask = ready[0][1] if ready else 0
+        if not mask & select.POLLIN:
+            return not mask & (select.POLLHUP | select.POLLERR | select.POLLNVAL)
         buf = bytearray(_NOTIF.size)
         try:
             fcntl.ioctl(self.fd, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
