@@ -246,10 +246,19 @@ def http_handler(conn: socket.socket) -> None:
             return
     assert request is not None
     path = request.target.decode()
+    if path.startswith("/short/"):  # claims a length, sends less, closes
+        claimed, sent = (int(x) for x in path.split("/")[2:4])
+        head = [(b"content-length", str(claimed).encode())]
+        conn.sendall(h.send(h11.Response(status_code=200, headers=head)) or b"")
+        conn.sendall(BLOCK[:sent])
+        h.send_failed()
+        return
     if path.startswith("/bytes/"):
         size = int(path.split("/")[2])
         head = [(b"content-length", str(size).encode()), (b"keep-alive", b"timeout=5")]
         conn.sendall(h.send(h11.Response(status_code=200, headers=head)) or b"")
+        if request.method == b"HEAD":
+            return
         view = memoryview(BLOCK)
         left = size
         while left:

@@ -229,3 +229,23 @@ def test_client_side_random_bytes_only_raise_h11_errors(data):
                 break
     except h11.RemoteProtocolError:
         pass
+
+
+def test_raw_body_length_only_for_plain_large_bodies():
+    from nanobox.net.http import RAW_BODY_MIN, raw_body_length
+
+    big = str(RAW_BODY_MIN).encode()
+    ok = [(b"Content-Length", big)]
+    assert raw_body_length("GET", 200, ok) == RAW_BODY_MIN
+    assert raw_body_length("POST", 201, ok) == RAW_BODY_MIN
+    small = [(b"content-length", str(RAW_BODY_MIN - 1).encode())]
+    assert raw_body_length("GET", 200, small) is None
+    assert raw_body_length("HEAD", 200, ok) is None
+    for status in (100, 204, 304):
+        assert raw_body_length("GET", status, ok) is None
+    assert raw_body_length("GET", 200, [*ok, (b"Transfer-Encoding", b"chunked")]) is None
+    assert raw_body_length("GET", 200, [*ok, (b"content-length", big + b"0")]) is None
+    assert raw_body_length("GET", 200, [*ok, (b"content-length", big)]) == RAW_BODY_MIN
+    assert raw_body_length("GET", 200, [(b"content-length", b"-5")]) is None
+    assert raw_body_length("GET", 200, [(b"content-length", b"1" * 30)]) is None
+    assert raw_body_length("GET", 200, []) is None

@@ -545,6 +545,64 @@ def expected_crc(size: int) -> int:
     return zlib.crc32(BLOCK[: size % len(BLOCK)], crc)
 
 
+def test_large_plain_http_body_is_copied_raw_then_closed(http_server):
+    """A response of at least RAW_BODY_MIN bytes with a Content-Length skips
+    h11's re-framing: exactly that many bytes arrive, announced with
+    ``Connection: close``, and the proxy then closes the connection."""
+    size = 3 << 20
+    with proxy_harness() as h:
+        sock = connect(h.http_port)
+        url = f"http://allowed.test:{http_server.port}/bytes/{size}"
+        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        status, headers, rest = read_head(sock)
+        assert status == 200 and int(headers["content-length"]) == size
+        assert headers.get("connection") == "close"
+        assert read_counting(sock, limit=size, start=rest) == (size, expected_crc(size))
+        assert sock.recv(1) == b""  # nothing more: the proxy closed
+        sock.close()
+        event = last_event(h)
+        h.finish()
+    assert event.decision == "allowed" and event.bytes_down >= size and not event.error
+
+
+def test_head_of_a_large_resource_keeps_the_connection(http_server):
+    size = 3 << 20
+    with proxy_harness() as h:
+        sock = connect(h.http_port)
+        url = f"http://allowed.test:{http_server.port}/bytes/{size}"
+        for method in ("HEAD", "GET"):
+            target = url if method == "HEAD" else url.replace(str(size), "100")
+            sock.sendall(f"{method} {target} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+            status, headers, rest = read_head(sock)
+            assert status == 200, method
+            if method == "HEAD":
+                assert int(headers["content-length"]) == size and rest == b""
+                assert headers.get("connection") != "close"
+            else:
+                assert rest + recv_exact(sock, 100 - len(rest)) == BLOCK[:100]
+        sock.close()
+        h.finish()
+
+
+def test_large_body_cut_short_by_the_upstream_is_not_completed(http_server):
+    claimed, sent = 4 << 20, 1 << 20
+    with proxy_harness() as h:
+        sock = connect(h.http_port)
+        url = f"http://allowed.test:{http_server.port}/short/{claimed}/{sent}"
+        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        status, headers, rest = read_head(sock)
+        assert status == 200 and int(headers["content-length"]) == claimed
+        try:
+            got, _crc = read_counting(sock, start=rest)
+        except ConnectionResetError:
+            got = -1  # reset: the truncation is visible either way
+        assert got < claimed
+        sock.close()
+        event = last_event(h)
+        h.finish()
+    assert event.error and "early" in event.error
+
+
 def test_client_disconnect_mid_stream_does_not_disturb_others(bulk_server):
     size = 20_000_000
     with proxy_harness() as h:

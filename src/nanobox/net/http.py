@@ -211,6 +211,35 @@ def forward_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tup
     return _strip(headers, extra)
 
 
+# Response bodies at least this long are relayed as raw bytes (see
+# ``raw_body_length``); smaller ones go through h11, keeping the connection.
+RAW_BODY_MIN: Final = 1 << 20
+
+
+def raw_body_length(method: str, status: int, headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    """The body length of a response the proxy may relay without re-framing
+    (one valid ``Content-Length`` of at least ``RAW_BODY_MIN``, no
+    ``Transfer-Encoding``, a method and status that carry a body), else
+    None. Such a response is forwarded with ``Connection: close``: the
+    proxy copies exactly that many bytes and then closes both sides."""
+    if method == "HEAD" or status < 200 or status in (204, 304):
+        return None
+    lengths = set()
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"transfer-encoding":
+            return None
+        if lname == b"content-length":
+            lengths.add(value.strip())
+    if len(lengths) != 1:
+        return None
+    value = lengths.pop()
+    if not value.isdigit() or len(value) > 18:
+        return None
+    length = int(value)
+    return length if length >= RAW_BODY_MIN else None
+
+
 def error_response(status: int, message: str, *, close: bool = True) -> bytes:
     """A complete plain-text response from the proxy itself."""
     reason = _REASONS.get(status, "Error")

@@ -52,6 +52,7 @@ from nanobox.net.http import (
     forward_request_headers,
     forward_response_headers,
     parse_target,
+    raw_body_length,
     upstream_side,
 )
 from nanobox.net.rules import Decision, Host, IPAddress, Ruleset, canonical_host, format_host
@@ -68,6 +69,7 @@ EventCallback = Callable[[ConnectionEvent], None]
 _T = TypeVar("_T")
 
 _RECV = 65536
+_RAW_BUF = 1 << 20  # large plain-HTTP bodies are copied in chunks of this size
 _BUFFER = 256 * 1024
 _PIPE_SIZE = 1024 * 1024
 _MAX_ADDRESSES = 32
@@ -958,7 +960,7 @@ class Proxy:
         conn.watchdog.touch()
         return data
 
-    async def _send(self, conn: _Conn, sock: socket.socket, data: bytes) -> None:
+    async def _send(self, conn: _Conn, sock: socket.socket, data: bytes | memoryview) -> None:
         await asyncio.get_running_loop().sock_sendall(sock, data)
         conn.watchdog.touch()
 
@@ -1305,15 +1307,22 @@ class Proxy:
                     )
                 )
             elif isinstance(event, h11.Response):
+                headers = forward_response_headers(event.headers)
+                raw = raw_body_length(flow.method or "", event.status_code, event.headers)
+                if raw is not None:
+                    headers = [(k, v) for k, v in headers if k.lower() != b"connection"]
+                    headers.append((b"connection", b"close"))
                 out = h.send(
                     h11.Response(
-                        status_code=event.status_code,
-                        headers=forward_response_headers(event.headers),
-                        reason=event.reason,
+                        status_code=event.status_code, headers=headers, reason=event.reason
                     )
                 )
                 flow.status = event.status_code
                 flow.response_started = True
+                if raw is not None:
+                    if out:
+                        await self._send(conn, conn.sock, out)
+                    return await self._relay_raw(conn, up, upstream, flow, raw)
             elif isinstance(event, h11.Data):
                 out = h.send(h11.Data(data=event.data))
             elif isinstance(event, h11.EndOfMessage):
@@ -1325,6 +1334,38 @@ class Proxy:
                 return await self._bad_gateway(conn, flow, "upstream closed the connection early")
             if out:
                 await self._send(conn, conn.sock, out)
+
+    async def _relay_raw(
+        self, conn: _Conn, up: h11.Connection, upstream: socket.socket, flow: _Flow, length: int
+    ) -> bool:
+        """Copy a ``length``-byte body as it comes (no h11 framing, one
+        buffer); the response was sent with ``Connection: close``."""
+        import h11
+
+        remaining = length
+        while remaining:  # what h11 has already read past the head
+            event = up.next_event()
+            if not isinstance(event, h11.Data):
+                break
+            data = event.data[:remaining]
+            await self._send(conn, conn.sock, data)
+            remaining -= len(data)
+        loop = asyncio.get_running_loop()
+        buf = memoryview(bytearray(min(remaining, _RAW_BUF) or 1))
+        try:
+            while remaining:
+                n = await loop.sock_recv_into(upstream, buf[: min(len(buf), remaining)])
+                if not n:
+                    return await self._bad_gateway(
+                        conn, flow, "upstream closed the connection early"
+                    )
+                conn.watchdog.touch()
+                flow.count_down(n)
+                await self._send(conn, conn.sock, buf[:n])
+                remaining -= n
+        except OSError as exc:
+            return await self._bad_gateway(conn, flow, f"bad response from upstream: {exc}")
+        return True
 
     async def _bad_gateway(self, conn: _Conn, flow: _Flow, message: str) -> bool:
         flow.error = message
