@@ -116,6 +116,53 @@ def cbin() -> Path:
     return build_cbin()
 
 
+def pid1_of(pid: int) -> int | None:
+    """The host pid of PID 1 of ``pid``'s pid namespace (None when gone)."""
+    try:
+        ns = os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{name}/ns/pid") != ns:
+                continue
+            with open(f"/proc/{name}/status") as fh:
+                nspid = next(ln for ln in fh if ln.startswith("NSpid:")).split()
+        except (OSError, StopIteration):
+            continue
+        if nspid[-1] == "1" and len(nspid) > 2:
+            return int(name)
+    return None
+
+
+def descendants(root: int, *, skip_zombies: bool = False) -> dict[int, str]:
+    """Processes below ``root`` (pid -> comm)."""
+    parents: dict[int, int] = {}
+    names: dict[int, str] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        if skip_zombies and fields[0] == "Z":
+            continue
+        parents[int(name)] = int(fields[1])
+        names[int(name)] = comm
+    out: dict[int, str] = {}
+    frontier = {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier}
+        out.update((pid, names[pid]) for pid in frontier)
+    return out
+
+
 def nanobox_groups() -> set[str]:
     """Every cgroup directory under a nanobox base, on any hierarchy."""
     found = set()

@@ -22,6 +22,7 @@ from conftest import (
     cgroups_usable,
     nanobox_cli,
     nanobox_groups,
+    pid1_of,
     pids_with,
     userns_usable,
     wait_until,
@@ -146,22 +147,9 @@ def test_50_at_once_leave_no_groups(workspace: Path) -> None:
 def _init_pid_of(marker: str) -> int | None:
     """PID 1 of the pid namespace of the process with ``marker``."""
     for pid in pids_with(marker):
-        try:
-            ns = os.readlink(f"/proc/{pid}/ns/pid")
-        except OSError:
-            continue
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                if os.readlink(f"/proc/{name}/ns/pid") != ns:
-                    continue
-                with open(f"/proc/{name}/status") as fh:
-                    nspid = next(ln for ln in fh if ln.startswith("NSpid:")).split()
-            except (OSError, StopIteration):
-                continue
-            if nspid[-1] == "1" and len(nspid) > 2:
-                return int(name)
+        found = pid1_of(pid)
+        if found is not None:
+            return found
     return None
 
 

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nanobox
-from conftest import SPY, pids_with, wait_until
+from conftest import SPY, descendants, pids_with, wait_until
 
 PY = sys.executable
 N = 100
@@ -25,33 +25,8 @@ def _fds() -> set[int]:
 def _children() -> set[int]:
     """Live (non-zombie) descendants of this process, but the fork server's
     spare stage A (kept for a second after a run, named ``nanobox-spare``)."""
-    me = os.getpid()
-    parents: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and not _is_spare(name):
-            parents[int(name)] = int(fields[1])
-    out = set()
-    frontier = {me}
-    while frontier:
-        nxt = {pid for pid, ppid in parents.items() if ppid in frontier}
-        out |= nxt
-        frontier = nxt
-    return out
-
-
-def _is_spare(pid: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/comm") as fh:
-            return fh.read().strip() == "nanobox-spare"
-    except OSError:
-        return False
+    below = descendants(os.getpid(), skip_zombies=True)
+    return {pid for pid, comm in below.items() if comm != "nanobox-spare"}
 
 
 def _one(i: int, token: str) -> tuple[int, bytes, bytes]:

@@ -14,6 +14,7 @@ import nanobox
 from conftest import (
     SPY,
     cgroups_usable,
+    descendants,
     nanobox_cli,
     nanobox_groups,
     userns_usable,
@@ -28,26 +29,7 @@ pytestmark = [
 
 def _spares() -> list[int]:
     """Spare starters below this process."""
-    me = os.getpid()
-    parents: dict[int, int] = {}
-    names: dict[int, str] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{name}/comm") as fh:
-                names[int(name)] = fh.read().strip()
-        except OSError:
-            continue
-        parents[int(name)] = int(fields[1])
-    below: set[int] = set()
-    frontier = {me}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier}
-        below |= frontier
-    return [pid for pid in below if names.get(pid) == "nanobox-spare"]
+    return [pid for pid, comm in descendants(os.getpid()).items() if comm == "nanobox-spare"]
 
 
 def test_spare_is_ready_after_a_run_and_goes_away(workspace: Path) -> None:

@@ -3,33 +3,15 @@ idle process (``cat``) that the kernel reaps orphans for."""
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
 import pytest
 
 import nanobox
-from conftest import SPY, pids_with, userns_usable, wait_until
+from conftest import SPY, pid1_of, pids_with, userns_usable, wait_until
 
 pytestmark = pytest.mark.skipif(not userns_usable(), reason="no user namespaces")
-
-
-def _pid1_of(pid: int) -> int | None:
-    ns = os.readlink(f"/proc/{pid}/ns/pid")
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            if os.readlink(f"/proc/{name}/ns/pid") != ns:
-                continue
-            with open(f"/proc/{name}/status") as fh:
-                nspid = next(ln for ln in fh if ln.startswith("NSpid:")).split()
-        except (OSError, StopIteration):
-            continue
-        if nspid[-1] == "1" and len(nspid) > 2:
-            return int(name)
-    return None
 
 
 def test_pid1_is_a_small_cat(workspace: Path, marker: str) -> None:
@@ -38,7 +20,7 @@ def test_pid1_is_a_small_cat(workspace: Path, marker: str) -> None:
     t.start()
     try:
         assert wait_until(lambda: bool(pids_with(marker)), timeout=10)
-        pid1 = _pid1_of(pids_with(marker)[0])
+        pid1 = pid1_of(pids_with(marker)[0])
         assert pid1 is not None
         with open(f"/proc/{pid1}/comm") as fh:
             assert fh.read().strip() == "cat"

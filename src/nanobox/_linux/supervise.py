@@ -203,22 +203,12 @@ def _exiting(pid: int) -> bool:
     return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & 0x4)
 
 
-def inner_pid(pid: int) -> int:
-    """``pid`` (this process's view) as the sandbox sees it (its last NSpid)."""
+def inner_pid(pid: int, proc: str = "/proc/") -> int:
+    """``pid`` (this process's view) as the sandbox sees it (its last
+    NSpid). ``proc``: where the host's procfs is (the connect helper, whose
+    cwd it is, passes "")."""
     try:
-        with open(f"/proc/{pid}/status", "rb") as fh:
-            for line in fh:
-                if line.startswith(b"NSpid:"):
-                    return int(line.split()[-1])
-    except (OSError, ValueError):
-        pass
-    return pid
-
-
-def _inner_pid_here(pid: int) -> int:
-    """``inner_pid`` for the helper, whose cwd is the host's procfs."""
-    try:
-        with open(f"{pid}/status", "rb") as fh:
+        with open(f"{proc}{pid}/status", "rb") as fh:
             for line in fh:
                 if line.startswith(b"NSpid:"):
                     return int(line.split()[-1])
@@ -344,7 +334,7 @@ def _helper_main(sock_fd: int, listener_fd: int, run: Run) -> None:
         os._exit(1)  # every pending connect fails with ENOSYS: still refused
 
     def denied(entry: dict[str, Any]) -> None:
-        entry = {**entry, "pid": _inner_pid_here(int(entry["pid"]))}
+        entry = {**entry, "pid": inner_pid(int(entry["pid"]), "")}
         try:
             sock.send(json.dumps(entry).encode())
         except OSError:
