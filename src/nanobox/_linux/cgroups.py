@@ -251,6 +251,21 @@ class RunGroup:
     def procs_files(self) -> list[str]:
         return [os.path.join(p, "cgroup.procs") for p in self.paths.values()]
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time of the group so far (for the CPU-time limit's polling),
+        or None when it cannot be read."""
+        try:
+            if self.version == 2:
+                for line in _read(f"{self.paths['']}/cpu.stat").splitlines():
+                    if line.startswith("usage_usec "):
+                        return int(line.split()[1]) / 1e6
+                return None
+            if "cpuacct" in self.paths:
+                return int(_read(f"{self.paths['cpuacct']}/cpuacct.usage")) / 1e9
+        except (OSError, ValueError):
+            pass
+        return None
+
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         try:

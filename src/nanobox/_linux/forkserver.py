@@ -102,6 +102,7 @@ class Server:
         self.starting: dict[int, _Job] = {}  # stage A pid -> its job, until reaped
         self.jobs_by_pid: dict[int, _Job] = {}  # init pid -> job
         self.jobs_by_cmd: dict[int, _Job] = {}  # command pid -> job (supervised runs)
+        self.timed: set[_Job] = set()  # supervised runs with a wall or CPU limit
         # Children reaped before their stage A's report was read.
         self.early_exits: dict[int, tuple[int, Any]] = {}
         self.helpers: set[int] = set()
@@ -125,11 +126,10 @@ class Server:
     # -- main loop ---------------------------------------------------------
     def _timeout(self) -> float | None:
         times = [self.spare_until] if self.spare is not None else []
-        for job in self.jobs:
-            if job.run is not None:
-                t = job.run.next_timer()
-                if t is not None:
-                    times.append(t)
+        for job in self.timed:
+            t = job.run.next_timer() if job.run is not None else None
+            if t is not None:
+                times.append(t)
         if not times:
             return None
         return max(0.0, min(times) - time.monotonic())
@@ -165,19 +165,15 @@ class Server:
 
     def _check_timers(self) -> None:
         now = time.monotonic()
-        for job in list(self.jobs):
-            run = job.run
-            if run is None or run.next_timer() is None:
-                continue
-            if run.check_timers(now, self._group_cpu(job)):
+        for job in list(self.timed):
+            if job.run is not None and job.run.check_timers(now, self._group_cpu(job)):
                 self._end_run(job)
 
     @staticmethod
     def _group_cpu(job: _Job) -> Any:
         if job.group is None:
             return None
-        group = job.group
-        return lambda: group.stats().get("cpu_s")
+        return job.group.cpu_seconds
 
     # -- starters ----------------------------------------------------------
     @staticmethod
@@ -372,16 +368,19 @@ class Server:
             self.sel.unregister(job.chan)
             self._kill(job)
         elif data.startswith(b"K"):
-            if job.pid is None:
-                job.kill_asked = True  # the init is not known yet: kill it when it is
-                return
-            if job.run is not None:
-                if job.run.cmd_status is None and job.run.reason == "exited":
-                    job.run.reason, job.run.end = "killed", time.monotonic()
-                self._end_run(job)
-                return
+            self._kill_on_request(job)
+
+    def _kill_on_request(self, job: _Job) -> None:
+        """The caller asked to kill the run (its result says "killed")."""
+        if job.pid is None:
+            job.kill_asked = True  # the init is not known yet: kill it when it is
+        elif job.run is not None:
+            if job.run.cmd_status is None and job.run.reason == "exited":
+                job.run.reason, job.run.end = "killed", time.monotonic()
+            self._end_run(job)
+        else:
             try:
-                os.write(job.cmd_w, b"K")
+                os.write(job.cmd_w, b"K")  # the no-namespace init kills and reports
             except OSError:
                 pass
 
@@ -426,6 +425,8 @@ class Server:
                 run = supervise.Run(info, job.plan)
                 job.run, job.pid = run, run.init_pid
                 run.hold_namespaces()
+                if run.next_timer() is not None:
+                    self.timed.add(job)
                 self.jobs_by_pid[run.init_pid] = job
                 self.jobs_by_cmd[run.cmd_pid] = job
                 for pending in job.pending:
@@ -448,15 +449,10 @@ class Server:
                 self._setup_failed(job, line)
                 return False
             if job.kill_asked:
-                if job.client_gone or job.run is not None:
-                    if job.run is not None and job.run.reason == "exited":
-                        job.run.reason = "killed"
+                if job.client_gone:
                     self._kill(job)
                 else:
-                    try:
-                        os.write(job.cmd_w, b"K")
-                    except OSError:
-                        pass
+                    self._kill_on_request(job)
             return True
         if job.run is not None:
             job.run.on_line(line)
@@ -490,7 +486,7 @@ class Server:
 
     def _take_listener(self, job: _Job, fd: int) -> None:
         assert job.run is not None
-        job.run.take_listener(fd, lambda: [])
+        job.run.take_listener(fd)
         self.sel.register(fd, selectors.EVENT_READ, ("notify", job))
 
     def _on_notify(self, job: _Job) -> None:
@@ -593,6 +589,7 @@ class Server:
             msg = self._init_report(job)
         job.finished = True
         self.jobs.discard(job)
+        self.timed.discard(job)
         self.jobs_by_pid.pop(job.pid, None)
         if run is not None:
             self.jobs_by_cmd.pop(run.cmd_pid, None)

@@ -1,13 +1,14 @@
-"""The sandbox's PID 1: sets up the view, starts the command as PID 2, reaps,
+"""The supervisor of a run without namespaces (no user namespaces on the
+host, degraded mode): a child subreaper that starts the command, reaps,
 enforces the wall-clock and tree CPU-time limits, and reports.
 
-It is never the command itself, so the command sees normal signal semantics
-(``kill -TERM $$`` ends a shell). It reaps every orphan. When the command
-ends (or a limit is hit, or the server asks, or the server dies) it kills
-every other process of the pid namespace with one ``kill(-1, SIGKILL)``,
-reaps them all, and writes one report line (``R`` + JSON) with the
-command's wait status and the whole tree's rusage (its own usage excluded).
-A setup failure is reported as ``E`` + JSON.
+With namespaces the fork server supervises instead (``supervise``) and PID 1
+is an idle process (``pid1``). Here there is no pid namespace to end with
+one kill: every orphan the command leaves comes back to this process (a
+child subreaper), and at the end it kills its descendants round by round
+until none is left, reaps them all, and writes one report line (``R`` +
+JSON) with the command's wait status and the whole tree's rusage (its own
+usage excluded). A setup failure is reported as ``E`` + JSON.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import socket
 import time
 from typing import Any, NoReturn
 
-from . import child, mounts, netns, notify
+from . import child, notify, proctree
+from . import sys as k
 from .fds import write_all
 
-_TICK = os.sysconf("SC_CLK_TCK")
 CPU_POLL_S = 0.05
 
 
@@ -40,35 +41,11 @@ def _error(status_w: int, step: str, exc: BaseException) -> NoReturn:
         os._exit(1)
 
 
-class _SkipSetup(Exception):
-    pass
-
-
-def _descendants() -> list[int]:
-    """PIDs below this process (without a pid namespace: the sandbox)."""
-    me = os.getpid()
-    parent: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                parent[int(name)] = int(fh.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    out: list[int] = []
-    frontier = {me}
-    while frontier:
-        frontier = {pid for pid, ppid in parent.items() if ppid in frontier}
-        out.extend(frontier)
-    return out
-
-
 def _kill_descendants() -> None:
     """SIGKILL everything below this process until nothing is left (each
     round also catches what forked meanwhile; orphans come back to us)."""
     for _ in range(1000):
-        pids = _descendants()
+        pids = list(proctree.below([os.getpid()]))
         if not pids:
             return
         for pid in pids:
@@ -84,88 +61,24 @@ def _kill_descendants() -> None:
                 break
 
 
-def send_listeners(chan_fd: int, ports: list[int]) -> None:
-    """Bind the proxy's listeners inside the sandbox's network namespace and
-    hand them to the caller, before the command exists: no start-up race,
-    and the command never holds them."""
-    socks: list[socket.socket] = []
-    try:
-        for port in ports:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            socks.append(s)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("127.0.0.1", port))
-            s.listen(1024)
-        chan = socket.socket(fileno=chan_fd)
-        try:
-            socket.send_fds(chan, [b'{"t": "listeners"}'], [s.fileno() for s in socks])
-        finally:
-            chan.close()
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _sandbox_pids() -> list[str]:
-    """Every process of the sandbox but the init: the whole pid namespace,
-    or (without one) this process's descendants."""
-    return [name for name in os.listdir("/proc") if name.isdigit() and name != "1"]
-
-
-def _tree_cpu(pids: list[str] | list[int]) -> float:
-    """CPU seconds of the whole sandbox: everything reaped so far plus every
-    live process in ``pids`` (its own time and that of the children it
-    reaped)."""
+def _tree_cpu() -> float:
+    """CPU seconds of the whole tree: everything reaped so far plus every
+    live descendant (its own time and that of the children it reaped)."""
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    total = ru.ru_utime + ru.ru_stime
-    ticks = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as fh:
-                fields = fh.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
-    return total + ticks / _TICK
-
-
-def _kill_all() -> None:
-    try:
-        os.kill(-1, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    u, s = proctree.cpu_times(proctree.below([os.getpid()]))
+    return ru.ru_utime + ru.ru_stime + u + s
 
 
 def init_main(
     plan: dict[str, Any], stdio: tuple[int, int, int], status_w: int, cmd_r: int
 ) -> NoReturn:
     t_setup = time.monotonic()
-    view_degraded: list[str] = []
-    step = "hostname"
-    nons = plan.get("mode") == "nons"
     try:
-        if nons:
-            # No pid namespace: be the subreaper of everything the command
-            # starts, so orphans come back here to be reaped and killed.
-            from . import sys as k
-
-            k.prctl(k.PR_SET_CHILD_SUBREAPER, 1)
-            raise _SkipSetup
-        socket.sethostname(plan["hostname"])
-        if plan["newnet"]:
-            step = "loopback"
-            netns.loopback_up()
-        step = "filesystem view"
-        view_degraded = mounts.build(plan["view"])
-        if plan.get("proxy"):
-            step = "proxy listeners"
-            send_listeners(plan["chan_fd"], plan["proxy_ports"])
-    except _SkipSetup:
-        pass
-    except mounts.MountStepError as exc:
-        _error(status_w, exc.step, exc)
+        # Be the subreaper of everything the command starts, so orphans come
+        # back here to be reaped and killed.
+        k.prctl(k.PR_SET_CHILD_SUBREAPER, 1)
     except BaseException as exc:  # noqa: BLE001
-        _error(status_w, step, exc)
+        _error(status_w, "subreaper", exc)
 
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
@@ -251,18 +164,13 @@ def init_main(
         if deadline is not None and now >= deadline:
             reason = "timeout"
             break
-        if cpu_limit is not None and (
-            _tree_cpu(_descendants() if nons else _sandbox_pids()) >= cpu_limit
-        ):
+        if cpu_limit is not None and _tree_cpu() >= cpu_limit:
             reason = "cpu_limit"
             break
 
     if status is None:
         end = time.monotonic()
-    if nons:
-        _kill_descendants()
-    else:
-        _kill_all()
+    _kill_descendants()
     while True:
         try:
             got, st = os.waitpid(-1, 0)
@@ -296,7 +204,7 @@ def init_main(
         "self_stime": me.ru_stime,
         "setup_s": setup_s,
         "exec_error": exec_error,
-        "degraded": view_degraded,
+        "degraded": [],
         "syscall_violations": listener.recorded if listener is not None else [],
         "unix_denied": listener.broker.denied[:100]
         if listener is not None and listener.broker is not None

@@ -3,10 +3,10 @@
     server --fork--> A: a *starter*: joins the run's cgroups (and, for a root
                         caller, creates the run's user namespace) before it
                         is given a plan; then unshare(user, mount, pid, net,
-                        ipc, uts, cgroup), write its uid/gid map, fork B,
-                        report B's pid, exit
-                     B: PID 1 of the new pid namespace (``init``), reparented
-                        to the server (a child subreaper) when A exits
+                        ipc, uts, cgroup), write its uid/gid map, fork B and
+                        C, build the view, release C, report both pids, exit
+                     B: PID 1 of the new pid namespace (``pid1``): makes the
+                        procfs, then idles as ``cat`` on the command pipe
                      C: the command, PID 2 (``child``)
 
 A starter is forked ahead of its plan so that the slow parts that do not
@@ -14,11 +14,16 @@ depend on the plan (a cgroup migration waits for an RCU grace period; a user
 namespace for the id mapping needs a fork) happen off the critical path: the
 fork server keeps one spare starter ready after a run. The plan and its fds
 (stdio, and the caller's channel when a proxy listens) arrive on the
-starter's socket.
+starter's socket; the command later hands its seccomp listener to the server
+over the same socket.
 
 The server is single-threaded, so forking it (and running Python in the
-children) is safe. A reports on ``status`` with ``P<pid>`` or ``E<json>``;
-B later writes its report on the same pipe.
+children) is safe. A reports on ``status`` with ``P`` + JSON (the pids of B
+and C) or ``E`` + JSON; C adds ``S``/``X`` + JSON if its setup or exec
+fails. B and C become the server's children when A exits (it is a child
+subreaper); the server supervises them (``supervise``). Without namespaces
+A forks the old-style supervising init instead (``init``, ``P<pid>``), which
+writes its report (``R`` + JSON) on the same pipe.
 """
 
 from __future__ import annotations
@@ -49,10 +54,17 @@ MAX_PLAN = 1 << 20
 class Starter:
     """The server's handle on a forked stage A that waits for its plan."""
 
-    __slots__ = ("born", "cmd_w", "group", "key", "pid", "sid", "sock", "status_r")
+    __slots__ = ("cmd_w", "group", "key", "pid", "sid", "sock", "status_r")
 
     def __init__(
-        self, pid: int, sock: socket.socket, status_r: int, cmd_w: int, key: Any, group: Any
+        self,
+        pid: int,
+        sock: socket.socket,
+        status_r: int,
+        cmd_w: int,
+        key: Any,
+        group: Any,
+        sid: int | None,
     ) -> None:
         self.pid = pid
         self.sock = sock
@@ -60,8 +72,7 @@ class Starter:
         self.cmd_w = cmd_w
         self.key = key
         self.group = group
-        self.sid: int | None = None
-        self.born = time.monotonic()
+        self.sid = sid  # the dedicated uid of a root caller's sandbox
 
     def start(self, plan: dict[str, Any], fds: list[int]) -> None:
         """Hand the starter its plan; it goes on alone (reporting on status).
@@ -98,9 +109,7 @@ def fork_starter(procs_files: list[str], sid: int | None, key: Any, group: Any) 
     os.close(status_w)
     os.close(cmd_r)
     theirs.close()
-    starter = Starter(pid, mine, status_r, cmd_w, key, group)
-    starter.sid = sid
-    return starter
+    return Starter(pid, mine, status_r, cmd_w, key, group, sid)
 
 
 def _set_name(name: bytes) -> None:
@@ -275,7 +284,7 @@ def _build_sandbox(
             os.close(fds[0])
         if plan.get("proxy"):
             step = "proxy listeners"
-            init.send_listeners(plan["chan_fd"], plan["proxy_ports"])
+            netns.send_listeners(plan["chan_fd"], plan["proxy_ports"])
         step = "start the command"
         setup_s = time.monotonic() - t0
         start = time.monotonic()

@@ -27,10 +27,9 @@ import socket
 import time
 from typing import Any
 
-from . import notify
+from . import notify, proctree
 
 CPU_POLL_S = 0.05
-_TICK = os.sysconf("SC_CLK_TCK")
 MAX_DENIED = 100
 
 
@@ -62,7 +61,7 @@ class Run:
         self.listener: notify.Listener | None = None
         self.helper: Helper | None = None
         self.denied: list[dict[str, Any]] = []
-        self.ns_fds: list[int] = []
+        self.mnt_fd: int | None = None
         self.spec = plan.get("seccomp_notify")
         self.connect_allowed: list[str] = list(plan.get("connect_allowed") or [])
         root = bool(plan.get("userns_root"))
@@ -75,14 +74,14 @@ class Run:
         lets go, after the reply, instead of inside PID 1's exit, which the
         reply waits for."""
         try:
-            self.ns_fds = [os.open(f"/proc/{self.init_pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)]
+            self.mnt_fd = os.open(f"/proc/{self.init_pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
-            self.ns_fds = []
+            self.mnt_fd = None
 
     def release_namespaces(self) -> None:
-        for fd in self.ns_fds:
-            os.close(fd)
-        self.ns_fds = []
+        if self.mnt_fd is not None:
+            os.close(self.mnt_fd)
+            self.mnt_fd = None
 
     # -- timers --------------------------------------------------------------
     def next_timer(self) -> float | None:
@@ -151,11 +150,11 @@ class Run:
         return self.cmd_status is not None and self.init_done
 
     # -- seccomp notifications ---------------------------------------------------
-    def take_listener(self, fd: int, server_fds: Any) -> None:
+    def take_listener(self, fd: int) -> None:
         spec = self.spec or {"table": {}, "names": {}, "arch": ""}
         broker = None
         if spec.get("connect") is not None:
-            broker = _Forwarder(self, server_fds)
+            broker = _Forwarder(self)
         self.listener = notify.Listener(fd, spec, broker=broker, pid_of=inner_pid)
 
     def report(self) -> dict[str, Any]:
@@ -221,45 +220,21 @@ def tree_times(roots: list[int], include_roots: bool) -> tuple[float, float]:
     """User and system seconds of the live processes below ``roots`` (and of
     the roots too, with ``include_roots``), their waited-for children
     included."""
-    parent: dict[int, int] = {}
-    stats: dict[int, list[bytes]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                fields = fh.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        parent[int(name)] = int(fields[1])
-        stats[int(name)] = fields
-    chosen = set(roots) if include_roots else set()
-    frontier = set(roots)
-    while frontier:
-        frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - chosen
-        chosen |= frontier
-    u = s = 0
-    for pid in chosen:
-        f = stats.get(pid)
-        if f is not None:
-            u += int(f[11]) + int(f[13])
-            s += int(f[12]) + int(f[14])
-    return u / _TICK, s / _TICK
+    return proctree.cpu_times(proctree.below(roots, include_roots=include_roots))
 
 
 class _Forwarder:
     """The server-side broker: hands each ``connect()`` notification to the
     run's helper (started on the first)."""
 
-    def __init__(self, run: Run, server_fds: Any) -> None:
+    def __init__(self, run: Run) -> None:
         self.run = run
-        self.server_fds = server_fds
 
     def handle(self, listener_fd: int, nid: int, pid: int, args: Any, respond: Any) -> None:
         run = self.run
         try:
             if run.helper is None:
-                run.helper = Helper.start(run, listener_fd, self.server_fds())
+                run.helper = Helper.start(run, listener_fd)
             run.helper.sock.send(json.dumps([nid, pid, list(args)]).encode())
         except OSError as exc:
             respond(nid, exc.errno or 13)
@@ -275,7 +250,7 @@ class Helper:
         self.sock = sock
 
     @classmethod
-    def start(cls, run: Run, listener_fd: int, close_fds: list[int]) -> Helper:
+    def start(cls, run: Run, listener_fd: int) -> Helper:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:
@@ -293,7 +268,7 @@ class Helper:
         while True:
             try:
                 msg = self.sock.recv(65536)
-            except (BlockingIOError, OSError):
+            except OSError:  # BlockingIOError included: nothing more now
                 return out
             if not msg:
                 return out
