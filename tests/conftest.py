@@ -137,8 +137,11 @@ def pid1_of(pid: int) -> int | None:
     return None
 
 
-def descendants(root: int, *, skip_zombies: bool = False) -> dict[int, str]:
-    """Processes below ``root`` (pid -> comm)."""
+def descendants(
+    root: int, *, skip_zombies: bool = False, prune: tuple[str, ...] = ()
+) -> dict[int, str]:
+    """Processes below ``root`` (pid -> comm), leaving out the subtrees of
+    processes named in ``prune``."""
     parents: dict[int, int] = {}
     names: dict[int, str] = {}
     for name in os.listdir("/proc"):
@@ -158,7 +161,9 @@ def descendants(root: int, *, skip_zombies: bool = False) -> dict[int, str]:
     out: dict[int, str] = {}
     frontier = {root}
     while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier}
+        frontier = {
+            pid for pid, ppid in parents.items() if ppid in frontier and names[pid] not in prune
+        }
         out.update((pid, names[pid]) for pid in frontier)
     return out
 

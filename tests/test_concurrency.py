@@ -24,9 +24,11 @@ def _fds() -> set[int]:
 
 def _children() -> set[int]:
     """Live (non-zombie) descendants of this process, but the fork server's
-    spare stage A (kept for a second after a run, named ``nanobox-spare``)."""
-    below = descendants(os.getpid(), skip_zombies=True)
-    return {pid for pid, comm in below.items() if comm != "nanobox-spare"}
+    spare stage A and the sandbox it built ahead (kept for a second after a
+    run, named ``nanobox-spare`` and ``nanobox-warm``)."""
+    return set(
+        descendants(os.getpid(), skip_zombies=True, prune=("nanobox-spare", "nanobox-warm"))
+    )
 
 
 def _one(i: int, token: str) -> tuple[int, bytes, bytes]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno as _errno
-import json
 import os
 import selectors
 import signal
@@ -172,7 +171,7 @@ class Sandbox:
         return _Prepared(
             run_id=run_id,
             args=tuple(argv),
-            plan=json.dumps(plan).encode(),
+            plan=planmod.encode(plan),
             degraded=tuple(plan["degraded"]),
             stdin_fd=stdin_fd,
             stdin_data=None if input is None else bytes(input),

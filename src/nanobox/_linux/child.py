@@ -29,7 +29,7 @@ from .fds import close_all_except, write_all
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def _report(err_w: int, kind: bytes, step: str, exc: BaseException) -> None:
+def report(err_w: int, kind: bytes, step: str, exc: BaseException) -> None:
     errno = getattr(exc, "errno", None)
     payload = {"step": step, "errno": errno, "message": str(exc)}
     try:
@@ -79,6 +79,32 @@ def _clamp(soft: int, hard: int, cur_hard: int) -> tuple[int, int]:
 def exec_command(
     plan: dict[str, Any], stdio: tuple[int, int, int], err_w: int, notify_sock: int = -1
 ) -> NoReturn:
+    """Prepare and exec in one go (the no-namespace init's command)."""
+    try:
+        prepare(plan, err_w, notify_sock, keep=stdio)
+    except SetupError as exc:
+        report(err_w, b"S", exc.step, exc.cause)
+        os._exit(125)
+    finish(plan["argv"], plan["env"], stdio, err_w)
+
+
+class SetupError(Exception):
+    def __init__(self, step: str, cause: BaseException) -> None:
+        super().__init__(step)
+        self.step = step
+        self.cause = cause
+
+
+def prepare(
+    plan: dict[str, Any], err_w: int, notify_sock: int, keep: tuple[int, ...]
+) -> tuple[float, float]:
+    """Everything before ``execve`` that does not depend on the run's argv,
+    env or stdio: signals, session, fds, cwd, rlimits, no_new_privs,
+    capabilities, Landlock, seccomp (handing its listener over
+    ``notify_sock``). A sandbox prepared ahead of its run (see ``spawn``)
+    does this before the run exists. Returns this process's CPU time so
+    far (user, system): nanobox's, not the command's. Raises
+    ``SetupError`` naming the step."""
     step = "signals"
     try:
         signal.set_wakeup_fd(-1)
@@ -96,11 +122,8 @@ def exec_command(
         step = "setsid"
         os.setsid()
 
-        step = "stdio"
-        high = [os.dup(fd) for fd in stdio]  # never collide with 0..2
-        for target, fd in enumerate(high):
-            os.dup2(fd, target, inheritable=True)
-        close_all_except({err_w, notify_sock})
+        step = "fds"
+        close_all_except({err_w, notify_sock, *keep})
 
         step = "chdir"
         os.chdir(plan["cwd"])
@@ -119,20 +142,45 @@ def exec_command(
             step = "landlock"
             landlock.apply(landlock.LandlockPlan.from_json(plan["landlock"]))
 
+        listener = None
         prog = plan.get("seccomp")
         if prog:
             step = "seccomp"
-            listener = seccomp_loader.install(bytes.fromhex(prog), new_listener=notify_sock >= 0)
+            listener = seccomp_loader.install(
+                bytes.fromhex(prog),
+                new_listener=notify_sock >= 0 and bool(plan.get("seccomp_notify")),
+            )
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        used = (me.ru_utime, me.ru_stime)
+        if notify_sock >= 0:
+            step = "seccomp listener"
+            sock = socket.socket(fileno=notify_sock)
+            try:
+                msg = b"L" + json.dumps(used).encode()
+                socket.send_fds(sock, [msg], [] if listener is None else [listener])
+            finally:
+                sock.detach()
             if listener is not None:
-                step = "seccomp listener"
-                socket.send_fds(socket.socket(fileno=notify_sock), [b"L"], [listener])
                 os.close(listener)
+        return used
+    except BaseException as exc:  # noqa: BLE001 - reported by the caller
+        raise SetupError(step, exc) from None
 
-        step = "exec"
-        env = dict(plan["env"])
-        exc: BaseException = _exec_search(plan["argv"], env)
-        _report(err_w, b"X", "exec", exc)
-        os._exit(127)
-    except BaseException as exc:  # noqa: BLE001 - must never return into the server loop
-        _report(err_w, b"S", step, exc)
+
+def finish(argv: list[str], env: Any, stdio: tuple[int, int, int], err_w: int) -> NoReturn:
+    """The run's own part: stdio, every other fd closed, ``execve``."""
+    try:
+        high = [os.dup(fd) for fd in stdio]  # never collide with 0..2
+        for target, fd in enumerate(high):
+            os.dup2(fd, target, inheritable=True)
+        close_all_except({err_w})
+    except BaseException as exc:  # noqa: BLE001
+        report(err_w, b"S", "stdio", exc)
         os._exit(125)
+    failure: BaseException
+    try:
+        failure = _exec_search(argv, dict(env))
+    except BaseException as err:  # noqa: BLE001
+        failure = err
+    report(err_w, b"X", "exec", failure)
+    os._exit(127)

@@ -61,29 +61,35 @@ class _Job:
         "pid",
         "placeholders",
         "plan",
+        "prep_cpu",
         "report",
         "run",
         "sock",
         "started",
+        "starter",
         "starter_pid",
+        "static",
         "status_r",
         "tmpdir",
     )
 
-    def __init__(self, chan: socket.socket, starter: spawn.Starter, plan: dict[str, Any]) -> None:
-        self.chan = chan
+    def __init__(self, starter: spawn.Starter, plan: dict[str, Any], static: bytes) -> None:
+        self.chan: socket.socket | None = None  # the caller's, once a run claims the job
+        self.starter = starter
         self.starter_pid = starter.pid
         self.status_r = starter.status_r
         self.cmd_w = starter.cmd_w
-        self.sock: socket.socket | None = starter.sock  # the command's listener comes here
+        self.sock: socket.socket | None = starter.csock  # the command's listener comes here
         self.group: cgroups.RunGroup | None = starter.group
         self.plan = plan
+        self.static = static  # the plan's bytes as the caller sent them
         self.buffer = bytearray()
         self.pid: int | None = None  # the init's, once stage A reports it
         self.run: supervise.Run | None = None  # set when the server supervises it
         self.report: bytes | None = None  # the init's own report (no-namespace mode)
         self.pending: list[bytes] = []  # the command's lines that came before "P"
         self.pending_listener: int | None = None  # its seccomp listener, likewise
+        self.prep_cpu = (0.0, 0.0)  # the command process's own CPU before its exec
         self.placeholders: list[str] = []
         self.tmpdir: str | None = None
         self.started = time.monotonic()
@@ -114,6 +120,8 @@ class Server:
         self.spare: spawn.Starter | None = None
         self.spare_until = 0.0
         self.last_key: Any = None
+        self.warm: _Job | None = None  # a sandbox built ahead for the next run
+        self.static: tuple[bytes, dict[str, Any]] = (b"", {})
         # Groups of discarded starters (and of inits that reported before
         # they exited): removed once that process is reaped.
         self.discarded: dict[int, cgroups.RunGroup | None] = {}
@@ -125,7 +133,8 @@ class Server:
 
     # -- main loop ---------------------------------------------------------
     def _timeout(self) -> float | None:
-        times = [self.spare_until] if self.spare is not None else []
+        keep = self.spare is not None or self.warm is not None
+        times = [self.spare_until] if keep else []
         for job in self.timed:
             t = job.run.next_timer() if job.run is not None else None
             if t is not None:
@@ -138,7 +147,7 @@ class Server:
         while True:
             events = self.sel.select(self._timeout())
             now = time.monotonic()
-            if self.spare is not None and now >= self.spare_until:
+            if now >= self.spare_until:
                 self._drop_spare()
             for key, _ in events:
                 what, job = key.data
@@ -222,6 +231,9 @@ class Server:
         if self.spare is not None:
             self._discard(self.spare)
             self.spare = None
+        if self.warm is not None:
+            self._abandon(self.warm)
+            self.warm = None
 
     def _refill(self) -> None:
         """After a run: have the next run's stage A ready (for a while)."""
@@ -255,31 +267,30 @@ class Server:
             return True
         chan = socket.socket(fileno=fds[0])
         stdio = [fds[1], fds[2], fds[3]]
-        starter: spawn.Starter | None = None
-        placeholders: list[str] = []
-        tmpdir: str | None = None
+        job: _Job | None = None
         step = "cgroup"
         try:
-            plan = json.loads(msg)
-            key = self._key(plan)
-            self.last_key = key
-            starter = self._take_starter(key)
-            step = "spawn"
-            if starter.group is not None:
-                starter.group.apply(plan["cgroup"]["limits"])
-            placeholders = self.placeholders.acquire(plan.get("placeholders", ()))
-            if plan.get("private_tmp"):
-                tmpdir = make_private_tmp(plan)
-            if starter.sid is not None:
-                plan["sandbox_uid"] = starter.sid
-                plan["userns_root"] = True
-            send = stdio + ([chan.fileno()] if plan.get("proxy") else [])
-            starter.start(plan, send)
+            # "<run JSON>\n<plan JSON>": the plan is the same bytes for every
+            # run of a Sandbox in one directory, and is passed on as is.
+            head, _, static = msg.partition(b"\n")
+            run = json.loads(head)
+            base = self._decode(static)
+            plan = {**base, **run}
+            if plan.get("mode") == "nons":
+                job = self._start_nons(plan, stdio)
+                step = "spawn"
+            else:
+                job = self._take_warm(static)
+                if job is None:
+                    extra = [chan.fileno()] if base.get("proxy") else []
+                    job = self._launch(static, base, extra)
+                step = "spawn"
+                self._claim(job, plan, stdio)
+                if self.refill and not base.get("proxy"):
+                    self._prewarm(static, base)
         except Exception as exc:  # noqa: BLE001 - report, keep serving
-            remove_tree(tmpdir)
-            self.placeholders.release(placeholders)
-            if starter is not None:
-                self._discard(starter)
+            if job is not None:
+                self._abandon(job)
             self._send(
                 chan,
                 {
@@ -294,19 +305,106 @@ class Server:
         finally:
             for fd in stdio:
                 os.close(fd)
-        job = _Job(chan, starter, plan)
-        job.placeholders = placeholders
-        job.tmpdir = tmpdir
-        self.jobs.add(job)
-        self.starting[starter.pid] = job
+        job.chan = chan
         chan.setblocking(False)
         self.sel.register(chan, selectors.EVENT_READ, ("chan", job))
+        return True
+
+    def _decode(self, static: bytes) -> dict[str, Any]:
+        """The plan's JSON, decoded once for a run of runs alike."""
+        if static != self.static[0]:
+            self.static = (static, json.loads(static))
+        return self.static[1]
+
+    def _launch(self, static: bytes, base: dict[str, Any], fds: list[int]) -> _Job:
+        """A stage A (the spare, if it fits) building a sandbox for ``base``;
+        it waits for ``go`` (``_claim``) before the command may start."""
+        key = self._key(base)
+        self.last_key = key
+        starter = self._take_starter(key)
+        try:
+            if starter.group is not None:
+                starter.group.apply(base["cgroup"]["limits"])
+            starter.start(static, fds)
+        except BaseException:
+            self._discard(starter)
+            raise
+        job = _Job(starter, base, static)
+        self._watch(job)
+        return job
+
+    def _watch(self, job: _Job) -> None:
+        self.jobs.add(job)
+        self.starting[job.starter_pid] = job
         os.set_blocking(job.status_r, False)
         self.sel.register(job.status_r, selectors.EVENT_READ, ("status", job))
         assert job.sock is not None
         job.sock.setblocking(False)
         self.sel.register(job.sock, selectors.EVENT_READ, ("sock", job))
-        return True
+
+    def _claim(self, job: _Job, plan: dict[str, Any], stdio: list[int]) -> None:
+        """Start the run in ``job``'s sandbox (built, or still being built):
+        its placeholders now, then argv/env/stdio to the command and
+        ``go`` to stage A."""
+        if job.starter.sid is not None:
+            plan["userns_root"] = True
+        job.plan = plan
+        job.started = time.monotonic()
+        job.placeholders = self.placeholders.acquire(plan.get("placeholders", ()))
+        job.starter.send_run(plan["argv"], plan["env"], stdio)
+        job.starter.go()
+
+    def _start_nons(self, plan: dict[str, Any], stdio: list[int]) -> _Job:
+        """No namespaces: stage A forks the supervising init, which gets the
+        whole plan at once (and a private $TMPDIR)."""
+        key = self._key(plan)
+        self.last_key = key
+        starter = self._take_starter(key)
+        tmpdir: str | None = None
+        try:
+            if starter.group is not None:
+                starter.group.apply(plan["cgroup"]["limits"])
+            tmpdir = make_private_tmp(plan)
+            starter.start(json.dumps(plan).encode(), stdio)
+        except BaseException:
+            remove_tree(tmpdir)
+            self._discard(starter)
+            raise
+        job = _Job(starter, plan, b"")
+        job.tmpdir = tmpdir
+        self._watch(job)
+        job.placeholders = self.placeholders.acquire(plan.get("placeholders", ()))
+        return job
+
+    # -- sandboxes built ahead -------------------------------------------------
+    def _prewarm(self, static: bytes, base: dict[str, Any]) -> None:
+        """Build the next run's sandbox now, from this run's plan: the next
+        run with the same plan bytes only has to claim it. Kept while the
+        spare is (``SPARE_LINGER_S`` after the last run)."""
+        if self.warm is not None:
+            return
+        self.spare_until = time.monotonic() + SPARE_LINGER_S
+        try:
+            self.warm = self._launch(static, base, [])
+        except Exception:  # noqa: BLE001 - the next run builds its own, and reports
+            self.warm = None
+
+    def _take_warm(self, static: bytes) -> _Job | None:
+        warm, self.warm = self.warm, None
+        if warm is None:
+            return None
+        if warm.static == static and not warm.finished:
+            return warm
+        self._abandon(warm)
+        return None
+
+    def _abandon(self, job: _Job) -> None:
+        """Let an unclaimed (or failed-to-start) sandbox go: its stage A
+        sees EOF instead of ``go`` and kills what it built."""
+        job.client_gone = True
+        job.starter.sock.close()
+        if job.pid is not None:
+            self._kill(job)
 
     def _drain_wake(self) -> None:
         try:
@@ -357,6 +455,7 @@ class Server:
             job.run.kill(sample_orphans=job.group is None)
 
     def _on_chan(self, job: _Job) -> None:
+        assert job.chan is not None
         try:
             data = job.chan.recv(64)
         except BlockingIOError:
@@ -423,6 +522,7 @@ class Server:
             if line.startswith(b"P{"):
                 info = json.loads(line[1:])
                 run = supervise.Run(info, job.plan)
+                run.prep_cpu = job.prep_cpu
                 job.run, job.pid = run, run.init_pid
                 run.hold_namespaces()
                 if run.next_timer() is not None:
@@ -465,12 +565,20 @@ class Server:
         the socket)."""
         assert job.sock is not None
         try:
-            _msg, fds, _f, _a = socket.recv_fds(job.sock, 16, 1)
+            _msg, fds, _f, _a = socket.recv_fds(job.sock, 256, 1)
         except BlockingIOError:
             return
         except OSError:
             fds = []
             _msg = b""
+        if _msg.startswith(b"L"):
+            try:
+                u, s = json.loads(_msg[1:])
+                job.prep_cpu = (float(u), float(s))
+                if job.run is not None:
+                    job.run.prep_cpu = job.prep_cpu
+            except ValueError:
+                pass
         if fds:
             if job.run is None:
                 job.pending_listener = fds[0]  # taken with stage A's "P" line
@@ -479,7 +587,7 @@ class Server:
             for fd in fds[1:]:
                 os.close(fd)
             return
-        if not _msg:
+        if not _msg and not fds:
             self.sel.unregister(job.sock)
             job.sock.close()
             job.sock = None
@@ -545,12 +653,15 @@ class Server:
                 run.denied.extend(run.helper.drain())
                 self.sel.unregister(run.helper.sock)
             run.close()
+        job.starter.sock.close()
         os.close(job.cmd_w)
         # Before replying: when run() returns, the workspace is as it was.
         self.placeholders.release(job.placeholders)
         remove_tree(job.tmpdir)
 
     def _reply(self, job: _Job, msg: dict[str, Any]) -> None:
+        if job.chan is None:
+            return  # a sandbox built ahead that no run claimed
         if not job.client_gone:
             self._send(job.chan, msg)
             self.sel.unregister(job.chan)
@@ -597,10 +708,10 @@ class Server:
             self.discarded[job.pid] = job.group
         if job.group is not None:
             msg["cgroup"] = stats if stats is not None else job.group.stats()
-        self._close_job(job)
-        self._reply(job, msg)
         if run is not None:
             run.release_namespaces()
+        self._close_job(job)
+        self._reply(job, msg)
         if job.group is not None and not linger:
             # After replying: the caller does not wait for the removal. The
             # group is empty (the pid namespace died with its init).

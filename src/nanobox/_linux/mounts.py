@@ -226,9 +226,20 @@ class _Builder:
             os.close(fd)
 
 
-def build(view: dict[str, Any], proc: int | OSError | None = None) -> list[str]:
+def build(
+    view: dict[str, Any],
+    proc: int | OSError | None = None,
+    late: list[dict[str, Any]] | None = None,
+    deferred: frozenset[str] = frozenset(),
+) -> list[str]:
     """Execute ``view`` in the current (new, private-to-us) mount namespace;
-    return the degradations it had to accept (degraded mode only)."""
+    return the degradations it had to accept (degraded mode only).
+
+    With ``late`` (a sandbox built ahead of its run): the operations that
+    depend on the moment the run starts are appended there instead of done,
+    for ``build_late``: protecting the paths in ``deferred`` (placeholders,
+    which the fork server creates only when the run starts) and hiding
+    paths that do not exist yet (one may appear before the run starts)."""
     b = _Builder(view, proc)
     _step("make / private", k.mount, None, "/", None, k.MS_REC | k.MS_PRIVATE)
 
@@ -306,9 +317,14 @@ def build(view: dict[str, Any], proc: int | OSError | None = None) -> list[str]:
             _step(f"create mount point {dst}", b.ensure, dst, is_dir)
             b.attach(fd, dst, f"mount {op['src']} at {dst}")
         elif t == "protect":
+            if late is not None and dst in deferred:
+                late.append(op)
+                continue
             _protect(b, op)
         elif t == "hide":
             if not os.path.lexists(dst) or os.path.islink(dst):
+                if late is not None:
+                    late.append(op)
                 continue
             b.hide(dst)
     for fd in b.null_fds:
@@ -336,6 +352,22 @@ def build(view: dict[str, Any], proc: int | OSError | None = None) -> list[str]:
     if view.get("rootfs") == "minimal" or view.get("mirror_root"):
         _step("make / read-only", k.mount_setattr, "/", k.MOUNT_ATTR_RDONLY)
     return b.degraded
+
+
+def build_late(view: dict[str, Any], late: list[dict[str, Any]]) -> None:
+    """The operations ``build`` left for the start of the run, in the
+    finished view (same order: shallow to deep)."""
+    b = _Builder(view)
+    for op in late:
+        dst = op["dst"]
+        if op["t"] == "protect":
+            _protect(b, op)
+        elif os.path.lexists(dst) and not os.path.islink(dst):
+            if not os.path.isdir(dst) and os.path.exists("/dev/null"):
+                b.null_fds = [_step("clone /dev/null", _clone, "/dev/null", recursive=False)]
+            b.hide(dst)
+    for fd in b.null_fds:
+        os.close(fd)
 
 
 def _mount_proc(b: _Builder, target: str, view: dict[str, Any]) -> None:

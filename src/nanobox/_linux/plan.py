@@ -3,6 +3,7 @@ beyond reading the caller's cwd and environment)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import resource
@@ -343,3 +344,16 @@ def build_plan(
         "seccomp": program,
         "seccomp_notify": notify_table,
     }
+
+
+RUN_KEYS = ("id", "argv", "env", "timeout")
+
+
+def encode(plan: dict[str, Any]) -> bytes:
+    """The message for the fork server: this run's own part (``RUN_KEYS``),
+    a newline, then the rest, which is byte-for-byte the same for every run
+    of one policy in one directory (the server builds the next run's
+    sandbox ahead from it, and uses it only for a run whose bytes match)."""
+    run = {key: plan[key] for key in RUN_KEYS}
+    rest = {key: value for key, value in plan.items() if key not in RUN_KEYS}
+    return json.dumps(run).encode() + b"\n" + json.dumps(rest).encode()

@@ -54,12 +54,13 @@ MAX_PLAN = 1 << 20
 class Starter:
     """The server's handle on a forked stage A that waits for its plan."""
 
-    __slots__ = ("cmd_w", "group", "key", "pid", "sid", "sock", "status_r")
+    __slots__ = ("cmd_w", "csock", "group", "key", "pid", "sid", "sock", "status_r")
 
     def __init__(
         self,
         pid: int,
         sock: socket.socket,
+        csock: socket.socket,
         status_r: int,
         cmd_w: int,
         key: Any,
@@ -67,24 +68,37 @@ class Starter:
         sid: int | None,
     ) -> None:
         self.pid = pid
-        self.sock = sock
+        self.sock = sock  # to stage A: the plan, then "go"
+        self.csock = csock  # to the command: its run; from it: the seccomp listener
         self.status_r = status_r
         self.cmd_w = cmd_w
         self.key = key
         self.group = group
         self.sid = sid  # the dedicated uid of a root caller's sandbox
 
-    def start(self, plan: dict[str, Any], fds: list[int]) -> None:
-        """Hand the starter its plan; it goes on alone (reporting on status).
-        The socket stays: the command hands its seccomp listener over it."""
-        socket.send_fds(self.sock, [json.dumps(plan).encode()], fds)
+    def start(self, plan: bytes, fds: list[int]) -> None:
+        """Hand the starter its plan (the JSON the caller sent, as is); it
+        builds the sandbox and waits for ``go``."""
+        socket.send_fds(self.sock, [plan], fds)
+
+    def go(self) -> None:
+        """The run starts: stage A finishes the view and releases the command."""
+        self.sock.send(b"G")
+
+    def send_run(self, argv: list[str], env: Any, stdio: list[int]) -> None:
+        """The run's argv, env and stdio, straight to the command."""
+        socket.send_fds(self.csock, [json.dumps([argv, env]).encode()], stdio)
 
     def discard(self) -> None:
-        """Let an unused starter go: it sees EOF and exits."""
+        """Let a starter go: it sees EOF on its socket (before its plan, or
+        while its sandbox waits for ``go``) and exits, taking what it
+        built with it."""
         self.sock.close()
+        self.csock.close()
         for fd in (self.status_r, self.cmd_w):
             if fd >= 0:
                 os.close(fd)
+        self.status_r = self.cmd_w = -1
 
 
 def fork_starter(procs_files: list[str], sid: int | None, key: Any, group: Any) -> Starter:
@@ -93,33 +107,31 @@ def fork_starter(procs_files: list[str], sid: int | None, key: Any, group: Any) 
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     cmd_r, cmd_w = os.pipe2(os.O_CLOEXEC)
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    cmine, ctheirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         pid = os.fork()
     except OSError:
         for fd in (status_r, status_w, cmd_r, cmd_w):
             os.close(fd)
-        mine.close()
-        theirs.close()
+        for sk in (mine, theirs, cmine, ctheirs):
+            sk.close()
         raise
     if pid == 0:
         try:
-            _starter_main(theirs.fileno(), status_w, cmd_r, procs_files, sid)
+            _starter_main(theirs.fileno(), ctheirs.fileno(), status_w, cmd_r, procs_files, sid)
         finally:
             os._exit(1)
     os.close(status_w)
     os.close(cmd_r)
     theirs.close()
-    return Starter(pid, mine, status_r, cmd_w, key, group, sid)
+    ctheirs.close()
+    return Starter(pid, mine, cmine, status_r, cmd_w, key, group, sid)
 
 
 def _set_name(name: bytes) -> None:
     """The process name ``ps`` shows (a spare waits beside the server)."""
     try:
-        fd = os.open("/proc/self/comm", os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, name)
-        finally:
-            os.close(fd)
+        k.set_name(name)
     except OSError:
         pass
 
@@ -133,7 +145,12 @@ def _fail(status_w: int, step: str, exc: BaseException) -> None:
 
 
 def _starter_main(
-    sock_fd: int, status_w: int, cmd_r: int, procs_files: list[str], sid: int | None
+    sock_fd: int,
+    csock_fd: int,
+    status_w: int,
+    cmd_r: int,
+    procs_files: list[str],
+    sid: int | None,
 ) -> None:
     # Never return into the server's loop: every path ends in os._exit.
     early: tuple[str, BaseException] | None = None
@@ -145,7 +162,7 @@ def _starter_main(
         # write to it and surface as EBADF later.
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        close_all_except({sock_fd, status_w, cmd_r})
+        close_all_except({sock_fd, csock_fd, status_w, cmd_r})
         _set_name(b"nanobox-spare")
         step = "join cgroup"
         me = str(os.getpid()).encode()
@@ -163,7 +180,6 @@ def _starter_main(
     try:
         sock = socket.socket(fileno=sock_fd)
         msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_PLAN, 8)
-        sock.detach()  # kept: the command hands its seccomp listener over it
     except BaseException:  # noqa: BLE001
         os._exit(0)
     if not msg:
@@ -173,15 +189,19 @@ def _starter_main(
     _set_name(b"nanobox-init")  # B inherits it
     try:
         plan = json.loads(msg)
-        stdio = (fds[0], fds[1], fds[2])
-        if len(fds) > 3:
-            plan["chan_fd"] = fds[3]
+        if plan.get("mode") == "nons":
+            sock.close()
+            os.close(csock_fd)
+            _stage_a_nons(plan, (fds[0], fds[1], fds[2]), status_w, cmd_r)
+        if fds:
+            plan["chan_fd"] = fds[0]
         if userns_fd is not None:
             plan["userns_fd"] = userns_fd
+            plan["userns_root"] = True
             plan["view"]["premade"] = _premade(plan, userns_fd)
     except BaseException as exc:  # noqa: BLE001
         _fail(status_w, "prepare", exc)
-    _stage_a(plan, stdio, status_w, cmd_r, sock_fd)
+    _stage_a(plan, sock, csock_fd, status_w, cmd_r)
 
 
 def _premade(plan: dict[str, Any], userns_fd: int) -> dict[str, int]:
@@ -209,19 +229,25 @@ def _premade(plan: dict[str, Any], userns_fd: int) -> dict[str, int]:
     return premade
 
 
+def _stage_a_nons(
+    plan: dict[str, Any], stdio: tuple[int, int, int], status_w: int, cmd_r: int
+) -> None:
+    """No namespaces: fork the supervising init (``init``), report its pid."""
+    try:
+        pid = os.fork()
+        if pid == 0:
+            init.init_main(plan, stdio, status_w, cmd_r)
+        write_all(status_w, b"P%d\n" % pid)
+    except BaseException as exc:  # noqa: BLE001 - never return into the server
+        _fail(status_w, "fork init", exc)
+    os._exit(0)
+
+
 def _stage_a(
-    plan: dict[str, Any], stdio: tuple[int, int, int], status_w: int, cmd_r: int, sock_fd: int
+    plan: dict[str, Any], sock: socket.socket, csock_fd: int, status_w: int, cmd_r: int
 ) -> None:
     step = "create namespaces"
     try:
-        if plan.get("mode") == "nons":
-            os.close(sock_fd)
-            step = "fork init"
-            pid = os.fork()
-            if pid == 0:
-                init.init_main(plan, stdio, status_w, cmd_r)
-            write_all(status_w, b"P%d\n" % pid)
-            os._exit(0)
         flags = BASE_FLAGS | (k.CLONE_NEWNET if plan["newnet"] else 0)
         userns_fd = plan.get("userns_fd")
         if userns_fd is not None:
@@ -239,17 +265,41 @@ def _stage_a(
             userns.map_self(plan["outer_uid"], plan["outer_gid"], plan["uid"], plan["gid"])
     except BaseException as exc:  # noqa: BLE001 - never return into the server
         _fail(status_w, step, exc)
-    _build_sandbox(plan, stdio, status_w, cmd_r, sock_fd)
+    _build_sandbox(plan, sock, csock_fd, status_w, cmd_r)
+
+
+def _end(pids: tuple[int, ...]) -> None:
+    """Kill and reap this process's children (PID 1 and the command), so
+    that nothing of the sandbox outlives stage A (and its cgroup can go)."""
+    for pid in pids:
+        if pid > 0:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    for pid in pids:
+        if pid > 0:
+            try:
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
 
 
 def _build_sandbox(
-    plan: dict[str, Any], stdio: tuple[int, int, int], status_w: int, cmd_r: int, sock_fd: int
+    plan: dict[str, Any], sock: socket.socket, csock_fd: int, status_w: int, cmd_r: int
 ) -> None:
     """In the new namespaces: PID 1 first (it makes the procfs), then the
     command's process (PID 2), which waits while this process builds the
-    view and binds the proxy listeners (so its fork overlaps that work).
-    Both are this process's children until it exits; then the server (a
-    subreaper) gets them. The ``P`` line tells the server their pids."""
+    view and binds the proxy listeners (so its fork overlaps that work),
+    then prepares itself (``child.prepare``) and waits for its run.
+
+    The sandbox may be built ahead of its run (see ``forkserver``): this
+    process then waits for ``go`` on its socket before it does the steps
+    that depend on the moment the run starts (``mounts.build_late``) and
+    releases the command. EOF instead of ``go``: the sandbox was not
+    needed; everything is killed. Until this process exits, PID 1 and the
+    command are its children; then the server (a subreaper) gets them. The
+    ``P`` line tells the server their pids."""
     t0 = time.monotonic()
     step = "fork init"
     init_pid = cmd_pid = 0
@@ -265,8 +315,11 @@ def _build_sandbox(
         go_r, go_w = os.pipe2(os.O_CLOEXEC)
         cmd_pid = os.fork()
         if cmd_pid == 0:
-            _command(plan, stdio, status_w, sock_fd, go_r, go_w)
+            sock.close()
+            _command(plan, status_w, csock_fd, go_r, go_w)
         os.close(go_r)
+        os.close(csock_fd)
+        _set_name(b"nanobox-warm")  # until its run starts (ps shows it)
         step = "hostname"
         socket.sethostname(plan["hostname"])
         if plan["newnet"]:
@@ -279,14 +332,25 @@ def _build_sandbox(
             raise OSError(10, "the sandbox's PID 1 died")  # ECHILD
         proc: int | OSError = fds[0] if fds else OSError(int(msg[1:] or b"1"), "procfs")
         step = "filesystem view"
-        degraded = mounts.build(plan["view"], proc)
+        late: list[dict[str, Any]] = []
+        deferred = frozenset(path for path, _kind in plan.get("placeholders", ()))
+        degraded = mounts.build(plan["view"], proc, late, deferred)
         if fds:
             os.close(fds[0])
         if plan.get("proxy"):
             step = "proxy listeners"
             netns.send_listeners(plan["chan_fd"], plan["proxy_ports"])
+        os.write(go_w, b"v")  # the command prepares itself meanwhile
+        built = time.monotonic()
+        step = "wait for the run"
+        if sock.recv(16) != b"G":
+            _end((cmd_pid, init_pid))  # not needed after all
+            os._exit(0)
+        t1 = time.monotonic()
+        if late:
+            step = "filesystem view"
+            mounts.build_late(plan["view"], late)
         step = "start the command"
-        setup_s = time.monotonic() - t0
         start = time.monotonic()
         os.write(go_w, b"g")
         os.close(go_w)
@@ -295,7 +359,7 @@ def _build_sandbox(
             "init": init_pid,
             "cmd": cmd_pid,
             "start": start,
-            "setup_s": setup_s,
+            "setup_s": (built - t0) + (start - t1),
             "degraded": degraded,
             "self_utime": me.ru_utime,
             "self_stime": me.ru_stime,
@@ -303,31 +367,37 @@ def _build_sandbox(
         write_all(status_w, b"P" + json.dumps(info).encode() + b"\n")
         os._exit(0)
     except BaseException as exc:  # noqa: BLE001 - never return into the server
-        for pid in (cmd_pid, init_pid):
-            if pid > 0:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+        _end((cmd_pid, init_pid))
         if isinstance(exc, mounts.MountStepError):
             step = exc.step
         _fail(status_w, step, exc)
 
 
-def _command(
-    plan: dict[str, Any],
-    stdio: tuple[int, int, int],
-    status_w: int,
-    sock_fd: int,
-    go_r: int,
-    go_w: int,
-) -> None:
-    """The command's process: wait until stage A says the view is ready."""
+def _command(plan: dict[str, Any], status_w: int, csock_fd: int, go_r: int, go_w: int) -> None:
+    """The command's process: once stage A says the view is built, prepare
+    everything that does not depend on the run, then wait for the run's
+    argv, env and stdio (from the server) and for stage A's release."""
     try:
+        _set_name(b"nanobox-warm")
         os.close(go_w)
-        if os.read(go_r, 1) != b"g":
+        if os.read(go_r, 1) != b"v":
             os._exit(125)  # stage A failed (and reports it)
-        os.close(go_r)
     except BaseException:  # noqa: BLE001
         os._exit(125)
-    child.exec_command(plan, stdio, status_w, sock_fd if plan.get("seccomp_notify") else -1)
+    try:
+        prep = child.prepare(plan, status_w, csock_fd, keep=(go_r,))
+    except child.SetupError as exc:
+        child.report(status_w, b"S", exc.step, exc.cause)
+        os._exit(125)
+    del prep
+    try:
+        csock = socket.socket(fileno=csock_fd)
+        msg, fds, _f, _a = socket.recv_fds(csock, MAX_PLAN, 3)
+        csock.close()
+        if not msg or len(fds) != 3 or os.read(go_r, 1) != b"g":
+            os._exit(125)  # the run never came: stage A reports why
+        os.close(go_r)
+        argv, env = json.loads(msg)
+    except BaseException:  # noqa: BLE001
+        os._exit(125)
+    child.finish(argv, env, (fds[0], fds[1], fds[2]), status_w)

@@ -58,6 +58,8 @@ class Run:
         self.init_lost = False
         self.exec_error: dict[str, Any] | None = None
         self.orphans_cpu = (0.0, 0.0)
+        # The command's process ran nanobox's Python before its exec.
+        self.prep_cpu = (0.0, 0.0)
         self.listener: notify.Listener | None = None
         self.helper: Helper | None = None
         self.denied: list[dict[str, Any]] = []
@@ -104,13 +106,15 @@ class Run:
         return False
 
     def tree_cpu(self, group_cpu: Any) -> float:
-        """CPU seconds of the sandbox so far (stage A's own excluded)."""
+        """CPU seconds of the sandbox so far (stage A's own and the command
+        process's before its exec excluded)."""
+        ours = sum(self.prep_cpu)
         if group_cpu is not None:
             used = group_cpu()
             if used is not None:
-                return float(used) - float(self.info["self_utime"] + self.info["self_stime"])
+                return float(used) - float(self.info["self_utime"] + self.info["self_stime"]) - ours
         u, s = tree_times([self.init_pid, self.cmd_pid], include_roots=True)
-        return u + s
+        return u + s - ours
 
     # -- events ----------------------------------------------------------------
     def on_line(self, line: bytes) -> None:
@@ -160,7 +164,8 @@ class Run:
     def report(self) -> dict[str, Any]:
         ru = self.cmd_rusage
         end = self.end if self.end is not None else time.monotonic()
-        me_u, me_s = self.info["self_utime"], self.info["self_stime"]
+        pu, ps = self.prep_cpu
+        me_u, me_s = self.info["self_utime"] + pu, self.info["self_stime"] + ps
         if self.init_rusage is not None:
             me_u += self.init_rusage.ru_utime
             me_s += self.init_rusage.ru_stime
@@ -169,8 +174,8 @@ class Run:
             "status": self.cmd_status,
             "reason": self.reason,
             "wall": end - self.start,
-            "utime": (ru.ru_utime if ru else 0.0) + self.orphans_cpu[0],
-            "stime": (ru.ru_stime if ru else 0.0) + self.orphans_cpu[1],
+            "utime": max(0.0, (ru.ru_utime if ru else 0.0) - pu) + self.orphans_cpu[0],
+            "stime": max(0.0, (ru.ru_stime if ru else 0.0) - ps) + self.orphans_cpu[1],
             "maxrss_kb": ru.ru_maxrss if ru else 0,
             "self_utime": me_u,
             "self_stime": me_s,

@@ -1,0 +1,203 @@
+"""Sandboxes built ahead ("warm"): after a run the fork server builds the
+next run's sandbox from the same plan, up to the point where the command
+waits for its argv, env and stdio. A run whose plan bytes match claims it;
+what depends on the moment the run starts (placeholders for protected
+names, hiding paths that appeared since) is done at the claim. These tests
+check that a claimed sandbox is as strict as a fresh one, and that an
+unclaimed one leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+import nanobox
+from conftest import (
+    SPY,
+    cgroups_usable,
+    descendants,
+    nanobox_groups,
+    pids_with,
+    userns_usable,
+    wait_until,
+)
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(not userns_usable(), reason="no user namespaces (see test_nouserns)"),
+]
+
+
+def _warm_commands() -> list[int]:
+    """The command processes of sandboxes built ahead (their stage A and
+    the command are named ``nanobox-warm``; the command is A's child)."""
+    below = descendants(os.getpid())
+    return [
+        pid
+        for pid, comm in below.items()
+        if comm == "nanobox-warm" and below.get(_ppid(pid)) == "nanobox-warm"
+    ]
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return -1
+
+
+def _warm_ready() -> bool:
+    return len(_warm_commands()) == 1
+
+
+def test_next_run_claims_the_sandbox_built_ahead(workspace: Path, marker: str) -> None:
+    box = nanobox.Sandbox()
+    try:
+        assert box.run(["true"]).returncode == 0
+        assert wait_until(_warm_ready, timeout=5), "no sandbox built ahead after a run"
+        warm = _warm_commands()[0]
+        t = threading.Thread(
+            target=box.run, args=([SPY, "-c", "import time; time.sleep(2)", marker],)
+        )
+        t.start()
+        try:
+            assert wait_until(lambda: bool(pids_with(marker)), timeout=10)
+            assert pids_with(marker) == [warm], "the run did not use the sandbox built ahead"
+        finally:
+            t.join(30)
+    finally:
+        box.close()
+
+
+def test_a_different_plan_gets_a_fresh_sandbox(workspace: Path, marker: str) -> None:
+    box = nanobox.Sandbox()
+    other = nanobox.Sandbox(nanobox.Policy(hostname="other"))
+    try:
+        assert box.run(["true"]).returncode == 0
+        assert wait_until(_warm_ready, timeout=5)
+        warm = _warm_commands()[0]
+        r = other.run(["hostname"])
+        assert r.stdout == b"other\n", r
+        # The sandbox built for the first policy was not used, and is gone.
+        assert wait_until(lambda: not os.path.exists(f"/proc/{warm}"), timeout=5)
+        r = box.run(["hostname"], cwd=workspace.parent)  # another directory: another plan
+        assert r.returncode == 0 and r.stdout != b"other\n", r
+    finally:
+        box.close()
+        other.close()
+
+
+def test_per_run_arguments_reach_a_claimed_sandbox(workspace: Path) -> None:
+    box = nanobox.Sandbox()
+    try:
+        box.run(["true"])
+        assert wait_until(_warm_ready, timeout=5)
+        r = box.run(
+            ["sh", "-c", 'echo "$FOO $0"; cat; echo err >&2', "arg0"],
+            env={"FOO": "bar"},
+            input=b"in",
+        )
+        assert (r.returncode, r.stdout, r.stderr) == (0, b"bar arg0\nin", b"err\n"), r
+        assert wait_until(_warm_ready, timeout=5)
+        r = box.run(["sleep", "10"], timeout=0.5)  # the wall limit is the run's own
+        assert r.outcome is nanobox.Outcome.TIMEOUT and r.wall_time_s < 5, r
+        assert wait_until(_warm_ready, timeout=5)
+        r = box.run(["/no/such/program"])
+        assert r.returncode == 127, r
+    finally:
+        box.close()
+
+
+def test_a_path_hidden_after_the_sandbox_was_built_is_hidden(workspace: Path) -> None:
+    """The policy hides ``secret`` (optional: missing when the sandbox is
+    built ahead); it appears before the next run, which must not see it."""
+    hide = (f"{workspace}/secret?", f"{workspace}/secretdir?")
+    policy = nanobox.Policy(filesystem=nanobox.Filesystem(hide=hide))
+    box = nanobox.Sandbox(policy)
+    try:
+        assert box.run(["true"]).returncode == 0
+        assert wait_until(_warm_ready, timeout=5)
+        (workspace / "secret").write_text("s3cr3t")
+        (workspace / "secretdir").mkdir()
+        (workspace / "secretdir" / "key").write_text("k3y")
+        r = box.run(["sh", "-c", "cat secret; ls secretdir"])
+        assert b"s3cr3t" not in r.stdout and b"key" not in r.stdout, r
+        # Control: without the hide both are read.
+        r = nanobox.run(["sh", "-c", "cat secret; ls secretdir"])
+        assert r.stdout == b"s3cr3tkey\n", r
+    finally:
+        box.close()
+
+
+def test_protected_names_in_a_claimed_sandbox(workspace: Path) -> None:
+    """Missing protected names (``.bashrc``...) get placeholders only while
+    a run lasts, also when the run claims a sandbox built ahead: the
+    command cannot create them, and after ``run()`` returns the workspace
+    holds exactly what it held before."""
+    box = nanobox.Sandbox()
+    try:
+        before = sorted(os.listdir(workspace))
+        assert box.run(["true"]).returncode == 0
+        assert wait_until(_warm_ready, timeout=5)
+        assert sorted(os.listdir(workspace)) == before  # nothing while it waits
+        script = "echo evil > .bashrc || echo no1; mkdir .vscode/x || echo no2; echo ok > f"
+        r = box.run(["sh", "-c", script])
+        assert r.stdout == b"no1\nno2\n", r
+        assert sorted(os.listdir(workspace)) == sorted([*before, "f"])
+        assert (workspace / "f").read_text() == "ok\n"
+        # Control: without protection the command can create it.
+        free = nanobox.Sandbox(nanobox.Policy(filesystem=nanobox.Filesystem(protect=False)))
+        try:
+            assert free.run(["sh", "-c", "echo fine > .bashrc"]).returncode == 0
+        finally:
+            free.close()
+        assert (workspace / ".bashrc").read_text() == "fine\n"
+    finally:
+        box.close()
+
+
+def test_cpu_time_excludes_the_preparation(workspace: Path) -> None:
+    """The command's process runs nanobox's Python (Landlock, seccomp...)
+    before its exec; that is nanobox's time, not the command's."""
+    box = nanobox.Sandbox()
+    try:
+        box.run(["true"])
+        assert wait_until(_warm_ready, timeout=5)
+        r = box.run(["true"])
+        assert r.cpu_time_s is not None and r.cpu_time_s < 0.005, r
+    finally:
+        box.close()
+
+
+def test_an_unclaimed_sandbox_goes_with_its_groups(workspace: Path) -> None:
+    groups_before = nanobox_groups() if cgroups_usable() else set()
+    box = nanobox.Sandbox()
+    try:
+        assert box.run(["true"]).returncode == 0
+        assert wait_until(_warm_ready, timeout=5)
+        stage_a = _ppid(_warm_commands()[0])
+        built = {stage_a, *descendants(stage_a)}  # stage A, PID 1, the command
+        assert len(built) == 3, built
+        # No run comes: the sandbox built ahead goes within a few seconds.
+        assert wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in built), timeout=5)
+        if cgroups_usable():
+            assert wait_until(lambda: not nanobox_groups() - groups_before, timeout=5)
+    finally:
+        box.close()
+
+
+def test_closing_the_server_takes_the_sandbox_built_ahead(workspace: Path) -> None:
+    from nanobox._linux import client
+
+    groups_before = nanobox_groups() if cgroups_usable() else set()
+    nanobox.run(["true"])
+    assert wait_until(_warm_ready, timeout=5)
+    warm = _warm_commands()[0]
+    client.shutdown()
+    assert wait_until(lambda: not os.path.exists(f"/proc/{warm}"), timeout=5)
+    if cgroups_usable():
+        assert wait_until(lambda: not nanobox_groups() - groups_before, timeout=5)
