@@ -26,9 +26,7 @@ def _children() -> set[int]:
     """Live (non-zombie) descendants of this process, but the fork server's
     spare stage A and the sandbox it built ahead (kept for a second after a
     run, named ``nanobox-spare`` and ``nanobox-warm``)."""
-    return set(
-        descendants(os.getpid(), skip_zombies=True, prune=("nanobox-spare", "nanobox-warm"))
-    )
+    return set(descendants(os.getpid(), skip_zombies=True, prune=("nanobox-spare", "nanobox-warm")))
 
 
 def _one(i: int, token: str) -> tuple[int, bytes, bytes]:
