@@ -92,95 +92,99 @@ def instrument() -> None:
     _wrap(S, "_start", "start")
     _wrap(S, "_finish", "finish")
     _wrap(_io.RunIO, "on_chan", "on_chan", end=False)
+    # server
     _wrap(fsrv.Server, "_on_ctrl", "on_ctrl")
-    _wrap(fsrv.Server, "_take_starter", "take_starter")
+    _wrap(fsrv.Server, "_claim", "claim")
+    _wrap(fsrv.Server, "_prewarm", "prewarm")
     _wrap(fsrv.Server, "_new_starter", "new_starter")
     _wrap(fsrv.Placeholders, "acquire", "placeholders")
-    _wrap(spawn.Starter, "start", "send_plan")
-    _wrap(spawn, "_starter_main", "stage_a", end=False)
-    _wrap(spawn, "_premade", "premade")
-    _wrap(userns, "make_userns", "make_userns")
-    _wrap(spawn, "_stage_a", "stage_a_plan", end=False)
-    _wrap(pid1, "main", "pid1", end=False)
+    _wrap(fsrv.Placeholders, "release", "placeholders_rm")
+    _wrap(spawn.Starter, "go", "go")
     _wrap(supervise.Run, "on_cmd_exit", "cmd_exit")
     _wrap(supervise.Run, "kill", "kill_init")
     _wrap(supervise.Run, "report", "report")
+    _wrap(supervise.Run, "release_namespaces", "ns_release")
     _wrap(cgroups.RunGroup, "stats", "cgroup_stats")
     _wrap(fsrv.Server, "_send", "send")
     _wrap(cgroups.RunGroup, "remove", "cgroup_remove")
-    _wrap(k, "unshare", "unshare")
-    _wrap(k, "setns", "setns")
+    # stage A (building ahead, then the claim)
+    _wrap(spawn, "_starter_main", "stage_a", end=False)
     _wrap(spawn, "close_all_except", "close_fds")
+    _wrap(userns, "make_userns", "make_userns")
+    _wrap(spawn, "_premade", "premade")
+    _wrap(spawn, "_stage_a", "plan_decoded", end=False)
+    _wrap(k, "setns", "setns")
+    _wrap(k, "unshare", "unshare")
+    _wrap(pid1, "start", "pid1")
     _wrap(os, "fork", "fork")  # ".E" is marked by the parent and by the child
     _wrap(socket_mod, "sethostname", "hostname")
     _wrap(netns, "loopback_up", "loopback")
     _wrap(mounts, "build", "mounts")
-    _wrap(child, "exec_command", "pre_exec", end=False)
+    _wrap(mounts, "build_late", "late")
+    # the command's process
+    _wrap(spawn, "_command", "command", end=False)
+    _wrap(child, "prepare", "prep")
     _wrap(landlock, "apply", "landlock")
     _wrap(loader, "install", "seccomp")
+    _wrap(child, "finish", "cfinish", end=False)
     _wrap(child, "_exec_search", "execve", end=False)
 
 
-# (phase, from mark, to mark), marks as ROLE:label; consecutive on the
-# critical path of one run. Roles: client, server, A, B (init), C (command).
+# (phase, from mark, to mark), marks as ROLE:label, on the critical path of
+# a run that claims a sandbox built ahead. Roles: client, server, A (stage
+# A), C (the command's process).
 PHASES = [
     ("client: policy → plan (build_plan)", "client:build_plan.B", "client:build_plan.E"),
-    (
-        "client: rest of prepare (fork-server lookup, json)",
-        "client:build_plan.E",
-        "client:prepare.E",
-    ),
-    ("client: pipes + submit plan; server receives it", "client:start.B", "server:on_ctrl.B"),
-    (
-        "server: take the spare stage A (or fork one)",
-        "server:take_starter.B",
-        "server:take_starter.E",
-    ),
-    ("server: limits, placeholders", "server:take_starter.E", "server:send_plan.B"),
-    ("server: send the plan to stage A", "server:send_plan.B", "server:send_plan.E"),
-    ("A: receive the plan", "server:send_plan.E", "A:premade.B"),
-    ("A: idmapped clones of the writable roots", "A:premade.B", "A:premade.E"),
-    ("A: setns into the prepared user namespace", "A:setns.B", "A:unshare.B"),
-    ("A: unshare(mnt, pid, net, ipc, uts, cgroup)", "A:unshare.B", "A:unshare.E"),
-    ("A: fork PID 1 and the command's process", "A:unshare.E", "A:hostname.B"),
-    ("A: hostname, loopback up", "A:hostname.B", "A:loopback.E"),
-    ("A: wait for PID 1's procfs", "A:loopback.E", "A:mounts.B"),
-    ("A: filesystem view (mounts.build)", "A:mounts.B", "A:mounts.E"),
-    ("A: release the command (it waited since its fork)", "A:mounts.E", "C:pre_exec.B"),
-    ("C: signals, setsid, stdio, fds, chdir, rlimits, caps", "C:pre_exec.B", "C:landlock.B"),
-    ("C: Landlock ruleset", "C:landlock.B", "C:landlock.E"),
-    ("C: seccomp filter", "C:seccomp.B", "C:seccomp.E"),
-    ("C: hand the seccomp listener to the server", "C:seccomp.E", "C:execve.B"),
+    ("client: rest of prepare (json)", "client:build_plan.E", "client:prepare.E"),
+    ("client: pipes, submit; server receives", "client:start.B", "server:on_ctrl.B"),
+    ("server: decode, take the sandbox built ahead", "server:on_ctrl.B", "server:claim.B"),
+    ("server: create placeholders", "server:placeholders.B", "server:placeholders.E"),
+    ("server: argv/env/stdio to C, go to A", "server:placeholders.E", "server:go.E"),
+    ("A: wake up, protect placeholders, late hides", "server:go.E", "A:late.E"),
+    ("C: released; stdio, fds, PATH search", "A:late.E", "C:execve.B"),
     ("execve, /bin/true runs and exits, the server reaps it", "C:execve.B", "server:cmd_exit.B"),
-    ("server: kill PID 1; namespace teardown; reap it", "server:kill_init.B", "server:report.B"),
-    ("server: report, cgroup stats, placeholders, reply", "server:report.B", "server:send.B"),
-    ("client: receive result (json + IPC)", "server:send.B", "client:on_chan.B"),
+    ("server: kill PID 1, reap it", "server:kill_init.B", "server:report.B"),
+    ("server: report, cgroup stats", "server:report.B", "server:ns_release.B"),
+    ("server: mount namespace teardown", "server:ns_release.B", "server:ns_release.E"),
+    ("server: remove placeholders", "server:placeholders_rm.B", "server:placeholders_rm.E"),
+    ("server: reply; client receives it", "server:placeholders_rm.E", "client:on_chan.B"),
     ("client: build Result", "client:finish.B", "client:finish.E"),
 ]
-OFF_PATH = [
-    (
-        "server: remove cgroups (after the reply)",
-        "server:cgroup_remove.B",
-        "server:cgroup_remove.E",
-    ),
-    (
-        "server: fork a stage A (the spare, after a reply)",
-        "server:new_starter.B",
-        "server:new_starter.E",
-    ),
-    ("stage A: join the run's cgroups (before its plan)", "A:close_fds.E", "A:make_userns.B"),
-    ("stage A: user namespace for the id mapping", "A:make_userns.B", "A:make_userns.E"),
-    ("server: whole on_ctrl", "server:on_ctrl.B", "server:on_ctrl.E"),
+# Building the next run's sandbox (off the critical path: per stage A / C).
+BUILD = [
+    ("server: fork a spare stage A", "server:new_starter.B", "server:new_starter.E"),
+    ("server: hand the plan to a stage A (prewarm)", "server:prewarm.B", "server:prewarm.E"),
+    ("A: join the run's cgroups (spare, before its plan)", "A:close_fds.E", "A:stage_a.E"),
+    ("A: decode the plan, idmapped clones", "A:premade.B", "A:premade.E"),
+    ("A: setns, unshare(mnt, pid, net, ipc, uts, cgroup)", "A:plan_decoded.B", "A:unshare.E"),
+    ("A: start PID 1 (posix_spawn cat)", "A:pid1.B", "A:pid1.E"),
+    ("A: fork the command's process", "A:fork.B", "A:fork.E"),
+    ("A: hostname, loopback up", "A:hostname.B", "A:loopback.E"),
+    ("A: procfs from C", "A:loopback.E", "A:mounts.B"),
+    ("A: filesystem view (mounts.build)", "A:mounts.B", "A:mounts.E"),
+    ("C: prepare: signals, session, fds, cwd, rlimits, caps", "C:prep.B", "C:landlock.B"),
+    ("C: Landlock ruleset", "C:landlock.B", "C:landlock.E"),
+    ("C: seccomp filter, listener to the server", "C:seccomp.B", "C:prep.E"),
 ]
 
 
 def _roles(marks: list[tuple[int, int, str]], client_pid: int) -> dict[int, str]:
     roles = {client_pid: "client"}
-    first = {"on_ctrl.B": "server", "stage_a.B": "A", "pid1.B": "B", "pre_exec.B": "C"}
+    first = {"on_ctrl.B": "server", "stage_a.B": "A", "command.B": "C"}
     for _ts, pid, label in marks:
         if label in first and pid not in roles:
             roles[pid] = first[label]
     return roles
+
+
+def _stats(vals: list[float], critical: bool) -> dict[str, Any]:
+    return {
+        "mean_ms": sum(vals) / len(vals),
+        "median_ms": c.percentile(vals, 50),
+        "p90_ms": c.percentile(vals, 90),
+        "n": len(vals),
+        "critical": critical,
+    }
 
 
 def timeline(runs: int, cwd: str, policy: Any = None) -> dict[str, Any]:
@@ -197,16 +201,16 @@ def timeline(runs: int, cwd: str, policy: Any = None) -> dict[str, Any]:
     box.run(["/bin/true"], cwd=cwd)
     os.unlink(_LOG)
     fd = os.open(_LOG, os.O_WRONLY | os.O_CREAT, 0o666)
-    os.fchmod(fd, 0o666)  # the init and the command run as other uids
+    os.fchmod(fd, 0o666)  # stage A and the command run as other uids
     os.close(fd)
     totals = []
     for _ in range(runs):
+        time.sleep(0.02)  # the next sandbox is built ahead meanwhile
         t0 = time.perf_counter()
         r = box.run(["/bin/true"], cwd=cwd)
         totals.append(time.perf_counter() - t0)
         if r.returncode:
             raise RuntimeError(f"/bin/true failed: {r.returncode}")
-        time.sleep(0.02)  # let the server remove the run's cgroups off the path
     client.shutdown()
     marks: list[tuple[int, int, str]] = []
     with open(_LOG) as fh:
@@ -216,25 +220,44 @@ def timeline(runs: int, cwd: str, policy: Any = None) -> dict[str, Any]:
                 marks.append((int(parts[0]), int(parts[1]), parts[2]))
     marks.sort()
     roles = _roles(marks, os.getpid())
-    # split into runs at each client prepare; keep each mark's first occurrence
+    # The critical path: the marks between a run's prepare.B and finish.E.
     per_run: list[dict[str, int]] = []
+    inside = False
     for ts, pid, label in marks:
-        if label == "prepare.B" and roles.get(pid) == "client":
+        role = roles.get(pid, "other")
+        if label == "prepare.B" and role == "client":
             per_run.append({})
-        key = f"{roles.get(pid, 'other')}:{label}"
-        if per_run and key not in per_run[-1]:
-            per_run[-1][key] = ts
+            inside = True
+        if inside:
+            per_run[-1].setdefault(f"{role}:{label}", ts)
+        if label == "finish.E" and role == "client":
+            inside = False
+    # Building ahead: per process (every stage A / command process builds one).
+    per_proc: dict[int, dict[str, int]] = {}
+    for ts, pid, label in marks:
+        role = roles.get(pid, "other")
+        per_proc.setdefault(pid, {}).setdefault(f"{role}:{label}", ts)
+    server_marks = [(ts, label) for ts, pid, label in marks if roles.get(pid) == "server"]
     phases: dict[str, Any] = {}
-    for name, a, b in PHASES + OFF_PATH:
+    for name, a, b in PHASES:
         vals = [(r[b] - r[a]) / 1e6 for r in per_run if a in r and b in r]
         if vals:
-            phases[name] = {
-                "mean_ms": sum(vals) / len(vals),
-                "median_ms": c.percentile(vals, 50),
-                "p90_ms": c.percentile(vals, 90),
-                "n": len(vals),
-                "critical": (name, a, b) in PHASES,
-            }
+            phases[name] = _stats(vals, True)
+    for name, a, b in BUILD:
+        if a.startswith("server:"):
+            la, lb = a.split(":", 1)[1], b.split(":", 1)[1]
+            vals = []
+            open_at: int | None = None
+            for ts, label in server_marks:
+                if label == la:
+                    open_at = ts
+                elif label == lb and open_at is not None:
+                    vals.append((ts - open_at) / 1e6)
+                    open_at = None
+        else:
+            vals = [(m[b] - m[a]) / 1e6 for m in per_proc.values() if a in m and b in m]
+        if vals:
+            phases[name] = _stats(vals, False)
     crit = sum(p["median_ms"] for p in phases.values() if p["critical"])
     spans = [
         (r["client:finish.E"] - r["client:prepare.B"]) / 1e6
@@ -486,7 +509,7 @@ def table(res: dict[str, Any]) -> str:
                 c.fmt(p["median_ms"]),
                 c.fmt(p.get("mean_ms")),
                 c.fmt(p["p90_ms"]),
-                "" if p["critical"] else "off path",
+                "" if p["critical"] else "ahead",
             ]
             for n, p in tl["phases"].items()
         ]

@@ -23,6 +23,7 @@ from the server, so a dead server takes its sandboxes with it too.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -1005,6 +1006,10 @@ def main(ctrl_fd: int, refill: bool = True) -> None:
     ctrl = socket.socket(fileno=ctrl_fd)
     ctrl.setblocking(True)
     server = Server(ctrl, refill=refill)
+    # Everything imported so far stays: keep the collector off it, so the
+    # forked stage A's pages stay shared with this process.
+    gc.collect()
+    gc.freeze()
     try:
         # The first run's stage A starts now, while the caller builds its
         # plan (assuming user namespaces work: a wrong guess is dropped).

@@ -3,19 +3,26 @@
     server --fork--> A: a *starter*: joins the run's cgroups (and, for a root
                         caller, creates the run's user namespace) before it
                         is given a plan; then unshare(user, mount, pid, net,
-                        ipc, uts, cgroup), write its uid/gid map, fork B and
-                        C, build the view, release C, report both pids, exit
-                     B: PID 1 of the new pid namespace (``pid1``): makes the
-                        procfs, then idles as ``cat`` on the command pipe
-                     C: the command, PID 2 (``child``)
+                        ipc, uts, cgroup), write its uid/gid map, start B,
+                        fork C, build the view, wait for ``go``, finish the
+                        view, release C, report both pids, exit
+                     B: PID 1 of the new pid namespace (``pid1``): ``cat``
+                        on the command pipe, started with posix_spawn
+                     C: the command, PID 2: makes the procfs for A, then
+                        (once the view is built) prepares itself
+                        (``child.prepare``) and waits for its run's argv,
+                        env and stdio, then execs (``child.finish``)
 
 A starter is forked ahead of its plan so that the slow parts that do not
 depend on the plan (a cgroup migration waits for an RCU grace period; a user
 namespace for the id mapping needs a fork) happen off the critical path: the
-fork server keeps one spare starter ready after a run. The plan and its fds
-(stdio, and the caller's channel when a proxy listens) arrive on the
-starter's socket; the command later hands its seccomp listener to the server
-over the same socket.
+fork server keeps one spare starter ready after a run. Given a plan, it
+builds the whole sandbox, then waits for ``go``: the server builds the next
+run's sandbox ahead this way, and a run with the same plan bytes only sends
+``go`` (to A) and its argv/env/stdio (to C). The plan (and the caller's
+channel when a proxy listens) arrives on the starter's socket; the command
+has a socket of its own, over which it hands its seccomp listener to the
+server and receives its run.
 
 The server is single-threaded, so forking it (and running Python in the
 children) is safe. A reports on ``status`` with ``P`` + JSON (the pids of B
@@ -28,6 +35,7 @@ writes its report (``R`` + JSON) on the same pipe.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -49,6 +57,7 @@ BASE_FLAGS = (
     | k.CLONE_NEWCGROUP
 )
 MAX_PLAN = 1 << 20
+PROC_ATTRS = k.MOUNT_ATTR_NOSUID | k.MOUNT_ATTR_NODEV | k.MOUNT_ATTR_NOEXEC
 
 
 class Starter:
@@ -153,6 +162,10 @@ def _starter_main(
     sid: int | None,
 ) -> None:
     # Never return into the server's loop: every path ends in os._exit.
+    # No garbage collection in this short-lived copy of the server (or in
+    # the command's process): a collection would write to every inherited
+    # object, copying the server's memory page by page.
+    gc.disable()
     early: tuple[str, BaseException] | None = None
     userns_fd: int | None = None
     step = "close fds"
@@ -194,6 +207,7 @@ def _starter_main(
             os.close(csock_fd)
             _stage_a_nons(plan, (fds[0], fds[1], fds[2]), status_w, cmd_r)
         if fds:
+            os.set_inheritable(fds[0], False)  # PID 1 (an exec'd cat) must not get it
             plan["chan_fd"] = fds[0]
         if userns_fd is not None:
             plan["userns_fd"] = userns_fd
@@ -301,22 +315,20 @@ def _build_sandbox(
     command are its children; then the server (a subreaper) gets them. The
     ``P`` line tells the server their pids."""
     t0 = time.monotonic()
-    step = "fork init"
+    step = "start init"
     init_pid = cmd_pid = 0
     try:
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        init_pid = os.fork()
-        if init_pid == 0:
-            mine.close()
-            pid1.main(theirs.detach(), cmd_r)
-        theirs.close()
+        init_pid = pid1.start(cmd_r)
         os.close(cmd_r)
         step = "fork command"
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         go_r, go_w = os.pipe2(os.O_CLOEXEC)
         cmd_pid = os.fork()
         if cmd_pid == 0:
             sock.close()
-            _command(plan, status_w, csock_fd, go_r, go_w)
+            mine.close()
+            _command(plan, status_w, csock_fd, go_r, go_w, theirs)
+        theirs.close()
         os.close(go_r)
         os.close(csock_fd)
         _set_name(b"nanobox-warm")  # until its run starts (ps shows it)
@@ -329,7 +341,7 @@ def _build_sandbox(
         msg, fds, _f, _a = socket.recv_fds(mine, 64, 1)
         mine.close()
         if not fds and not msg:
-            raise OSError(10, "the sandbox's PID 1 died")  # ECHILD
+            raise OSError(10, "the command's process died")  # ECHILD
         proc: int | OSError = fds[0] if fds else OSError(int(msg[1:] or b"1"), "procfs")
         step = "filesystem view"
         late: list[dict[str, Any]] = []
@@ -373,13 +385,31 @@ def _build_sandbox(
         _fail(status_w, step, exc)
 
 
-def _command(plan: dict[str, Any], status_w: int, csock_fd: int, go_r: int, go_w: int) -> None:
-    """The command's process: once stage A says the view is built, prepare
-    everything that does not depend on the run, then wait for the run's
-    argv, env and stdio (from the server) and for stage A's release."""
+def _command(
+    plan: dict[str, Any],
+    status_w: int,
+    csock_fd: int,
+    go_r: int,
+    go_w: int,
+    proc_sock: socket.socket,
+) -> None:
+    """The command's process (PID 2): make the sandbox's procfs for stage A
+    (a procfs shows the pid namespace of the process that creates it: this
+    is the first Python process in the new one); once stage A says the view
+    is built, prepare everything that does not depend on the run, then wait
+    for the run's argv, env and stdio (from the server) and for stage A's
+    release."""
     try:
         _set_name(b"nanobox-warm")
         os.close(go_w)
+        try:
+            proc = k.fsmount_new("proc", {}, PROC_ATTRS)
+        except OSError as exc:
+            proc_sock.send(b"E%d" % (exc.errno or 1))
+        else:
+            socket.send_fds(proc_sock, [b"P"], [proc])
+            os.close(proc)
+        proc_sock.close()
         if os.read(go_r, 1) != b"v":
             os._exit(125)  # stage A failed (and reports it)
     except BaseException:  # noqa: BLE001
