@@ -108,7 +108,7 @@ def instrument() -> None:
     _wrap(fsrv.Server, "_send", "send")
     _wrap(cgroups.RunGroup, "remove", "cgroup_remove")
     # stage A (building ahead, then the claim)
-    _wrap(spawn, "_starter_main", "stage_a", end=False)
+    _wrap(spawn, "starter_main", "stage_a", end=False)
     _wrap(spawn, "close_all_except", "close_fds")
     _wrap(userns, "make_userns", "make_userns")
     _wrap(spawn, "_premade", "premade")

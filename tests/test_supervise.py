@@ -3,6 +3,7 @@ idle process (``cat``) that the kernel reaps orphans for."""
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -24,6 +25,10 @@ def test_pid1_is_a_small_cat(workspace: Path, marker: str) -> None:
         assert pid1 is not None
         with open(f"/proc/{pid1}/comm") as fh:
             assert fh.read().strip() == "cat"
+        # Only its command pipe and /dev/null: nothing of nanobox's own
+        # (status pipe, sockets) that the command could open via /proc/1/fd.
+        assert sorted(os.listdir(f"/proc/{pid1}/fd")) == ["0", "1", "2"]
+        assert os.readlink(f"/proc/{pid1}/fd/1") == "/dev/null"
         with open(f"/proc/{pid1}/smaps_rollup") as fh:
             dirty = sum(int(ln.split()[1]) for ln in fh if ln.startswith("Private_Dirty:"))
         assert dirty < 1024, f"PID 1 holds {dirty} KiB of private memory"

@@ -201,3 +201,25 @@ def test_closing_the_server_takes_the_sandbox_built_ahead(workspace: Path) -> No
     assert wait_until(lambda: not os.path.exists(f"/proc/{warm}"), timeout=5)
     if cgroups_usable():
         assert wait_until(lambda: not nanobox_groups() - groups_before, timeout=5)
+
+
+def test_a_dead_forker_takes_its_server_and_the_next_run_gets_a_new_one(
+    workspace: Path,
+) -> None:
+    """Stage A is forked by a small "forker" process beside the server; if
+    it dies the server stops (leaving nothing), and the next run starts a
+    new server."""
+    import signal
+
+    groups_before = nanobox_groups() if cgroups_usable() else set()
+    assert nanobox.run(["true"]).returncode == 0
+    forkers = [p for p, comm in descendants(os.getpid()).items() if comm == "nanobox-forker"]
+    assert len(forkers) == 1, forkers
+    os.kill(forkers[0], signal.SIGKILL)
+    assert wait_until(lambda: not descendants(os.getpid(), skip_zombies=True), timeout=5), (
+        descendants(os.getpid())
+    )
+    if cgroups_usable():
+        assert wait_until(lambda: not nanobox_groups() - groups_before, timeout=5)
+    r = nanobox.run(["echo", "again"])
+    assert r.stdout == b"again\n", r

@@ -9,6 +9,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from ._linux.fds import recv_fds
+
 READ_CHUNK = 1 << 16
 Sink = Callable[[bytes], None]
 
@@ -99,7 +101,7 @@ class RunIO:
     def on_chan(self) -> bool:
         """Read one message; return False once the final one (or EOF) came."""
         try:
-            data, fds, _flags, _addr = socket.recv_fds(self.chan, 1 << 20, 4)
+            data, fds = recv_fds(self.chan, 1 << 20, 4)
         except BlockingIOError:
             return True
         except OSError:

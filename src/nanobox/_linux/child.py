@@ -167,19 +167,30 @@ def prepare(
         raise SetupError(step, exc) from None
 
 
-def finish(argv: list[str], env: Any, stdio: tuple[int, int, int], err_w: int) -> NoReturn:
-    """The run's own part: stdio, every other fd closed, ``execve``."""
+def finish(
+    argv: list[str], env: Any, stdio: tuple[int, int, int], err_w: int, go_r: int = -1
+) -> NoReturn:
+    """The run's own part: stdio, every other fd closed, ``execve`` (once
+    ``go_r`` says go, when given)."""
     try:
         high = [os.dup(fd) for fd in stdio]  # never collide with 0..2
         for target, fd in enumerate(high):
             os.dup2(fd, target, inheritable=True)
-        close_all_except({err_w})
+        close_all_except({err_w, go_r})
+        environ = dict(env)
     except BaseException as exc:  # noqa: BLE001
         report(err_w, b"S", "stdio", exc)
         os._exit(125)
+    if go_r >= 0:
+        try:
+            if os.read(go_r, 1) != b"g":
+                os._exit(125)  # stage A failed (and reports it)
+            os.close(go_r)
+        except BaseException:  # noqa: BLE001
+            os._exit(125)
     failure: BaseException
     try:
-        failure = _exec_search(argv, dict(env))
+        failure = _exec_search(argv, environ)
     except BaseException as err:  # noqa: BLE001
         failure = err
     report(err_w, b"X", "exec", failure)

@@ -34,8 +34,9 @@ import sys
 import time
 from typing import Any
 
-from . import cgroups, spawn, supervise, userns
+from . import cgroups, forker, spawn, supervise, userns
 from . import sys as k
+from .fds import recv_fds
 
 MAX_PLAN = 1 << 20
 # Root callers' sandboxes run as a dedicated uid from this range.
@@ -129,6 +130,9 @@ class Server:
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda _s, _f: None)
+        self.forker = forker.Forker()  # forks every stage A (see forker)
+        self.forker.sock.setblocking(False)
+        self.sel.register(self.forker.sock, selectors.EVENT_READ, ("forker", None))
         self.sel.register(ctrl, selectors.EVENT_READ, ("ctrl", None))
         self.sel.register(self.wake_r, selectors.EVENT_READ, ("wake", None))
 
@@ -159,6 +163,14 @@ class Server:
                 elif what == "wake":
                     self._drain_wake()
                     self._reap()
+                elif what == "forker":
+                    try:
+                        gone = self.forker.exited()
+                    except ConnectionError:
+                        self.shutdown()  # no more sandboxes: the caller starts a new server
+                        return
+                    for ident in gone:
+                        self._reaped(ident, 0, None)  # a stage A exited
                 elif job.finished:
                     continue  # a stale event from this batch: its fds are closed
                 elif what == "chan":
@@ -210,7 +222,9 @@ class Server:
             # Root callers' sandboxes run as a dedicated unprivileged uid.
             sid = ROOT_UID_BASE + ((os.getpid() << 12 | (self.counter & 0xFFF)) % ROOT_UID_SPAN)
         try:
-            return spawn.fork_starter(group.procs_files() if group else [], sid, key, group)
+            return spawn.fork_starter(
+                self.forker, group.procs_files() if group else [], sid, key, group
+            )
         except BaseException:
             if group is not None:
                 group.remove()
@@ -255,7 +269,7 @@ class Server:
     # -- requests ----------------------------------------------------------
     def _on_ctrl(self) -> bool:
         try:
-            msg, fds, _flags, _addr = socket.recv_fds(self.ctrl, MAX_PLAN, 8)
+            msg, fds = recv_fds(self.ctrl, MAX_PLAN, 8)
         except InterruptedError:  # pragma: no cover
             return True
         except ConnectionResetError:
@@ -446,7 +460,7 @@ class Server:
                 job.run.init_done = True
                 job.run.init_rusage = rusage
             self._maybe_finish(job)
-        elif self.starting.pop(pid, None) is None:
+        elif self.starting.pop(pid, None) is None and pid > 0:
             # An init or command whose stage A's "P" line is not read yet.
             self.early_exits[pid] = (status, rusage)
 
@@ -566,7 +580,7 @@ class Server:
         the socket)."""
         assert job.sock is not None
         try:
-            _msg, fds, _f, _a = socket.recv_fds(job.sock, 256, 1)
+            _msg, fds = recv_fds(job.sock, 256, 1)
         except BlockingIOError:
             return
         except OSError:

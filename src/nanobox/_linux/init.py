@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 
 from . import child, notify, proctree
 from . import sys as k
-from .fds import write_all
+from .fds import recv_fds, write_all
 
 CPU_POLL_S = 0.05
 
@@ -134,7 +134,7 @@ def init_main(
                 reason = "killed" if data else "server_gone"
             elif notify_mine is not None and fd == notify_mine.fileno():
                 try:
-                    _msg, fds, _f, _a = socket.recv_fds(notify_mine, 16, 1)
+                    _msg, fds = recv_fds(notify_mine, 16, 1)
                 except BlockingIOError:
                     fds = []
                 poller.unregister(fd)

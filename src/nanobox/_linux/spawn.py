@@ -1,6 +1,6 @@
 """Namespace creation and the fork chain of one run.
 
-    server --fork--> A: a *starter*: joins the run's cgroups (and, for a root
+    server --forker--> A: a *starter*: joins the run's cgroups (and, for a root
                         caller, creates the run's user namespace) before it
                         is given a plan; then unshare(user, mount, pid, net,
                         ipc, uts, cgroup), write its uid/gid map, start B,
@@ -46,7 +46,7 @@ from typing import Any
 
 from . import child, init, mounts, netns, pid1, userns
 from . import sys as k
-from .fds import close_all_except, write_all
+from .fds import close_all_except, recv_fds, write_all
 
 BASE_FLAGS = (
     k.CLONE_NEWUSER
@@ -110,31 +110,30 @@ class Starter:
         self.status_r = self.cmd_w = -1
 
 
-def fork_starter(procs_files: list[str], sid: int | None, key: Any, group: Any) -> Starter:
-    """Fork a stage A that joins ``procs_files`` (and makes a user namespace
-    mapping root to ``sid``) at once, then waits for its plan."""
+def fork_starter(
+    forker: Any, procs_files: list[str], sid: int | None, key: Any, group: Any
+) -> Starter:
+    """Have ``forker`` fork a stage A that joins ``procs_files`` (and makes a
+    user namespace mapping root to ``sid``) at once, then waits for its
+    plan. The starter's ``pid`` is the forker's ident for it (negative)."""
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     cmd_r, cmd_w = os.pipe2(os.O_CLOEXEC)
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     cmine, ctheirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        pid = os.fork()
-    except OSError:
-        for fd in (status_r, status_w, cmd_r, cmd_w):
+        ident = forker.fork([theirs.fileno(), ctheirs.fileno(), status_w, cmd_r], procs_files, sid)
+    except BaseException:
+        for fd in (status_r, cmd_w):
             os.close(fd)
-        for sk in (mine, theirs, cmine, ctheirs):
-            sk.close()
+        mine.close()
+        cmine.close()
         raise
-    if pid == 0:
-        try:
-            _starter_main(theirs.fileno(), ctheirs.fileno(), status_w, cmd_r, procs_files, sid)
-        finally:
-            os._exit(1)
-    os.close(status_w)
-    os.close(cmd_r)
-    theirs.close()
-    ctheirs.close()
-    return Starter(pid, mine, cmine, status_r, cmd_w, key, group, sid)
+    finally:
+        os.close(status_w)
+        os.close(cmd_r)
+        theirs.close()
+        ctheirs.close()
+    return Starter(ident, mine, cmine, status_r, cmd_w, key, group, sid)
 
 
 def _set_name(name: bytes) -> None:
@@ -153,7 +152,7 @@ def _fail(status_w: int, step: str, exc: BaseException) -> None:
         os._exit(1)
 
 
-def _starter_main(
+def starter_main(
     sock_fd: int,
     csock_fd: int,
     status_w: int,
@@ -192,7 +191,7 @@ def _starter_main(
         early = (step, exc)
     try:
         sock = socket.socket(fileno=sock_fd)
-        msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_PLAN, 8)
+        msg, fds = recv_fds(sock, MAX_PLAN, 8)
     except BaseException:  # noqa: BLE001
         os._exit(0)
     if not msg:
@@ -207,7 +206,6 @@ def _starter_main(
             os.close(csock_fd)
             _stage_a_nons(plan, (fds[0], fds[1], fds[2]), status_w, cmd_r)
         if fds:
-            os.set_inheritable(fds[0], False)  # PID 1 (an exec'd cat) must not get it
             plan["chan_fd"] = fds[0]
         if userns_fd is not None:
             plan["userns_fd"] = userns_fd
@@ -338,7 +336,7 @@ def _build_sandbox(
             step = "loopback"
             netns.loopback_up()
         step = "procfs"
-        msg, fds, _f, _a = socket.recv_fds(mine, 64, 1)
+        msg, fds = recv_fds(mine, 64, 1)
         mine.close()
         if not fds and not msg:
             raise OSError(10, "the command's process died")  # ECHILD
@@ -422,12 +420,12 @@ def _command(
     del prep
     try:
         csock = socket.socket(fileno=csock_fd)
-        msg, fds, _f, _a = socket.recv_fds(csock, MAX_PLAN, 3)
+        msg, fds = recv_fds(csock, MAX_PLAN, 3)
         csock.close()
-        if not msg or len(fds) != 3 or os.read(go_r, 1) != b"g":
+        if not msg or len(fds) != 3:
             os._exit(125)  # the run never came: stage A reports why
-        os.close(go_r)
         argv, env = json.loads(msg)
     except BaseException:  # noqa: BLE001
         os._exit(125)
-    child.finish(argv, env, (fds[0], fds[1], fds[2]), status_w)
+    # The run's stdio now, while stage A finishes the view; exec once it has.
+    child.finish(argv, env, (fds[0], fds[1], fds[2]), status_w, go_r)

@@ -1,0 +1,140 @@
+"""The forker: the one process that forks stage A for the fork server.
+
+Forking a process write-protects all of its memory; a Python process then
+copies page after page as it goes on (every object it touches has a
+reference count to write). The fork server runs the event loop of every
+sandbox, so if it forked each run's stage A itself it would pay those
+copy-on-write faults again after every fork, on its own critical path.
+Instead it forks this process once, at start-up; the forker does nothing
+but fork stage A on request, so its pages stay untouched and shared, and
+the server's memory is never write-protected again.
+
+Protocol over a ``SOCK_SEQPACKET`` pair:
+
+- server -> forker: JSON ``[ident, procs_files, sid]`` with the fds
+  ``[sock, csock, status_w, cmd_r]`` of the new stage A (``spawn``);
+- forker -> server: ``X<ident>`` once that stage A has exited (and been
+  reaped here), ``ident`` being a negative number chosen by the server.
+
+The forker is not a subreaper: when a stage A exits, PID 1 and the command
+go to the server, which supervises them. It dies with the server
+(``PR_SET_PDEATHSIG``, and EOF on its socket).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import selectors
+import signal
+import socket
+
+from . import spawn
+from . import sys as k
+from .fds import close_all_except, recv_fds
+
+PR_SET_PDEATHSIG = 1
+
+
+class Forker:
+    """The server's handle on its forker."""
+
+    def __init__(self) -> None:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        server = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                mine.close()
+                _main(theirs.detach(), server)
+            finally:
+                os._exit(1)
+        theirs.close()
+        self.pid = pid
+        self.sock = mine
+        self.counter = 0
+
+    def fork(self, fds: list[int], procs_files: list[str], sid: int | None) -> int:
+        """Have a stage A forked with ``fds``; returns its ident (negative)."""
+        self.counter += 1
+        ident = -self.counter
+        socket.send_fds(self.sock, [json.dumps([ident, procs_files, sid]).encode()], fds)
+        return ident
+
+    def exited(self) -> list[int]:
+        """Idents of stage A processes that have exited since last asked."""
+        out: list[int] = []
+        while True:
+            try:
+                msg = self.sock.recv(64)
+            except BlockingIOError:
+                return out
+            if not msg:
+                raise ConnectionError("the forker is gone")
+            if msg.startswith(b"X"):
+                out.append(int(msg[1:]))
+
+
+def _main(sock_fd: int, server: int) -> None:
+    gc.disable()  # touch as few pages as possible: they stay shared
+    k.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != server:
+        os._exit(0)
+    k.set_name(b"nanobox-forker")
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    close_all_except({sock_fd, wake_r, wake_w})
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda _s, _f: None)
+    sock = socket.socket(fileno=sock_fd)
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ, "req")
+    sel.register(wake_r, selectors.EVENT_READ, "wake")
+    idents: dict[int, int] = {}
+    while True:
+        for key, _ in sel.select():
+            if key.data == "req":
+                try:
+                    msg, fds = recv_fds(sock, 1 << 16, 4)
+                except InterruptedError:
+                    continue
+                if not msg:
+                    os._exit(0)  # the server is gone; its starters see EOF too
+                ident, procs_files, sid = json.loads(msg)
+                try:
+                    pid = os.fork()
+                except OSError:
+                    pid = -1
+                if pid == 0:
+                    try:
+                        sel.close()
+                        sock.close()
+                        for fd in (wake_r, wake_w):
+                            os.close(fd)
+                        spawn.starter_main(fds[0], fds[1], fds[2], fds[3], procs_files, sid)
+                    finally:
+                        os._exit(1)
+                for fd in fds:
+                    os.close(fd)
+                if pid < 0:
+                    sock.send(b"X%d" % ident)  # never started: its fds are closed
+                else:
+                    idents[pid] = ident
+            else:
+                try:
+                    while os.read(wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+                while True:
+                    try:
+                        pid, _status = os.waitpid(-1, os.WNOHANG)
+                    except ChildProcessError:
+                        break
+                    if pid == 0:
+                        break
+                    ident = idents.pop(pid, None)
+                    if ident is not None:
+                        sock.send(b"X%d" % ident)
