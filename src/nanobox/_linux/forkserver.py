@@ -967,6 +967,11 @@ def remove_tree(path: str | None) -> None:
 def probe_userns() -> tuple[bool, str]:
     """Can this process build a sandbox's namespaces (user namespace with a
     working mount namespace)? Tried in a throw-away child."""
+    return probe_result(start_probe())
+
+
+def start_probe() -> tuple[int, int]:
+    """Fork the probe's child; ``probe_result`` collects its answer."""
     r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
@@ -982,6 +987,11 @@ def probe_userns() -> tuple[bool, str]:
         os.write(w, msg)
         os._exit(0)
     os.close(w)
+    return pid, r
+
+
+def probe_result(probe: tuple[int, int]) -> tuple[bool, str]:
+    pid, r = probe
     data = os.read(r, 4096)
     os.close(r)
     os.waitpid(pid, 0)
@@ -1020,16 +1030,17 @@ def main(ctrl_fd: int, refill: bool = True) -> None:
     ctrl = socket.socket(fileno=ctrl_fd)
     ctrl.setblocking(True)
     server = Server(ctrl, refill=refill)
-    # Everything imported so far stays: keep the collector off it, so the
-    # forked stage A's pages stay shared with this process.
-    gc.collect()
+    # Everything imported so far stays: keep the collector off it (a
+    # collection writes to every object it visits, unsharing the pages
+    # the forker and stage A share with this process). No gc.collect()
+    # first: that alone would visit all of a forking caller's heap.
     gc.freeze()
     try:
         # The first run's stage A starts now, while the caller builds its
         # plan (assuming user namespaces work: a wrong guess is dropped).
         server.last_key = _default_key(True)
-        server.make_spare()
-        ok, detail = probe_userns()
+        server.make_spare()  # its cgroup migration is the slowest step: first
+        ok, detail = probe_result(start_probe())
         ctrl.send(json.dumps({"t": "hello", "userns": ok, "detail": detail}).encode())
         server.serve()
     except BaseException:
