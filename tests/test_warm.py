@@ -223,3 +223,29 @@ def test_a_dead_forker_takes_its_server_and_the_next_run_gets_a_new_one(
         assert wait_until(lambda: not nanobox_groups() - groups_before, timeout=5)
     r = nanobox.run(["echo", "again"])
     assert r.stdout == b"again\n", r
+
+
+def test_many_launches_while_the_forker_is_busy(workspace: Path) -> None:
+    """The server's socket to the forker holds a few hundred requests; more
+    launches at once must wait for the forker, not fail (EAGAIN)."""
+    import asyncio
+    import signal
+
+    n = 400
+    assert nanobox.run(["true"]).returncode == 0
+    forker = next(p for p, comm in descendants(os.getpid()).items() if comm == "nanobox-forker")
+
+    async def main() -> list[nanobox.Result[bytes]]:
+        runs = [asyncio.ensure_future(nanobox.run_async(["echo", str(i)])) for i in range(n)]
+        await asyncio.sleep(1.0)  # every launch is queued while the forker is stopped
+        os.kill(forker, signal.SIGCONT)
+        return list(await asyncio.gather(*runs))
+
+    os.kill(forker, signal.SIGSTOP)
+    try:
+        results = asyncio.run(main())
+    finally:
+        os.kill(forker, signal.SIGCONT)
+    assert [r.stdout for r in results] == [f"{i}\n".encode() for i in range(n)], [
+        r for r in results if r.returncode
+    ][:3]

@@ -23,6 +23,8 @@ go to the server, which supervises them. It dies with the server
 
 from __future__ import annotations
 
+import array
+import collections
 import gc
 import json
 import os
@@ -38,7 +40,9 @@ PR_SET_PDEATHSIG = 1
 
 
 class Forker:
-    """The server's handle on its forker."""
+    """The server's handle on its forker. Requests are queued and sent
+    without blocking (``flush``): the forker may be busy, and its own
+    notices to the server must never wait for a server that waits for it."""
 
     def __init__(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -54,20 +58,41 @@ class Forker:
         self.pid = pid
         self.sock = mine
         self.counter = 0
+        self.pending: collections.deque[tuple[bytes, list[int]]] = collections.deque()
 
     def fork(self, fds: list[int], procs_files: list[str], sid: int | None) -> int:
-        """Have a stage A forked with ``fds``; returns its ident (negative)."""
+        """Have a stage A forked with ``fds`` (which this takes over and
+        closes once sent); returns its ident (negative)."""
         self.counter += 1
         ident = -self.counter
-        socket.send_fds(self.sock, [json.dumps([ident, procs_files, sid]).encode()], fds)
+        self.pending.append((json.dumps([ident, procs_files, sid]).encode(), fds))
+        self.flush()
         return ident
+
+    def flush(self) -> None:
+        """Send the queued requests the forker's socket has room for."""
+        while self.pending:
+            msg, fds = self.pending[0]
+            try:
+                self.sock.sendmsg(
+                    [msg],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
+                    socket.MSG_DONTWAIT,
+                )
+            except BlockingIOError:
+                return
+            except OSError:
+                pass  # the forker is gone (the server notices): the starters see EOF
+            self.pending.popleft()
+            for fd in fds:
+                os.close(fd)
 
     def exited(self) -> list[int]:
         """Idents of stage A processes that have exited since last asked."""
         out: list[int] = []
         while True:
             try:
-                msg = self.sock.recv(64)
+                msg = self.sock.recv(64, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return out
             if not msg:

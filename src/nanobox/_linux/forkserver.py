@@ -131,7 +131,7 @@ class Server:
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda _s, _f: None)
         self.forker = forker.Forker()  # forks every stage A (see forker)
-        self.forker.sock.setblocking(False)
+        self.forker_events = selectors.EVENT_READ
         self.sel.register(self.forker.sock, selectors.EVENT_READ, ("forker", None))
         self.sel.register(ctrl, selectors.EVENT_READ, ("ctrl", None))
         self.sel.register(self.wake_r, selectors.EVENT_READ, ("wake", None))
@@ -150,11 +150,12 @@ class Server:
 
     def serve(self) -> None:
         while True:
+            self._watch_forker()
             events = self.sel.select(self._timeout())
             now = time.monotonic()
             if now >= self.spare_until:
                 self._drop_spare()
-            for key, _ in events:
+            for key, mask in events:
                 what, job = key.data
                 if what == "ctrl":
                     if not self._on_ctrl():
@@ -164,8 +165,10 @@ class Server:
                     self._drain_wake()
                     self._reap()
                 elif what == "forker":
+                    if mask & selectors.EVENT_WRITE:
+                        self.forker.flush()
                     try:
-                        gone = self.forker.exited()
+                        gone = self.forker.exited() if mask & selectors.EVENT_READ else []
                     except ConnectionError:
                         self.shutdown()  # no more sandboxes: the caller starts a new server
                         return
@@ -184,6 +187,13 @@ class Server:
                 elif what == "helper":
                     self._on_helper(job)
             self._check_timers()
+
+    def _watch_forker(self) -> None:
+        """Wait for room on the forker's socket only while requests queue."""
+        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.forker.pending else 0)
+        if want != self.forker_events:
+            self.forker_events = want
+            self.sel.modify(self.forker.sock, want, ("forker", None))
 
     def _check_timers(self) -> None:
         now = time.monotonic()

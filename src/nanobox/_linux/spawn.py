@@ -120,19 +120,8 @@ def fork_starter(
     cmd_r, cmd_w = os.pipe2(os.O_CLOEXEC)
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     cmine, ctheirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        ident = forker.fork([theirs.fileno(), ctheirs.fileno(), status_w, cmd_r], procs_files, sid)
-    except BaseException:
-        for fd in (status_r, cmd_w):
-            os.close(fd)
-        mine.close()
-        cmine.close()
-        raise
-    finally:
-        os.close(status_w)
-        os.close(cmd_r)
-        theirs.close()
-        ctheirs.close()
+    # The forker takes the starter's ends over (and closes them once sent).
+    ident = forker.fork([theirs.detach(), ctheirs.detach(), status_w, cmd_r], procs_files, sid)
     return Starter(ident, mine, cmine, status_r, cmd_w, key, group, sid)
 
 
