@@ -126,7 +126,7 @@ def instrument() -> None:
     _wrap(child, "prepare", "prep")
     _wrap(landlock, "apply", "landlock")
     _wrap(loader, "install", "seccomp")
-    _wrap(child, "finish", "cfinish", end=False)
+    _wrap(child, "take_stdio", "stdio")
     _wrap(child, "_exec_search", "execve", end=False)
 
 
@@ -141,7 +141,8 @@ PHASES = [
     ("server: create placeholders", "server:placeholders.B", "server:placeholders.E"),
     ("server: argv/env/stdio to C, go to A", "server:placeholders.E", "server:go.E"),
     ("A: wake up, protect placeholders, late hides", "server:go.E", "A:late.E"),
-    ("C: released; stdio, fds, PATH search", "A:late.E", "C:execve.B"),
+    ("C: released (wakes up)", "A:late.E", "C:seccomp.B"),
+    ("C: rlimits, seccomp filter, listener to the server", "C:seccomp.B", "C:execve.B"),
     ("execve, /bin/true runs and exits, the server reaps it", "C:execve.B", "server:cmd_exit.B"),
     ("server: kill PID 1, reap it", "server:kill_init.B", "server:report.B"),
     ("server: report, cgroup stats", "server:report.B", "server:ns_release.B"),
@@ -152,19 +153,23 @@ PHASES = [
 ]
 # Building the next run's sandbox (off the critical path: per stage A / C).
 BUILD = [
-    ("server: fork a spare stage A", "server:new_starter.B", "server:new_starter.E"),
+    (
+        "server: cgroups + ask the forker for a spare stage A",
+        "server:new_starter.B",
+        "server:new_starter.E",
+    ),
     ("server: hand the plan to a stage A (prewarm)", "server:prewarm.B", "server:prewarm.E"),
-    ("A: join the run's cgroups (spare, before its plan)", "A:close_fds.E", "A:stage_a.E"),
-    ("A: decode the plan, idmapped clones", "A:premade.B", "A:premade.E"),
+    ("A: join the run's cgroups (spare, before its plan)", "A:close_fds.E", "A:make_userns.B"),
+    ("A: user namespace for the id mapping (root)", "A:make_userns.B", "A:make_userns.E"),
+    ("A: idmapped clones of the writable roots (root)", "A:premade.B", "A:premade.E"),
     ("A: setns, unshare(mnt, pid, net, ipc, uts, cgroup)", "A:plan_decoded.B", "A:unshare.E"),
     ("A: start PID 1 (posix_spawn cat)", "A:pid1.B", "A:pid1.E"),
-    ("A: fork the command's process", "A:fork.B", "A:fork.E"),
+    ("A: fork the command's process", "A:pid1.E", "A:hostname.B"),
     ("A: hostname, loopback up", "A:hostname.B", "A:loopback.E"),
     ("A: procfs from C", "A:loopback.E", "A:mounts.B"),
     ("A: filesystem view (mounts.build)", "A:mounts.B", "A:mounts.E"),
-    ("C: prepare: signals, session, fds, cwd, rlimits, caps", "C:prep.B", "C:landlock.B"),
+    ("C: prepare: signals, session, fds, cwd, caps", "C:prep.B", "C:landlock.B"),
     ("C: Landlock ruleset", "C:landlock.B", "C:landlock.E"),
-    ("C: seccomp filter, listener to the server", "C:seccomp.B", "C:prep.E"),
 ]
 
 

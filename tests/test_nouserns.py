@@ -163,3 +163,31 @@ def test_allowlist_without_user_namespaces_is_refused_even_degraded(tmp_path: Pa
         nanobox_cmd("run", "--allow-degraded", "--allow-net", "pypi.org", "--", "true"), tmp_path
     )
     assert p.returncode == 125 and b"network namespace" in p.stderr, p.stderr
+
+
+def test_degraded_runs_cannot_write_each_others_tmpdir(tmp_path: Path) -> None:
+    """Each run gets its own $TMPDIR, writable under Landlock for that run
+    only, also when runs of one Sandbox share a plan."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    prog = (
+        "import threading, time, nanobox\n"
+        "box = nanobox.Sandbox(nanobox.Policy(allow_degraded=True))\n"
+        "t = threading.Thread(target=box.run, args=(['sh', '-c', "
+        "'echo $TMPDIR > tmpdir1; touch $TMPDIR/mine && echo own-ok > own; sleep 3'],))\n"
+        "t.start()\n"
+        "while True:\n"
+        "    try:\n"
+        "        if open('tmpdir1').read().strip(): break\n"
+        "    except OSError: pass\n"
+        "    time.sleep(0.05)\n"
+        "r = box.run(['sh', '-c',\n"
+        "             'touch \"$(cat tmpdir1)/pwned\" && echo wrote || echo refused'])\n"
+        "print(r.stdout.decode().strip())\n"
+        "t.join()\n"
+    )
+    (tmp_path / "prog.py").write_text(prog)
+    p = in_scratch_userns(shlex.join([sys.executable, str(tmp_path / "prog.py")]), ws)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.decode().strip().splitlines()[-1] == "refused", p
+    assert (ws / "own").read_text() == "own-ok\n"  # control: a run writes its own

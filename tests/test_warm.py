@@ -249,3 +249,75 @@ def test_many_launches_while_the_forker_is_busy(workspace: Path) -> None:
     assert [r.stdout for r in results] == [f"{i}\n".encode() for i in range(n)], [
         r for r in results if r.returncode
     ][:3]
+
+
+def test_a_protected_file_replaced_on_the_host_stays_protected(workspace: Path) -> None:
+    """Git rewrites .git/config with a lock file and a rename: the kernel
+    then detaches the read-only mount from the old file in a view built
+    before. The next run must still find it read-only (a fresh sandbox)."""
+    git = workspace / ".git"
+    (git / "hooks").mkdir(parents=True)
+    (git / "config").write_text("[core]\n")
+    box = nanobox.Sandbox()
+    try:
+        assert box.run(["true"]).returncode == 0
+        assert wait_until(_warm_ready, timeout=5)
+        lock = git / "config.lock"
+        lock.write_text("[core]\n\tbare = false\n")
+        os.replace(lock, git / "config")  # as git does
+        r = box.run(["sh", "-c", "echo '\tfsmonitor = evil' >> .git/config || echo refused"])
+        assert r.stdout == b"refused\n", r
+        assert "evil" not in (git / "config").read_text()
+        # Control: the host (and an unprotected sandbox) can write it.
+        free = nanobox.Sandbox(nanobox.Policy(filesystem=nanobox.Filesystem(protect=False)))
+        try:
+            r = free.run(["sh", "-c", "echo '\tx = 1' >> .git/config && echo wrote"])
+        finally:
+            free.close()
+        assert r.stdout == b"wrote\n", r
+    finally:
+        box.close()
+
+
+def test_a_hidden_file_replaced_on_the_host_stays_hidden(workspace: Path) -> None:
+    secret = workspace / "creds"
+    secret.write_text("old")
+    box = nanobox.Sandbox(nanobox.Policy(filesystem=nanobox.Filesystem(hide=(str(secret),))))
+    try:
+        assert box.run(["true"]).returncode == 0
+        assert wait_until(_warm_ready, timeout=5)
+        new = workspace / "creds.new"
+        new.write_text("rotated")
+        os.replace(new, secret)  # as credential tools do
+        r = box.run(["cat", "creds"])
+        assert b"rotated" not in r.stdout and b"old" not in r.stdout, r
+        assert nanobox.run(["cat", "creds"]).stdout == b"rotated"  # control
+    finally:
+        box.close()
+
+
+def test_low_open_files_limit_in_a_claimed_sandbox(workspace: Path) -> None:
+    """rlimits are set right before the exec, after the run's stdio arrives
+    (with RLIMIT_NOFILE=5 receiving it would fail)."""
+    box = nanobox.Sandbox(nanobox.Policy(limits=nanobox.Limits(open_files=5)))
+    try:
+        for _ in range(2):  # a fresh sandbox, then one built ahead
+            r = box.run(["sh", "-c", "ulimit -n"])
+            assert (r.returncode, r.stdout) == (0, b"5\n"), r
+            assert wait_until(_warm_ready, timeout=5)
+    finally:
+        box.close()
+
+
+def test_a_sandbox_built_ahead_whose_command_died_is_not_used(workspace: Path) -> None:
+    import signal
+
+    box = nanobox.Sandbox()
+    try:
+        assert box.run(["true"]).returncode == 0
+        assert wait_until(_warm_ready, timeout=5)
+        os.kill(_warm_commands()[0], signal.SIGKILL)
+        r = box.run(["echo", "fine"])
+        assert (r.returncode, r.stdout) == (0, b"fine\n"), r
+    finally:
+        box.close()

@@ -1,13 +1,16 @@
 """The last stage before ``execve``: the command's own process (PID 2).
 
-Runs in a process forked from the sandbox init, already inside every
-namespace and the filesystem view. In order: default signal dispositions
-(Python ignores SIGPIPE and SIGXFSZ, which would otherwise be inherited),
-a new session (no controlling terminal, so TIOCSTI cannot reach the
-caller's), stdio, closing every other fd, cwd, rlimits, no_new_privs,
-dropping every capability, the seccomp filter, then ``execve`` with a PATH
-search. Any failure is reported on ``err_w`` (close-on-exec, so a successful
-exec reports nothing) as ``S`` (setup) or ``X`` (exec) plus JSON.
+Runs in a process forked by stage A, already inside every namespace and
+(once A says so) the filesystem view. In order: default signal
+dispositions (Python ignores SIGPIPE and SIGXFSZ, which would otherwise be
+inherited), a new session (no controlling terminal, so TIOCSTI cannot reach
+the caller's), closing every other fd, cwd, no_new_privs, dropping every
+capability, Landlock (``prepare``: a sandbox built ahead does these before
+its run exists); the run's stdio (``take_stdio``); then rlimits and the
+seccomp filter, last, so that nothing but the exec runs under them, and
+``execve`` with a PATH search (``seal_and_exec``). Any failure is reported
+on ``err_w`` (close-on-exec, so a successful exec reports nothing) as ``S``
+(setup) or ``X`` (exec) plus JSON.
 """
 
 from __future__ import annotations
@@ -79,13 +82,14 @@ def _clamp(soft: int, hard: int, cur_hard: int) -> tuple[int, int]:
 def exec_command(
     plan: dict[str, Any], stdio: tuple[int, int, int], err_w: int, notify_sock: int = -1
 ) -> NoReturn:
-    """Prepare and exec in one go (the no-namespace init's command)."""
+    """All steps in one go (the no-namespace init's command)."""
     try:
-        prepare(plan, err_w, notify_sock, keep=stdio)
+        prepare(plan, err_w, keep=(notify_sock, *stdio))
     except SetupError as exc:
         report(err_w, b"S", exc.step, exc.cause)
         os._exit(125)
-    finish(plan["argv"], plan["env"], stdio, err_w)
+    environ = take_stdio(plan["env"], stdio, err_w, keep=(notify_sock,))
+    seal_and_exec(plan, plan["argv"], environ, err_w, notify_sock)
 
 
 class SetupError(Exception):
@@ -95,16 +99,12 @@ class SetupError(Exception):
         self.cause = cause
 
 
-def prepare(
-    plan: dict[str, Any], err_w: int, notify_sock: int, keep: tuple[int, ...]
-) -> tuple[float, float]:
-    """Everything before ``execve`` that does not depend on the run's argv,
-    env or stdio: signals, session, fds, cwd, rlimits, no_new_privs,
-    capabilities, Landlock, seccomp (handing its listener over
-    ``notify_sock``). A sandbox prepared ahead of its run (see ``spawn``)
-    does this before the run exists. Returns this process's CPU time so
-    far (user, system): nanobox's, not the command's. Raises
-    ``SetupError`` naming the step."""
+def prepare(plan: dict[str, Any], err_w: int, keep: tuple[int, ...]) -> None:
+    """The steps that depend neither on the run (argv, env, stdio) nor
+    restrict the syscalls this process still makes to receive it: signals,
+    session, fds, cwd, no_new_privs, capabilities, Landlock. A sandbox
+    built ahead of its run (see ``spawn``) does them before the run
+    exists. Raises ``SetupError`` naming the step."""
     step = "signals"
     try:
         signal.set_wakeup_fd(-1)
@@ -123,14 +123,10 @@ def prepare(
         os.setsid()
 
         step = "fds"
-        close_all_except({err_w, notify_sock, *keep})
+        close_all_except({err_w, *keep})
 
         step = "chdir"
         os.chdir(plan["cwd"])
-
-        step = "rlimits"
-        for res, soft, hard in plan["rlimits"]:
-            resource.setrlimit(res, _clamp(soft, hard, resource.getrlimit(res)[1]))
         os.umask(0o022)
 
         step = "no_new_privs"
@@ -141,56 +137,62 @@ def prepare(
         if plan.get("landlock"):
             step = "landlock"
             landlock.apply(landlock.LandlockPlan.from_json(plan["landlock"]))
+    except BaseException as exc:  # noqa: BLE001 - reported by the caller
+        raise SetupError(step, exc) from None
 
+
+def take_stdio(
+    env: Any, stdio: tuple[int, int, int], err_w: int, keep: tuple[int, ...] = ()
+) -> dict[str, str]:
+    """The run's stdio on 0..2, every other fd but ``err_w`` and ``keep``
+    closed; returns the run's environment as a dict."""
+    try:
+        high = [os.dup(fd) for fd in stdio]  # never collide with 0..2
+        for target, fd in enumerate(high):
+            os.dup2(fd, target, inheritable=True)
+        close_all_except({err_w, *keep})
+        return dict(env)
+    except BaseException as exc:  # noqa: BLE001
+        report(err_w, b"S", "stdio", exc)
+        os._exit(125)
+
+
+def seal_and_exec(
+    plan: dict[str, Any], argv: list[str], env: dict[str, str], err_w: int, notify_sock: int
+) -> NoReturn:
+    """The last steps, right before ``execve`` (nothing but handing the
+    listener over and the exec runs under them): rlimits, the seccomp filter
+    (its listener and this process's CPU time so far, which is nanobox's,
+    go to ``notify_sock``), then ``execve`` with a PATH search."""
+    step = "rlimits"
+    try:
+        for res, soft, hard in plan["rlimits"]:
+            resource.setrlimit(res, _clamp(soft, hard, resource.getrlimit(res)[1]))
         listener = None
         prog = plan.get("seccomp")
+        me = resource.getrusage(resource.RUSAGE_SELF)
         if prog:
             step = "seccomp"
             listener = seccomp_loader.install(
                 bytes.fromhex(prog),
                 new_listener=notify_sock >= 0 and bool(plan.get("seccomp_notify")),
             )
-        me = resource.getrusage(resource.RUSAGE_SELF)
-        used = (me.ru_utime, me.ru_stime)
         if notify_sock >= 0:
             step = "seccomp listener"
             sock = socket.socket(fileno=notify_sock)
             try:
-                msg = b"L" + json.dumps(used).encode()
+                msg = b"L" + json.dumps([me.ru_utime, me.ru_stime]).encode()
                 socket.send_fds(sock, [msg], [] if listener is None else [listener])
             finally:
                 sock.detach()
             if listener is not None:
                 os.close(listener)
-        return used
-    except BaseException as exc:  # noqa: BLE001 - reported by the caller
-        raise SetupError(step, exc) from None
-
-
-def finish(
-    argv: list[str], env: Any, stdio: tuple[int, int, int], err_w: int, go_r: int = -1
-) -> NoReturn:
-    """The run's own part: stdio, every other fd closed, ``execve`` (once
-    ``go_r`` says go, when given)."""
-    try:
-        high = [os.dup(fd) for fd in stdio]  # never collide with 0..2
-        for target, fd in enumerate(high):
-            os.dup2(fd, target, inheritable=True)
-        close_all_except({err_w, go_r})
-        environ = dict(env)
     except BaseException as exc:  # noqa: BLE001
-        report(err_w, b"S", "stdio", exc)
+        report(err_w, b"S", step, exc)
         os._exit(125)
-    if go_r >= 0:
-        try:
-            if os.read(go_r, 1) != b"g":
-                os._exit(125)  # stage A failed (and reports it)
-            os.close(go_r)
-        except BaseException:  # noqa: BLE001
-            os._exit(125)
     failure: BaseException
     try:
-        failure = _exec_search(argv, environ)
+        failure = _exec_search(argv, env)
     except BaseException as err:  # noqa: BLE001
         failure = err
     report(err_w, b"X", "exec", failure)

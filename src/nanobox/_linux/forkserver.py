@@ -34,7 +34,7 @@ import sys
 import time
 from typing import Any
 
-from . import cgroups, forker, spawn, supervise, userns
+from . import cgroups, forker, spawn, supervise, userns, watch
 from . import sys as k
 from .fds import recv_fds
 
@@ -46,6 +46,8 @@ ROOT_UID_SPAN = 0x0FFFFFFF
 
 # A spare starter is kept this long after a run, waiting for the next.
 SPARE_LINGER_S = 1.0
+# A sandbox built ahead is not used after this long (whatever happened).
+WARM_MAX_AGE_S = 10.0
 
 
 class _Job:
@@ -67,6 +69,7 @@ class _Job:
         "report",
         "run",
         "sock",
+        "stale",
         "started",
         "starter",
         "starter_pid",
@@ -85,6 +88,7 @@ class _Job:
         self.group: cgroups.RunGroup | None = starter.group
         self.plan = plan
         self.static = static  # the plan's bytes as the caller sent them
+        self.stale = False  # a path its view depends on changed on the host
         self.buffer = bytearray()
         self.pid: int | None = None  # the init's, once stage A reports it
         self.run: supervise.Run | None = None  # set when the server supervises it
@@ -123,6 +127,7 @@ class Server:
         self.spare_until = 0.0
         self.last_key: Any = None
         self.warm: _Job | None = None  # a sandbox built ahead for the next run
+        self.watcher: watch.Watcher | None = None  # host changes under it
         self.static: tuple[bytes, dict[str, Any]] = (b"", {})
         # Groups of discarded starters (and of inits that reported before
         # they exited): removed once that process is reaped.
@@ -174,6 +179,8 @@ class Server:
                         return
                     for ident in gone:
                         self._reaped(ident, 0, None)  # a stage A exited
+                elif what == "watch":
+                    self._on_watch()
                 elif job.finished:
                     continue  # a stale event from this batch: its fds are closed
                 elif what == "chan":
@@ -259,6 +266,8 @@ class Server:
         if self.warm is not None:
             self._abandon(self.warm)
             self.warm = None
+            if self.watcher is not None:
+                self.watcher.stop()
 
     def _refill(self) -> None:
         """After a run: have the next run's stage A ready (for a while)."""
@@ -302,16 +311,24 @@ class Server:
             base = self._decode(static)
             plan = {**base, **run}
             if plan.get("mode") == "nons":
-                job = self._start_nons(plan, stdio)
+                # Its own copy: a private $TMPDIR is added to nested lists.
+                job = self._start_nons({**json.loads(static), **run}, stdio)
                 step = "spawn"
             else:
                 job = self._take_warm(static)
+                if job is not None:
+                    try:
+                        self._claim(job, plan, stdio)
+                    except OSError:
+                        self._abandon(job)  # its command process just died: a new one
+                        job = None
                 if job is None:
                     extra = [chan.fileno()] if base.get("proxy") else []
                     job = self._launch(static, base, extra)
+                    step = "spawn"
+                    self._claim(job, plan, stdio)
                 step = "spawn"
-                self._claim(job, plan, stdio)
-                if self.refill and not base.get("proxy"):
+                if self.refill and _can_build_ahead(base):
                     self._prewarm(static, base)
         except Exception as exc:  # noqa: BLE001 - report, keep serving
             if job is not None:
@@ -410,15 +427,41 @@ class Server:
             return
         self.spare_until = time.monotonic() + SPARE_LINGER_S
         try:
+            # Watched from before stage A sees the host (see watch.py).
+            if self.watcher is None:
+                self.watcher = watch.Watcher()
+                self.sel.register(self.watcher.fd, selectors.EVENT_READ, ("watch", None))
+            self.watcher.watch(watch.view_paths(base))
+        except OSError:
+            return  # cannot tell whether the view would go stale: none ahead
+        try:
             self.warm = self._launch(static, base, [])
         except Exception:  # noqa: BLE001 - the next run builds its own, and reports
-            self.warm = None
+            self.watcher.stop()
+
+    def _on_watch(self) -> None:
+        if self.watcher is not None and self.watcher.changed() and self.warm is not None:
+            self.warm.stale = True
 
     def _take_warm(self, static: bytes) -> _Job | None:
-        warm, self.warm = self.warm, None
-        if warm is None:
+        """The sandbox built ahead, if this run may have it: same plan bytes,
+        nothing on the host changed under its view since (``stale``), not
+        too old, and its command process alive and without an error."""
+        if self.warm is None:
             return None
-        if warm.static == static and not warm.finished:
+        self._on_watch()  # events not read yet count too
+        if self.watcher is not None:
+            self.watcher.stop()
+        warm, self.warm = self.warm, None
+        usable = (
+            warm.static == static
+            and not warm.finished
+            and not warm.stale
+            and warm.sock is not None
+            and not warm.pending
+            and time.monotonic() - warm.started < WARM_MAX_AGE_S
+        )
+        if usable:
             return warm
         self._abandon(warm)
         return None
@@ -449,6 +492,13 @@ class Server:
             self._reaped(pid, status, rusage)
 
     def _reaped(self, pid: int, status: int, rusage: Any) -> None:
+        if self.spare is not None and self.spare.pid == pid:
+            # The spare died (or was never forked): not usable any more.
+            spare, self.spare = self.spare, None
+            spare.discard()
+            if spare.group is not None:
+                spare.group.remove()
+            return
         if pid in self.discarded:
             group = self.discarded.pop(pid)
             if group is not None:
@@ -642,8 +692,12 @@ class Server:
         """Stage A failed (or died) before an init existed."""
         job.finished = True
         self.jobs.discard(job)
-        if line.startswith(b"E"):
-            msg: dict[str, Any] = {"t": "error", **json.loads(line[1:])}
+        pending = [p for p in job.pending if p[:1] == b"S"]
+        if pending:
+            # The command's process failed first (stage A's error follows from it).
+            msg: dict[str, Any] = {"t": "error", **json.loads(pending[0][1:])}
+        elif line.startswith(b"E"):
+            msg = {"t": "error", **json.loads(line[1:])}
         else:
             msg = {"t": "error", "step": "spawn", "errno": None, "message": "setup process died"}
         self._close_job(job)
@@ -805,6 +859,15 @@ class Server:
             remove_tree(job.tmpdir)
             if job.group is not None:
                 job.group.remove()
+
+
+def _can_build_ahead(plan: dict[str, Any]) -> bool:
+    """Not with the allowlist proxy (its listeners go to the run's own
+    channel), nor with a root made of per-entry clones (``minimal``, or the
+    mirrored host root): a file replaced on the host (``/etc/passwd`` by
+    ``useradd``) would stay the old one in a view built earlier."""
+    view = plan.get("view") or {}
+    return not (plan.get("proxy") or view.get("rootfs") == "minimal" or view.get("mirror_root"))
 
 
 def _children() -> list[int]:

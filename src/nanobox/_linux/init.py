@@ -134,7 +134,7 @@ def init_main(
                 reason = "killed" if data else "server_gone"
             elif notify_mine is not None and fd == notify_mine.fileno():
                 try:
-                    _msg, fds = recv_fds(notify_mine, 16, 1)
+                    _msg, fds = recv_fds(notify_mine, 256, 1)
                 except BlockingIOError:
                     fds = []
                 poller.unregister(fd)

@@ -10,8 +10,10 @@
                         on the command pipe, started with posix_spawn
                      C: the command, PID 2: makes the procfs for A, then
                         (once the view is built) prepares itself
-                        (``child.prepare``) and waits for its run's argv,
-                        env and stdio, then execs (``child.finish``)
+                        (``child.prepare``: session, caps, Landlock...),
+                        waits for its run's argv, env and stdio and for A's
+                        release, then rlimits, seccomp and execve
+                        (``child.seal_and_exec``)
 
 A starter is forked ahead of its plan so that the slow parts that do not
 depend on the plan (a cgroup migration waits for an RCU grace period; a user
@@ -351,7 +353,10 @@ def _build_sandbox(
             mounts.build_late(plan["view"], late)
         step = "start the command"
         start = time.monotonic()
-        os.write(go_w, b"g")
+        try:
+            os.write(go_w, b"g")
+        except BrokenPipeError:
+            pass  # the command's process died (its own line says why)
         os.close(go_w)
         me = resource.getrusage(resource.RUSAGE_SELF)
         info = {
@@ -402,19 +407,25 @@ def _command(
     except BaseException:  # noqa: BLE001
         os._exit(125)
     try:
-        prep = child.prepare(plan, status_w, csock_fd, keep=(go_r,))
+        child.prepare(plan, status_w, keep=(go_r, csock_fd))
     except child.SetupError as exc:
         child.report(status_w, b"S", exc.step, exc.cause)
         os._exit(125)
-    del prep
     try:
         csock = socket.socket(fileno=csock_fd)
         msg, fds = recv_fds(csock, MAX_PLAN, 3)
-        csock.close()
+        csock.detach()
         if not msg or len(fds) != 3:
             os._exit(125)  # the run never came: stage A reports why
         argv, env = json.loads(msg)
     except BaseException:  # noqa: BLE001
         os._exit(125)
-    # The run's stdio now, while stage A finishes the view; exec once it has.
-    child.finish(argv, env, (fds[0], fds[1], fds[2]), status_w, go_r)
+    # The run's stdio now, while stage A finishes the view.
+    environ = child.take_stdio(env, (fds[0], fds[1], fds[2]), status_w, keep=(go_r, csock_fd))
+    try:
+        if os.read(go_r, 1) != b"g":
+            os._exit(125)  # stage A failed (and reports it)
+        os.close(go_r)
+    except BaseException:  # noqa: BLE001
+        os._exit(125)
+    child.seal_and_exec(plan, argv, environ, status_w, csock_fd)
