@@ -321,3 +321,40 @@ def test_a_sandbox_built_ahead_whose_command_died_is_not_used(workspace: Path) -
         assert (r.returncode, r.stdout) == (0, b"fine\n"), r
     finally:
         box.close()
+
+
+def test_a_file_with_its_own_landlock_rule_replaced_on_the_host(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``git config --global`` renames a new ~/.gitconfig over the old one:
+    the next run reads the new one, also through a symlinked $HOME (a
+    sandbox built earlier holds Landlock rules and mounts on the files that
+    were there then; the server watches those paths, see watch.py)."""
+    import shutil
+    import uuid
+
+    base = Path(f"/var/tmp/nanobox-test-home-{uuid.uuid4().hex}")
+    real = base / "real"
+    real.mkdir(parents=True)
+    try:
+        base.chmod(0o755)
+        real.chmod(0o755)
+        (real / ".gitconfig").write_text("old")
+        (real / ".gitconfig").chmod(0o644)
+        (base / "home").symlink_to(real)  # $HOME through a symlink, too
+        monkeypatch.setenv("HOME", str(base / "home"))
+        box = nanobox.Sandbox()
+        try:
+            r = box.run(["cat", str(base / "home" / ".gitconfig")])
+            assert r.stdout == b"old", r
+            assert wait_until(_warm_ready, timeout=5)
+            new = real / ".gitconfig.lock"
+            new.write_text("new")
+            new.chmod(0o644)
+            os.replace(new, real / ".gitconfig")
+            r = box.run(["cat", str(base / "home" / ".gitconfig")])
+            assert r.stdout == b"new", r
+        finally:
+            box.close()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

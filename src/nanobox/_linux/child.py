@@ -168,25 +168,23 @@ def seal_and_exec(
     try:
         for res, soft, hard in plan["rlimits"]:
             resource.setrlimit(res, _clamp(soft, hard, resource.getrlimit(res)[1]))
-        listener = None
         prog = plan.get("seccomp")
+        notify = prog and notify_sock >= 0 and bool(plan.get("seccomp_notify"))
+        sock = socket.socket(fileno=notify_sock) if notify_sock >= 0 else None
         me = resource.getrusage(resource.RUSAGE_SELF)
+        msg = b"L" + json.dumps([me.ru_utime, me.ru_stime]).encode()
+        if sock is not None and not notify:
+            sock.send(msg)  # before the filter: nothing but the exec runs under it
+        listener = None
         if prog:
             step = "seccomp"
-            listener = seccomp_loader.install(
-                bytes.fromhex(prog),
-                new_listener=notify_sock >= 0 and bool(plan.get("seccomp_notify")),
-            )
-        if notify_sock >= 0:
+            listener = seccomp_loader.install(bytes.fromhex(prog), new_listener=bool(notify))
+        if sock is not None and listener is not None:
             step = "seccomp listener"
-            sock = socket.socket(fileno=notify_sock)
-            try:
-                msg = b"L" + json.dumps([me.ru_utime, me.ru_stime]).encode()
-                socket.send_fds(sock, [msg], [] if listener is None else [listener])
-            finally:
-                sock.detach()
-            if listener is not None:
-                os.close(listener)
+            socket.send_fds(sock, [msg], [listener])
+            os.close(listener)
+        if sock is not None:
+            sock.detach()
     except BaseException as exc:  # noqa: BLE001
         report(err_w, b"S", step, exc)
         os._exit(125)

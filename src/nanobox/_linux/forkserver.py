@@ -427,17 +427,18 @@ class Server:
             return
         self.spare_until = time.monotonic() + SPARE_LINGER_S
         try:
+            if watch.missing_mount_points(base):
+                return
             # Watched from before stage A sees the host (see watch.py).
             if self.watcher is None:
                 self.watcher = watch.Watcher()
-                self.sel.register(self.watcher.fd, selectors.EVENT_READ, ("watch", None))
+                self.sel.register(self.watcher, selectors.EVENT_READ, ("watch", None))
             self.watcher.watch(watch.view_paths(base))
-        except OSError:
-            return  # cannot tell whether the view would go stale: none ahead
-        try:
             self.warm = self._launch(static, base, [])
-        except Exception:  # noqa: BLE001 - the next run builds its own, and reports
-            self.watcher.stop()
+        except Exception:  # noqa: BLE001 - only an optimisation: never fail the run
+            if self.watcher is not None:
+                self.watcher.stop()
+            self.warm = None
 
     def _on_watch(self) -> None:
         if self.watcher is not None and self.watcher.changed() and self.warm is not None:
@@ -473,6 +474,8 @@ class Server:
         job.starter.sock.close()
         if job.pid is not None:
             self._kill(job)
+        else:
+            job.kill_asked = True  # in case "go" went out: killed as soon as it is known
 
     def _drain_wake(self) -> None:
         try:

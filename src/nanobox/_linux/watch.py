@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import stat
 import struct
+from typing import Any
 
 IN_MOVED_FROM = 0x40
 IN_MOVED_TO = 0x80
@@ -34,7 +36,6 @@ IN_CLOEXEC = os.O_CLOEXEC
 _MASK = IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
 _ALARM = IN_Q_OVERFLOW | IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF
 _EVENT = struct.Struct("iIII")
-MAX_DIRS = 4096
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -46,7 +47,9 @@ class Blind(OSError):
 class Watcher:
     """One inotify instance for the server's life (closing one waits for an
     SRCU grace period: milliseconds), watching the names on the way to the
-    paths of the sandbox built ahead (one at a time)."""
+    paths of the sandbox built ahead (one at a time), and the host's mount
+    table (``/proc/self/mountinfo`` polls with POLLPRI when it changes:
+    a mount the sandbox's private copy would not have)."""
 
     def __init__(self) -> None:
         fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
@@ -54,19 +57,31 @@ class Watcher:
             err = ctypes.get_errno()
             raise Blind(err, f"inotify: {os.strerror(err)}")
         self.fd: int = fd
-        self._wds: dict[str, int] = {}  # directory -> watch (kept: re-adding is free)
         self.names: dict[int, set[str]] = {}  # watch -> names of interest now
         self.hit = False
+        self.epoll = select.epoll()  # readable when the inotify fd or mountinfo is
+        self.epoll.register(fd, select.EPOLLIN)
+        self.mountinfo = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        self.epoll.register(self.mountinfo, select.EPOLLPRI | select.EPOLLERR)
+
+    def fileno(self) -> int:
+        return self.epoll.fileno()
 
     def watch(self, paths: list[str]) -> None:
-        """Start over with ``paths`` (absolute, canonical)."""
+        """Start over with ``paths`` (absolute). Every directory is watched
+        anew (a watch follows its directory, not the path: after a rename
+        the path may be another directory now)."""
         self.changed()  # events of the previous paths are not these
+        old = set(self.names)
         self.names = {}
         self.hit = False
-        if len(self._wds) > MAX_DIRS:
-            raise Blind(24, "too many directories watched")  # EMFILE
         for path in paths:
             self._add(path)
+            real = os.path.realpath(path)
+            if real != path:
+                self._add(real)  # the symlink's name is watched by the first
+        for wd in old - set(self.names):
+            _libc.inotify_rm_watch(self.fd, wd)
 
     def stop(self) -> None:
         self.names = {}
@@ -74,13 +89,10 @@ class Watcher:
     def _add(self, path: str) -> None:
         directory = "/"
         for name in [p for p in path.split("/") if p]:
-            wd = self._wds.get(directory)
-            if wd is None:
-                wd = _libc.inotify_add_watch(self.fd, directory.encode(), _MASK | IN_ONLYDIR)
-                if wd < 0:
-                    err = ctypes.get_errno()
-                    raise Blind(err, f"cannot watch {directory}: {os.strerror(err)}")
-                self._wds[directory] = wd
+            wd = _libc.inotify_add_watch(self.fd, os.fsencode(directory), _MASK | IN_ONLYDIR)
+            if wd < 0:
+                err = ctypes.get_errno()
+                raise Blind(err, f"cannot watch {directory}: {os.strerror(err)}")
             self.names.setdefault(wd, set()).add(name)
             directory = os.path.join(directory, name)
             try:
@@ -90,7 +102,11 @@ class Watcher:
                 return  # missing (or unreachable): its creation is watched above
 
     def changed(self) -> bool:
-        """Did anything happen to a watched name since ``watch``?"""
+        """Did anything happen to a watched name (or to the mount table)
+        since ``watch``?"""
+        for fd, _events in self.epoll.poll(0):
+            if fd == self.mountinfo:
+                self.hit = True  # polling it again re-arms it
         while True:
             try:
                 data = os.read(self.fd, 65536)
@@ -101,27 +117,40 @@ class Watcher:
                 wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
                 raw = data[offset + _EVENT.size : offset + _EVENT.size + length]
                 offset += _EVENT.size + length
-                name = raw.split(b"\0", 1)[0].decode(errors="surrogateescape")
-                if mask & IN_IGNORED:  # the directory is gone: its watch too
-                    self._wds = {d: w for d, w in self._wds.items() if w != wd}
-                if (mask & _ALARM and (wd in self.names or wd == -1)) or name in self.names.get(
-                    wd, ()
-                ):
+                name = os.fsdecode(raw.split(b"\0", 1)[0])
+                alarm = mask & _ALARM and (wd in self.names or wd == -1)
+                if alarm or name in self.names.get(wd, ()):
                     self.hit = True
 
 
-def view_paths(plan: dict[str, object]) -> list[str]:
-    """The host paths a view built from ``plan`` holds mounts on or from:
-    every operation's destination and source, but the placeholders (their
-    protection is done when the run starts, and the server itself creates
-    and removes them)."""
-    view = plan.get("view")
-    assert isinstance(view, dict)
-    skip = {path for path, _kind in plan.get("placeholders", ())}  # type: ignore[attr-defined]
-    out: list[str] = []
+def view_paths(plan: dict[str, Any]) -> list[str]:
+    """The host paths a view built from ``plan`` depends on: every
+    operation's destination and source, and every path with a Landlock rule
+    (a rule holds the file that was there when it was made), but the
+    placeholders (their protection is done when the run starts, and the
+    server itself creates and removes them)."""
+    view = plan["view"]
+    skip = {path for path, _kind in plan.get("placeholders", ())}
+    out: dict[str, None] = {}
     for op in view.get("ops", ()):
         for key in ("dst", "src"):
             path = op.get(key)
-            if isinstance(path, str) and path not in skip and path not in out:
-                out.append(path)
+            if isinstance(path, str):
+                out[path] = None
+    ll = plan.get("landlock") or {}
+    for key in ("read", "write", "list", "exec"):
+        for path in ll.get(key, ()) or ():
+            if isinstance(path, str):
+                out[path] = None
+    return [path for path in out if path not in skip and os.path.isabs(path)]
+
+
+def missing_mount_points(plan: dict[str, Any]) -> list[str]:
+    """Destinations of binds and tmpfs mounts that do not exist on the host:
+    building the view would create them (in the workspace) or copy their
+    read-only parent's entries; neither may happen before the run."""
+    out = []
+    for op in plan["view"].get("ops", ()):
+        if op.get("t") in ("bind", "robind", "tmpfs") and not os.path.lexists(op["dst"]):
+            out.append(op["dst"])
     return out
