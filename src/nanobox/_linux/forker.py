@@ -13,8 +13,10 @@ Protocol over a ``SOCK_SEQPACKET`` pair:
 
 - server -> forker: JSON ``[ident, procs_files, sid]`` with the fds
   ``[sock, csock, status_w, cmd_r]`` of the new stage A (``spawn``);
-- forker -> server: ``X<ident>`` once that stage A has exited (and been
-  reaped here), ``ident`` being a negative number chosen by the server.
+- forker -> server: ``F`` when it has received a request (its fds are out
+  of the socket: the server sends at most 16 ahead), and ``X<ident>`` once
+  that stage A has exited (and been reaped here), ``ident`` being a
+  negative number chosen by the server.
 
 The forker is not a subreaper: when a stage A exits, PID 1 and the command
 go to the server, which supervises them. It dies with the server
@@ -37,6 +39,7 @@ from . import sys as k
 from .fds import close_all_except, recv_fds
 
 PR_SET_PDEATHSIG = 1
+MAX_OUTSTANDING = 16
 
 
 class Forker:
@@ -59,6 +62,7 @@ class Forker:
         self.sock = mine
         self.counter = 0
         self.pending: collections.deque[tuple[bytes, list[int]]] = collections.deque()
+        self.outstanding = 0  # sent, not yet received by the forker
 
     def fork(self, fds: list[int], procs_files: list[str], sid: int | None) -> int:
         """Have a stage A forked with ``fds`` (which this takes over and
@@ -70,8 +74,11 @@ class Forker:
         return ident
 
     def flush(self) -> None:
-        """Send the queued requests the forker's socket has room for."""
-        while self.pending:
+        """Send queued requests, at most ``MAX_OUTSTANDING`` not yet received
+        by the forker: fds in a socket's queue count against the user's
+        limit of fds in flight (RLIMIT_NOFILE; ETOOMANYREFS beyond), shared
+        with every sandbox of this user."""
+        while self.pending and self.outstanding < MAX_OUTSTANDING:
             msg, fds = self.pending[0]
             try:
                 self.sock.sendmsg(
@@ -83,6 +90,8 @@ class Forker:
                 return
             except OSError:
                 pass  # the forker is gone (the server notices): the starters see EOF
+            else:
+                self.outstanding += 1
             self.pending.popleft()
             for fd in fds:
                 os.close(fd)
@@ -99,6 +108,9 @@ class Forker:
                 raise ConnectionError("the forker is gone")
             if msg.startswith(b"X"):
                 out.append(int(msg[1:]))
+            elif msg == b"F":
+                self.outstanding = max(0, self.outstanding - 1)
+                self.flush()
 
 
 def _main(sock_fd: int, server: int) -> None:
@@ -127,6 +139,7 @@ def _main(sock_fd: int, server: int) -> None:
                     continue
                 if not msg:
                     os._exit(0)  # the server is gone; its starters see EOF too
+                sock.send(b"F")  # received: its fds are no longer in flight
                 ident, procs_files, sid = json.loads(msg)
                 try:
                     pid = os.fork()
@@ -134,6 +147,7 @@ def _main(sock_fd: int, server: int) -> None:
                     pid = -1
                 if pid == 0:
                     try:
+                        k.set_name(b"nanobox-spare")
                         sel.close()
                         sock.close()
                         for fd in (wake_r, wake_w):

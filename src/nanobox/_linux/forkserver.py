@@ -66,8 +66,10 @@ class _Job:
         "placeholders",
         "plan",
         "prep_cpu",
+        "ready",
         "report",
         "run",
+        "run_msg",
         "sock",
         "stale",
         "started",
@@ -96,6 +98,8 @@ class _Job:
         self.pending: list[bytes] = []  # the command's lines that came before "P"
         self.pending_listener: int | None = None  # its seccomp listener, likewise
         self.prep_cpu = (0.0, 0.0)  # the command process's own CPU before its exec
+        self.ready = False  # the command's process waits for its run
+        self.run_msg: tuple[bytes, list[int]] | None = None  # its run, until it is ready
         self.placeholders: list[str] = []
         self.tmpdir: str | None = None
         self.started = time.monotonic()
@@ -393,8 +397,23 @@ class Server:
         job.plan = plan
         job.started = time.monotonic()
         job.placeholders = self.placeholders.acquire(plan.get("placeholders", ()))
-        job.starter.send_run(plan["argv"], plan["env"], stdio)
+        job.run_msg = (
+            json.dumps([plan["argv"], plan["env"]]).encode(),
+            [os.dup(fd) for fd in stdio],
+        )
+        if job.ready:
+            self._send_run(job)
         job.starter.go()
+
+    def _send_run(self, job: _Job) -> None:
+        if job.run_msg is not None:
+            msg, fds = job.run_msg
+            job.run_msg = None
+            try:
+                job.starter.send_run(msg, fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
 
     def _start_nons(self, plan: dict[str, Any], stdio: list[int]) -> _Job:
         """No namespaces: stage A forks the supervising init, which gets the
@@ -649,6 +668,14 @@ class Server:
         except OSError:
             fds = []
             _msg = b""
+        if _msg == b"R":
+            job.ready = True
+            if job.run_msg is not None:
+                try:
+                    self._send_run(job)
+                except OSError:
+                    pass  # its process died: its status says why
+            return
         if _msg.startswith(b"L"):
             try:
                 u, s = json.loads(_msg[1:])
@@ -736,6 +763,10 @@ class Server:
                 self.sel.unregister(run.helper.sock)
             run.close()
         job.starter.sock.close()
+        if job.run_msg is not None:
+            for fd in job.run_msg[1]:
+                os.close(fd)
+            job.run_msg = None
         os.close(job.cmd_w)
         # Before replying: when run() returns, the workspace is as it was.
         self.placeholders.release(job.placeholders)

@@ -96,9 +96,9 @@ class Starter:
         """The run starts: stage A finishes the view and releases the command."""
         self.sock.send(b"G")
 
-    def send_run(self, argv: list[str], env: Any, stdio: list[int]) -> None:
-        """The run's argv, env and stdio, straight to the command."""
-        socket.send_fds(self.csock, [json.dumps([argv, env]).encode()], stdio)
+    def send_run(self, run: bytes, stdio: list[int]) -> None:
+        """The run's argv and env (JSON) and stdio, straight to the command."""
+        socket.send_fds(self.csock, [run], stdio)
 
     def discard(self) -> None:
         """Let a starter go: it sees EOF on its socket (before its plan, or
@@ -413,6 +413,10 @@ def _command(
         os._exit(125)
     try:
         csock = socket.socket(fileno=csock_fd)
+        # Ready: the server sends the run's stdio only now, so that fds do
+        # not wait in socket queues (they count against the user's limit of
+        # fds in flight) while sandboxes are being built.
+        csock.send(b"R")
         msg, fds = recv_fds(csock, MAX_PLAN, 3)
         csock.detach()
         if not msg or len(fds) != 3:
