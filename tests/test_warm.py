@@ -50,6 +50,14 @@ def _ppid(pid: int) -> int:
         return -1
 
 
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
 def _forkers() -> list[int]:
     """The forker(s) below this process (not a stage A it has just forked,
     which has its name until it renames itself)."""
@@ -332,7 +340,9 @@ def test_a_sandbox_built_ahead_whose_command_died_is_not_used(workspace: Path) -
     try:
         assert box.run(["true"]).returncode == 0
         assert wait_until(_warm_ready, timeout=5)
-        os.kill(_warm_commands()[0], signal.SIGKILL)
+        dead = _warm_commands()[0]
+        os.kill(dead, signal.SIGKILL)
+        assert wait_until(lambda: _state(dead) in ("Z", "gone"), timeout=5)
         r = box.run(["echo", "fine"])
         assert (r.returncode, r.stdout) == (0, b"fine\n"), r
     finally:
