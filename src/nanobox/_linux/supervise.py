@@ -108,7 +108,10 @@ class Run:
     def tree_cpu(self, group_cpu: Any) -> float:
         """CPU seconds of the sandbox so far (stage A's own and the command
         process's before its exec excluded)."""
-        ours = sum(self.prep_cpu)
+        # PID 1's own CPU (`cat` starting) is left out of the report (it is
+        # in init_rusage); leave it out here too, or a run could be stopped
+        # at its CPU limit and report less than the limit.
+        ours = sum(self.prep_cpu) + _cpu_of(self.init_pid)
         if group_cpu is not None:
             used = group_cpu()
             if used is not None:
@@ -195,6 +198,21 @@ class Run:
                 pass
         if self.helper is not None:
             self.helper.close()
+
+
+def _cpu_of(pid: int) -> float:
+    """CPU seconds used so far by ``pid`` (a live child of ours)."""
+    try:
+        with open(f"/proc/{pid}/schedstat", "rb") as fh:
+            return int(fh.read().split()[0]) / 1e9  # nanoseconds on a CPU
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _exiting(pid: int) -> bool:
