@@ -317,7 +317,6 @@ class Server:
             if plan.get("mode") == "nons":
                 # Its own copy: a private $TMPDIR is added to nested lists.
                 job = self._start_nons({**json.loads(static), **run}, stdio)
-                step = "spawn"
             else:
                 job = self._take_warm(static)
                 if job is not None:
@@ -331,7 +330,6 @@ class Server:
                     job = self._launch(static, base, extra)
                     step = "spawn"
                     self._claim(job, plan, stdio)
-                step = "spawn"
                 if self.refill and _can_build_ahead(base):
                     self._prewarm(static, base)
         except Exception as exc:  # noqa: BLE001 - report, keep serving
@@ -417,23 +415,14 @@ class Server:
 
     def _start_nons(self, plan: dict[str, Any], stdio: list[int]) -> _Job:
         """No namespaces: stage A forks the supervising init, which gets the
-        whole plan at once (and a private $TMPDIR)."""
-        key = self._key(plan)
-        self.last_key = key
-        starter = self._take_starter(key)
-        tmpdir: str | None = None
+        whole plan at once (and a private $TMPDIR) with the stdio fds."""
+        tmpdir = make_private_tmp(plan)
         try:
-            if starter.group is not None:
-                starter.group.apply(plan["cgroup"]["limits"])
-            tmpdir = make_private_tmp(plan)
-            starter.start(json.dumps(plan).encode(), stdio)
+            job = self._launch(json.dumps(plan).encode(), plan, stdio)
         except BaseException:
             remove_tree(tmpdir)
-            self._discard(starter)
             raise
-        job = _Job(starter, plan, b"")
         job.tmpdir = tmpdir
-        self._watch(job)
         job.placeholders = self.placeholders.acquire(plan.get("placeholders", ()))
         return job
 
@@ -658,17 +647,18 @@ class Server:
         return True
 
     def _on_sock(self, job: _Job) -> None:
-        """The command hands over its seccomp listener (then execs, closing
+        """The command says it is ready for its run ("R"), then hands over
+        its CPU time so far and seccomp listener ("L"), then execs (closing
         the socket)."""
         assert job.sock is not None
         try:
-            _msg, fds = recv_fds(job.sock, 256, 1)
+            msg, fds = recv_fds(job.sock, 256, 1)
         except BlockingIOError:
             return
         except OSError:
             fds = []
-            _msg = b""
-        if _msg == b"R":
+            msg = b""
+        if msg == b"R":
             job.ready = True
             if job.run_msg is not None:
                 try:
@@ -676,9 +666,9 @@ class Server:
                 except OSError:
                     pass  # its process died: its status says why
             return
-        if _msg.startswith(b"L"):
+        if msg.startswith(b"L"):
             try:
-                u, s = json.loads(_msg[1:])
+                u, s = json.loads(msg[1:])
                 job.prep_cpu = (float(u), float(s))
                 if job.run is not None:
                     job.run.prep_cpu = job.prep_cpu
@@ -692,7 +682,7 @@ class Server:
             for fd in fds[1:]:
                 os.close(fd)
             return
-        if not _msg and not fds:
+        if not msg and not fds:
             self.sel.unregister(job.sock)
             job.sock.close()
             job.sock = None
@@ -1069,12 +1059,6 @@ def remove_tree(path: str | None) -> None:
         import shutil
 
         shutil.rmtree(path, ignore_errors=True)
-
-
-def probe_userns() -> tuple[bool, str]:
-    """Can this process build a sandbox's namespaces (user namespace with a
-    working mount namespace)? Tried in a throw-away child."""
-    return probe_result(start_probe())
 
 
 def start_probe() -> tuple[int, int]:

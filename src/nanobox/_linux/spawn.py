@@ -200,7 +200,6 @@ def starter_main(
             plan["chan_fd"] = fds[0]
         if userns_fd is not None:
             plan["userns_fd"] = userns_fd
-            plan["userns_root"] = True
             plan["view"]["premade"] = _premade(plan, userns_fd)
     except BaseException as exc:  # noqa: BLE001
         _fail(status_w, "prepare", exc)
