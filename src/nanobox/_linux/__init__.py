@@ -13,3 +13,6 @@ Each kernel mechanism lives in one module:
 - ``client``: the caller-side connection to the fork server.
 - ``probe``: what this host can enforce (``nanobox check``).
 """
+
+# The command search path when the run's environment has no PATH (plan, child).
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -25,11 +25,9 @@ from typing import Any, NoReturn
 # Imported here, not lazily: in a minimal rootfs the package's files are no
 # longer reachable once the view is built.
 from .._seccomp import loader as seccomp_loader
-from . import landlock
+from . import DEFAULT_PATH, landlock
 from . import sys as k
 from .fds import close_all_except, write_all
-
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def report(err_w: int, kind: bytes, step: str, exc: BaseException) -> None:
@@ -134,7 +132,7 @@ def prepare(plan: dict[str, Any], err_w: int, keep: tuple[int, ...]) -> None:
         step = "drop capabilities"
         k.drop_all_capabilities()
 
-        if plan.get("landlock"):
+        if plan.get("landlock") and (plan.get("mode") == "nons" or landlock.abi_version() > 0):
             step = "landlock"
             landlock.apply(landlock.LandlockPlan.from_json(plan["landlock"]))
     except BaseException as exc:  # noqa: BLE001 - reported by the caller

@@ -14,7 +14,10 @@ import json
 import os
 import socket
 import sys
-from typing import Any
+
+TYPE_CHECKING = False  # not ``typing``'s: the CLI imports this module first
+if TYPE_CHECKING:
+    from typing import Any
 
 # ``_thread``, not ``threading``: the CLI forks its server from this process,
 # and ``threading``'s at-fork hook would slow every fork the server makes.

@@ -66,7 +66,6 @@ import errno as _errno
 import os
 import stat as _stat
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
@@ -238,7 +237,6 @@ def _check_ports(name: str, value: object) -> None:
             raise ValueError(f"LandlockPlan.{name}: port {port} is out of range")
 
 
-@dataclass(frozen=True)
 class LandlockPlan:
     """What the sandbox may touch, computed in the caller, applied in the child.
 
@@ -251,17 +249,80 @@ class LandlockPlan:
     listed ports (the port lists are ignored without it).
     """
 
-    read: tuple[str, ...] = ()
-    write: tuple[str, ...] = ()
-    list: tuple[str, ...] = ()
-    scope_abstract_unix: bool = False
-    scope_signal: bool = False
-    restrict_tcp: bool = False
-    allowed_connect_ports: tuple[int, ...] = ()
-    allowed_bind_ports: tuple[int, ...] = ()
-    min_abi: int = 1
+    # A plain immutable class rather than a dataclass: the fork server and
+    # the command's process import this module, and ``dataclasses`` (with
+    # ``inspect``) would add ~10 ms to the server's start.
+    __slots__ = (
+        "allowed_bind_ports",
+        "allowed_connect_ports",
+        "list",
+        "min_abi",
+        "read",
+        "restrict_tcp",
+        "scope_abstract_unix",
+        "scope_signal",
+        "write",
+    )
+    read: tuple[str, ...]
+    write: tuple[str, ...]
+    list: tuple[str, ...]
+    scope_abstract_unix: bool
+    scope_signal: bool
+    restrict_tcp: bool
+    allowed_connect_ports: tuple[int, ...]
+    allowed_bind_ports: tuple[int, ...]
+    min_abi: int
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        read: tuple[str, ...] = (),
+        write: tuple[str, ...] = (),
+        list: tuple[str, ...] = (),
+        scope_abstract_unix: bool = False,
+        scope_signal: bool = False,
+        restrict_tcp: bool = False,
+        allowed_connect_ports: tuple[int, ...] = (),
+        allowed_bind_ports: tuple[int, ...] = (),
+        min_abi: int = 1,
+    ) -> None:
+        values = {
+            "read": read,
+            "write": write,
+            "list": list,
+            "scope_abstract_unix": scope_abstract_unix,
+            "scope_signal": scope_signal,
+            "restrict_tcp": restrict_tcp,
+            "allowed_connect_ports": allowed_connect_ports,
+            "allowed_bind_ports": allowed_bind_ports,
+            "min_abi": min_abi,
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+        self._check()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"LandlockPlan is immutable (cannot set {name!r})")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"LandlockPlan is immutable (cannot delete {name!r})")
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in _FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, LandlockPlan)
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in _FIELDS)
+        return f"LandlockPlan({fields})"
+
+    def _check(self) -> None:
         _check_paths("read", self.read)
         _check_paths("write", self.write)
         _check_paths("list", self.list)
@@ -301,19 +362,18 @@ class LandlockPlan:
         return cls(**kwargs)
 
 
-_PLAN_KEYS = frozenset(
-    (
-        "read",
-        "write",
-        "list",
-        "scope_abstract_unix",
-        "scope_signal",
-        "restrict_tcp",
-        "allowed_connect_ports",
-        "allowed_bind_ports",
-        "min_abi",
-    )
+_FIELDS = (
+    "read",
+    "write",
+    "list",
+    "scope_abstract_unix",
+    "scope_signal",
+    "restrict_tcp",
+    "allowed_connect_ports",
+    "allowed_bind_ports",
+    "min_abi",
 )
+_PLAN_KEYS = frozenset(_FIELDS)
 _TUPLE_KEYS = frozenset(("read", "write", "list", "allowed_connect_ports", "allowed_bind_ports"))
 
 

@@ -13,8 +13,7 @@ from typing import Any
 
 from ..errors import PolicyError, UnsupportedError
 from ..policy import Policy, validate_env
-from . import fsplan
-from .child import DEFAULT_PATH
+from . import DEFAULT_PATH, fsplan
 
 BASE_ENV = ("PATH", "HOME", "LANG", "TERM")
 PROXY_HTTP_PORT = 3128
@@ -307,11 +306,11 @@ def build_plan(
     view_json["sys"] = policy.network.mode != "host"
     view_json["proc_fallback"] = policy.allow_degraded
     ll = None
-    from . import landlock
-
     if mode == "nons":
         ll = fsplan.landlock_plan(view, nons=True, tcp=policy.network.mode != "host")
-    elif fs.landlock and landlock.abi_version() > 0:
+    elif fs.landlock:
+        # Applied where the kernel has it (``child.prepare`` asks); this
+        # process need not load ctypes to find out.
         ll = fsplan.landlock_plan(view)
     return {
         "proxy": allowlist,

@@ -1,0 +1,31 @@
+"""The ``nanobox`` console script.
+
+``nanobox run`` forks its fork server before anything else is imported: the
+server's start-up (its imports, the first stage A and its cgroups) then runs
+on the other core while this process imports the CLI and the policy types
+and builds the plan. Everything else is in :mod:`nanobox.cli`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def entry() -> None:
+    args = sys.argv[1:]
+    if (
+        args[:1] == ["run"]
+        and sys.platform.startswith("linux")
+        and "-h" not in args
+        and "--help" not in args
+    ):
+        from ._linux import client
+
+        client.start_oneshot()  # after a usage error it just goes away again
+    from .cli import entry as cli_entry
+
+    cli_entry()
+
+
+if __name__ == "__main__":
+    entry()
