@@ -219,3 +219,34 @@ def test_check_json(workspace: Path) -> None:
 def test_check_text(workspace: Path) -> None:
     p = nanobox_cli("check")
     assert p.returncode == 0 and b"can enforce its default policy" in p.stdout
+
+
+def test_run_without_options_uses_the_parsers_defaults() -> None:
+    """`nanobox run CMD` skips building the parser: its stand-in values must
+    be exactly what the parser gives for no options."""
+    from nanobox import cli
+
+    cli._build_parser()
+    assert vars(cli._RUN_PARSER[0].parse_args([])) == cli._RUN_DEFAULTS
+
+
+@pytest.mark.parametrize(
+    ("argv", "opts", "command"),
+    [
+        (["echo", "--", "hi"], [], ["echo", "--", "hi"]),
+        (["--", "echo", "--", "hi"], [], ["echo", "--", "hi"]),
+        (["--timeout", "5", "echo", "--", "-x"], ["--timeout", "5"], ["echo", "--", "-x"]),
+        (["-q", "--", "--weird"], ["-q"], ["--weird"]),
+        (["-", "x"], [], ["-", "x"]),
+    ],
+)
+def test_options_end_at_the_command(argv: list[str], opts: list[str], command: list[str]) -> None:
+    from nanobox import cli
+
+    cli._build_parser()
+    assert cli._split_command(argv) == (opts, command)
+
+
+def test_a_double_dash_after_the_command_is_the_commands(workspace: Path) -> None:
+    p = nanobox_cli("run", "echo", "a", "--", "b")
+    assert p.returncode == 0 and p.stdout == b"a -- b\n", p.stderr

@@ -5,14 +5,16 @@ not executable; 127 command not found."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ._version import __version__
+
+if TYPE_CHECKING:
+    import argparse
 
 EXIT_TIMEOUT = 124
 EXIT_NANOBOX = 125
@@ -23,30 +25,70 @@ _VALUE_OPTIONS: set[str] = set()  # options of `run` that take a value (filled b
 
 _RUN_PARSER: list[argparse.ArgumentParser] = []
 
+# `nanobox run [--] COMMAND...` without options takes these values and never
+# builds the parser (importing argparse and adding ~40 options costs the
+# CLI's start ~5 ms). tests/test_cli.py checks them against the parser.
+_RUN_DEFAULTS: dict[str, Any] = {
+    "timeout": None,
+    "cpu_time": None,
+    "memory": None,
+    "pids": None,
+    "cpus": None,
+    "file_size": None,
+    "open_files": None,
+    "output_limit": None,
+    "on_output_limit": None,
+    "env": [],
+    "inherit_env": False,
+    "cwd": None,
+    "network": None,
+    "allow_net": [],
+    "deny_net": [],
+    "net_connect_timeout": None,
+    "net_idle_timeout": None,
+    "ro": [],
+    "rw": [],
+    "tmpfs": [],
+    "hide": [],
+    "no_default_hides": False,
+    "unprotect": [],
+    "rootfs": None,
+    "seccomp": None,
+    "policy": None,
+    "result": None,
+    "allow_degraded": False,
+    "log_format": None,
+    "verbose": 0,
+    "quiet": False,
+}
+
 
 class _UsageError(Exception):
     pass
 
 
-class _Formatter(argparse.HelpFormatter):
-    """argparse's formatter without its ``import shutil`` (for the terminal
-    width), which building the parser pays on every start-up."""
+def _parser_class() -> type[argparse.ArgumentParser]:
+    """argparse's parser raising :class:`_UsageError`, with a formatter
+    that does not ``import shutil`` (for the terminal width) on every start."""
+    import argparse
 
-    def __init__(self, prog: str) -> None:
-        try:
-            width = int(os.environ.get("COLUMNS", "")) or os.get_terminal_size(1).columns
-        except (OSError, ValueError):
-            width = 80
-        super().__init__(prog, width=max(width - 2, 40))
+    class _Formatter(argparse.HelpFormatter):
+        def __init__(self, prog: str) -> None:
+            try:
+                width = int(os.environ.get("COLUMNS", "")) or os.get_terminal_size(1).columns
+            except (OSError, ValueError):
+                width = 80
+            super().__init__(prog, width=max(width - 2, 40))
 
+    class _Parser(argparse.ArgumentParser):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("formatter_class", _Formatter)
+            super().__init__(*args, **kwargs)
 
-class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", _Formatter)
-        super().__init__(*args, **kwargs)
+        def error(self, message: str) -> NoReturn:
+            raise _UsageError(message)
 
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(message)
+    return _Parser
 
 
 def _fail(message: str, code: int = EXIT_NANOBOX) -> NoReturn:
@@ -55,7 +97,8 @@ def _fail(message: str, code: int = EXIT_NANOBOX) -> NoReturn:
     raise SystemExit(code)
 
 
-def _build_parser() -> _Parser:
+def _build_parser() -> argparse.ArgumentParser:
+    _Parser = _parser_class()
     p = _Parser(prog="nanobox", description="Run a command in a sandbox.")
     p.add_argument("--version", action="version", version=f"nanobox {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
@@ -172,13 +215,14 @@ def _build_parser() -> _Parser:
 
 
 def _split_command(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Split ``run``'s arguments into options and the command."""
-    if "--" in argv:
-        i = argv.index("--")
-        return argv[:i], argv[i + 1 :]
+    """Split ``run``'s arguments into options and the command: the options
+    end at ``--`` or at the first word that is not an option (or an
+    option's value); a ``--`` after that belongs to the command."""
     i = 0
     while i < len(argv):
         tok = argv[i]
+        if tok == "--":
+            return argv[:i], argv[i + 1 :]
         if not tok.startswith("-") or tok == "-":
             return argv[:i], argv[i:]
         if tok in _VALUE_OPTIONS:
@@ -187,7 +231,7 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def _setup_logging(ns: argparse.Namespace) -> None:
+def _setup_logging(ns: Any) -> None:
     fmt = ns.log_format or "text"
     if fmt not in ("text", "json"):
         raise _UsageError(f"--log-format: expected 'text' or 'json', got {fmt!r}")
@@ -218,7 +262,7 @@ def _setup_logging(ns: argparse.Namespace) -> None:
     log.setLevel(logging.DEBUG if ns.verbose else logging.INFO)
 
 
-def _policy_from_args(ns: argparse.Namespace) -> Any:
+def _policy_from_args(ns: Any) -> Any:
     from .errors import PolicyError as _PolicyError
     from .policy import Limits, Policy, load_policy
 
@@ -398,10 +442,18 @@ def _exit_status(result: Any) -> int:
     return int(result.exit_code)
 
 
-def _cmd_run(argv: list[str], parser: _Parser) -> int:
-    opts, command = _split_command(argv)
-    run_parser = _RUN_PARSER[0]
-    ns = run_parser.parse_args(opts)
+def _cmd_run(argv: list[str]) -> int:
+    if argv and argv[0].startswith("-") and argv[0] not in ("-", "--"):
+        _build_parser()  # knows which options take a value
+        opts, command = _split_command(argv)
+        ns: Any = _RUN_PARSER[0].parse_args(opts)
+    else:  # no options
+        import types
+
+        opts, command = _split_command(argv)
+        ns = types.SimpleNamespace(
+            **{k: list(v) if isinstance(v, list) else v for k, v in _RUN_DEFAULTS.items()}
+        )
     _setup_logging(ns)
     if not command:
         raise _UsageError(
@@ -484,10 +536,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             # the other core while this process parses the options and
             # builds the plan; after a usage error it just goes away again.
             client.start_oneshot()
-    parser = _build_parser()
     try:
         if args and args[0] == "run":
-            return _cmd_run(args[1:], parser)
+            return _cmd_run(args[1:])
+        parser = _build_parser()
         ns = parser.parse_args(args)
         if ns.cmd == "check":
             return _cmd_check(ns.json)
