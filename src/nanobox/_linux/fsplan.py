@@ -289,7 +289,11 @@ def protect_ops(
                     f"{path} is a symlink, which cannot be protected; remove it, or list "
                     f"{os.path.basename(path)!r} in filesystem.unprotect",
                 )
-            kind = "dir" if os.path.basename(path) in (".vscode", ".idea") else "file"
+            # A missing name gets an empty file, also where the real thing
+            # would be a directory (.vscode): it blocks creating the name
+            # and anything below it as well, and creating and removing a
+            # directory costs ~10x a file on ext4 (its data block).
+            kind = "file"
             if st is not None:
                 kind = "dir" if stat.S_ISDIR(st.st_mode) else "file"
             view.placeholders.append((path, kind))
