@@ -71,7 +71,6 @@ class Listener:
         self.pid_of = pid_of
         self.table: dict[str, list[list[Any]]] = spec["table"]
         self.default: int | None = spec.get("default")
-        self.names: dict[str, str] = spec["names"]
         self.arch: str = spec["arch"]
         self.recorded: list[dict[str, Any]] = []
         self.count = 0
@@ -121,7 +120,7 @@ class Listener:
         if len(self.recorded) < MAX_RECORDED:
             self.recorded.append(
                 {
-                    "syscall": self.names.get(str(nr), f"syscall_{nr}"),
+                    "syscall": syscall_name(self.arch, nr),
                     "nr": nr,
                     "arch": self.arch,
                     "pid": self.pid_of(pid) if self.pid_of is not None else pid,
@@ -129,6 +128,24 @@ class Listener:
                 }
             )
         return True
+
+
+_NAMES: dict[str, dict[int, str]] = {}
+
+
+def syscall_name(arch: str, nr: int) -> str:
+    """The name of system call ``nr`` on ``arch``, from the generated tables
+    (loaded on the first violation: they are not shipped in every plan)."""
+    names = _NAMES.get(arch)
+    if names is None:
+        names = {}
+        if arch in ("x86_64", "aarch64"):
+            import importlib
+
+            table = importlib.import_module(f"nanobox._seccomp.syscalls_{arch}")
+            names = {nr: name for name, nr in table.SYSCALLS.items()}
+        _NAMES[arch] = names
+    return names.get(nr, f"syscall_{nr}")
 
 
 def reporting_policy(
@@ -160,8 +177,7 @@ def reporting_policy(
     if isinstance(default, sc.Errno) and default.errno not in quiet:
         default_errno = default.errno
         default = sc.NOTIFY
-    names = {str(nr): name for name, nr in info.syscalls.items()}
-    spec: dict[str, Any] = {"table": table, "default": default_errno, "names": names, "arch": arch}
+    spec: dict[str, Any] = {"table": table, "default": default_errno, "arch": arch}
     if broker_connect:
         # Every connect() goes to the init, which performs it (unixconnect).
         rules.insert(0, sc.Rule("connect", sc.NOTIFY, (), "pathname unix sockets: see unixconnect"))

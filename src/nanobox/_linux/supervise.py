@@ -158,7 +158,7 @@ class Run:
 
     # -- seccomp notifications ---------------------------------------------------
     def take_listener(self, fd: int) -> None:
-        spec = self.spec or {"table": {}, "names": {}, "arch": ""}
+        spec = self.spec or {"table": {}, "arch": ""}
         broker = None
         if spec.get("connect") is not None:
             broker = _Forwarder(self)
@@ -339,7 +339,7 @@ def _helper_main(sock_fd: int, listener_fd: int, run: Run) -> None:
             pass
 
     broker = ConnectBroker(run.connect_allowed, proc_fd=proc, on_denied=denied)
-    listener = notify.Listener(listener_fd, {"table": {}, "names": {}, "arch": ""})
+    listener = notify.Listener(listener_fd, {"table": {}, "arch": ""})
     while True:
         try:
             msg = sock.recv(65536)
