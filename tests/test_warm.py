@@ -271,8 +271,9 @@ def test_a_protected_file_replaced_on_the_host_stays_protected(workspace: Path) 
     (git / "config").write_text("[core]\n")
     box = nanobox.Sandbox()
     try:
-        assert box.run(["true"]).returncode == 0
-        assert wait_until(_warm_ready, timeout=5)
+        for _ in range(3):  # from the second on, the server keeps its watches
+            assert box.run(["true"]).returncode == 0
+            assert wait_until(_warm_ready, timeout=5)
         lock = git / "config.lock"
         lock.write_text("[core]\n\tbare = false\n")
         os.replace(lock, git / "config")  # as git does
@@ -371,3 +372,42 @@ def test_a_file_with_its_own_landlock_rule_replaced_on_the_host(
             box.close()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_watcher_keeps_its_watches_until_a_watched_name_changes(tmp_path: Path) -> None:
+    """A second round for the same paths re-adds nothing while no event came
+    for them (unrelated names in a watched directory do not count); after
+    one, it adds everything anew."""
+    from nanobox._linux import watch
+
+    f = tmp_path / "d" / "f"
+    f.parent.mkdir()
+    f.write_text("x")
+    w = watch.Watcher()
+    added: list[str] = []
+    add = w._add
+
+    def counting_add(path: str) -> None:
+        added.append(path)
+        add(path)
+
+    w._add = counting_add  # type: ignore[method-assign]
+    try:
+        w.watch([str(f)])
+        assert added and not w.changed()
+        added.clear()
+        w.stop()
+        (f.parent / "unrelated").write_text("y")
+        w.watch([str(f)])
+        assert added == [] and not w.changed()  # kept
+        new = f.parent / "f.new"
+        new.write_text("z")
+        os.replace(new, f)
+        assert w.changed()
+        w.watch([str(f)])
+        assert added and not w.changed()  # anew, and the event is not this round's
+        added.clear()
+        w.watch([str(f), str(f.parent)])
+        assert added  # other paths: anew
+    finally:
+        w.close()
