@@ -116,12 +116,20 @@ class CgroupUnavailable(Exception):
 class Placement:
     """Where this process's sandboxes get their groups."""
 
-    __slots__ = ("bases", "controllers", "version")
+    __slots__ = ("bases", "controllers", "unused", "version")
 
-    def __init__(self, version: int, bases: dict[str, str], controllers: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        version: int,
+        bases: dict[str, str],
+        controllers: tuple[str, ...],
+        unused: dict[str, str] | None = None,
+    ) -> None:
         self.version = version  # 1 or 2
         self.bases = bases  # controller (or "" for v2) -> base directory
         self.controllers = controllers
+        # v1 hierarchies these runs need no group in (swept all the same).
+        self.unused = unused or {}
 
     def __repr__(self) -> str:
         return f"Placement({self.version}, {self.bases!r}, {self.controllers!r})"
@@ -369,7 +377,7 @@ def server_ident(pid: int | None = None) -> str:
 def sweep(placement: Placement) -> int:
     """Remove groups left by fork servers that no longer exist."""
     removed = 0
-    for base in placement.bases.values():
+    for base in [*placement.bases.values(), *placement.unused.values()]:
         try:
             names = os.listdir(base)
         except OSError:

@@ -233,10 +233,10 @@ class Server:
         group: cgroups.RunGroup | None = None
         if placement_json is not None:
             placement = cgroups.Placement(**json.loads(placement_json))
-            for base in placement.bases.values():
-                if base not in self.swept:
-                    self.swept.add(base)
-                    cgroups.sweep(placement)
+            every = [*placement.bases.values(), *placement.unused.values()]
+            if not self.swept.issuperset(every):
+                self.swept.update(every)
+                cgroups.sweep(placement)
             group = cgroups.RunGroup.create(placement, f"{self.ident}.{self.counter}", {})
         sid = None
         if root_mapping:
