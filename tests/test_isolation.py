@@ -229,3 +229,61 @@ def test_command_starts_with_default_signal_dispositions(workspace: Path) -> Non
     assert outside["SigIgn"] and outside["SigBlk"], outside  # the control inherits them
     inside = probe("sandbox")
     assert inside == {"SigIgn": 0, "SigBlk": 0}, inside
+
+
+def _children() -> set[str]:
+    me = os.getpid()
+    return set(open(f"/proc/{me}/task/{me}/children").read().split())
+
+
+def _uid_map_through(fd: int) -> str:
+    """/proc/self/uid_map as seen from the user namespace ``fd``."""
+    from nanobox._linux import sys as k
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            k.setns(fd, k.CLONE_NEWUSER)
+            os.write(w, open("/proc/self/uid_map").read().encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = os.read(r, 4096).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    return " ".join(data.split())
+
+
+@pytest.mark.root_only
+@pytest.mark.parametrize("holder", ["clone_vm", "forked"])
+def test_the_id_mapping_namespace_of_a_root_caller(
+    holder: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """make_userns maps root to the given uid, through a child sharing the
+    caller's memory or (where that fails) a forked one, and leaves no
+    process behind either way."""
+    from nanobox._linux import sys as k
+    from nanobox._linux import userns
+
+    if holder == "forked":
+
+        def refuse(seconds: int) -> int:
+            raise OSError(22, "clone")
+
+        monkeypatch.setattr(k, "spawn_userns_holder", refuse)
+    else:
+
+        def no_fork(uid_map: str, gid_map: str) -> int:
+            raise AssertionError("fell back to a fork")
+
+        monkeypatch.setattr(userns, "_make_userns_forked", no_fork)
+    before = _children()
+    fd = userns.make_userns("0 654321 1\n", "0 654321 1\n")
+    try:
+        assert _children() == before
+        assert _uid_map_through(fd) == "0 654321 1"
+        assert os.readlink(f"/proc/self/fd/{fd}").startswith("user:[")
+    finally:
+        os.close(fd)

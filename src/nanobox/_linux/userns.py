@@ -31,8 +31,32 @@ def make_userns(uid_map: str, gid_map: str) -> int:
     ``MOUNT_ATTR_IDMAP``). Needs privilege over the ids in the maps (root).
 
     A short-lived child creates the namespace and waits; the caller writes
-    its maps from the parent namespace, opens it, and lets the child go.
+    its maps from the parent namespace, opens it, and kills the child. The
+    child shares the caller's memory (``sys.spawn_userns_holder``); where
+    that fails, a forked one does the same.
     """
+    import signal
+
+    from . import sys as k
+
+    try:
+        pid = k.spawn_userns_holder(5)
+    except OSError:
+        return _make_userns_forked(uid_map, gid_map)
+    try:
+        _write(f"/proc/{pid}/uid_map", uid_map)
+        _write(f"/proc/{pid}/setgroups", "deny")
+        _write(f"/proc/{pid}/gid_map", gid_map)
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        # E.g. the holder's sleep ran out on a starved host: fork one.
+        return _make_userns_forked(uid_map, gid_map)
+    finally:
+        os.kill(pid, signal.SIGKILL)  # our unreaped child: no pid reuse
+        os.waitpid(pid, 0)
+
+
+def _make_userns_forked(uid_map: str, gid_map: str) -> int:
     from . import sys as k
 
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
