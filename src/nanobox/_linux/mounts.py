@@ -98,6 +98,15 @@ def _clone(path: str, *, recursive: bool = True) -> int:
         os.close(fd)
 
 
+def _is_file(path: str) -> bool:
+    """Exists and is neither a directory nor a symlink."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return not (stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode))
+
+
 class _Builder:
     def __init__(self, view: dict[str, Any], proc: int | OSError | None = None) -> None:
         self.view = view
@@ -250,7 +259,10 @@ def build(
             path = f"/dev/{name}"
             if os.path.exists(path):
                 dev_fds[name] = _step(f"clone {path}", _clone, path, recursive=False)
-    hides = sum(1 for op in view["ops"] if op["t"] == "hide")
+    # One /dev/null clone per file to hide now (``hide`` below: a missing
+    # path is left for later, a directory gets a tmpfs): a clone closed
+    # unused is dissolved, which waits for an RCU grace period (~0.4 ms).
+    hides = sum(1 for op in view["ops"] if op["t"] == "hide" and _is_file(op["dst"]))
     if hides and os.path.exists("/dev/null"):
         b.null_fds = [
             _step("clone /dev/null", _clone, "/dev/null", recursive=False) for _ in range(hides)
