@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import nanobox
-from conftest import SPY
+from conftest import SPY, wait_until
 
 PY = sys.executable
 
@@ -236,6 +236,13 @@ def _children() -> set[str]:
     return set(open(f"/proc/{me}/task/{me}/children").read().split())
 
 
+def _state(pid: str) -> str:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
 def _uid_map_through(fd: int) -> str:
     """/proc/self/uid_map as seen from the user namespace ``fd``."""
     from nanobox._linux import sys as k
@@ -282,6 +289,9 @@ def test_the_id_mapping_namespace_of_a_root_caller(
     before = _children()
     fd = userns.make_userns("0 654321 1\n", "0 654321 1\n")
     try:
+        for pid in _children() - before:  # killed, reaped later by stage A
+            assert wait_until(lambda p=pid: _state(p) in ("Z", "X", "gone"), timeout=5)
+        userns.reap_holders()
         assert _children() == before
         assert _uid_map_through(fd) == "0 654321 1"
         assert os.readlink(f"/proc/self/fd/{fd}").startswith("user:[")

@@ -48,6 +48,8 @@ ROOT_UID_SPAN = 0x0FFFFFFF
 SPARE_LINGER_S = 1.0
 # A sandbox built ahead is not used after this long (whatever happened).
 WARM_MAX_AGE_S = 10.0
+# Exits of pids no stage A has reported are forgotten after this long.
+EARLY_EXIT_KEEP_S = 120.0
 
 
 class _Job:
@@ -121,6 +123,7 @@ class Server:
         self.timed: set[_Job] = set()  # supervised runs with a wall or CPU limit
         # Children reaped before their stage A's report was read.
         self.early_exits: dict[int, tuple[int, Any]] = {}
+        self.early_at: dict[int, float] = {}  # when (for pruning)
         self.helpers: set[int] = set()
         self.ident = cgroups.server_ident()
         self.placeholders = Placeholders(self.ident)
@@ -532,8 +535,16 @@ class Server:
                 job.run.init_rusage = rusage
             self._maybe_finish(job)
         elif self.starting.pop(pid, None) is None and pid > 0:
-            # An init or command whose stage A's "P" line is not read yet.
+            # An init or command whose stage A's "P" line is not read yet
+            # (or a child of a stage A that died: kept for a while only).
+            now = time.monotonic()
             self.early_exits[pid] = (status, rusage)
+            self.early_at[pid] = now
+            if len(self.early_at) > 64:
+                for old, at in list(self.early_at.items()):
+                    if now - at > EARLY_EXIT_KEEP_S:
+                        del self.early_at[old]
+                        self.early_exits.pop(old, None)
 
     def _end_run(self, job: _Job) -> None:
         """The command ended or a limit was hit: kill the sandbox."""
@@ -622,11 +633,13 @@ class Server:
                     job.pending_listener = None
                 for pid in (run.cmd_pid, run.init_pid):
                     if pid in self.early_exits:
+                        self.early_at.pop(pid, None)
                         self._reaped(pid, *self.early_exits.pop(pid))
             elif line.startswith(b"P") and line[1:].isdigit():
                 job.pid = int(line[1:])  # no namespaces: the init supervises
                 self.jobs_by_pid[job.pid] = job
                 if job.pid in self.early_exits:
+                    self.early_at.pop(job.pid, None)
                     job.exit_status = self.early_exits.pop(job.pid)[0]
             elif line[:1] in (b"S", b"X"):
                 job.pending.append(line)  # the command's, before stage A's "P"

@@ -177,6 +177,10 @@ def starter_main(
                 os.close(fd)
         if sid is not None:
             step = "user namespace for the id mapping"
+            # Its holder process dies on its own time: the kernel reaps it
+            # while this process has no other children (else a zombie
+            # would wait here, next to the spare, until the plan comes).
+            signal.signal(signal.SIGCHLD, signal.SIG_IGN)
             userns_fd = userns.make_userns(f"0 {sid} 1\n", f"0 {sid} 1\n")
     except BaseException as exc:  # noqa: BLE001 - reported once the plan is here
         early = (step, exc)
@@ -185,6 +189,8 @@ def starter_main(
         msg, fds = recv_fds(sock, MAX_PLAN, 8)
     except BaseException:  # noqa: BLE001
         os._exit(0)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # before PID 1 and the command
+    userns.reap_holders()  # reaped already, or dead by now
     if not msg:
         os._exit(0)  # discarded, or the server went away
     if early is not None:

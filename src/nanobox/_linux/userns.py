@@ -53,7 +53,23 @@ def make_userns(uid_map: str, gid_map: str) -> int:
         return _make_userns_forked(uid_map, gid_map)
     finally:
         os.kill(pid, signal.SIGKILL)  # our unreaped child: no pid reuse
-        os.waitpid(pid, 0)
+        # Not waited for here (it has yet to be scheduled to die): a caller
+        # ignoring SIGCHLD has it reaped by the kernel, others call
+        # ``reap_holders`` later.
+        _holders.append(pid)
+
+
+_holders: list[int] = []
+
+
+def reap_holders() -> None:
+    """Reap the killed namespace holders of ``make_userns``."""
+    while _holders:
+        pid = _holders.pop()
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
 
 
 def _make_userns_forked(uid_map: str, gid_map: str) -> int:
@@ -83,7 +99,10 @@ def _make_userns_forked(uid_map: str, gid_map: str) -> int:
     finally:
         os.close(go_w)
         os.close(ready_r)
-        os.waitpid(pid, 0)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass  # reaped by the kernel: the caller ignores SIGCHLD
 
 
 def idmapped_clone(path: str, userns_fd: int) -> int:
