@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -250,3 +251,27 @@ def test_options_end_at_the_command(argv: list[str], opts: list[str], command: l
 def test_a_double_dash_after_the_command_is_the_commands(workspace: Path) -> None:
     p = nanobox_cli("run", "echo", "a", "--", "b")
     assert p.returncode == 0 and p.stdout == b"a -- b\n", p.stderr
+
+
+def test_an_internal_error_is_one_line_not_a_traceback(workspace: Path) -> None:
+    """A bug surfacing in the CLI (here: planning raises): exit 125 and one
+    line; the traceback only with NANOBOX_DEBUG=1."""
+    import os
+    import subprocess
+
+    script = (
+        "import nanobox.cli as c, nanobox._linux.plan as p\n"
+        "def boom(*a, **k): raise RuntimeError('boom')\n"
+        "p.build_plan = boom\n"
+        "raise SystemExit(c.main(['run', 'true']))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NANOBOX_DEBUG"}
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, env=env, timeout=60)
+    assert p.returncode == 125, p
+    lines = p.stderr.decode().splitlines()
+    assert lines == [
+        "nanobox: error: internal error: RuntimeError: boom (NANOBOX_DEBUG=1 shows where)"
+    ]
+    env["NANOBOX_DEBUG"] = "1"
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, env=env, timeout=60)
+    assert b"Traceback" in p.stderr and p.returncode == 1

@@ -189,6 +189,34 @@ def _snapshot(root: Path) -> dict[str, bytes]:
     return out
 
 
+def test_a_worktree_or_submodule_checkout_in_the_workspace(repo: Path) -> None:
+    """There ``.git`` is a file ("gitdir: ..."): its hooks and config live in
+    the main repository's .git, which stays protected; the run must not
+    fail on the file (it did: ENOTDIR looking for .git/hooks)."""
+    subprocess.run(
+        [
+            "git",
+            "-C",
+            str(repo),
+            "-c",
+            "user.email=a@b",
+            "-c",
+            "user.name=n",
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-m",
+            "base",
+        ],
+        check=True,
+    )
+    subprocess.run(["git", "-C", str(repo), "worktree", "add", "-q", "wt"], check=True)
+    assert (repo / "wt" / ".git").is_file()
+    r = sh("cd wt && git status --short >/dev/null && echo evil >> ../.git/config || echo refused")
+    assert r.returncode == 0 and r.stdout == b"refused\n", r
+    assert "evil" not in (repo / ".git" / "config").read_text()
+
+
 def test_git_still_works_and_new_repos_can_be_created(repo: Path) -> None:
     r = sh(
         "git -c user.email=a@b -c user.name=n commit -q --allow-empty -m inside && "

@@ -549,6 +549,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(str(exc))
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug: one line (the traceback with NANOBOX_DEBUG=1)
+        if os.environ.get("NANOBOX_DEBUG"):
+            raise
+        _fail(f"internal error: {type(exc).__name__}: {exc} (NANOBOX_DEBUG=1 shows where)")
 
 
 def entry() -> None:

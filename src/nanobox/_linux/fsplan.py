@@ -279,6 +279,16 @@ def protect_ops(
             st = os.lstat(path)
         except FileNotFoundError:
             st = None
+        except OSError as exc:
+            # E.g. ENOTDIR: in a submodule or a worktree ``.git`` is a file
+            # (its hooks and config live in the main repository's .git,
+            # protected there when inside a writable root); or EACCES,
+            # which the command meets as well.
+            if not must_exist:
+                raise PolicyError(
+                    "filesystem.protect", f"cannot check {path}: {exc.strerror}"
+                ) from None
+            st = None
         if not must_exist:
             # Top-level names: the fork server makes a placeholder when the
             # name is missing (shared by concurrent runs), the init binds
