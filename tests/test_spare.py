@@ -98,3 +98,23 @@ def test_cli_leaves_nothing_after_a_usage_error_or_a_run(workspace: Path) -> Non
     assert p.returncode == 0 and p.stdout == b"ok\n"
     assert wait_until(lambda: not set(_all_spares()) - spares_before, timeout=5)
     assert wait_until(lambda: not nanobox_groups() - groups_before, timeout=5)
+
+
+def test_the_first_spare_fits_a_default_policy_run(workspace: Path) -> None:
+    """The server makes its first spare before any plan arrives, for the
+    key it guesses; a wrong guess costs the CLI a fresh stage A (and its
+    cgroup migration) on its one run."""
+    from nanobox._linux import forkserver
+    from nanobox._linux import plan as pm
+
+    pol = nanobox.Policy()
+    plan = pm.build_plan(
+        pol,
+        ["true"],
+        run_id="x",
+        cwd=str(workspace),
+        env=pm.build_env(pol, None),
+        timeout=None,
+        userns=(True, ""),
+    )
+    assert forkserver.Server._key(plan) == forkserver._default_key(True)

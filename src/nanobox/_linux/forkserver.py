@@ -1107,7 +1107,8 @@ def _default_key(userns_ok: bool) -> Any:
     the spare made at start-up matches it (a wrong guess is just dropped)."""
     try:
         placement = cgroups.place(cgroups.detect())
-        placement_json: str | None = json.dumps(placement.to_json(), sort_keys=True)
+        where = placement.for_run(pids=False, cpus=False)  # as plan.resources does
+        placement_json: str | None = json.dumps(where, sort_keys=True)
     except Exception:  # noqa: BLE001 - no usable cgroups: runs have no group
         placement_json = None
     root = False

@@ -127,18 +127,7 @@ def resources(
     requested = [k for k, v in wanted.items() if v is not None]
     placement = cgroup_placement()
     if isinstance(placement, cgroups.Placement):
-        where = placement.to_json()
-        if placement.version == 1:
-            # A group per hierarchy costs its mkdir, its rmdir and a
-            # migration (~0.2 ms, ~0.1 ms and an RCU grace period): memory
-            # and cpuacct for the accounting always, pids and cpu only for
-            # their limits.
-            unused = {"pids"} if wanted["pids"] is None else set()
-            if wanted["cpus"] is None:
-                unused.add("cpu")
-            bases = where["bases"]
-            where["bases"] = {c: b for c, b in bases.items() if c not in unused}
-            where["unused"] = {c: b for c, b in bases.items() if c in unused}
+        where = placement.for_run(pids=wanted["pids"] is not None, cpus=wanted["cpus"] is not None)
         return {"placement": where, "limits": wanted}, [], []
     if not requested:
         return None, [], []  # accounting falls back to rusage; nothing was promised
