@@ -264,16 +264,40 @@ def _uid_map_through(fd: int) -> str:
 
 
 @pytest.mark.root_only
-@pytest.mark.parametrize("holder", ["clone_vm", "forked"])
+@pytest.mark.parametrize("holder", ["clone_vm", "forked", "expired"])
 def test_the_id_mapping_namespace_of_a_root_caller(
     holder: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """make_userns maps root to the given uid, through a child sharing the
-    caller's memory or (where that fails) a forked one, and leaves no
-    process behind either way."""
+    caller's memory or (where that fails, or the child is gone already:
+    "expired", reaped by the kernel as stage A ignores SIGCHLD) a forked
+    one, and leaves no process behind either way."""
+    import signal
+    import time
+
     from nanobox._linux import sys as k
     from nanobox._linux import userns
 
+    if holder == "expired":
+        spawn = k.spawn_userns_holder
+
+        def expired(seconds: int) -> int:
+            pid = spawn(0)  # sleeps 0 s
+            time.sleep(0.05)
+            return pid
+
+        monkeypatch.setattr(k, "spawn_userns_holder", expired)
+        old = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        try:
+            fd = userns.make_userns("0 654321 1\n", "0 654321 1\n")
+        finally:
+            signal.signal(signal.SIGCHLD, old)
+        try:
+            userns.reap_holders()
+            assert _uid_map_through(fd) == "0 654321 1"
+        finally:
+            os.close(fd)
+        return
     if holder == "forked":
 
         def refuse(seconds: int) -> int:

@@ -43,6 +43,15 @@ def make_userns(uid_map: str, gid_map: str) -> int:
         pid = k.spawn_userns_holder(5)
     except OSError:
         return _make_userns_forked(uid_map, gid_map)
+    # Killed through a pidfd: a caller ignoring SIGCHLD has it reaped by the
+    # kernel as soon as it dies, so its pid alone could be reused by then.
+    gone = False
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        pidfd, gone = -1, True  # its sleep ran out already: nothing to kill
+    except OSError:
+        pidfd = -1  # no pidfds (before Linux 5.3): killed by pid, see below
     try:
         _write(f"/proc/{pid}/uid_map", uid_map)
         _write(f"/proc/{pid}/setgroups", "deny")
@@ -52,7 +61,17 @@ def make_userns(uid_map: str, gid_map: str) -> int:
         # E.g. the holder's sleep ran out on a starved host: fork one.
         return _make_userns_forked(uid_map, gid_map)
     finally:
-        os.kill(pid, signal.SIGKILL)  # our unreaped child: no pid reuse
+        if pidfd >= 0:
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.close(pidfd)
+        elif not gone:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         # Not waited for here (it has yet to be scheduled to die): a caller
         # ignoring SIGCHLD has it reaped by the kernel, others call
         # ``reap_holders`` later.
