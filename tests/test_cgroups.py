@@ -230,7 +230,8 @@ def test_stale_groups_of_a_killed_server_are_swept(workspace: Path, marker: str)
     time.sleep(0.2)
     leftover = nanobox_groups() - before
     assert leftover, "a SIGKILLed server leaves its groups behind"
-    assert any("/pids/" in g for g in leftover) and any("/cpu/" in g for g in leftover)
+    if any("/memory/" in g for g in leftover):  # cgroup v1: a hierarchy per controller
+        assert any("/pids/" in g for g in leftover) and any("/cpu/" in g for g in leftover)
     # The next run's server sweeps them, also from the hierarchies where the
     # default policy's runs get no group (pids, cpu).
     assert nanobox.Sandbox().run(["true"]).returncode == 0
