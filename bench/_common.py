@@ -41,6 +41,22 @@ SRT_SETTINGS = {
     "filesystem": {"denyRead": [], "allowRead": [], "allowWrite": [], "denyWrite": []},
 }
 
+def compile_nanobox() -> str | None:
+    """Byte-compile the installed nanobox package, as ``pip install`` does
+    for a user (an editable install compiles on first import instead; under
+    ``PYTHONDONTWRITEBYTECODE`` it never does, and every cold start would
+    compile the changed modules again). Returns an error, or None."""
+    if not os.access(VENV_PYTHON, os.X_OK):
+        return f"{VENV_PYTHON} not found"
+    code = (
+        "import os, nanobox, compileall; "
+        "compileall.compile_dir(os.path.dirname(nanobox.__file__), quiet=1)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    p = subprocess.run([VENV_PYTHON, "-c", code], capture_output=True, text=True, env=env)
+    return None if p.returncode == 0 else (p.stderr or p.stdout)[-300:]
+
+
 # --------------------------------------------------------------------------- statistics
 
 

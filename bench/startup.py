@@ -148,6 +148,9 @@ def measure(rounds: int, runs: int, *, nobody: bool = True) -> dict[str, Any]:
         else:
             skipped["python -c pass (venv)"] = f"{c.VENV_PYTHON} not found"
         nb_cli = c.VENV_NANOBOX if os.access(c.VENV_NANOBOX, os.X_OK) else shutil.which("nanobox")
+        compiled = c.compile_nanobox()
+        if compiled is not None:
+            errors["byte-compile nanobox"] = compiled
         if nb_cli:
             cold["nanobox CLI (cold)"] = [nb_cli, "run", "--", "/bin/true"]
         else:
