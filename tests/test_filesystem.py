@@ -189,32 +189,83 @@ def _snapshot(root: Path) -> dict[str, bytes]:
     return out
 
 
-def test_a_worktree_or_submodule_checkout_in_the_workspace(repo: Path) -> None:
-    """There ``.git`` is a file ("gitdir: ..."): its hooks and config live in
-    the main repository's .git, which stays protected; the run must not
-    fail on the file (it did: ENOTDIR looking for .git/hooks)."""
+def _git(*args: str, cwd: Path) -> None:
     subprocess.run(
         [
             "git",
-            "-C",
-            str(repo),
             "-c",
             "user.email=a@b",
             "-c",
             "user.name=n",
-            "commit",
-            "-q",
-            "--allow-empty",
-            "-m",
-            "base",
+            "-c",
+            "protocol.file.allow=always",
+            *args,
         ],
+        cwd=cwd,
         check=True,
+        capture_output=True,
     )
-    subprocess.run(["git", "-C", str(repo), "worktree", "add", "-q", "wt"], check=True)
+
+
+WORKTREE_ATTACKS = [
+    "echo evil >> ../.git/config",  # the main repository's (shared) config
+    "echo evil > ../.git/hooks/pre-commit",
+    "echo 'gitdir: /tmp/evil' > .git",  # the link itself
+]
+
+
+@pytest.mark.parametrize("attack", WORKTREE_ATTACKS)
+def test_a_worktree_checkout_in_the_workspace(repo: Path, attack: str) -> None:
+    """In a worktree ``.git`` is a file ("gitdir: ..."): the run must not
+    fail on it (it did: ENOTDIR looking for .git/hooks), and neither the
+    link nor the hooks and config it leads to may be written."""
+    _git("commit", "-q", "--allow-empty", "-m", "base", cwd=repo)
+    _git("worktree", "add", "-q", "wt", cwd=repo)
     assert (repo / "wt" / ".git").is_file()
-    r = sh("cd wt && git status --short >/dev/null && echo evil >> ../.git/config || echo refused")
+    before = _snapshot(repo)
+    r = sh(f"cd wt && git status --short >/dev/null && {{ {attack}; }} 2>/dev/null || echo refused")
     assert r.returncode == 0 and r.stdout == b"refused\n", r
-    assert "evil" not in (repo / ".git" / "config").read_text()
+    assert _snapshot(repo) == before
+    outside(f"cd wt && {attack}", cwd=repo)  # control: the host can
+    assert _snapshot(repo) != before
+
+
+SUBMODULE_ATTACKS = [
+    "echo evil > ../.git/modules/sub/hooks/post-checkout",
+    "echo evil >> ../.git/modules/sub/config",
+    "echo 'gitdir: ../evil' > .git",
+]
+
+
+@pytest.mark.parametrize("attack", SUBMODULE_ATTACKS)
+def test_a_submodule_checkout_in_the_workspace(repo: Path, tmp_path: Path, attack: str) -> None:
+    """A submodule's hooks and config live in the superproject's
+    .git/modules/NAME, which the .git file names: protected too."""
+    upstream = tmp_path / "upstream"
+    upstream.mkdir()
+    _git("init", "-q", cwd=upstream)
+    _git("commit", "-q", "--allow-empty", "-m", "one", cwd=upstream)
+    _git("submodule", "add", "-q", str(upstream), "sub", cwd=repo)
+    assert (repo / "sub" / ".git").is_file()
+    assert (repo / ".git" / "modules" / "sub" / "config").is_file()
+    before = _snapshot(repo)
+    r = sh(f"cd sub && {{ {attack}; }} 2>/dev/null || echo refused")
+    assert r.returncode == 0 and r.stdout == b"refused\n", r
+    assert _snapshot(repo) == before
+    outside(f"cd sub && {attack}", cwd=repo)  # control: the host can
+    assert _snapshot(repo) != before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any .git")
+def test_an_unreadable_git_directory_fails_closed(repo: Path) -> None:
+    """A command can chmod 000 its own .git; the next run must refuse (the
+    hooks could not be checked), not run unprotected."""
+    (repo / ".git").chmod(0)
+    try:
+        with pytest.raises(nanobox.PolicyError, match=r"filesystem\.protect"):
+            sh("true")
+    finally:
+        (repo / ".git").chmod(0o755)
 
 
 def test_git_still_works_and_new_repos_can_be_created(repo: Path) -> None:

@@ -267,10 +267,13 @@ def protect_ops(
     for name in PROTECTED_TOP:
         if name not in unprotect_names:
             targets.append((os.path.join(root, name), False))
+    wanted = [
+        rel.split("/")[-1]
+        for rel in PROTECTED_GIT
+        if rel.split("/")[-1] not in unprotect_names and rel not in unprotect_names
+    ]
     for repo in _git_repos(root, view):
-        for rel in PROTECTED_GIT:
-            if rel.split("/")[-1] not in unprotect_names and rel not in unprotect_names:
-                targets.append((os.path.join(repo, rel), True))
+        targets += [(path, True) for path in _git_targets(repo, root, wanted)]
     ops: list[dict[str, Any]] = []
     for path, must_exist in targets:
         if path in unprotect:
@@ -279,16 +282,10 @@ def protect_ops(
             st = os.lstat(path)
         except FileNotFoundError:
             st = None
-        except OSError as exc:
-            # E.g. ENOTDIR: in a submodule or a worktree ``.git`` is a file
-            # (its hooks and config live in the main repository's .git,
-            # protected there when inside a writable root); or EACCES,
-            # which the command meets as well.
-            if not must_exist:
-                raise PolicyError(
-                    "filesystem.protect", f"cannot check {path}: {exc.strerror}"
-                ) from None
-            st = None
+        except OSError as exc:  # e.g. EACCES: fail closed, not unprotected
+            raise PolicyError(
+                "filesystem.protect", f"cannot check {path}: {exc.strerror}"
+            ) from None
         if not must_exist:
             # Top-level names: the fork server makes a placeholder when the
             # name is missing (shared by concurrent runs), the init binds
@@ -326,6 +323,46 @@ def protect_ops(
             ops.append({"t": "protect", "dst": parent, "rw": True})
             parent = os.path.dirname(parent)
     return ops
+
+
+def _git_targets(repo: str, root: str, names: list[str]) -> list[str]:
+    """What to protect of the repository at ``repo``: ``names`` (hooks,
+    config) in its git directory. Where ``.git`` is a file (a submodule or a
+    worktree: "gitdir: PATH"), also that file (redirected, it would make git
+    use a git directory the command wrote) and ``config.worktree`` in the
+    git directory it names, plus ``names`` in that directory's common
+    directory (a worktree's hooks and config are the main repository's);
+    those inside ``root`` (elsewhere this root cannot write them)."""
+    if not names:
+        return []
+    dotgit = os.path.join(repo, ".git")
+    if not os.path.isfile(dotgit) or os.path.islink(dotgit):
+        return [os.path.join(dotgit, name) for name in names]
+    try:
+        with open(dotgit, encoding="utf-8", errors="surrogateescape") as fh:
+            first = fh.readline(4096).strip()
+    except OSError as exc:
+        raise PolicyError(
+            "filesystem.protect", f"cannot read {dotgit}: {exc.strerror}"
+        ) from None
+    if not first.startswith("gitdir:") or not first[7:].strip():
+        raise PolicyError(
+            "filesystem.protect",
+            f"{dotgit} is a file but not a git link ('gitdir: PATH'); remove it, or list "
+            "'.git/hooks' and '.git/config' in filesystem.unprotect",
+        )
+    gitdir = os.path.normpath(os.path.join(repo, first[7:].strip()))
+    dirs = [gitdir]
+    try:
+        with open(os.path.join(gitdir, "commondir"), encoding="utf-8") as fh:
+            dirs.append(os.path.normpath(os.path.join(gitdir, fh.readline(4096).strip())))
+    except OSError:
+        pass  # a submodule's git directory is its own common directory
+    out = [dotgit]
+    for i, d in enumerate(dirs):
+        extra = ["config.worktree"] if i == 0 and "config" in names else []
+        out += [os.path.join(d, n) for n in [*names, *extra]]
+    return [p for p in out if _is_under(p, root)]
 
 
 def _git_repos(root: str, view: View) -> list[str]:
