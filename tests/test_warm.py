@@ -411,3 +411,54 @@ def test_the_watcher_keeps_its_watches_until_a_watched_name_changes(tmp_path: Pa
         assert added  # other paths: anew
     finally:
         w.close()
+
+
+def test_the_watcher_sees_any_link_of_a_symlink_chain_retargeted(tmp_path: Path) -> None:
+    """A hidden path reached through a chain of symlinks: retargeting a link
+    in the middle of the chain (by a rename, as tools do) counts, also
+    after a round that kept its watches."""
+    from nanobox._linux import watch
+
+    for d in ("a", "b", "c"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "c" / "f").write_text("x")
+    (tmp_path / "c" / "g").write_text("y")
+    (tmp_path / "b" / "link2").symlink_to("../c/f")
+    (tmp_path / "a" / "link1").symlink_to(tmp_path / "b" / "link2")
+    path = str(tmp_path / "a" / "link1")
+    w = watch.Watcher()
+    try:
+        w.watch([path])
+        w.stop()
+        w.watch([path])  # kept
+        assert not w.changed()
+        (tmp_path / "b" / "new").symlink_to("../c/g")
+        os.replace(tmp_path / "b" / "new", tmp_path / "b" / "link2")
+        assert w.changed()
+        w.watch([path])  # anew
+        assert not w.changed() and w.paths == [path]
+    finally:
+        w.close()
+
+
+@pytest.mark.root_only
+def test_a_mount_change_makes_the_watcher_add_its_watches_anew(tmp_path: Path) -> None:
+    """A mount over a directory on the way hides the watched directory: the
+    sandbox built ahead is stale, and the next round must not keep watches."""
+    import subprocess
+
+    from nanobox._linux import watch
+
+    f = tmp_path / "d" / "f"
+    f.parent.mkdir()
+    f.write_text("x")
+    w = watch.Watcher()
+    try:
+        w.watch([str(f)])
+        subprocess.run(["mount", "-t", "tmpfs", "none", str(f.parent)], check=True)
+        try:
+            assert w.changed() and w.paths is None
+        finally:
+            subprocess.run(["umount", str(f.parent)], check=True)
+    finally:
+        w.close()

@@ -36,6 +36,7 @@ IN_CLOEXEC = os.O_CLOEXEC
 _MASK = IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
 _ALARM = IN_Q_OVERFLOW | IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF
 _EVENT = struct.Struct("iIII")
+_MAX_HOPS = 40  # symlinks followed per path (the kernel's limit)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -92,9 +93,6 @@ class Watcher:
         self.paths = None
         for path in paths:
             self._add(path)
-            real = os.path.realpath(path)
-            if real != path:
-                self._add(real)  # the symlink's name is watched by the first
         for wd in old - set(self.names):
             _libc.inotify_rm_watch(self.fd, wd)
         self.paths = list(paths)
@@ -104,20 +102,36 @@ class Watcher:
         still count against them) for the next ``watch``."""
         self.hit = False
 
-    def _add(self, path: str) -> None:
+    def _add(self, path: str, hops: int = 0) -> None:
+        """Watch each directory on the way to ``path`` for the next name,
+        following every symlink on the way (each hop's own path is watched
+        too, so retargeting any link in a chain is seen)."""
         directory = "/"
-        for name in [p for p in path.split("/") if p]:
+        names = [p for p in path.split("/") if p]
+        for i, name in enumerate(names):
             wd = _libc.inotify_add_watch(self.fd, os.fsencode(directory), _MASK | IN_ONLYDIR)
             if wd < 0:
                 err = ctypes.get_errno()
                 raise Blind(err, f"cannot watch {directory}: {os.strerror(err)}")
             self.names.setdefault(wd, set()).add(name)
-            directory = os.path.join(directory, name)
+            here = os.path.join(directory, name)
             try:
-                if not stat.S_ISDIR(os.lstat(directory).st_mode):
-                    return  # a file (or a symlink), or
+                mode = os.lstat(here).st_mode
             except OSError:
                 return  # missing (or unreachable): its creation is watched above
+            if stat.S_ISLNK(mode):
+                if hops >= _MAX_HOPS:
+                    raise Blind(40, f"too many symlinks on the way to {path}")  # ELOOP
+                try:
+                    target = os.readlink(here)
+                except OSError:
+                    return
+                rest = "/".join([os.path.join(directory, target), *names[i + 1 :]])
+                self._add(rest, hops + 1)  # ".." is resolved by the kernel
+                return
+            if not stat.S_ISDIR(mode):
+                return  # a file
+            directory = here
 
     def changed(self) -> bool:
         """Did anything happen to a watched name (or to the mount table)
@@ -125,6 +139,9 @@ class Watcher:
         for fd, _events in self.epoll.poll(0):
             if fd == self.mountinfo:
                 self.hit = True  # polling it again re-arms it
+                # A mount over a directory on the way hides the watched one:
+                # the next ``watch`` adds every watch anew.
+                self.paths = None
         while True:
             try:
                 data = os.read(self.fd, 65536)
