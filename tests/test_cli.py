@@ -239,6 +239,11 @@ def test_run_without_options_uses_the_parsers_defaults() -> None:
         (["--timeout", "5", "echo", "--", "-x"], ["--timeout", "5"], ["echo", "--", "-x"]),
         (["-q", "--", "--weird"], ["-q"], ["--weird"]),
         (["-", "x"], [], ["-", "x"]),
+        (["--time", "5", "--", "echo", "hi"], ["--time", "5"], ["echo", "hi"]),  # abbreviated
+        (["-qe", "A=1", "--", "echo"], ["-qe", "A=1"], ["echo"]),  # a cluster ending in -e
+        (["-qeA=1", "echo"], ["-qeA=1"], ["echo"]),
+        (["--env=A=1", "echo", "--", "x"], ["--env=A=1"], ["echo", "--", "x"]),
+        (["-vv", "--inherit", "echo"], ["-vv", "--inherit"], ["echo"]),  # flags
     ],
 )
 def test_options_end_at_the_command(argv: list[str], opts: list[str], command: list[str]) -> None:
@@ -275,3 +280,22 @@ def test_an_internal_error_is_one_line_not_a_traceback(workspace: Path) -> None:
     env["NANOBOX_DEBUG"] = "1"
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, env=env, timeout=60)
     assert b"Traceback" in p.stderr and p.returncode == 1
+
+
+def test_a_reader_that_goes_away_ends_the_run_quietly(workspace: Path) -> None:
+    """`nanobox run yes | head -1`: the closed pipe ends the run (it would
+    never end otherwise) with the status of a SIGPIPE death, no traceback,
+    no 'internal error'."""
+    import subprocess
+
+    from conftest import PY
+
+    p = subprocess.Popen(
+        [PY, "-m", "nanobox", "run", "--", "yes"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert p.stdout is not None and p.stderr is not None
+    assert p.stdout.readline() == b"y\n"
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=30) == 141, err
+    assert err == b"", err

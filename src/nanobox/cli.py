@@ -21,6 +21,7 @@ EXIT_NANOBOX = 125
 
 # options of `nanobox run` that take a value (for splitting off the command)
 _VALUE_OPTIONS: set[str] = set()  # options of `run` that take a value (filled below)
+_LONG_OPTIONS: set[str] = set()  # every long option of `run` (for abbreviations)
 
 
 _RUN_PARSER: list[argparse.ArgumentParser] = []
@@ -206,6 +207,7 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     r.add_argument("-q", "--quiet", action="store_true", help="no nanobox messages")
     _RUN_PARSER[:] = [r]
+    _LONG_OPTIONS.update(o for a in r._actions for o in a.option_strings if o.startswith("--"))
     _VALUE_OPTIONS.update(
         opt for action in r._actions if action.nargs != 0 for opt in action.option_strings
     )
@@ -225,10 +227,27 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str]]:
             return argv[:i], argv[i + 1 :]
         if not tok.startswith("-") or tok == "-":
             return argv[:i], argv[i:]
-        if tok in _VALUE_OPTIONS:
+        if _takes_next(tok):
             i += 1
         i += 1
     return argv, []
+
+
+def _takes_next(tok: str) -> bool:
+    """Does option ``tok`` take the next argument as its value, as argparse
+    reads it: a value option without ``=``, a unique abbreviation of one
+    (``--time``), or a cluster of short flags ending in one (``-qe``)?"""
+    if tok.startswith("--"):
+        if "=" in tok:
+            return False
+        if tok in _LONG_OPTIONS:
+            return tok in _VALUE_OPTIONS
+        matches = [o for o in _LONG_OPTIONS if o.startswith(tok)]
+        return len(matches) == 1 and matches[0] in _VALUE_OPTIONS
+    for i in range(1, len(tok)):
+        if "-" + tok[i] in _VALUE_OPTIONS:
+            return i == len(tok) - 1  # else the rest of the token is its value
+    return False
 
 
 def _setup_logging(ns: Any) -> None:
@@ -549,6 +568,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(str(exc))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Whoever read our output is gone (`nanobox run yes | head -1`): the
+        # run was killed when its channel closed; exit as a writer killed by
+        # SIGPIPE would, and say nothing more on the closed stream.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+        return 128 + 13
     except Exception as exc:  # a bug: one line (the traceback with NANOBOX_DEBUG=1)
         if os.environ.get("NANOBOX_DEBUG"):
             raise
