@@ -281,10 +281,10 @@ def test_the_id_mapping_namespace_of_a_root_caller(
     if holder == "expired":
         spawn = k.spawn_userns_holder
 
-        def expired(seconds: int) -> int:
-            pid = spawn(0)  # sleeps 0 s
+        def expired(seconds: int) -> tuple[int, int]:
+            held = spawn(0)  # sleeps 0 s
             time.sleep(0.05)
-            return pid
+            return held
 
         monkeypatch.setattr(k, "spawn_userns_holder", expired)
         old = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
@@ -300,7 +300,7 @@ def test_the_id_mapping_namespace_of_a_root_caller(
         return
     if holder == "forked":
 
-        def refuse(seconds: int) -> int:
+        def refuse(seconds: int) -> tuple[int, int]:
             raise OSError(22, "clone")
 
         monkeypatch.setattr(k, "spawn_userns_holder", refuse)

@@ -182,8 +182,10 @@ def starter_main(
             # would wait here, next to the spare, until the plan comes).
             signal.signal(signal.SIGCHLD, signal.SIG_IGN)
             _set_name(b"nanobox-userns")  # the holder's name in ps, not a spare's
-            userns_fd = userns.make_userns(f"0 {sid} 1\n", f"0 {sid} 1\n")
-            _set_name(b"nanobox-spare")
+            try:
+                userns_fd = userns.make_userns(f"0 {sid} 1\n", f"0 {sid} 1\n")
+            finally:
+                _set_name(b"nanobox-spare")
     except BaseException as exc:  # noqa: BLE001 - reported once the plan is here
         early = (step, exc)
     try:

@@ -332,15 +332,37 @@ def pivot_root(new_root: str, put_old: str) -> None:
 
 # --- a process that holds a new user namespace, without copying this one ---
 CLONE_VM = 0x00000100
+CLONE_PIDFD = 0x00001000
 _HOLDER_STACK = ctypes.create_string_buffer(16 * 1024)  # never freed: see below
 _clone = _libc.clone
 _clone.restype = ctypes.c_int
-_clone.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+_clone.argtypes = [
+    ctypes.c_void_p,  # fn
+    ctypes.c_void_p,  # stack
+    ctypes.c_int,  # flags
+    ctypes.c_void_p,  # arg
+    ctypes.POINTER(ctypes.c_int),  # parent_tid: where CLONE_PIDFD puts the pidfd
+]
+_sleep_fn: int | None = None
 
 
-def spawn_userns_holder(seconds: int) -> int:
+def _libc_sleep() -> int:
+    """libc's own ``sleep`` (not one an LD_PRELOAD library interposes,
+    which might allocate or lock: the holder shares this process's heap)."""
+    global _sleep_fn
+    if _sleep_fn is None:
+        try:
+            libc = ctypes.CDLL("libc.so.6")  # glibc; a handle searches libc itself
+        except OSError:
+            libc = _libc  # e.g. musl
+        _sleep_fn = ctypes.cast(libc.sleep, ctypes.c_void_p).value
+    assert _sleep_fn is not None
+    return _sleep_fn
+
+
+def spawn_userns_holder(seconds: int) -> tuple[int, int]:
     """Start a child in a new user namespace that only sleeps (``seconds``
-    at most) until it is killed, and return its pid.
+    at most) until it is killed; return its pid and a pidfd for it.
 
     It shares this process's memory (``CLONE_VM``): no page tables are
     copied and none of this process's pages become copy-on-write, unlike a
@@ -348,19 +370,23 @@ def spawn_userns_holder(seconds: int) -> int:
     libc's ``sleep`` on a private stack and touches nothing else; every
     signal but SIGKILL/SIGSTOP is blocked in it (it inherits the mask set
     here), so no handler of this process ever runs on that stack. The
-    sleep bounds its life should this process die before killing it.
-    Single-threaded callers only (it shares this thread's TLS)."""
+    sleep bounds its life should this process die before killing it; the
+    pidfd (``CLONE_PIDFD``, Linux 5.2) lets it be killed without a pid that
+    could have been reused. Single-threaded callers only (it shares this
+    thread's TLS)."""
     import signal
 
     top = (ctypes.addressof(_HOLDER_STACK) + len(_HOLDER_STACK) - 64) & ~15
-    fn = ctypes.cast(_libc.sleep, ctypes.c_void_p)
-    every = set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP}
+    fn = _libc_sleep()
+    pidfd = ctypes.c_int(-1)
+    every = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
     old = signal.pthread_sigmask(signal.SIG_BLOCK, every)
     try:
-        pid = _clone(fn, top, CLONE_VM | CLONE_NEWUSER | signal.SIGCHLD, seconds)
+        flags = CLONE_VM | CLONE_NEWUSER | CLONE_PIDFD | signal.SIGCHLD
+        pid = _clone(fn, top, flags, seconds, ctypes.byref(pidfd))
         err = ctypes.get_errno()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
     if pid < 0:
         raise OSError(err, f"clone(CLONE_NEWUSER): {os.strerror(err)}")
-    return int(pid)
+    return int(pid), pidfd.value

@@ -40,38 +40,31 @@ def make_userns(uid_map: str, gid_map: str) -> int:
     from . import sys as k
 
     try:
-        pid = k.spawn_userns_holder(5)
+        pid, pidfd = k.spawn_userns_holder(5)
     except OSError:
         return _make_userns_forked(uid_map, gid_map)
-    # Killed through a pidfd: a caller ignoring SIGCHLD has it reaped by the
-    # kernel as soon as it dies, so its pid alone could be reused by then.
-    gone = False
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        pidfd, gone = -1, True  # its sleep ran out already: nothing to kill
-    except OSError:
-        pidfd = -1  # no pidfds (before Linux 5.3): killed by pid, see below
     try:
         _write(f"/proc/{pid}/uid_map", uid_map)
         _write(f"/proc/{pid}/setgroups", "deny")
         _write(f"/proc/{pid}/gid_map", gid_map)
-        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            # Still ours (its sleep has not run out, so that pid is not
+            # someone else's: a caller ignoring SIGCHLD has it reaped at once).
+            signal.pidfd_send_signal(pidfd, 0)
+        except ProcessLookupError:
+            os.close(fd)
+            raise
+        return fd
     except OSError:
         # E.g. the holder's sleep ran out on a starved host: fork one.
         return _make_userns_forked(uid_map, gid_map)
     finally:
-        if pidfd >= 0:
-            try:
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            os.close(pidfd)
-        elif not gone:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.close(pidfd)
         # Not waited for here (it has yet to be scheduled to die): a caller
         # ignoring SIGCHLD has it reaped by the kernel, others call
         # ``reap_holders`` later.
