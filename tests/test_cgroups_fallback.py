@@ -76,3 +76,22 @@ def test_cli_refuses_and_degrades(workspace: Path) -> None:
     assert p.returncode == 125 and b"no usable cgroup" in p.stderr
     p = nanobox_cli("run", "--allow-degraded", "--memory", "64M", "--result", "-", "true")
     assert p.returncode == 0 and b"RLIMIT_AS" in p.stderr
+
+
+def test_co_mounted_v1_controllers_share_one_group(tmp_path: Path) -> None:
+    """systemd's v1 layout mounts cpu and cpuacct together: a run with a
+    cpus limit makes, joins and removes that one directory once (a second
+    mkdir failed). (Plain directories stand in for the hierarchies.)"""
+    both = tmp_path / "cpu,cpuacct" / "nanobox"
+    mem = tmp_path / "memory" / "nanobox"
+    both.mkdir(parents=True)
+    mem.mkdir(parents=True)
+    placement = cgroups.Placement(
+        1, {"memory": str(mem), "cpu": str(both), "cpuacct": str(both)}, ("memory", "cpu")
+    )
+    group = cgroups.RunGroup.create(placement, "run.1", {})  # (limits need cgroupfs files)
+    assert sorted(group.procs_files()) == sorted(
+        [str(mem / "run.1" / "cgroup.procs"), str(both / "run.1" / "cgroup.procs")]
+    )
+    assert group.remove()
+    assert not (both / "run.1").exists() and not (mem / "run.1").exists()

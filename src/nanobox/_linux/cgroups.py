@@ -235,7 +235,7 @@ class RunGroup:
     def create(cls, placement: Placement, name: str, limits: dict[str, Any]) -> RunGroup:
         group = cls(placement, name)
         try:
-            for path in group.paths.values():
+            for path in group.dirs():
                 os.mkdir(path)
             group.apply(limits)
         except BaseException:
@@ -277,8 +277,13 @@ class RunGroup:
             _write(f"{g}/cpu.cfs_period_us", "100000")
             _write(f"{g}/cpu.cfs_quota_us", str(max(1000, int(cpus * 100_000))))
 
+    def dirs(self) -> list[str]:
+        """The group's directories, once each (co-mounted v1 controllers,
+        e.g. systemd's cpu,cpuacct, share one)."""
+        return list(dict.fromkeys(self.paths.values()))
+
     def procs_files(self) -> list[str]:
-        return [os.path.join(p, "cgroup.procs") for p in self.paths.values()]
+        return [os.path.join(p, "cgroup.procs") for p in self.dirs()]
 
     def cpu_seconds(self) -> float | None:
         """CPU time of the group so far (for the CPU-time limit's polling),
@@ -360,7 +365,7 @@ class RunGroup:
     def remove(self) -> bool:
         """Remove the group(s); True when nothing is left."""
         ok = True
-        for path in self.paths.values():
+        for path in self.dirs():
             for attempt in range(50):
                 try:
                     os.rmdir(path)

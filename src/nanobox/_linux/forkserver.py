@@ -58,6 +58,7 @@ class _Job:
         "chan",
         "client_gone",
         "cmd_w",
+        "created",
         "exit_status",
         "finished",
         "group",
@@ -105,6 +106,7 @@ class _Job:
         self.placeholders: list[str] = []
         self.tmpdir: str | None = None
         self.started = time.monotonic()
+        self.created = self.started  # (``started`` moves to the claim)
         self.exit_status: int | None = None
         self.finished = False
         self.client_gone = False
@@ -538,13 +540,22 @@ class Server:
             # An init or command whose stage A's "P" line is not read yet
             # (or a child of a stage A that died: kept for a while only).
             now = time.monotonic()
+            for old, at in list(self.early_at.items()):
+                if now - at > EARLY_EXIT_KEEP_S:
+                    del self.early_at[old]
+                    self.early_exits.pop(old, None)
             self.early_exits[pid] = (status, rusage)
             self.early_at[pid] = now
-            if len(self.early_at) > 64:
-                for old, at in list(self.early_at.items()):
-                    if now - at > EARLY_EXIT_KEEP_S:
-                        del self.early_at[old]
-                        self.early_exits.pop(old, None)
+
+    def _take_early(self, pid: int, job: _Job) -> tuple[int, Any] | None:
+        """The exit of ``pid`` reaped before ``job``'s stage A named it, if
+        it came after that stage A started (an older one was another
+        process's that had the same pid)."""
+        at = self.early_at.pop(pid, None)
+        early = self.early_exits.pop(pid, None)
+        if at is None or early is None or at < job.created:
+            return None
+        return early
 
     def _end_run(self, job: _Job) -> None:
         """The command ended or a limit was hit: kill the sandbox."""
@@ -632,15 +643,15 @@ class Server:
                     self._take_listener(job, job.pending_listener)
                     job.pending_listener = None
                 for pid in (run.cmd_pid, run.init_pid):
-                    if pid in self.early_exits:
-                        self.early_at.pop(pid, None)
-                        self._reaped(pid, *self.early_exits.pop(pid))
+                    early = self._take_early(pid, job)
+                    if early is not None:
+                        self._reaped(pid, *early)
             elif line.startswith(b"P") and line[1:].isdigit():
                 job.pid = int(line[1:])  # no namespaces: the init supervises
                 self.jobs_by_pid[job.pid] = job
-                if job.pid in self.early_exits:
-                    self.early_at.pop(job.pid, None)
-                    job.exit_status = self.early_exits.pop(job.pid)[0]
+                early = self._take_early(job.pid, job)
+                if early is not None:
+                    job.exit_status = early[0]
             elif line[:1] in (b"S", b"X"):
                 job.pending.append(line)  # the command's, before stage A's "P"
                 return True

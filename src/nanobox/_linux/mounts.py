@@ -214,6 +214,9 @@ class _Builder:
                 "mode=0755,size=4k",
             )
             return
+        if not self.null_fds and os.path.exists("/dev/null"):
+            # One more than counted up front (it became a file since).
+            self.null_fds = [_step("clone /dev/null", _clone, "/dev/null", recursive=False)]
         if not self.null_fds:
             raise MountStepError(f"hide {dst}", OSError(19, "no /dev/null to hide files with"))
         fd = self.null_fds.pop()
@@ -375,9 +378,7 @@ def build_late(view: dict[str, Any], late: list[dict[str, Any]]) -> None:
         if op["t"] == "protect":
             _protect(b, op)
         elif os.path.lexists(dst) and not os.path.islink(dst):
-            if not os.path.isdir(dst) and os.path.exists("/dev/null"):
-                b.null_fds = [_step("clone /dev/null", _clone, "/dev/null", recursive=False)]
-            b.hide(dst)
+            b.hide(dst)  # (clones /dev/null for a file)
     for fd in b.null_fds:
         os.close(fd)
 
