@@ -7,10 +7,12 @@ before the run starts (git rewrites ``.git/config`` with a rename; a tool
 rotates ``~/.aws/credentials`` the same way), the kernel detaches the mount
 from the old dentry, and the new file would be unprotected or visible in a
 view built earlier. So before the plan goes to stage A, the server watches
-every directory on the way to each such path for that one name being
-created, deleted or moved; any such event (or an overflow, or a watched
-directory going away) makes the sandbox stale, and the run gets a fresh one.
-Unrelated names in the same directories are ignored.
+every directory on the way to each such path (following each symlink on
+the way) for that one name being created, deleted or moved; any such event
+(or an overflow, a watched directory going away, or a change of the host's
+mount table) makes the sandbox stale, and the run gets a fresh one.
+Unrelated names in the same directories are ignored. The watches of one
+round serve the next round of the same paths while nothing has happened.
 """
 
 from __future__ import annotations
