@@ -268,6 +268,21 @@ def test_an_unreadable_git_directory_fails_closed(repo: Path) -> None:
         (repo / ".git").chmod(0o755)
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root lists any directory")
+def test_an_unlistable_directory_of_the_caller_fails_closed(repo: Path) -> None:
+    """A command can chmod 000 a directory holding a repository: the next
+    run's scan would not see that repository (nor protect its hooks), and
+    the command could chmod it back: refuse instead."""
+    hidden = repo / "a"  # holds the nested repository a/b (see ``repo``)
+    hidden.chmod(0)
+    try:
+        with pytest.raises(nanobox.PolicyError, match=r"cannot list .*/a "):
+            sh("true")
+    finally:
+        hidden.chmod(0o755)
+    assert sh("true").returncode == 0
+
+
 def test_git_still_works_and_new_repos_can_be_created(repo: Path) -> None:
     r = sh(
         "git -c user.email=a@b -c user.name=n commit -q --allow-empty -m inside && "

@@ -366,17 +366,54 @@ def _git_targets(repo: str, root: str, names: list[str]) -> list[str]:
 
 
 def _git_repos(root: str, view: View) -> list[str]:
-    """Directories below ``root`` (at any depth) holding a ``.git`` entry."""
+    """Directories below ``root`` (at any depth) holding a ``.git`` entry
+    (one ``scandir`` per directory, no other call: this runs before every
+    run). A directory that cannot be listed but belongs to the caller is an
+    error: the command (the caller's uid) could make it listable again and
+    write the hooks of a repository inside (fail closed); others' are
+    skipped (the command cannot enter them either)."""
     repos = []
     seen = 0
-    for dirpath, dirnames, _files in os.walk(root, followlinks=False):
-        seen += len(dirnames)
-        if ".git" in dirnames or os.path.isfile(os.path.join(dirpath, ".git")):
-            repos.append(dirpath)
-        dirnames[:] = [d for d in dirnames if d != ".git" and d not in _SKIP_DIRS]
+    stack = [root]
+    me = os.geteuid()
+    while stack:
+        directory = stack.pop()
+        try:
+            entries = os.scandir(directory)
+        except PermissionError as exc:
+            try:
+                owner = os.lstat(directory).st_uid
+            except OSError:
+                continue
+            if owner == me:
+                raise PolicyError(
+                    "filesystem.protect",
+                    f"cannot list {directory} ({exc.strerror}) to look for git repositories "
+                    "to protect; make it readable (chmod u+rx)",
+                ) from None
+            continue
+        except OSError:
+            continue  # gone meanwhile, or not a directory any more
+        below = []
+        found = False
+        with entries:
+            for entry in entries:
+                name = entry.name
+                if name == ".git":
+                    found = True  # a directory, a file (worktree, submodule) or a link
+                elif name not in _SKIP_DIRS:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            below.append(entry.path)
+                    except OSError:
+                        pass
+        if found:
+            repos.append(directory)
+        seen += len(below)
         if seen > MAX_SCAN_ENTRIES:
             view.notes.append(
                 f"stopped scanning {root} for git repositories after {MAX_SCAN_ENTRIES} directories"
             )
             break
+        stack.extend(reversed(below))
     return repos
