@@ -222,11 +222,15 @@ def test_a_worktree_checkout_in_the_workspace(repo: Path, attack: str) -> None:
     _git("commit", "-q", "--allow-empty", "-m", "base", cwd=repo)
     _git("worktree", "add", "-q", "wt", cwd=repo)
     assert (repo / "wt" / ".git").is_file()
+    _refused_inside_done_outside(repo, "cd wt && git status --short >/dev/null", attack)
+
+
+def _refused_inside_done_outside(repo: Path, prelude: str, attack: str) -> None:
     before = _snapshot(repo)
-    r = sh(f"cd wt && git status --short >/dev/null && {{ {attack}; }} 2>/dev/null || echo refused")
+    r = sh(f"{prelude} && {{ {attack}; }} 2>/dev/null || echo refused")
     assert r.returncode == 0 and r.stdout == b"refused\n", r
     assert _snapshot(repo) == before
-    outside(f"cd wt && {attack}", cwd=repo)  # control: the host can
+    outside(f"{prelude} && {attack}", cwd=repo)  # control: the host can
     assert _snapshot(repo) != before
 
 
@@ -248,12 +252,7 @@ def test_a_submodule_checkout_in_the_workspace(repo: Path, tmp_path: Path, attac
     _git("submodule", "add", "-q", str(upstream), "sub", cwd=repo)
     assert (repo / "sub" / ".git").is_file()
     assert (repo / ".git" / "modules" / "sub" / "config").is_file()
-    before = _snapshot(repo)
-    r = sh(f"cd sub && {{ {attack}; }} 2>/dev/null || echo refused")
-    assert r.returncode == 0 and r.stdout == b"refused\n", r
-    assert _snapshot(repo) == before
-    outside(f"cd sub && {attack}", cwd=repo)  # control: the host can
-    assert _snapshot(repo) != before
+    _refused_inside_done_outside(repo, "cd sub", attack)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any .git")
