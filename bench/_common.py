@@ -642,10 +642,28 @@ def write_json(path: str, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def private_tmpdir() -> str:
+    """Point TMPDIR (for this process and everything it starts) at a fresh
+    directory removed at exit: some peers leave files in the temporary
+    directory (sandbox-runtime an ``srt-mux-PID-0.sock`` per run)."""
+    import atexit
+    import shutil
+
+    if os.environ.get("NANOBOX_BENCH_TMPDIR"):
+        return os.environ["NANOBOX_BENCH_TMPDIR"]  # a parent made one
+    path = tempfile.mkdtemp(prefix="nanobox-bench-tmp-")
+    os.chmod(path, 0o1777)  # the `nobody` worker's too
+    os.environ["TMPDIR"] = os.environ["NANOBOX_BENCH_TMPDIR"] = path
+    tempfile.tempdir = None  # re-read TMPDIR
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 def base_args(description: str) -> Any:
-    """The options every module takes."""
+    """The options every module takes (and a private TMPDIR for the run)."""
     import argparse
 
+    private_tmpdir()
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny counts (development)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")

@@ -118,6 +118,7 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main() -> None:
+    c.private_tmpdir()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny counts (development)")
     p.add_argument("--only", help=f"comma-separated subset of {','.join(MODULES)}")
