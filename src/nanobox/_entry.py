@@ -11,8 +11,10 @@ from __future__ import annotations
 import sys
 
 
-def entry() -> None:
-    args = sys.argv[1:]
+def start_server_early(args: list[str]) -> None:
+    """For ``nanobox run``: fork the server now. It starts (and prepares the
+    run's first stage) on the other core while the CLI parses the options
+    and builds the plan; after a usage error it just goes away again."""
     if (
         args[:1] == ["run"]
         and sys.platform.startswith("linux")
@@ -21,7 +23,11 @@ def entry() -> None:
     ):
         from ._linux import client
 
-        client.start_oneshot()  # after a usage error it just goes away again
+        client.start_oneshot()  # once per process
+
+
+def entry() -> None:
+    start_server_early(sys.argv[1:])
     from .cli import entry as cli_entry
 
     cli_entry()

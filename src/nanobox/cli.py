@@ -464,12 +464,13 @@ def _exit_status(result: Any) -> int:
 def _cmd_run(argv: list[str]) -> int:
     if argv and argv[0].startswith("-") and argv[0] not in ("-", "--"):
         _build_parser()  # knows which options take a value
-        opts, command = _split_command(argv)
-        ns: Any = _RUN_PARSER[0].parse_args(opts)
-    else:  # no options
+    opts, command = _split_command(argv)
+    ns: Any
+    if opts:
+        ns = _RUN_PARSER[0].parse_args(opts)
+    else:
         import types
 
-        opts, command = _split_command(argv)
         ns = types.SimpleNamespace(
             **{k: list(v) if isinstance(v, list) else v for k, v in _RUN_DEFAULTS.items()}
         )
@@ -547,14 +548,9 @@ def _cmd_check(as_json: bool) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "run" and sys.platform.startswith("linux"):
-        if "-h" not in args and "--help" not in args:
-            from ._linux import client
+    from ._entry import start_server_early
 
-            # The fork server starts (and prepares the run's first stage) on
-            # the other core while this process parses the options and
-            # builds the plan; after a usage error it just goes away again.
-            client.start_oneshot()
+    start_server_early(args)  # (already done when called through the console script)
     try:
         if args and args[0] == "run":
             return _cmd_run(args[1:])
