@@ -44,10 +44,7 @@ def make_userns(uid_map: str, gid_map: str) -> int:
     except OSError:
         return _make_userns_forked(uid_map, gid_map)
     try:
-        _write(f"/proc/{pid}/uid_map", uid_map)
-        _write(f"/proc/{pid}/setgroups", "deny")
-        _write(f"/proc/{pid}/gid_map", gid_map)
-        fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        fd = _map_and_open(pid, uid_map, gid_map)
         try:
             # Still ours (its sleep has not run out, so that pid is not
             # someone else's: a caller ignoring SIGCHLD has it reaped at once).
@@ -84,6 +81,14 @@ def reap_holders() -> None:
             pass
 
 
+def _map_and_open(pid: int, uid_map: str, gid_map: str) -> int:
+    """Write the maps of ``pid``'s (new) user namespace; open it."""
+    _write(f"/proc/{pid}/uid_map", uid_map)
+    _write(f"/proc/{pid}/setgroups", "deny")
+    _write(f"/proc/{pid}/gid_map", gid_map)
+    return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+
+
 def _make_userns_forked(uid_map: str, gid_map: str) -> int:
     from . import sys as k
 
@@ -104,10 +109,7 @@ def _make_userns_forked(uid_map: str, gid_map: str) -> int:
     try:
         if os.read(ready_r, 1) != b"1":
             raise OSError(1, "could not create a user namespace for the id mapping")
-        _write(f"/proc/{pid}/uid_map", uid_map)
-        _write(f"/proc/{pid}/setgroups", "deny")
-        _write(f"/proc/{pid}/gid_map", gid_map)
-        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        return _map_and_open(pid, uid_map, gid_map)
     finally:
         os.close(go_w)
         os.close(ready_r)
