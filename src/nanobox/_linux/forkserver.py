@@ -124,8 +124,8 @@ class Server:
         self.jobs_by_cmd: dict[int, _Job] = {}  # command pid -> job (supervised runs)
         self.timed: set[_Job] = set()  # supervised runs with a wall or CPU limit
         # Children reaped before their stage A's report was read.
-        self.early_exits: dict[int, tuple[int, Any]] = {}
-        self.early_at: dict[int, float] = {}  # when (for pruning)
+        # pid -> (wait status, rusage, when)
+        self.early_exits: dict[int, tuple[int, Any, float]] = {}
         self.helpers: set[int] = set()
         self.ident = cgroups.server_ident()
         self.placeholders = Placeholders(self.ident)
@@ -540,22 +540,19 @@ class Server:
             # An init or command whose stage A's "P" line is not read yet
             # (or a child of a stage A that died: kept for a while only).
             now = time.monotonic()
-            for old, at in list(self.early_at.items()):
+            for old, (_s, _r, at) in list(self.early_exits.items()):
                 if now - at > EARLY_EXIT_KEEP_S:
-                    del self.early_at[old]
-                    self.early_exits.pop(old, None)
-            self.early_exits[pid] = (status, rusage)
-            self.early_at[pid] = now
+                    del self.early_exits[old]
+            self.early_exits[pid] = (status, rusage, now)
 
     def _take_early(self, pid: int, job: _Job) -> tuple[int, Any] | None:
         """The exit of ``pid`` reaped before ``job``'s stage A named it, if
         it came after that stage A started (an older one was another
         process's that had the same pid)."""
-        at = self.early_at.pop(pid, None)
         early = self.early_exits.pop(pid, None)
-        if at is None or early is None or at < job.created:
+        if early is None or early[2] < job.created:
             return None
-        return early
+        return early[0], early[1]
 
     def _end_run(self, job: _Job) -> None:
         """The command ended or a limit was hit: kill the sandbox."""
