@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -31,14 +32,15 @@ pytestmark = [
 ]
 
 
-def _warm_commands() -> list[int]:
-    """The command processes of sandboxes built ahead (their stage A and
-    the command are named ``nanobox-warm``; the command is A's child)."""
+def _warm_sandboxes() -> list[int]:
+    """The stage A of each sandbox built ahead (named ``nanobox-warm`` once
+    built; a command process forked ahead, where a plan needs one, has that
+    name too, as A's child)."""
     below = descendants(os.getpid())
     return [
         pid
         for pid, comm in below.items()
-        if comm == "nanobox-warm" and below.get(_ppid(pid)) == "nanobox-warm"
+        if comm == "nanobox-warm" and below.get(_ppid(pid)) != "nanobox-warm"
     ]
 
 
@@ -70,7 +72,11 @@ def _forkers() -> list[int]:
 
 
 def _warm_ready() -> bool:
-    return len(_warm_commands()) == 1
+    return len(_warm_sandboxes()) == 1
+
+
+def _pidns_of_children(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/ns/pid_for_children")
 
 
 def test_next_run_claims_the_sandbox_built_ahead(workspace: Path, marker: str) -> None:
@@ -78,17 +84,69 @@ def test_next_run_claims_the_sandbox_built_ahead(workspace: Path, marker: str) -
     try:
         assert box.run(["true"]).returncode == 0
         assert wait_until(_warm_ready, timeout=5), "no sandbox built ahead after a run"
-        warm = _warm_commands()[0]
+        warm_ns = _pidns_of_children(_warm_sandboxes()[0])
         t = threading.Thread(
             target=box.run, args=([SPY, "-c", "import time; time.sleep(2)", marker],)
         )
         t.start()
         try:
             assert wait_until(lambda: bool(pids_with(marker)), timeout=10)
-            assert pids_with(marker) == [warm], "the run did not use the sandbox built ahead"
+            (cmd,) = pids_with(marker)
+            assert os.readlink(f"/proc/{cmd}/ns/pid") == warm_ns, (
+                "the run did not use the sandbox built ahead"
+            )
         finally:
             t.join(30)
     finally:
+        box.close()
+
+
+def test_after_a_pause_the_next_sandbox_is_built_once_the_run_ends(
+    workspace: Path, marker: str
+) -> None:
+    """A caller that leaves the server idle between runs (longer than a
+    build takes) gets the next sandbox built once its run has ended, not
+    while the run starts (where the build would compete with it)."""
+    box = nanobox.Sandbox()
+    try:
+        assert box.run(["true"]).returncode == 0
+        assert wait_until(_warm_ready, timeout=5)
+        time.sleep(0.3)  # idle
+        argv = [SPY, "-c", "import time; time.sleep(1.5)", marker]
+        t = threading.Thread(target=box.run, args=(argv,))
+        t.start()
+        try:
+            assert wait_until(lambda: bool(pids_with(marker)), timeout=10)
+            while pids_with(marker):
+                assert _warm_sandboxes() == [], "a sandbox was built while the run went on"
+                time.sleep(0.05)
+        finally:
+            t.join(30)
+        assert wait_until(_warm_ready, timeout=5), "no sandbox built after the run"
+    finally:
+        box.close()
+
+
+def test_back_to_back_runs_get_the_next_sandbox_built_during_the_run(
+    workspace: Path, marker: str
+) -> None:
+    """Runs back to back (no idle time to build in): the next sandbox is
+    built while the run goes on, as soon as it starts."""
+    box = nanobox.Sandbox()
+
+    def runs() -> None:
+        for _ in range(3):
+            box.run(["true"])
+        box.run([SPY, "-c", "import time; time.sleep(2)", marker])
+
+    t = threading.Thread(target=runs)
+    t.start()
+    try:
+        assert wait_until(lambda: bool(pids_with(marker)), timeout=10)
+        assert wait_until(lambda: _warm_ready() or not pids_with(marker), timeout=10)
+        assert pids_with(marker) and _warm_ready(), "no sandbox built during the run"
+    finally:
+        t.join(30)
         box.close()
 
 
@@ -98,7 +156,7 @@ def test_a_different_plan_gets_a_fresh_sandbox(workspace: Path, marker: str) -> 
     try:
         assert box.run(["true"]).returncode == 0
         assert wait_until(_warm_ready, timeout=5)
-        warm = _warm_commands()[0]
+        warm = _warm_sandboxes()[0]
         r = other.run(["hostname"])
         assert r.stdout == b"other\n", r
         # The sandbox built for the first policy was not used, and is gone.
@@ -185,9 +243,9 @@ def test_an_unclaimed_sandbox_goes_with_its_groups(workspace: Path) -> None:
     try:
         assert box.run(["true"]).returncode == 0
         assert wait_until(_warm_ready, timeout=5)
-        stage_a = _ppid(_warm_commands()[0])
-        built = {stage_a, *descendants(stage_a)}  # stage A, PID 1, the command
-        assert len(built) == 3, built
+        stage_a = _warm_sandboxes()[0]
+        built = {stage_a, *descendants(stage_a)}  # stage A and PID 1
+        assert len(built) == 2, built
         # No run comes: the sandbox built ahead goes within a few seconds.
         assert wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in built), timeout=5)
         if cgroups_usable():
@@ -202,7 +260,7 @@ def test_closing_the_server_takes_the_sandbox_built_ahead(workspace: Path) -> No
     groups_before = nanobox_groups() if cgroups_usable() else set()
     nanobox.run(["true"])
     assert wait_until(_warm_ready, timeout=5)
-    warm = _warm_commands()[0]
+    warm = _warm_sandboxes()[0]
     client.shutdown()
     assert wait_until(lambda: not os.path.exists(f"/proc/{warm}"), timeout=5)
     if cgroups_usable():
@@ -321,16 +379,19 @@ def test_low_open_files_limit_in_a_claimed_sandbox(workspace: Path) -> None:
         box.close()
 
 
-def test_a_sandbox_built_ahead_whose_command_died_is_not_used(workspace: Path) -> None:
+def test_a_sandbox_built_ahead_whose_init_died_is_not_used(workspace: Path) -> None:
+    """Its PID 1 killed from outside while it waits (which ends its pid
+    namespace): the next run gets a fresh sandbox, not an error."""
     import signal
 
     box = nanobox.Sandbox()
     try:
         assert box.run(["true"]).returncode == 0
         assert wait_until(_warm_ready, timeout=5)
-        dead = _warm_commands()[0]
-        os.kill(dead, signal.SIGKILL)
-        assert wait_until(lambda: _state(dead) in ("Z", "gone"), timeout=5)
+        stage_a = _warm_sandboxes()[0]
+        (init,) = descendants(stage_a)
+        os.kill(init, signal.SIGKILL)
+        assert wait_until(lambda: _state(stage_a) in ("Z", "gone"), timeout=5)
         r = box.run(["echo", "fine"])
         assert (r.returncode, r.stdout) == (0, b"fine\n"), r
     finally:

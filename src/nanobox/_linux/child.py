@@ -11,6 +11,11 @@ seccomp filter, last, so that nothing but the exec runs under them, and
 ``execve`` with a PATH search (``seal_and_exec``). Any failure is reported
 on ``err_w`` (close-on-exec, so a successful exec reports nothing) as ``S``
 (setup) or ``X`` (exec) plus JSON.
+
+Used where a plan needs a command process forked ahead (``spawn``; usually
+stage A takes these steps on itself and spawns the command, with
+``path_search``, ``set_rlimits`` and ``report`` from here), and by the
+supervising init without namespaces.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import os
 import resource
 import signal
 import socket
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 # Imported here, not lazily: in a minimal rootfs the package's files are no
 # longer reachable once the view is built.
@@ -28,6 +34,8 @@ from .._seccomp import loader as seccomp_loader
 from . import DEFAULT_PATH, landlock
 from . import sys as k
 from .fds import close_all_except, write_all
+
+T = TypeVar("T")
 
 
 def report(err_w: int, kind: bytes, step: str, exc: BaseException) -> None:
@@ -42,6 +50,15 @@ def report(err_w: int, kind: bytes, step: str, exc: BaseException) -> None:
 
 def _exec_search(argv: list[str], env: dict[str, str]) -> OSError:
     """``execve`` with a PATH search like ``execvpe``; returns the error."""
+    failure = path_search(argv, env, lambda path: os.execve(path, argv, env))
+    assert isinstance(failure, OSError)
+    return failure
+
+
+def path_search(argv: list[str], env: dict[str, str], start: Callable[[str], T]) -> T | OSError:
+    """``start(path)`` for each candidate of a PATH search like ``execvpe``
+    (``start`` execs or spawns ``path``, raising OSError if it cannot):
+    the first result, or the error to report."""
     name = argv[0]
     if "/" in name:
         candidates = [name]
@@ -52,7 +69,7 @@ def _exec_search(argv: list[str], env: dict[str, str]) -> OSError:
     last: OSError = FileNotFoundError(2, f"{name}: command not found")
     for candidate in candidates:
         try:
-            os.execve(candidate, argv, env)
+            return start(candidate)
         except OSError as exc:
             last = exc
             if exc.errno in (2, 20):  # ENOENT, ENOTDIR
@@ -64,6 +81,11 @@ def _exec_search(argv: list[str], env: dict[str, str]) -> OSError:
     if saved is None and last.errno == 13:
         last = FileNotFoundError(2, f"{name}: command not found")
     return saved or last
+
+
+def set_rlimits(plan: dict[str, Any]) -> None:
+    for res, soft, hard in plan["rlimits"]:
+        resource.setrlimit(res, _clamp(soft, hard, resource.getrlimit(res)[1]))
 
 
 def _clamp(soft: int, hard: int, cur_hard: int) -> tuple[int, int]:
@@ -164,8 +186,7 @@ def seal_and_exec(
     go to ``notify_sock``), then ``execve`` with a PATH search."""
     step = "rlimits"
     try:
-        for res, soft, hard in plan["rlimits"]:
-            resource.setrlimit(res, _clamp(soft, hard, resource.getrlimit(res)[1]))
+        set_rlimits(plan)
         prog = plan.get("seccomp")
         notify = prog and notify_sock >= 0 and bool(plan.get("seccomp_notify"))
         sock = socket.socket(fileno=notify_sock) if notify_sock >= 0 else None

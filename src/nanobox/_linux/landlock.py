@@ -499,6 +499,16 @@ def apply(plan: LandlockPlan, *, max_abi: int | None = None) -> int:
     nothing happens). Raises :class:`LandlockError` when the ABI is below
     ``plan.min_abi`` or a step fails; every fd opened here is closed.
     """
+    ruleset_fd, abi = prepare(plan, max_abi=max_abi)
+    if ruleset_fd >= 0:
+        restrict(ruleset_fd)
+    return abi
+
+
+def prepare(plan: LandlockPlan, *, max_abi: int | None = None) -> tuple[int, int]:
+    """The first half of :func:`apply`: the ruleset with ``plan``'s rules,
+    not enforced yet (a sandbox built ahead makes it before its run). Returns
+    ``(ruleset fd, abi)``; the fd is -1 when there is nothing to enforce."""
     abi = min(abi_version(), MAX_KNOWN_ABI)
     if max_abi is not None:
         abi = min(abi, max_abi)
@@ -509,7 +519,7 @@ def apply(plan: LandlockPlan, *, max_abi: int | None = None) -> int:
             f"Landlock ABI {abi} is below the required ABI {plan.min_abi}",
         )
     if abi < 1:
-        return 0
+        return -1, 0
     handled_fs = fs_rights_for_abi(abi)
     handled_net = net_rights_for_abi(abi) if plan.restrict_tcp else 0
     scoped = scope_rights_for_abi(abi) & (
@@ -539,6 +549,16 @@ def apply(plan: LandlockPlan, *, max_abi: int | None = None) -> int:
                 _add_port(ruleset_fd, port, CONNECT_TCP)
             for port in plan.allowed_bind_ports:
                 _add_port(ruleset_fd, port, BIND_TCP)
+    except BaseException:
+        os.close(ruleset_fd)
+        raise
+    return ruleset_fd, abi
+
+
+def restrict(ruleset_fd: int) -> None:
+    """The second half of :func:`apply`: no_new_privs, then enforce the
+    ruleset on the calling thread (and its future children); closes it."""
+    try:
         if (
             _prctl(
                 ctypes.c_int(PR_SET_NO_NEW_PRIVS),
@@ -554,4 +574,3 @@ def apply(plan: LandlockPlan, *, max_abi: int | None = None) -> int:
             raise _fail("restrict_self")
     finally:
         os.close(ruleset_fd)
-    return abi

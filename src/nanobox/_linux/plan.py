@@ -313,6 +313,7 @@ def build_plan(
         # Applied where the kernel has it (``child.prepare`` asks); this
         # process need not load ctypes to find out.
         ll = fsplan.landlock_plan(view)
+    limits = rlimits(policy) + extra_rlimits
     return {
         "proxy": allowlist,
         "proxy_ports": [PROXY_HTTP_PORT, PROXY_SOCKS_PORT],
@@ -338,12 +339,80 @@ def build_plan(
         if mode == "full"
         else list(view.writable),
         "landlock": ll,
-        "rlimits": rlimits(policy) + extra_rlimits,
+        "rlimits": limits,
+        "spawn": mode != "nons"
+        and spawn_allowed(program, limits, default=policy.syscalls == "default"),
         "timeout": timeout,
         "cpu_time": None if lim.cpu_time is None else float(lim.cpu_time),
         "seccomp": program,
         "seccomp_notify": notify_table,
     }
+
+
+# What stage A calls after installing the seccomp filter when it starts the
+# command itself (``spawn._build_spawning``): its Python, posix_spawn's
+# vfork-like clone and the child's steps to the exec, a stand-in process
+# for a failed exec, its report. (syscall, arg0 or None)
+CLONE_VFORK_FLAGS = 0x100 | 0x4000 | 17  # CLONE_VM | CLONE_VFORK | SIGCHLD
+CLONE_FORK_FLAGS = 0x01000000 | 0x00200000 | 17  # as glibc's fork()
+SPAWN_CALLS: tuple[tuple[str, int | None], ...] = (
+    ("clone", CLONE_VFORK_FLAGS),
+    ("clone", CLONE_FORK_FLAGS),
+    ("execve", None),
+    ("rt_sigprocmask", None),
+    ("rt_sigaction", None),
+    ("setsid", None),
+    ("mmap", None),
+    ("munmap", None),
+    ("mprotect", None),
+    ("brk", None),
+    ("newfstatat", None),
+    ("sendmsg", None),
+    ("write", None),
+    ("close", None),
+    ("getrusage", None),
+    ("exit_group", None),
+)
+_spawn_ok: dict[str, bool] = {}
+
+
+def spawn_allowed(
+    program: str | None, limits: list[tuple[int, int, int]], *, default: bool
+) -> bool:
+    """May stage A start the command with posix_spawn, after taking the
+    command's last steps (rlimits, seccomp) on itself? Not under an
+    address-space rlimit (the spawn maps a stack in a process the size of a
+    Python interpreter), and only if the seccomp filter lets it make the
+    calls that follows (``SPAWN_CALLS``; clone3 may fail with ENOSYS, glibc
+    then uses clone): a policy that denies, say, ``clone`` gets a command
+    process forked ahead instead, which only execs under the filter. The
+    default filter allows them (a test runs it through the interpreter);
+    another is run through it once per process."""
+    if any(res == resource.RLIMIT_AS for res, _soft, _hard in limits):
+        return False
+    if program is None or default:
+        return True
+    ok = _spawn_ok.get(program)
+    if ok is None:
+        ok = _spawn_ok[program] = filter_allows_spawn(bytes.fromhex(program))
+    return ok
+
+
+def filter_allows_spawn(program: bytes) -> bool:
+    from .._seccomp import bpf, interp
+    from .._seccomp.policy import arch_info, native_arch
+
+    info = arch_info(native_arch())
+
+    def action(name: str, arg0: int | None = None) -> int:
+        args = (arg0 or 0, 0, 0, 0, 0, 0)
+        data = interp.SeccompData(info.syscalls[name], info.audit_arch, args)
+        return interp.run(program, data)
+
+    clone3 = action("clone3")
+    if clone3 != bpf.SECCOMP_RET_ALLOW and clone3 != bpf.SECCOMP_RET_ERRNO | 38:  # ENOSYS
+        return False
+    return all(action(name, arg0) == bpf.SECCOMP_RET_ALLOW for name, arg0 in SPAWN_CALLS)
 
 
 RUN_KEYS = ("id", "argv", "env", "timeout")

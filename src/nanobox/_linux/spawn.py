@@ -4,16 +4,23 @@
                         caller, creates the run's user namespace) before it
                         is given a plan; then unshare(user, mount, pid, net,
                         ipc, uts, cgroup), write its uid/gid map, start B,
-                        fork C, build the view, wait for ``go``, finish the
-                        view, release C, report both pids, exit
+                        build the view, wait for ``go`` and the run, finish
+                        the view, then start the command (C), report the
+                        pids, exit
                      B: PID 1 of the new pid namespace (``pid1``): ``cat``
                         on the command pipe, started with posix_spawn
-                     C: the command, PID 2: makes the procfs for A, then
-                        (once the view is built) prepares itself
-                        (``child.prepare``: session, caps, Landlock...),
-                        waits for its run's argv, env and stdio and for A's
-                        release, then rlimits, seccomp and execve
-                        (``child.seal_and_exec``)
+                     C: the command, PID 2. Usually (``_build_spawning``) A
+                        takes the command's last steps on itself once the
+                        run is here (stdio, cwd, no_new_privs, capabilities,
+                        Landlock, rlimits, seccomp) and starts C with
+                        posix_spawn: no copy of a Python process per run.
+                        Where the plan does not allow that (``plan.spawn``:
+                        a seccomp filter that denies what the spawn needs
+                        afterwards, an address-space rlimit), C is forked
+                        ahead instead (``_build_sandbox``): it makes the
+                        procfs for A, prepares itself (``child.prepare``),
+                        waits for its run and A's release, then sets rlimits
+                        and seccomp and execs (``child.seal_and_exec``)
 
 A starter is forked ahead of its plan so that the slow parts that do not
 depend on the plan (a cgroup migration waits for an RCU grace period; a user
@@ -21,18 +28,20 @@ namespace for the id mapping needs a fork) happen off the critical path: the
 fork server keeps one spare starter ready after a run. Given a plan, it
 builds the whole sandbox, then waits for ``go``: the server builds the next
 run's sandbox ahead this way, and a run with the same plan bytes only sends
-``go`` (to A) and its argv/env/stdio (to C). The plan (and the caller's
-channel when a proxy listens) arrives on the starter's socket; the command
-has a socket of its own, over which it hands its seccomp listener to the
-server and receives its run.
+``go`` (to A) and its argv/env/stdio (to A, or to C forked ahead, on the
+"command socket"). The plan (and the caller's channel when a proxy listens)
+arrives on the starter's socket; over the command socket the server also
+receives the seccomp listener.
 
 The server is single-threaded, so forking it (and running Python in the
 children) is safe. A reports on ``status`` with ``P`` + JSON (the pids of B
-and C) or ``E`` + JSON; C adds ``S``/``X`` + JSON if its setup or exec
-fails. B and C become the server's children when A exits (it is a child
-subreaper); the server supervises them (``supervise``). Without namespaces
-A forks the old-style supervising init instead (``init``, ``P<pid>``), which
-writes its report (``R`` + JSON) on the same pipe.
+and C) or ``E`` + JSON; ``S``/``X`` + JSON (before ``P``) say that the
+command's setup or exec failed (C's exit status is then 125 or 127, also
+when A started it: a stand-in process exits so). B and C become the
+server's children when A exits (it is a child subreaper); the server
+supervises them (``supervise``). Without namespaces A forks the old-style
+supervising init instead (``init``, ``P<pid>``), which writes its report
+(``R`` + JSON) on the same pipe.
 """
 
 from __future__ import annotations
@@ -41,12 +50,14 @@ import gc
 import json
 import os
 import resource
+import select
 import signal
 import socket
 import time
 from typing import Any
 
-from . import child, init, mounts, netns, pid1, userns
+from .._seccomp import loader as seccomp_loader
+from . import child, init, landlock, mounts, netns, pid1, userns
 from . import sys as k
 from .fds import close_all_except, recv_fds, write_all
 
@@ -277,6 +288,8 @@ def _stage_a(
             userns.map_self(plan["outer_uid"], plan["outer_gid"], plan["uid"], plan["gid"])
     except BaseException as exc:  # noqa: BLE001 - never return into the server
         _fail(status_w, step, exc)
+    if plan.get("spawn"):
+        _build_spawning(plan, sock, csock_fd, status_w, cmd_r)
     _build_sandbox(plan, sock, csock_fd, status_w, cmd_r)
 
 
@@ -384,6 +397,197 @@ def _build_sandbox(
         if isinstance(exc, mounts.MountStepError):
             step = exc.step
         _fail(status_w, step, exc)
+
+
+def _procfs() -> int | OSError:
+    """A procfs of the sandbox's pid namespace, made here (outside it) with
+    procfs's ``pidns`` option (Linux 6.18+), else by a short-lived child
+    inside it (a procfs shows the pid namespace of the process that creates
+    it). An error is returned, for ``mounts.build`` to report."""
+    try:
+        return k.fsmount_new("proc", {"pidns": "/proc/self/ns/pid_for_children"}, PROC_ATTRS)
+    except OSError as exc:
+        if exc.errno != 22:  # EINVAL: an older kernel without the option
+            return exc
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            mine.close()
+            try:
+                proc = k.fsmount_new("proc", {}, PROC_ATTRS)
+            except OSError as exc:
+                theirs.send(b"E%d" % (exc.errno or 1))
+            else:
+                socket.send_fds(theirs, [b"P"], [proc])
+        except BaseException:  # noqa: BLE001
+            code = 1
+        os._exit(code)
+    theirs.close()
+    try:
+        msg, fds = recv_fds(mine, 64, 1)
+    finally:
+        mine.close()
+        os.waitpid(pid, 0)
+    if fds:
+        return fds[0]
+    return OSError(int(msg[1:] or b"1"), "procfs")
+
+
+def _wait_unless_init_dies(sock: socket.socket, init_pid: int) -> None:
+    """Wait for ``sock`` to be readable; raise if PID 1 dies first (killed
+    from outside: the pid namespace is gone, the sandbox cannot be used,
+    and the server must hear of it before a run claims it)."""
+    try:
+        watch = os.pidfd_open(init_pid)
+    except (AttributeError, OSError):
+        return  # (a kernel before 5.3): found out at the spawn
+    try:
+        ready, _, _ = select.select([sock.fileno(), watch], [], [])
+        if sock.fileno() not in ready:
+            raise OSError(3, "the sandbox's PID 1 died while it waited for its run")  # ESRCH
+    finally:
+        os.close(watch)
+
+
+def _build_spawning(
+    plan: dict[str, Any], sock: socket.socket, csock_fd: int, status_w: int, cmd_r: int
+) -> None:
+    """``_build_sandbox`` without a command process built ahead: this
+    process builds the sandbox, waits for the run (on the command's socket),
+    finishes the view, then takes the command's last steps on itself
+    (stdio, cwd, capabilities, Landlock, rlimits, seccomp) and starts the
+    command with ``posix_spawn``, which execs from a vfork-like child: no
+    copy of this Python process is made, faulted in and torn down again at
+    the exec (a forked command process cost ~2-3 ms of CPU per run and
+    ~0.5 ms of the start). Used when the plan allows it (``plan.spawn``):
+    the seccomp filter must let this process spawn after it is installed,
+    and no address-space rlimit may be too small for that. The server's side
+    of the protocol is the same: "R" when ready, the run, "L" with the
+    listener, stage A's "P" line."""
+    t0 = time.monotonic()
+    step = "start init"
+    init_pid = cmd_pid = 0
+    csock = socket.socket(fileno=csock_fd)
+    try:
+        init_pid = pid1.start(cmd_r)
+        os.close(cmd_r)
+        step = "hostname"
+        socket.sethostname(plan["hostname"])
+        if plan["newnet"]:
+            step = "loopback"
+            netns.loopback_up()
+        step = "procfs"
+        proc = _procfs()
+        step = "filesystem view"
+        late: list[dict[str, Any]] = []
+        deferred = frozenset(path for path, _kind in plan.get("placeholders", ()))
+        degraded = mounts.build(plan["view"], proc, late, deferred)
+        if not isinstance(proc, OSError):
+            os.close(proc)
+        if plan.get("proxy"):
+            step = "proxy listeners"
+            netns.send_listeners(plan["chan_fd"], plan["proxy_ports"])
+        step = "landlock"
+        ruleset = -1
+        if plan.get("landlock") and landlock.abi_version() > 0:
+            ruleset, _abi = landlock.prepare(landlock.LandlockPlan.from_json(plan["landlock"]))
+        built = time.monotonic()
+        step = "wait for the run"
+        _set_name(b"nanobox-warm")  # built, until its run starts (ps shows it)
+        csock.send(b"R")  # the server sends the run (on csock) once it has one ...
+        _wait_unless_init_dies(sock, init_pid)
+        if sock.recv(16) != b"G":  # ... and "go" (after it); EOF: not needed after all
+            _end((init_pid,))
+            os._exit(0)
+        msg, fds = recv_fds(csock, MAX_PLAN, 3)
+        if not msg or len(fds) != 3:
+            raise OSError(32, "the run did not come")  # EPIPE
+        t1 = time.monotonic()
+        argv, env = json.loads(msg)
+        if late:
+            step = "filesystem view"
+            mounts.build_late(plan["view"], late)
+    except BaseException as exc:  # noqa: BLE001 - never return into the server
+        _end((init_pid,))
+        if isinstance(exc, mounts.MountStepError):
+            step = exc.step
+        _fail(status_w, step, exc)
+    kind, step = b"S", "stdio"
+    failure: BaseException | None = None
+    try:
+        for target, fd in enumerate([os.dup(fd) for fd in fds]):  # never collide with 0..2
+            os.dup2(fd, target, inheritable=True)
+        close_all_except({status_w, csock.fileno(), ruleset})
+        environ = dict(env)
+        step = "chdir"
+        os.chdir(plan["cwd"])
+        os.umask(0o022)
+        step = "no_new_privs"
+        k.prctl(k.PR_SET_NO_NEW_PRIVS, 1)
+        step = "drop capabilities"
+        k.drop_all_capabilities()
+        if ruleset >= 0:
+            step = "landlock"
+            landlock.restrict(ruleset)
+        step = "rlimits"
+        child.set_rlimits(plan)
+        listener = None
+        prog = plan.get("seccomp")
+        notify = bool(prog and plan.get("seccomp_notify"))
+        msg = b"L" + json.dumps([0.0, 0.0]).encode()  # no CPU of the command's before its exec
+        if prog:
+            step = "seccomp"
+            listener = seccomp_loader.install(bytes.fromhex(prog), new_listener=notify)
+        step = "seccomp listener"
+        if listener is not None:
+            socket.send_fds(csock, [msg], [listener])
+            os.close(listener)
+        else:
+            csock.send(msg)
+        kind, step = b"X", "exec"
+        start = time.monotonic()
+
+        def spawn(path: str) -> int:
+            if not os.path.exists(path):  # (a stat, not a failed vfork and exec)
+                raise FileNotFoundError(2, os.strerror(2), path)
+            return k.spawn(path, argv, environ)
+
+        found = child.path_search(argv, environ, spawn)
+        if isinstance(found, OSError):
+            failure = found
+        else:
+            cmd_pid = found
+    except BaseException as exc:  # noqa: BLE001
+        failure = exc
+        start = time.monotonic()
+    if failure is not None:
+        # As a command process that failed would: its line, then exit
+        # status 125 (setup) or 127 (exec) from a process of the sandbox.
+        child.report(status_w, kind, step, failure)
+        try:
+            cmd_pid = os.fork()
+            if cmd_pid == 0:
+                os._exit(127 if kind == b"X" else 125)
+        except BaseException as exc:  # noqa: BLE001
+            _end((init_pid,))
+            _fail(status_w, step, exc)
+    try:
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # the procfs child, if any
+        info = {
+            "init": init_pid,
+            "cmd": cmd_pid,
+            "start": start,
+            "setup_s": (built - t0) + (start - t1),
+            "degraded": degraded,
+            "self_utime": me.ru_utime + kids.ru_utime,
+            "self_stime": me.ru_stime + kids.ru_stime,
+        }
+        write_all(status_w, b"P" + json.dumps(info).encode() + b"\n")
+    finally:
+        os._exit(0)
 
 
 def _command(

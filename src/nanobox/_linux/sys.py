@@ -390,3 +390,38 @@ def spawn_userns_holder(seconds: int) -> tuple[int, int]:
     if pid < 0:
         raise OSError(err, f"clone(CLONE_NEWUSER): {os.strerror(err)}")
     return int(pid), pidfd.value
+
+
+POSIX_SPAWN_SETSIGDEF = 0x04
+POSIX_SPAWN_SETSIGMASK = 0x08
+POSIX_SPAWN_SETSID = 0x80
+_SIGSET_BYTES = 128  # glibc's sigset_t
+_SPAWNATTR_BYTES = 1024  # >= glibc's posix_spawnattr_t (336 bytes on 64-bit)
+
+
+def spawn(path: str, argv: list[str], env: dict[str, str]) -> int:
+    """``posix_spawn`` (glibc: a vfork-like child that execs, sharing this
+    process's memory until then) as a session leader with an empty signal
+    mask and every signal's disposition at its default, *including* glibc's
+    two internal ones (32 and 33), which glibc's child would otherwise leave
+    ignored and ``os.posix_spawn`` cannot name. Returns the pid; raises
+    OSError with the exec's errno."""
+    attr = ctypes.create_string_buffer(_SPAWNATTR_BYTES)
+    _check(-_libc.posix_spawnattr_init(attr), "posix_spawnattr_init")
+    try:
+        flags = POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSID
+        _check(-_libc.posix_spawnattr_setflags(attr, ctypes.c_short(flags)), "spawnattr")
+        every = ctypes.create_string_buffer(b"\xff" * 8, _SIGSET_BYTES)  # signals 1..64
+        _check(-_libc.posix_spawnattr_setsigdefault(attr, every), "spawnattr")
+        empty = ctypes.create_string_buffer(_SIGSET_BYTES)
+        _check(-_libc.posix_spawnattr_setsigmask(attr, empty), "spawnattr")
+        c_argv = (ctypes.c_char_p * (len(argv) + 1))(*[os.fsencode(a) for a in argv], None)
+        pairs = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
+        c_env = (ctypes.c_char_p * (len(pairs) + 1))(*pairs, None)
+        pid = ctypes.c_int(0)
+        err = _libc.posix_spawn(ctypes.byref(pid), os.fsencode(path), None, attr, c_argv, c_env)
+        if err:
+            raise OSError(err, os.strerror(err), path)
+        return pid.value
+    finally:
+        _libc.posix_spawnattr_destroy(attr)

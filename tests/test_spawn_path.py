@@ -1,0 +1,118 @@
+"""How stage A starts the command. Usually it takes the command's last
+steps on itself (stdio, cwd, capabilities, Landlock, rlimits, seccomp) and
+starts it with ``posix_spawn``; where the plan does not allow that, a
+command process forked ahead does them and execs: under a seccomp policy
+that denies what a spawn needs afterwards (say, ``clone``: a judge that
+forbids forking), or an address-space rlimit. Both ways give the same
+sandbox: the suite runs the first; these tests pin the choice and run the
+second."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import nanobox
+from conftest import SPY, userns_usable
+from nanobox._linux import plan
+from nanobox._seccomp import default_program
+from nanobox._seccomp.policy import native_arch
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(not userns_usable(), reason="no user namespaces"),
+]
+
+NO_FORK = nanobox.Policy(
+    syscalls=nanobox.Syscalls(deny=("clone", "clone3", "fork", "vfork")),
+)
+# Denies a call of the spawn's (the command's own setsid comes before its
+# filter) while the command may still fork: the forked-ahead path for a
+# shell script.
+NO_SETSID = nanobox.Policy(syscalls=nanobox.Syscalls(deny=("setsid",)))
+FORK = """import os
+try:
+    pid = os.fork()
+except OSError as e:
+    print("denied", e.errno)
+else:
+    pid or os._exit(0)
+    print("forked")
+"""
+STATUS = "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp|SigIgn|SigBlk):' /proc/self/status"
+
+
+def test_the_default_filter_lets_stage_a_spawn() -> None:
+    prog = bytes.fromhex(default_program.PROGRAMS[native_arch()])
+    assert plan.filter_allows_spawn(prog)
+
+
+def test_which_plans_spawn() -> None:
+    for policy in (NO_FORK, NO_SETSID):
+        program, _table = plan.seccomp_program(policy)
+        assert program is not None and not plan.spawn_allowed(program, [], default=False)
+    # An allow-list without clone: likewise.
+    allow_list = nanobox.Policy(
+        syscalls=nanobox.Syscalls(base="deny", allow=("read", "write", "execve", "exit_group"))
+    )
+    program, _table = plan.seccomp_program(allow_list)
+    assert program is not None and not plan.spawn_allowed(program, [], default=False)
+    # A deny list that leaves the spawn's calls alone spawns.
+    program, _table = plan.seccomp_program(
+        nanobox.Policy(syscalls=nanobox.Syscalls(deny=("socket",)))
+    )
+    assert program is not None and plan.spawn_allowed(program, [], default=False)
+    # No address-space limit may apply to stage A's own (Python-sized) memory.
+    import resource
+
+    limit = [(resource.RLIMIT_AS, 1 << 26, 1 << 26)]
+    assert not plan.spawn_allowed(None, limit, default=True)
+    assert plan.spawn_allowed(None, [(resource.RLIMIT_CORE, 0, 0)], default=True)
+
+
+def test_a_policy_that_denies_forking_gets_a_command_process_forked_ahead(
+    workspace: Path,
+) -> None:
+    r = nanobox.run([SPY, "-c", FORK], policy=NO_FORK)
+    assert (r.returncode, r.stdout) == (0, b"denied 1\n"), r
+    # Control: the default policy lets the command fork.
+    r = nanobox.run([SPY, "-c", FORK])
+    assert (r.returncode, r.stdout) == (0, b"forked\n"), r
+    # Outside: forking works too (the test can fail).
+    out = subprocess.run([SPY, "-c", FORK], capture_output=True, text=True, check=True)
+    assert out.stdout == "forked\n"
+
+
+@pytest.mark.parametrize("policy", [None, NO_SETSID], ids=["spawned", "forked-ahead"])
+def test_both_ways_start_the_command_alike(workspace: Path, policy: nanobox.Policy) -> None:
+    """No capabilities, no_new_privs, a seccomp filter, default signal
+    dispositions and mask, a session of its own, the run's stdio, argv,
+    env and directory."""
+    sub = workspace / "sub"
+    sub.mkdir()
+    script = f'{STATUS}; echo "$0 $FOO $(pwd)"; cat; echo "session $(ps -o sid= -p $$) $$"'
+    r = nanobox.run(
+        ["/bin/sh", "-c", script, "zero"],
+        env={"FOO": "bar", "PATH": "/usr/bin:/bin"},
+        input=b"in\n",
+        cwd=sub,
+        policy=policy,
+    )
+    assert r.returncode == 0, r
+    lines = r.stdout.decode().splitlines()
+    fields = dict(ln.split(":\t") for ln in lines if ":\t" in ln)
+    assert fields["CapEff"] == fields["CapBnd"] == "0000000000000000", fields
+    assert fields["NoNewPrivs"] == "1" and fields["Seccomp"] == "2", fields
+    assert fields["SigIgn"] == fields["SigBlk"] == "0000000000000000", fields
+    assert f"zero bar {sub}" in lines and "in" in lines, lines
+    _word, sid, pid = lines[-1].split()
+    assert sid == pid, lines  # a session of its own
+
+
+@pytest.mark.parametrize("policy", [None, NO_FORK], ids=["spawned", "forked-ahead"])
+def test_both_ways_report_a_missing_program(workspace: Path, policy: nanobox.Policy) -> None:
+    r = nanobox.run(["no-such-program-xyz"], policy=policy)
+    assert r.returncode == 127, r
+    assert any("no-such-program-xyz" in v.detail for v in r.violations), r.violations
