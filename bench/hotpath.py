@@ -119,31 +119,38 @@ def instrument() -> None:
     _wrap(os, "fork", "fork")  # ".E" is marked by the parent and by the child
     _wrap(socket_mod, "sethostname", "hostname")
     _wrap(netns, "loopback_up", "loopback")
+    _wrap(spawn, "_procfs", "procfs")
     _wrap(mounts, "build", "mounts")
+    _wrap(landlock, "prepare", "landlock")
     _wrap(mounts, "build_late", "late")
-    # the command's process
+    _wrap(k, "drop_capabilities", "caps")
+    _wrap(loader, "install", "seccomp")
+    _wrap(k, "spawn", "spawn")
+    # a command process forked ahead (plans that need one; not profiled here)
     _wrap(spawn, "_command", "command", end=False)
     _wrap(child, "prepare", "prep")
-    _wrap(landlock, "apply", "landlock")
-    _wrap(loader, "install", "seccomp")
-    _wrap(child, "take_stdio", "stdio")
-    _wrap(child, "_exec_search", "execve", end=False)
 
 
 # (phase, from mark, to mark), marks as ROLE:label, on the critical path of
 # a run that claims a sandbox built ahead. Roles: client, server, A (stage
-# A), C (the command's process).
+# A, which spawns the command), C (a command process forked ahead, where a
+# plan needs one: not in this profile of the default policy).
 PHASES = [
     ("client: policy → plan (build_plan)", "client:build_plan.B", "client:build_plan.E"),
     ("client: rest of prepare (json)", "client:build_plan.E", "client:prepare.E"),
     ("client: pipes, submit; server receives", "client:start.B", "server:on_ctrl.B"),
     ("server: decode, take the sandbox built ahead", "server:on_ctrl.B", "server:claim.B"),
     ("server: create placeholders", "server:placeholders.B", "server:placeholders.E"),
-    ("server: argv/env/stdio to C, go to A", "server:placeholders.E", "server:go.E"),
+    ("server: argv/env/stdio and go to A", "server:placeholders.E", "server:go.E"),
     ("A: wake up, protect placeholders, late hides", "server:go.E", "A:late.E"),
-    ("C: released (wakes up)", "A:late.E", "C:seccomp.B"),
-    ("C: rlimits, seccomp filter, listener to the server", "C:seccomp.B", "C:execve.B"),
-    ("execve, /bin/true runs and exits, the server reaps it", "C:execve.B", "server:cmd_exit.B"),
+    ("A: stdio, fds, cwd, no_new_privs, capabilities", "A:late.E", "A:caps.E"),
+    ("A: Landlock, rlimits", "A:caps.E", "A:seccomp.B"),
+    ("A: seccomp filter, listener to the server", "A:seccomp.B", "A:spawn.B"),
+    (
+        "posix_spawn, /bin/true runs and exits, the server reaps it",
+        "A:spawn.B",
+        "server:cmd_exit.B",
+    ),
     ("server: kill PID 1, reap it", "server:kill_init.B", "server:report.B"),
     ("server: report, cgroup stats", "server:report.B", "server:ns_release.B"),
     ("server: mount namespace teardown", "server:ns_release.B", "server:ns_release.E"),
@@ -164,12 +171,10 @@ BUILD = [
     ("A: idmapped clones of the writable roots (root)", "A:premade.B", "A:premade.E"),
     ("A: setns, unshare(mnt, pid, net, ipc, uts, cgroup)", "A:plan_decoded.B", "A:unshare.E"),
     ("A: start PID 1 (posix_spawn cat)", "A:pid1.B", "A:pid1.E"),
-    ("A: fork the command's process", "A:pid1.E", "A:hostname.B"),
     ("A: hostname, loopback up", "A:hostname.B", "A:loopback.E"),
-    ("A: procfs from C", "A:loopback.E", "A:mounts.B"),
+    ("A: procfs (pidns option)", "A:procfs.B", "A:procfs.E"),
     ("A: filesystem view (mounts.build)", "A:mounts.B", "A:mounts.E"),
-    ("C: prepare: signals, session, fds, cwd, caps", "C:prep.B", "C:landlock.B"),
-    ("C: Landlock ruleset", "C:landlock.B", "C:landlock.E"),
+    ("A: Landlock ruleset", "A:landlock.B", "A:landlock.E"),
 ]
 
 

@@ -489,10 +489,13 @@ def _build_spawning(
         if plan.get("proxy"):
             step = "proxy listeners"
             netns.send_listeners(plan["chan_fd"], plan["proxy_ports"])
+        step = "drop capabilities"
+        k.drop_bounding_and_ambient()  # (this process keeps its own until the run)
         step = "landlock"
         ruleset = -1
         if plan.get("landlock") and landlock.abi_version() > 0:
             ruleset, _abi = landlock.prepare(landlock.LandlockPlan.from_json(plan["landlock"]))
+        prog = bytes.fromhex(plan["seccomp"]) if plan.get("seccomp") else b""
         built = time.monotonic()
         step = "wait for the run"
         _set_name(b"nanobox-warm")  # built, until its run starts (ps shows it)
@@ -527,19 +530,18 @@ def _build_spawning(
         step = "no_new_privs"
         k.prctl(k.PR_SET_NO_NEW_PRIVS, 1)
         step = "drop capabilities"
-        k.drop_all_capabilities()
+        k.drop_capabilities()
         if ruleset >= 0:
             step = "landlock"
             landlock.restrict(ruleset)
         step = "rlimits"
         child.set_rlimits(plan)
         listener = None
-        prog = plan.get("seccomp")
         notify = bool(prog and plan.get("seccomp_notify"))
         msg = b"L" + json.dumps([0.0, 0.0]).encode()  # no CPU of the command's before its exec
         if prog:
             step = "seccomp"
-            listener = seccomp_loader.install(bytes.fromhex(prog), new_listener=notify)
+            listener = seccomp_loader.install(prog, new_listener=notify)
         step = "seccomp listener"
         if listener is not None:
             socket.send_fds(csock, [msg], [listener])

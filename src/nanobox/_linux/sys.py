@@ -299,6 +299,14 @@ def drop_all_capabilities() -> None:
     """Empty the bounding and ambient sets, lock securebits, then zero the
     effective, permitted and inheritable sets. Must run before ``execve``
     while CAP_SETPCAP is still held."""
+    drop_bounding_and_ambient()
+    drop_capabilities()
+
+
+def drop_bounding_and_ambient() -> None:
+    """The first half of ``drop_all_capabilities``: what a later ``execve``
+    could gain. The process keeps its own capabilities (stage A drops these
+    ahead, then still mounts at the claim)."""
     cap = 0
     while True:
         try:
@@ -311,6 +319,11 @@ def drop_all_capabilities() -> None:
             raise
         cap += 1
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+
+
+def drop_capabilities() -> None:
+    """The second half of ``drop_all_capabilities``: lock securebits, then
+    zero the effective, permitted and inheritable sets."""
     try:
         prctl(PR_SET_SECUREBITS, SECBITS_LOCKED_DOWN)
     except OSError as exc:
