@@ -95,6 +95,17 @@ def test_fork_bomb_stops_at_pids(workspace: Path) -> None:
     assert any(v.kind == "pids_limit" for v in r.violations)
 
 
+def test_the_command_gets_all_of_its_pids_from_the_start(workspace: Path) -> None:
+    """``pids=2``: a shell and one child, forked at once. Stage A (in the
+    run's group until it is reaped) must not take one of the two."""
+    box = nanobox.Sandbox(limits(pids=2))
+    try:
+        outs = [box.run(["sh", "-c", "/bin/true && echo ok"]).stdout for _ in range(20)]
+    finally:
+        box.close()
+    assert outs == [b"ok\n"] * 20, outs
+
+
 def test_shell_fork_bomb_ends_and_leaves_nothing(workspace: Path) -> None:
     before = nanobox_groups()
     r = nanobox.run(["sh", "-c", "b() { b | b & }; b; sleep 2"], policy=limits(pids=32), timeout=20)

@@ -32,6 +32,12 @@ NO_FORK = nanobox.Policy(
 # filter) while the command may still fork: the forked-ahead path for a
 # shell script.
 NO_SETSID = nanobox.Policy(syscalls=nanobox.Syscalls(deny=("setsid",)))
+NO_WAIT4 = nanobox.Policy(syscalls=nanobox.Syscalls(deny=("wait4",)))
+SIGACTION_31 = nanobox.Policy(
+    syscalls=nanobox.Syscalls(
+        rules=(nanobox.SyscallRule("rt_sigaction", "errno", args=(nanobox.Arg(0, "eq", 31),)),)
+    )
+)
 FORK = """import os
 try:
     pid = os.fork()
@@ -45,31 +51,50 @@ STATUS = "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp|SigIgn|SigBlk):' /proc/sel
 
 
 def test_the_default_filter_lets_stage_a_spawn() -> None:
+    """Whatever the arguments of the calls stage A makes after installing
+    it (so none of them can be refused, reported, or wait for an answer)."""
     prog = bytes.fromhex(default_program.PROGRAMS[native_arch()])
     assert plan.filter_allows_spawn(prog)
+    # The check can fail: a filter that refuses a spawn's call, or refuses
+    # one only for some arguments.
+    for policy in (NO_FORK, NO_SETSID, SIGACTION_31):
+        program, _table = plan.seccomp_program(policy)
+        assert program is not None and not plan.filter_allows_spawn(bytes.fromhex(program))
 
 
 def test_which_plans_spawn() -> None:
-    for policy in (NO_FORK, NO_SETSID):
-        program, _table = plan.seccomp_program(policy)
-        assert program is not None and not plan.spawn_allowed(program, [], default=False)
-    # An allow-list without clone: likewise.
-    allow_list = nanobox.Policy(
-        syscalls=nanobox.Syscalls(base="deny", allow=("read", "write", "execve", "exit_group"))
-    )
-    program, _table = plan.seccomp_program(allow_list)
-    assert program is not None and not plan.spawn_allowed(program, [], default=False)
-    # A deny list that leaves the spawn's calls alone spawns.
+    program, _table = plan.seccomp_program(nanobox.Policy())
+    assert plan.spawn_allowed(program, [], default=True)
+    assert plan.spawn_allowed(None, [], default=False)  # syscalls="none"
+    # A filter of the caller's, even one that leaves the spawn's calls alone:
+    # a command process forked ahead (A's own calls must not be refused).
     program, _table = plan.seccomp_program(
         nanobox.Policy(syscalls=nanobox.Syscalls(deny=("socket",)))
     )
-    assert program is not None and plan.spawn_allowed(program, [], default=False)
+    assert program is not None and not plan.spawn_allowed(program, [], default=False)
     # No address-space limit may apply to stage A's own (Python-sized) memory.
     import resource
 
     limit = [(resource.RLIMIT_AS, 1 << 26, 1 << 26)]
     assert not plan.spawn_allowed(None, limit, default=True)
     assert plan.spawn_allowed(None, [(resource.RLIMIT_CORE, 0, 0)], default=True)
+
+
+def test_a_filter_refusing_what_a_spawn_needs_does_not_stop_the_start(
+    workspace: Path,
+) -> None:
+    """Refusing ``wait4`` (which glibc's posix_spawn calls after a failed
+    exec) or ``rt_sigaction`` of one signal (its child resets every signal)
+    neither hangs the run nor fails a command that would start otherwise."""
+    noexec = workspace / "noexec"
+    noexec.write_text("#!/bin/sh\n")  # mode 644: exec fails with EACCES
+    r = nanobox.run(["./noexec"], policy=NO_WAIT4, timeout=20)
+    assert r.returncode == 126 and r.wall_time_s < 10, r
+    # ... and nanobox's own calls are not reported as the command's.
+    assert [v.kind for v in r.violations] == ["exec"], r.violations
+    r = nanobox.run(["/bin/true"], policy=SIGACTION_31, timeout=20)
+    assert r.returncode == 0 and r.wall_time_s < 10, r
+    assert not r.violations, r.violations
 
 
 def test_a_policy_that_denies_forking_gets_a_command_process_forked_ahead(

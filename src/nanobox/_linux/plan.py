@@ -349,21 +349,24 @@ def build_plan(
     }
 
 
-# What stage A calls after installing the seccomp filter when it starts the
-# command itself (``spawn._build_spawning``): its Python, posix_spawn's
-# vfork-like clone and the child's steps to the exec, a stand-in process
-# for a failed exec, its report. (syscall, arg0 or None)
+# What stage A (and posix_spawn's child) call after installing the seccomp
+# filter when A starts the command itself (``spawn._build_spawning``):
+# checked against the default filter by a test. (syscall, arg0 or None)
 CLONE_VFORK_FLAGS = 0x100 | 0x4000 | 17  # CLONE_VM | CLONE_VFORK | SIGCHLD
 CLONE_FORK_FLAGS = 0x01000000 | 0x00200000 | 17  # as glibc's fork()
 SPAWN_CALLS: tuple[tuple[str, int | None], ...] = (
     ("clone", CLONE_VFORK_FLAGS),
     ("clone", CLONE_FORK_FLAGS),
     ("execve", None),
+    ("wait4", None),
     ("rt_sigprocmask", None),
     ("rt_sigaction", None),
     ("setsid", None),
+    ("set_robust_list", None),
+    ("gettid", None),
     ("mmap", None),
     ("munmap", None),
+    ("mremap", None),
     ("mprotect", None),
     ("brk", None),
     ("newfstatat", None),
@@ -373,46 +376,58 @@ SPAWN_CALLS: tuple[tuple[str, int | None], ...] = (
     ("getrusage", None),
     ("exit_group", None),
 )
-_spawn_ok: dict[str, bool] = {}
 
 
 def spawn_allowed(
     program: str | None, limits: list[tuple[int, int, int]], *, default: bool
 ) -> bool:
     """May stage A start the command with posix_spawn, after taking the
-    command's last steps (rlimits, seccomp) on itself? Not under an
-    address-space rlimit (the spawn maps a stack in a process the size of a
-    Python interpreter), and only if the seccomp filter lets it make the
-    calls that follows (``SPAWN_CALLS``; clone3 may fail with ENOSYS, glibc
-    then uses clone): a policy that denies, say, ``clone`` gets a command
-    process forked ahead instead, which only execs under the filter. The
-    default filter allows them (a test runs it through the interpreter);
-    another is run through it once per process."""
+    command's last steps (rlimits, seccomp) on itself? Only under the
+    default filter or none: A's own calls after installing a filter must
+    all be allowed (a refused one would be reported as the command's
+    violation, or fail the start where a forked command process would
+    have started), and for a filter of the caller's that cannot be
+    promised; those get a command process forked ahead, which makes only
+    its report and the exec under the filter. Nor under an address-space
+    rlimit (the spawn maps a stack in a process the size of a Python
+    interpreter)."""
     if any(res == resource.RLIMIT_AS for res, _soft, _hard in limits):
         return False
-    if program is None or default:
-        return True
-    ok = _spawn_ok.get(program)
-    if ok is None:
-        ok = _spawn_ok[program] = filter_allows_spawn(bytes.fromhex(program))
-    return ok
+    return program is None or default
 
 
 def filter_allows_spawn(program: bytes) -> bool:
+    """Whether ``program`` lets stage A spawn after installing it: every
+    call in ``SPAWN_CALLS`` allowed, whatever its other arguments (tried
+    with several), every signal's ``rt_sigaction`` and every
+    ``rt_sigprocmask``; ``clone3`` allowed or failing with ENOSYS (glibc
+    then uses clone). For the tests: ``spawn_allowed`` trusts only the
+    default filter."""
     from .._seccomp import bpf, interp
     from .._seccomp.policy import arch_info, native_arch
 
     info = arch_info(native_arch())
+    others = (0, 1, 0xFFFFFFFF, 0x7FFFFFFF_FFFFFFFF)
 
-    def action(name: str, arg0: int | None = None) -> int:
-        args = (arg0 or 0, 0, 0, 0, 0, 0)
-        data = interp.SeccompData(info.syscalls[name], info.audit_arch, args)
-        return interp.run(program, data)
+    def actions(name: str, arg0: int | None = None) -> set[int]:
+        got = set()
+        for rest in others:
+            for first in (arg0,) if arg0 is not None else others:
+                args = (first, rest, rest, rest, rest, rest)
+                data = interp.SeccompData(info.syscalls[name], info.audit_arch, args)
+                got.add(interp.run(program, data))
+        return got
 
-    clone3 = action("clone3")
-    if clone3 != bpf.SECCOMP_RET_ALLOW and clone3 != bpf.SECCOMP_RET_ERRNO | 38:  # ENOSYS
+    allow = {bpf.SECCOMP_RET_ALLOW}
+    if not actions("clone3") <= allow | {bpf.SECCOMP_RET_ERRNO | 38}:  # ENOSYS
         return False
-    return all(action(name, arg0) == bpf.SECCOMP_RET_ALLOW for name, arg0 in SPAWN_CALLS)
+    for sig in range(1, 65):
+        if actions("rt_sigaction", sig) != allow:
+            return False
+    for how in (0, 1, 2):
+        if actions("rt_sigprocmask", how) != allow:
+            return False
+    return all(actions(name, arg0) == allow for name, arg0 in SPAWN_CALLS)
 
 
 RUN_KEYS = ("id", "argv", "env", "timeout")

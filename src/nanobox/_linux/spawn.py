@@ -15,8 +15,8 @@
                         Landlock, rlimits, seccomp) and starts C with
                         posix_spawn: no copy of a Python process per run.
                         Where the plan does not allow that (``plan.spawn``:
-                        a seccomp filter that denies what the spawn needs
-                        afterwards, an address-space rlimit), C is forked
+                        a seccomp filter of the caller's, which might refuse
+                        A's own calls, or an address-space rlimit), C is forked
                         ahead instead (``_build_sandbox``): it makes the
                         procfs for A, prepares itself (``child.prepare``),
                         waits for its run and A's release, then sets rlimits
@@ -35,9 +35,13 @@ receives the seccomp listener.
 
 The server is single-threaded, so forking it (and running Python in the
 children) is safe. A reports on ``status`` with ``P`` + JSON (the pids of B
-and C) or ``E`` + JSON; ``S``/``X`` + JSON (before ``P``) say that the
-command's setup or exec failed (C's exit status is then 125 or 127, also
-when A started it: a stand-in process exits so). B and C become the
+and C) or ``E`` + JSON; ``S``/``X`` + JSON say that the command's setup or
+exec failed (C's exit status is then 125 or 127, also when A started it: a
+stand-in process exits so). When A starts the command itself, its ``P``
+comes first, as the run starts (C's pid 0), so that the server supervises
+the run (time limit, kill, the seccomp listener's notifications, which
+A's own calls may cause) while A takes the last steps; a ``C`` + JSON line
+then gives C's pid and start time. B and C become the
 server's children when A exits (it is a child subreaper); the server
 supervises them (``supervise``). Without namespaces A forks the old-style
 supervising init instead (``init``, ``P<pid>``), which writes its report
@@ -406,9 +410,8 @@ def _procfs() -> int | OSError:
     it). An error is returned, for ``mounts.build`` to report."""
     try:
         return k.fsmount_new("proc", {"pidns": "/proc/self/ns/pid_for_children"}, PROC_ATTRS)
-    except OSError as exc:
-        if exc.errno != 22:  # EINVAL: an older kernel without the option
-            return exc
+    except OSError:
+        pass  # EINVAL: a kernel without the option; else the child's error says why
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
@@ -512,6 +515,20 @@ def _build_spawning(
         if late:
             step = "filesystem view"
             mounts.build_late(plan["view"], late)
+        # The run starts: the server supervises it from now on (its time
+        # limit, a kill, the seccomp listener's notifications, which this
+        # process's own calls may cause once the filter is on). The
+        # command's pid follows on a "C" line.
+        info: dict[str, Any] = {
+            "init": init_pid,
+            "cmd": 0,
+            "start": time.monotonic(),
+            "setup_s": built - t0,
+            "degraded": degraded,
+            "self_utime": 0.0,
+            "self_stime": 0.0,
+        }
+        write_all(status_w, b"P" + json.dumps(info).encode() + b"\n")
     except BaseException as exc:  # noqa: BLE001 - never return into the server
         _end((init_pid,))
         if isinstance(exc, mounts.MountStepError):
@@ -552,8 +569,7 @@ def _build_spawning(
         start = time.monotonic()
 
         def spawn(path: str) -> int:
-            if not os.path.exists(path):  # (a stat, not a failed vfork and exec)
-                raise FileNotFoundError(2, os.strerror(2), path)
+            os.stat(path)  # a missing candidate: a stat, not a failed vfork and exec
             return k.spawn(path, argv, environ)
 
         found = child.path_search(argv, environ, spawn)
@@ -573,21 +589,21 @@ def _build_spawning(
             if cmd_pid == 0:
                 os._exit(127 if kind == b"X" else 125)
         except BaseException as exc:  # noqa: BLE001
+            # (The server ends the run when this process exits without a
+            # "C" line; this line says why.)
             _end((init_pid,))
             _fail(status_w, step, exc)
     try:
         me = resource.getrusage(resource.RUSAGE_SELF)
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # the procfs child, if any
         info = {
-            "init": init_pid,
             "cmd": cmd_pid,
             "start": start,
             "setup_s": (built - t0) + (start - t1),
-            "degraded": degraded,
             "self_utime": me.ru_utime + kids.ru_utime,
             "self_stime": me.ru_stime + kids.ru_stime,
         }
-        write_all(status_w, b"P" + json.dumps(info).encode() + b"\n")
+        write_all(status_w, b"C" + json.dumps(info).encode() + b"\n")
     finally:
         os._exit(0)
 

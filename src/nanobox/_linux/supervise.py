@@ -116,13 +116,43 @@ class Run:
             used = group_cpu()
             if used is not None:
                 return float(used) - float(self.info["self_utime"] + self.info["self_stime"]) - ours
-        u, s = tree_times([self.init_pid, self.cmd_pid], include_roots=True)
+        u, s = tree_times([p for p in (self.init_pid, self.cmd_pid) if p], include_roots=True)
         return u + s - ours
 
     # -- events ----------------------------------------------------------------
+    def set_command(self, info: dict[str, Any]) -> None:
+        """Stage A started the command itself after its ``P`` line (``C``):
+        its pid, the moment it started (the wall clock counts from then),
+        and stage A's own time and CPU up to it."""
+        self.cmd_pid = int(info["cmd"])
+        self.start = float(info["start"])
+        timeout = self.deadline is not None and self.deadline - float(self.info["start"])
+        if timeout:
+            self.deadline = self.start + timeout
+        for key in ("setup_s", "self_utime", "self_stime"):
+            self.info[key] = info[key]
+
+    def command_lost(self) -> None:
+        """Stage A exited after ``P`` without starting the command (its
+        ``E`` line, if any, says why): the run ends as a setup failure."""
+        if self.exec_error is None:
+            self.exec_error = {
+                "kind": "S",
+                "step": "start the command",
+                "errno": None,
+                "message": "stage A exited before it started the command",
+            }
+        self.on_cmd_exit(125 << 8, None)
+
     def on_line(self, line: bytes) -> None:
         """A line on the status pipe after ``P``: the command's setup or exec
-        failure (``S`` / ``X``)."""
+        failure (``S`` / ``X``), or stage A's own (``E``)."""
+        if line[:1] == b"E" and self.exec_error is None:
+            try:
+                self.exec_error = {"kind": "S", **json.loads(line[1:])}
+            except ValueError:
+                pass
+            return
         if line[:1] in (b"S", b"X"):
             try:
                 self.exec_error = {"kind": line[:1].decode(), **json.loads(line[1:])}
@@ -146,7 +176,8 @@ class Run:
             # Without a cgroup, count what the command's live descendants and
             # the processes re-parented to PID 1 used so far: they die with
             # the namespace and are reaped by the kernel, not waited for.
-            roots = [self.init_pid] + ([self.cmd_pid] if self.cmd_status is None else [])
+            live_cmd = self.cmd_status is None and self.cmd_pid
+            roots = [self.init_pid] + ([self.cmd_pid] if live_cmd else [])
             self.orphans_cpu = tree_times(roots, include_roots=False)
         try:
             os.kill(self.init_pid, signal.SIGKILL)  # our unreaped child: no reuse

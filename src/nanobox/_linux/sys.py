@@ -419,15 +419,19 @@ def spawn(path: str, argv: list[str], env: dict[str, str]) -> int:
     two internal ones (32 and 33), which glibc's child would otherwise leave
     ignored and ``os.posix_spawn`` cannot name. Returns the pid; raises
     OSError with the exec's errno."""
+    def check(err: int, name: str) -> None:  # these return the error number
+        if err:
+            raise OSError(err, f"{name}: {os.strerror(err)}")
+
     attr = ctypes.create_string_buffer(_SPAWNATTR_BYTES)
-    _check(-_libc.posix_spawnattr_init(attr), "posix_spawnattr_init")
+    check(_libc.posix_spawnattr_init(attr), "posix_spawnattr_init")
     try:
         flags = POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSID
-        _check(-_libc.posix_spawnattr_setflags(attr, ctypes.c_short(flags)), "spawnattr")
+        check(_libc.posix_spawnattr_setflags(attr, ctypes.c_short(flags)), "spawnattr")
         every = ctypes.create_string_buffer(b"\xff" * 8, _SIGSET_BYTES)  # signals 1..64
-        _check(-_libc.posix_spawnattr_setsigdefault(attr, every), "spawnattr")
+        check(_libc.posix_spawnattr_setsigdefault(attr, every), "spawnattr")
         empty = ctypes.create_string_buffer(_SIGSET_BYTES)
-        _check(-_libc.posix_spawnattr_setsigmask(attr, empty), "spawnattr")
+        check(_libc.posix_spawnattr_setsigmask(attr, empty), "spawnattr")
         c_argv = (ctypes.c_char_p * (len(argv) + 1))(*[os.fsencode(a) for a in argv], None)
         pairs = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
         c_env = (ctypes.c_char_p * (len(pairs) + 1))(*pairs, None)
