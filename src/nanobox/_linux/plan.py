@@ -349,35 +349,6 @@ def build_plan(
     }
 
 
-# What stage A (and posix_spawn's child) call after installing the seccomp
-# filter when A starts the command itself (``spawn._build_spawning``):
-# checked against the default filter by a test. (syscall, arg0 or None)
-CLONE_VFORK_FLAGS = 0x100 | 0x4000 | 17  # CLONE_VM | CLONE_VFORK | SIGCHLD
-CLONE_FORK_FLAGS = 0x01000000 | 0x00200000 | 17  # as glibc's fork()
-SPAWN_CALLS: tuple[tuple[str, int | None], ...] = (
-    ("clone", CLONE_VFORK_FLAGS),
-    ("clone", CLONE_FORK_FLAGS),
-    ("execve", None),
-    ("wait4", None),
-    ("rt_sigprocmask", None),
-    ("rt_sigaction", None),
-    ("setsid", None),
-    ("set_robust_list", None),
-    ("gettid", None),
-    ("mmap", None),
-    ("munmap", None),
-    ("mremap", None),
-    ("mprotect", None),
-    ("brk", None),
-    ("newfstatat", None),
-    ("sendmsg", None),
-    ("write", None),
-    ("close", None),
-    ("getrusage", None),
-    ("exit_group", None),
-)
-
-
 def spawn_allowed(
     program: str | None, limits: list[tuple[int, int, int]], *, default: bool
 ) -> bool:
@@ -390,44 +361,11 @@ def spawn_allowed(
     promised; those get a command process forked ahead, which makes only
     its report and the exec under the filter. Nor under an address-space
     rlimit (the spawn maps a stack in a process the size of a Python
-    interpreter)."""
+    interpreter). ``tests/test_spawn_path.py`` checks, with the BPF
+    interpreter, that the default filter allows every call A makes."""
     if any(res == resource.RLIMIT_AS for res, _soft, _hard in limits):
         return False
     return program is None or default
-
-
-def filter_allows_spawn(program: bytes) -> bool:
-    """Whether ``program`` lets stage A spawn after installing it: every
-    call in ``SPAWN_CALLS`` allowed, whatever its other arguments (tried
-    with several), every signal's ``rt_sigaction`` and every
-    ``rt_sigprocmask``; ``clone3`` allowed or failing with ENOSYS (glibc
-    then uses clone). For the tests: ``spawn_allowed`` trusts only the
-    default filter."""
-    from .._seccomp import bpf, interp
-    from .._seccomp.policy import arch_info, native_arch
-
-    info = arch_info(native_arch())
-    others = (0, 1, 0xFFFFFFFF, 0x7FFFFFFF_FFFFFFFF)
-
-    def actions(name: str, arg0: int | None = None) -> set[int]:
-        got = set()
-        for rest in others:
-            for first in (arg0,) if arg0 is not None else others:
-                args = (first, rest, rest, rest, rest, rest)
-                data = interp.SeccompData(info.syscalls[name], info.audit_arch, args)
-                got.add(interp.run(program, data))
-        return got
-
-    allow = {bpf.SECCOMP_RET_ALLOW}
-    if not actions("clone3") <= allow | {bpf.SECCOMP_RET_ERRNO | 38}:  # ENOSYS
-        return False
-    for sig in range(1, 65):
-        if actions("rt_sigaction", sig) != allow:
-            return False
-    for how in (0, 1, 2):
-        if actions("rt_sigprocmask", how) != allow:
-            return False
-    return all(actions(name, arg0) == allow for name, arg0 in SPAWN_CALLS)
 
 
 RUN_KEYS = ("id", "argv", "env", "timeout")

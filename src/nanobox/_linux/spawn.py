@@ -534,14 +534,11 @@ def _build_spawning(
         if isinstance(exc, mounts.MountStepError):
             step = exc.step
         _fail(status_w, step, exc)
-    kind, step = b"S", "stdio"
+    # (A failure here reports itself and exits: the server then ends the run.)
+    environ = child.take_stdio(env, (fds[0], fds[1], fds[2]), status_w, (csock.fileno(), ruleset))
+    kind, step = b"S", "chdir"
     failure: BaseException | None = None
     try:
-        for target, fd in enumerate([os.dup(fd) for fd in fds]):  # never collide with 0..2
-            os.dup2(fd, target, inheritable=True)
-        close_all_except({status_w, csock.fileno(), ruleset})
-        environ = dict(env)
-        step = "chdir"
         os.chdir(plan["cwd"])
         os.umask(0o022)
         step = "no_new_privs"
