@@ -353,17 +353,16 @@ def _build_sandbox(
             step = "loopback"
             netns.loopback_up()
         step = "procfs"
-        msg, fds = recv_fds(mine, 64, 1)
+        proc = _recv_procfs(mine)
         mine.close()
-        if not fds and not msg:
+        if proc is None:
             raise OSError(10, "the command's process died")  # ECHILD
-        proc: int | OSError = fds[0] if fds else OSError(int(msg[1:] or b"1"), "procfs")
         step = "filesystem view"
         late: list[dict[str, Any]] = []
         deferred = frozenset(path for path, _kind in plan.get("placeholders", ()))
         degraded = mounts.build(plan["view"], proc, late, deferred)
-        if fds:
-            os.close(fds[0])
+        if not isinstance(proc, OSError):
+            os.close(proc)
         if plan.get("proxy"):
             step = "proxy listeners"
             netns.send_listeners(plan["chan_fd"], plan["proxy_ports"])
@@ -418,24 +417,38 @@ def _procfs() -> int | OSError:
         code = 0
         try:
             mine.close()
-            try:
-                proc = k.fsmount_new("proc", {}, PROC_ATTRS)
-            except OSError as exc:
-                theirs.send(b"E%d" % (exc.errno or 1))
-            else:
-                socket.send_fds(theirs, [b"P"], [proc])
+            _send_procfs(theirs)
         except BaseException:  # noqa: BLE001
             code = 1
         os._exit(code)
     theirs.close()
     try:
-        msg, fds = recv_fds(mine, 64, 1)
+        proc = _recv_procfs(mine)
     finally:
         mine.close()
         os.waitpid(pid, 0)
+    return OSError(1, "procfs") if proc is None else proc
+
+
+def _send_procfs(sock: socket.socket) -> None:
+    """In a process of the sandbox's pid namespace: make its procfs and
+    send it to stage A on ``sock`` (or the error number)."""
+    try:
+        proc = k.fsmount_new("proc", {}, PROC_ATTRS)
+    except OSError as exc:
+        sock.send(b"E%d" % (exc.errno or 1))
+    else:
+        socket.send_fds(sock, [b"P"], [proc])
+        os.close(proc)
+
+
+def _recv_procfs(sock: socket.socket) -> int | OSError | None:
+    """``_send_procfs``'s procfs fd, or its error; None when the sender
+    died without a word."""
+    msg, fds = recv_fds(sock, 64, 1)
     if fds:
         return fds[0]
-    return OSError(int(msg[1:] or b"1"), "procfs")
+    return OSError(int(msg[1:] or b"1"), "procfs") if msg else None
 
 
 def _wait_unless_init_dies(sock: socket.socket, init_pid: int) -> None:
@@ -622,13 +635,7 @@ def _command(
     try:
         _set_name(b"nanobox-warm")
         os.close(go_w)
-        try:
-            proc = k.fsmount_new("proc", {}, PROC_ATTRS)
-        except OSError as exc:
-            proc_sock.send(b"E%d" % (exc.errno or 1))
-        else:
-            socket.send_fds(proc_sock, [b"P"], [proc])
-            os.close(proc)
+        _send_procfs(proc_sock)
         proc_sock.close()
         if os.read(go_r, 1) != b"v":
             os._exit(125)  # stage A failed (and reports it)
