@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -280,6 +281,33 @@ def test_an_unlistable_directory_of_the_caller_fails_closed(repo: Path) -> None:
     finally:
         hidden.chmod(0o755)
     assert sh("true").returncode == 0
+
+
+def test_a_repository_made_between_runs_is_protected(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between runs the scan for repositories lists again only directories
+    that changed (``gitscan``): a repository the host creates after one run
+    in a directory that run's scan remembered is found by the next run,
+    and its hooks are protected. (Directories younger than ``RACY_NS`` are
+    never remembered; lowered here to cover the remembered case.)"""
+    from nanobox._linux import gitscan
+
+    monkeypatch.setattr(gitscan, "RACY_NS", 0)
+    (workspace / "old" / "src").mkdir(parents=True)
+    time.sleep(0.03)
+    attack = "echo evil > old/src/.git/hooks/pre-commit"
+    hook = workspace / "old" / "src" / ".git" / "hooks" / "pre-commit"
+    with nanobox.Sandbox() as box:
+        assert box.run(["true"]).returncode == 0
+        assert str(workspace / "old" / "src") in gitscan._memory[(str(workspace), os.geteuid())]
+        time.sleep(0.03)
+        subprocess.run(["git", "init", "-q", "old/src"], check=True)
+        r = box.run(["sh", "-c", f"{attack} 2>/dev/null || echo refused"])
+        assert r.stdout == b"refused\n", r
+        assert not hook.exists()
+    outside(attack, cwd=workspace)  # control: the host can
+    assert hook.exists()
 
 
 def test_git_still_works_and_new_repos_can_be_created(repo: Path) -> None:

@@ -9,7 +9,7 @@ Rules:
 - The most specific destination wins: operations are ordered by path depth,
   and at equal depth tmpfs < read-write < read-only < protect < hide.
 - Protected paths (``PROTECTED_TOP`` at the top of each writable root,
-  ``PROTECTED_GIT`` in every repository found below it) are bound read-only
+  ``PROTECTED_GIT`` in every repository ``gitscan`` finds below it) are bound read-only
   onto themselves, and every directory between the writable root and them
   becomes a mount point too, so none can be renamed or removed to put a
   look-alike in place. Missing top-level protected names get an empty
@@ -26,11 +26,10 @@ from typing import Any
 from ..errors import PolicyError
 from ..policy import DEFAULT_HIDES, PROTECTED_GIT, PROTECTED_TOP, Filesystem
 from ..units import parse_size
+from .gitscan import find_repos
 
 RUN_SIZE = 64 * 1024 * 1024
 _ORDER = {"tmpfs": 0, "bind": 1, "robind": 2, "protect": 3, "hide": 4}
-_SKIP_DIRS = {"node_modules", ".venv", "__pycache__", ".tox", ".mypy_cache"}
-MAX_SCAN_ENTRIES = 200_000
 
 
 @dataclass
@@ -272,7 +271,10 @@ def protect_ops(
         for rel in PROTECTED_GIT
         if rel.split("/")[-1] not in unprotect_names and rel not in unprotect_names
     ]
-    for repo in _git_repos(root, view):
+    repos, note = find_repos(root)
+    if note:
+        view.notes.append(note)
+    for repo in repos:
         targets += [(path, True) for path in _git_targets(repo, root, wanted)]
     ops: list[dict[str, Any]] = []
     for path, must_exist in targets:
@@ -363,57 +365,3 @@ def _git_targets(repo: str, root: str, names: list[str]) -> list[str]:
         extra = ["config.worktree"] if i == 0 and "config" in names else []
         out += [os.path.join(d, n) for n in [*names, *extra]]
     return [p for p in out if _is_under(p, root)]
-
-
-def _git_repos(root: str, view: View) -> list[str]:
-    """Directories below ``root`` (at any depth) holding a ``.git`` entry
-    (one ``scandir`` per directory, no other call: this runs before every
-    run). A directory that cannot be listed but belongs to the caller is an
-    error: the command (the caller's uid) could make it listable again and
-    write the hooks of a repository inside (fail closed); others' are
-    skipped (the command cannot enter them either)."""
-    repos = []
-    seen = 0
-    stack = [root]
-    me = os.geteuid()
-    while stack:
-        directory = stack.pop()
-        try:
-            entries = os.scandir(directory)
-        except PermissionError as exc:
-            try:
-                owner = os.lstat(directory).st_uid
-            except OSError:
-                continue
-            if owner == me:
-                raise PolicyError(
-                    "filesystem.protect",
-                    f"cannot list {directory} ({exc.strerror}) to look for git repositories "
-                    "to protect; make it readable (chmod u+rx)",
-                ) from None
-            continue
-        except OSError:
-            continue  # gone meanwhile, or not a directory any more
-        below = []
-        found = False
-        with entries:
-            for entry in entries:
-                name = entry.name
-                if name == ".git":
-                    found = True  # a directory, a file (worktree, submodule) or a link
-                elif name not in _SKIP_DIRS:
-                    try:
-                        if entry.is_dir(follow_symlinks=False):
-                            below.append(entry.path)
-                    except OSError:
-                        pass
-        if found:
-            repos.append(directory)
-        seen += len(below)
-        if seen > MAX_SCAN_ENTRIES:
-            view.notes.append(
-                f"stopped scanning {root} for git repositories after {MAX_SCAN_ENTRIES} directories"
-            )
-            break
-        stack.extend(reversed(below))
-    return repos

@@ -139,6 +139,14 @@ def _b(path: str | None) -> bytes | None:
     return None if path is None else os.fsencode(path)
 
 
+def statfs_type(path: str) -> int:
+    """The type of the filesystem holding ``path`` (``statfs``'s ``f_type``,
+    a magic number such as 0xEF53 for ext4)."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs: 120 bytes on 64-bit arches
+    _check(_libc.statfs(_b(path), buf), "statfs", path)
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
 def unshare(flags: int) -> None:
     _check(_libc.unshare(ctypes.c_int(flags)), "unshare", hex(flags))
 
