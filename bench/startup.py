@@ -41,6 +41,7 @@ WARMUP = 3
 PAUSE_S = 0.03
 PAUSED_WARM = f"nanobox warm, {PAUSE_S * 1e3:.0f} ms apart"
 PAUSED_BWRAP = f"bwrap, {PAUSE_S * 1e3:.0f} ms apart"
+IN_CHECKOUT = "nanobox warm, in a git checkout"
 
 
 # --------------------------------------------------------------------------- worker
@@ -183,9 +184,16 @@ def measure(rounds: int, runs: int, *, nobody: bool = True) -> dict[str, Any]:
             except KeyError:
                 skipped["nanobox warm (uid nobody)"] = "no user 'nobody'"
         warm_specs.append((PAUSED_WARM, "default", None))
+        # The workspace a git checkout (this repository): every run's plan
+        # looks for repositories below it to protect their hooks.
+        checkout = c.REPO if os.path.isdir(os.path.join(c.REPO, ".git")) else None
+        if checkout is not None:
+            warm_specs.append((IN_CHECKOUT, "default", None))
+        else:
+            skipped[IN_CHECKOUT] = f"{c.REPO} is not a git checkout"
         for name, variant, user in warm_specs:
             try:
-                w = Worker(variant, cwd, user)
+                w = Worker(variant, checkout if name == IN_CHECKOUT and checkout else cwd, user)
                 probe = w.batch(1)
                 if probe["failed"]:
                     raise RuntimeError("; ".join(probe["errors"]))
@@ -386,7 +394,9 @@ def table(res: dict[str, Any]) -> str:
     )
     notes = [
         f'- rows "... {res.get("pause_s", PAUSE_S) * 1e3:.0f} ms apart" pause before every run; '
-        "their ÷ bwrap is to bwrap started the same way"
+        "their ÷ bwrap is to bwrap started the same way",
+        f"- \"{IN_CHECKOUT}\": the workspace is this repository's checkout (the others' an "
+        "empty directory): each run's plan looks for git repositories below it",
     ]
     notes += [f"- skipped **{k}**: {v}" for k, v in res["skipped"].items()]
     notes += [f"- error in **{k}**: {v}" for k, v in res["errors"].items()]
