@@ -37,15 +37,23 @@ def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 def _listed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record the directories the scan lists (``os.scandir`` calls)."""
+    """Record the directories the scan lists (opened to be listed, or
+    listed by path)."""
     calls: list[str] = []
-    real = os.scandir
+    real_open, real_scandir = os.open, os.scandir
 
-    def spy(path: str) -> object:
-        calls.append(str(path))
-        return real(path)
+    def open_(path: str, flags: int, *args: int) -> int:
+        if flags & os.O_DIRECTORY:
+            calls.append(str(path))
+        return real_open(path, flags, *args)
 
-    monkeypatch.setattr(gitscan.os, "scandir", spy)
+    def scandir(path: object = ".") -> object:
+        if isinstance(path, str):
+            calls.append(path)
+        return real_scandir(path)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(gitscan.os, "open", open_)
+    monkeypatch.setattr(gitscan.os, "scandir", scandir)
     return calls
 
 
@@ -60,8 +68,12 @@ def _fresh(root: Path) -> list[str]:
 
 
 def _scan(root: Path) -> list[str]:
+    """Scan (the first scan of a root only marks it seen, the second
+    remembers what it listed: scan again then)."""
     repos = sorted(gitscan.find_repos(str(root))[0])
     assert repos == _fresh(root)  # the same answer as listing everything
+    if not gitscan._memory.get((str(root), os.geteuid())):
+        gitscan.find_repos(str(root))
     time.sleep(TICK)
     return repos
 
@@ -122,16 +134,77 @@ def test_a_directory_made_unlistable_fails_closed(
         (tree / "c").chmod(0o755)
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root enters any directory")
+def test_a_directory_listed_but_not_entered_fails_closed(tree: Path) -> None:
+    """Mode 0600: its names can be read, nothing below it looked up, so
+    the scan cannot see c/d's subtree -- and the command (same uid) could
+    chmod c back and write hooks in a repository there."""
+    _scan(tree)
+    (tree / "c").chmod(0o600)
+    try:
+        with pytest.raises(PolicyError, match=r"cannot list .*/c/d "):
+            gitscan.find_repos(str(tree))
+    finally:
+        (tree / "c").chmod(0o755)
+
+
+def test_a_swap_during_the_scan_is_not_remembered(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Untrusted code may swap a directory on the way for a look-alike while
+    a scan runs (here c, when the scan gets to c/d/e, which has a
+    subdirectory s the look-alike lacks). Whatever the scan then sees, what
+    it remembers of a directory must be one directory's key and entries:
+    a key of the real c/d/e with the look-alike's entries would be trusted
+    until c/d/e changes, and s (where a repository appears later) never
+    looked at again."""
+    (tree / "c" / "d" / "e" / "s").mkdir()
+    (tree / "fake" / "d" / "e").mkdir(parents=True)
+    time.sleep(TICK)
+    target = str(tree / "c" / "d" / "e")
+    swapped: list[bool] = []
+
+    def swap() -> None:
+        if not swapped:
+            swapped.append(True)
+            os.rename(tree / "c", tree / "c.real")
+            os.rename(tree / "fake", tree / "c")
+
+    gitscan.find_repos(str(tree))  # the root is known: the next scan remembers
+    real_open, real_scandir = os.open, os.scandir
+
+    def open_(path: str, flags: int, *args: int) -> int:
+        if str(path) == target:
+            swap()
+        return real_open(path, flags, *args)
+
+    def scandir(path: object = ".") -> object:
+        if str(path) == target:
+            swap()  # where the key comes from a stat of the path before
+        return real_scandir(path)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(gitscan.os, "open", open_)
+    monkeypatch.setattr(gitscan.os, "scandir", scandir)
+    gitscan.find_repos(str(tree))
+    monkeypatch.undo()
+    assert swapped
+    os.rename(tree / "c", tree / "fake")
+    os.rename(tree / "c.real", tree / "c")
+    time.sleep(TICK)
+    (tree / "c" / "d" / "e" / "s" / ".git").mkdir()
+    assert str(tree / "c" / "d" / "e" / "s") in gitscan.find_repos(str(tree))[0]
+
+
 def test_recent_changes_are_listed_again(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A directory changed within RACY_NS of its listing is not trusted
     next time: a second change in the same clock tick would leave its
     ctime as it was."""
-    monkeypatch.setattr(gitscan, "RACY_NS", 3_600 * 10**9)
-    (tree / "a" / "new").mkdir()  # a and the rest: older than TICK, not an hour
+    monkeypatch.setattr(gitscan, "RACY_NS", 3_600 * 10**9)  # all made seconds ago
     gitscan.find_repos(str(tree))
+    gitscan.find_repos(str(tree))  # (keyed: would remember)
     calls = _listed(monkeypatch)
     gitscan.find_repos(str(tree))
-    assert len(calls) == 8  # all of them (with a/new)
+    assert len(calls) == 7  # root, a, a/b, c, c/d, c/d/e, f
 
 
 def test_only_trusted_filesystems(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -163,7 +236,14 @@ def test_a_mount_below_the_root_is_always_listed(
         st = real_stat(path, follow_symlinks=follow_symlinks)
         return Elsewhere(st) if str(path).startswith(other) else st
 
+    real_fstat = os.fstat
+
+    def fstat(fd: int) -> object:
+        st = real_fstat(fd)
+        return Elsewhere(st) if os.readlink(f"/proc/self/fd/{fd}").startswith(other) else st
+
     monkeypatch.setattr(gitscan.os, "stat", stat)
+    monkeypatch.setattr(gitscan.os, "fstat", fstat)
     _scan(tree)
     calls = _listed(monkeypatch)
     gitscan.find_repos(str(tree))
@@ -177,4 +257,11 @@ def test_memory_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         (tmp_path / str(i)).mkdir()
         gitscan.find_repos(str(tmp_path / str(i)))
     assert len(gitscan._memory) == gitscan.MAX_ROOTS
+    monkeypatch.setattr(gitscan, "MAX_REMEMBERED", 2)
     gitscan.forget()
+    (tmp_path / "big" / "a" / "b").mkdir(parents=True)
+    time.sleep(TICK)
+    gitscan.find_repos(str(tmp_path / "big"))
+    gitscan.find_repos(str(tmp_path / "big"))
+    # 3 directories: listed in full every time
+    assert gitscan._memory == {(str(tmp_path / "big"), os.geteuid()): {}}

@@ -9,10 +9,13 @@ changed since its last scan, which a ``stat`` per directory tells:
 
 - Adding, removing or renaming an entry in a directory updates its ctime
   (and mtime). No process can set a ctime (``utimensat`` sets mtime and
-  atime, and the ctime to *now*), so a directory whose device, inode,
-  ctime and mtime are what they were when it was listed has the same
-  entries. The ``stat`` is taken before the listing: a change during the
-  listing shows as a different ctime next time.
+  atime, and the ctime to *now*; only stepping the clock back, which
+  takes CAP_SYS_TIME on the host, could repeat one), so a directory whose
+  device, inode, ctime and mtime are what they were when it was listed
+  has the same entries. The key and the entries come from one open fd
+  (a name on the way swapped meanwhile cannot pair one directory's key
+  with another's entries), and the ``fstat`` comes first: a change during
+  the listing shows as a different ctime next time.
 - Timestamps are only as fine as the kernel's clock tick (or a second on
   some filesystems): a directory changed less than ``RACY_NS`` before it
   was listed is not remembered (a later change in the same tick could
@@ -22,9 +25,11 @@ changed since its last scan, which a ``stat`` per directory tells:
   says, and may cache it. Directories on another device than the root
   (mounts below it) are always listed.
 
-The first scan of a root lists everything (and is all a one-shot caller
-such as the CLI ever does); what it remembers is per process, for the last
-``MAX_ROOTS`` roots.
+The first scan of a root lists everything without keys (and is all a
+one-shot caller such as the CLI ever does); the second one keyed; what it
+remembers is per process, for the last
+``MAX_ROOTS`` roots of at most ``MAX_REMEMBERED`` directories each (a few
+MB at most; larger trees are listed in full every time).
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ from ..errors import PolicyError
 MAX_SCAN_ENTRIES = 200_000
 SKIP_DIRS = frozenset({"node_modules", ".venv", "__pycache__", ".tox", ".mypy_cache"})
 RACY_NS = 2_000_000_000
-MAX_ROOTS = 8
+MAX_ROOTS = 4
+MAX_REMEMBERED = 20_000
 # statfs f_type: ext2/3/4, xfs, btrfs, tmpfs.
 TRUSTED_FS = frozenset({0xEF53, 0x58465342, 0x9123683E, 0x01021994})
 
@@ -69,8 +75,8 @@ def find_repos(root: str) -> tuple[list[str], str | None]:
     me = os.geteuid()
     with _lock:
         known = _memory.pop((root, me), None)
-    if known is not None and not _trusted(root):
-        known = None
+    # From the second scan of a root on a trusted filesystem: keyed listings.
+    keyed = known is not None and _trusted(root)
     remember: dict[str, _Listing] = {}
     now = time.time_ns()
     root_dev = -1
@@ -79,14 +85,17 @@ def find_repos(root: str) -> tuple[list[str], str | None]:
     stack = [root]
     while stack:
         directory = stack.pop()
-        try:
-            st = os.stat(directory, follow_symlinks=directory == root)
-            key: Key | None = (st.st_dev, st.st_ino, st.st_ctime_ns, st.st_mtime_ns)
-        except OSError:
-            st, key = None, None
-        listing = known.get(directory) if known is not None and key is not None else None
-        if listing is None or listing.key != key:
-            listing = _list(directory, me, key)
+        listing = None
+        st: os.stat_result | None = None
+        if keyed and known is not None and directory in known:
+            try:
+                st = os.stat(directory, follow_symlinks=directory == root)
+            except OSError:
+                st = None
+            if st is not None and known[directory].key == _key(st):
+                listing = known[directory]
+        if listing is None:
+            listing, st = _list(directory, directory == root, me, keyed)
             if listing is None:
                 continue
         if st is not None:
@@ -102,44 +111,89 @@ def find_repos(root: str) -> tuple[list[str], str | None]:
                 f"stopped scanning {root} for git repositories after {MAX_SCAN_ENTRIES} directories"
             )
         stack.extend(reversed(listing.below))
-    with _lock:
+    if len(remember) > MAX_REMEMBERED:
+        remember = {}
+    with _lock:  # (an empty dict: scanned before, nothing to trust yet)
         _memory[(root, me)] = remember
         while len(_memory) > MAX_ROOTS:
             del _memory[next(iter(_memory))]
     return repos, None
 
 
-def _list(directory: str, me: int, key: Key | None) -> _Listing | None:
+def _key(st: os.stat_result) -> Key:
+    return (st.st_dev, st.st_ino, st.st_ctime_ns, st.st_mtime_ns)
+
+
+def _list(
+    directory: str, follow: bool, me: int, keyed: bool
+) -> tuple[_Listing | None, os.stat_result | None]:
+    """List ``directory``; ``keyed``: through one fd, with its ``fstat``
+    (returned), so that the key and the entries come from the same
+    directory even if a name on the way is swapped meanwhile (a key of one
+    and the entries of another would be remembered as matching); symlinks
+    are not followed below the root. Unkeyed (a first scan, nothing to
+    remember): ``scandir`` of the path, two system calls fewer."""
+    fd = -1
     try:
-        entries = os.scandir(directory)
+        if keyed:
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+            fd = os.open(directory, flags if follow else flags | os.O_NOFOLLOW)
+            st: os.stat_result | None = os.fstat(fd)
+            entries = os.scandir(fd)
+        else:
+            st = None
+            entries = os.scandir(directory)
     except PermissionError as exc:
-        try:
-            owner = os.lstat(directory).st_uid
-        except OSError:
-            return None
-        if owner == me:
+        if fd >= 0:
+            os.close(fd)
+        if _owner(directory) == me:
             raise PolicyError(
                 "filesystem.protect",
                 f"cannot list {directory} ({exc.strerror}) to look for git repositories "
-                "to protect; make it readable (chmod u+rx)",
+                "to protect; make it and the directories above it readable and "
+                "searchable (chmod u+rx)",
             ) from None
-        return None
+        return None, None
     except OSError:
-        return None  # gone meanwhile, or not a directory any more
+        if fd >= 0:
+            os.close(fd)
+        return None, None  # gone meanwhile, or not a directory any more
     below = []
     git = False
-    with entries:
-        for entry in entries:
-            name = entry.name
-            if name == ".git":
-                git = True
-            elif name not in SKIP_DIRS:
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        below.append(entry.path)
-                except OSError:
-                    pass
-    return _Listing(key, git, below)
+    try:
+        with entries:
+            for entry in entries:
+                name = entry.name
+                if name == ".git":
+                    git = True
+                elif name not in SKIP_DIRS:
+                    try:
+                        is_dir = entry.is_dir(follow_symlinks=False)
+                    except PermissionError:
+                        is_dir = True  # cannot tell: opening it decides (fail closed)
+                    except OSError:
+                        is_dir = False
+                    if is_dir:
+                        below.append(os.path.join(directory, name))
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    return _Listing(_key(st) if st is not None else None, git, below), st
+
+
+def _owner(directory: str) -> int | None:
+    """The owner of ``directory``, or where it cannot even be looked up
+    (its parent is readable but not searchable), of its parent: either way
+    one the command could ``chmod`` if it is the caller's."""
+    try:
+        return os.lstat(directory).st_uid
+    except PermissionError:
+        try:
+            return os.lstat(os.path.dirname(directory)).st_uid
+        except OSError:
+            return None
+    except OSError:
+        return None
 
 
 def _trusted(root: str) -> bool:

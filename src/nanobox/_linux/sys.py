@@ -142,7 +142,8 @@ def _b(path: str | None) -> bytes | None:
 def statfs_type(path: str) -> int:
     """The type of the filesystem holding ``path`` (``statfs``'s ``f_type``,
     a magic number such as 0xEF53 for ext4)."""
-    buf = ctypes.create_string_buffer(256)  # struct statfs: 120 bytes on 64-bit arches
+    # struct statfs: 120 bytes, f_type a long first (x86_64, aarch64).
+    buf = ctypes.create_string_buffer(256)
     _check(_libc.statfs(_b(path), buf), "statfs", path)
     return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
