@@ -299,7 +299,8 @@ def test_a_repository_made_between_runs_is_protected(
     attack = "echo evil > old/src/.git/hooks/pre-commit"
     hook = workspace / "old" / "src" / ".git" / "hooks" / "pre-commit"
     with nanobox.Sandbox() as box:
-        assert box.run(["true"]).returncode == 0
+        for _ in range(2):  # the first scan of a root lists, the second remembers
+            assert box.run(["true"]).returncode == 0
         assert str(workspace / "old" / "src") in gitscan._memory[(str(workspace), os.geteuid())]
         time.sleep(0.03)
         subprocess.run(["git", "init", "-q", "old/src"], check=True)
@@ -438,6 +439,43 @@ def test_ro_rw_tmpfs_options(workspace: Path, tmp_path: Path) -> None:
     )
     assert r.stdout == b"inputro\ns\nfull\n", r.stderr
     assert (out / "r").read_text() == "r\n" and not (data / "y").exists()
+
+
+MAPPED_ATTACKS = [
+    "echo evil > .git/hooks/pre-commit",
+    "echo evil >> .git/config",
+    "echo evil > sub/.git/hooks/post-checkout",
+    "mv sub sub2",
+    "echo evil > .bashrc",
+    "mkdir .vscode",
+]
+
+
+@pytest.mark.parametrize("attack", MAPPED_ATTACKS)
+def test_a_writable_root_bound_elsewhere_is_protected(
+    workspace: Path, tmp_path: Path, attack: str
+) -> None:
+    """``read_write=["SRC:DST"]``: the repositories and names to protect are
+    looked for in SRC, and protected where the sandbox sees them (under
+    DST). (It looked in DST on the host: nothing to find there, and the
+    placeholders went to the wrong place, failing every run.)"""
+    src = tmp_path / "src"
+    src.mkdir()
+    subprocess.run(["git", "init", "-q", str(src)], check=True)
+    subprocess.run(["git", "init", "-q", str(src / "sub")], check=True)
+    dst = f"/var/tmp/nanobox-test-mapped-{uuid.uuid4().hex}"
+    policy = nanobox.Policy(filesystem=nanobox.Filesystem(read_write=(f"{src}:{dst}",)))
+    before = _snapshot(src)
+    r = sh(
+        f"cd {dst} && echo ok > file && {{ {attack}; }} 2>/dev/null || echo refused", policy=policy
+    )
+    assert r.stdout == b"refused\n", r
+    assert (src / "file").read_text() == "ok\n"  # the root itself is writable
+    (src / "file").unlink()
+    assert _snapshot(src) == before
+    assert not os.path.lexists(dst)  # nothing made on the host
+    outside(attack, cwd=src)  # control: the host can
+    assert _snapshot(src) != before
 
 
 def test_missing_source_is_an_error_unless_optional(workspace: Path) -> None:

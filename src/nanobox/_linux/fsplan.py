@@ -118,17 +118,17 @@ def build(fs: Filesystem, cwd: str, home: str) -> View:
         )
         view.writable.append(os.path.normpath(dst))
 
-    writable_roots: list[str] = []
+    writable_roots: list[tuple[str, str]] = []  # (host directory, where the sandbox sees it)
     if fs.workspace:
         ops.append({"t": "bind", "src": cwd, "dst": cwd, "rw": True})
-        writable_roots.append(cwd)
+        writable_roots.append((cwd, cwd))
     for entry in fs.read_write:
         src, dst, optional = _split(entry, home)
         real = _canonical_source(src, optional, "filesystem.read_write")
         if real is None:
             continue
         ops.append({"t": "bind", "src": real, "dst": os.path.normpath(dst), "rw": True})
-        writable_roots.append(os.path.normpath(dst))
+        writable_roots.append((real, os.path.normpath(dst)))
     for entry in fs.read_only:
         src, dst, optional = _split(entry, home)
         real = _canonical_source(src, optional, "filesystem.read_only")
@@ -136,7 +136,7 @@ def build(fs: Filesystem, cwd: str, home: str) -> View:
             continue
         ops.append({"t": "robind", "src": real, "dst": os.path.normpath(dst)})
         view.readable_extra.append(os.path.normpath(dst))
-    view.writable += writable_roots
+    view.writable += [dst for _host, dst in writable_roots]
 
     hides = list(DEFAULT_HIDES) if fs.default_hides else []
     hides += list(fs.hide)
@@ -149,9 +149,8 @@ def build(fs: Filesystem, cwd: str, home: str) -> View:
     if fs.protect:
         unprotect = {os.path.normpath(expand(p, home)) for p in fs.unprotect if "/" in p}
         unprotect_names = {p for p in fs.unprotect if "/" not in p}
-        for root in writable_roots:
-            for op in protect_ops(root, unprotect, unprotect_names, view):
-                ops.append(op)
+        for root, dst in writable_roots:
+            ops += protect_ops(root, unprotect, unprotect_names, view, dst=dst)
 
     # Most specific wins: shallower first; at equal depth the stricter last.
     ops.sort(key=lambda op: (_depth(op["dst"]), _ORDER[op["t"]]))
@@ -259,9 +258,27 @@ def _dedupe_chain(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def protect_ops(
-    root: str, unprotect: set[str], unprotect_names: set[str], view: View
+    root: str,
+    unprotect: set[str],
+    unprotect_names: set[str],
+    view: View,
+    *,
+    dst: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Read-only binds for protected paths under the writable ``root``."""
+    """Read-only binds for protected paths under the writable ``root``, a
+    host directory the sandbox sees at ``dst`` (default: the same path).
+    What to protect is found in ``root``; the operations name the paths in
+    the sandbox, and where those differ, the host path too (``host``: the
+    placeholders and the watch of a sandbox built ahead are on the host)."""
+    shown = root if dst is None else dst
+
+    def protect(path: str, **extra: Any) -> dict[str, Any]:
+        inside = path if shown == root else shown + path[len(root) :]
+        op = {"t": "protect", "dst": inside, **extra}
+        if inside != path:
+            op["host"] = path
+        return op
+
     targets: list[tuple[str, bool]] = []  # (path, must_exist)
     for name in PROTECTED_TOP:
         if name not in unprotect_names:
@@ -278,7 +295,7 @@ def protect_ops(
         targets += [(path, True) for path in _git_targets(repo, root, wanted)]
     ops: list[dict[str, Any]] = []
     for path, must_exist in targets:
-        if path in unprotect:
+        if path in unprotect or protect(path)["dst"] in unprotect:
             continue
         try:
             st = os.lstat(path)
@@ -306,7 +323,7 @@ def protect_ops(
             if st is not None:
                 kind = "dir" if stat.S_ISDIR(st.st_mode) else "file"
             view.placeholders.append((path, kind))
-            ops.append({"t": "protect", "dst": path})
+            ops.append(protect(path))
             continue
         if st is None:
             continue
@@ -317,12 +334,12 @@ def protect_ops(
             # read-only too).
             target = os.path.dirname(path)
             view.notes.append(f"{path} is a symlink: protected its directory {target}")
-        ops.append({"t": "protect", "dst": target})
+        ops.append(protect(target))
         # Every directory between the root and the target becomes a mount
         # point, so it cannot be renamed away and replaced.
         parent = os.path.dirname(target)
         while _is_under(parent, root) and parent != root:
-            ops.append({"t": "protect", "dst": parent, "rw": True})
+            ops.append(protect(parent, rw=True))
             parent = os.path.dirname(parent)
     return ops
 

@@ -369,6 +369,18 @@ def build(
     return b.degraded
 
 
+def placeholder_protects(plan: dict[str, Any]) -> frozenset[str]:
+    """Where the sandbox sees the placeholders (``deferred`` for ``build``):
+    the fork server creates them on the host (``plan["placeholders"]``)
+    only when the run starts."""
+    hosts = {path for path, _kind in plan.get("placeholders", ())}
+    return frozenset(
+        op["dst"]
+        for op in plan["view"].get("ops", ())
+        if op["t"] == "protect" and op.get("host", op["dst"]) in hosts
+    )
+
+
 def build_late(view: dict[str, Any], late: list[dict[str, Any]]) -> None:
     """The operations ``build`` left for the start of the run, in the
     finished view (same order: shallow to deep)."""

@@ -359,7 +359,7 @@ def _build_sandbox(
             raise OSError(10, "the command's process died")  # ECHILD
         step = "filesystem view"
         late: list[dict[str, Any]] = []
-        deferred = frozenset(path for path, _kind in plan.get("placeholders", ()))
+        deferred = mounts.placeholder_protects(plan)
         degraded = mounts.build(plan["view"], proc, late, deferred)
         if not isinstance(proc, OSError):
             os.close(proc)
@@ -498,7 +498,7 @@ def _build_spawning(
         proc = _procfs()
         step = "filesystem view"
         late: list[dict[str, Any]] = []
-        deferred = frozenset(path for path, _kind in plan.get("placeholders", ()))
+        deferred = mounts.placeholder_protects(plan)
         degraded = mounts.build(plan["view"], proc, late, deferred)
         if not isinstance(proc, OSError):
             os.close(proc)

@@ -171,7 +171,9 @@ def view_paths(plan: dict[str, Any]) -> list[str]:
     skip = {path for path, _kind in plan.get("placeholders", ())}
     out: dict[str, None] = {}
     for op in view.get("ops", ()):
-        for key in ("dst", "src"):
+        # ("host": where a protected path of a writable root bound elsewhere
+        # is on the host; "dst" is where the sandbox sees it.)
+        for key in ("host" if "host" in op else "dst", "src"):
             path = op.get(key)
             if isinstance(path, str):
                 out[path] = None
