@@ -478,6 +478,48 @@ def test_a_writable_root_bound_elsewhere_is_protected(
     assert _snapshot(src) != before
 
 
+NESTED_ATTACKS = [
+    "echo evil > sub/.vscode/evil",
+    "echo evil > sub/.vscode/r/.git/hooks/pre-commit",
+    "echo evil > sub/.bashrc",
+]
+
+
+@pytest.mark.parametrize("attack", NESTED_ATTACKS)
+def test_a_writable_root_bound_inside_another_is_protected(
+    workspace: Path, tmp_path: Path, attack: str
+) -> None:
+    """A root bound inside the workspace (``read_write "SRC:WS/sub"``): what
+    the sandbox sees there is SRC, so SRC's names and repositories are
+    protected there, not what the bind hides on the host (its repository
+    at hidden/ would have failed the run, and its pins of WS/sub/.vscode
+    made that writable)."""
+    src = tmp_path / "src"
+    (src / ".vscode" / "r").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(src / ".vscode" / "r")], check=True)
+    hidden = workspace / "sub"
+    (hidden / ".vscode" / "r").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(hidden / ".vscode" / "r")], check=True)
+    subprocess.run(["git", "init", "-q", str(hidden / "hidden")], check=True)
+    policy = nanobox.Policy(filesystem=nanobox.Filesystem(read_write=(f"{src}:{workspace}/sub",)))
+    before = _snapshot(src)
+    r = sh(f"echo ok > sub/file && {{ {attack}; }} 2>/dev/null || echo refused", policy=policy)
+    assert r.stdout == b"refused\n", r
+    (src / "file").unlink()
+    assert _snapshot(src) == before
+    outside(attack.replace("sub/", f"{src}/"))  # control: the host can
+    assert _snapshot(src) != before
+
+
+def test_inside_path() -> None:
+    from nanobox._linux.fsplan import inside_path
+
+    assert inside_path("/.bashrc", "/", "/mnt") == "/mnt/.bashrc"
+    assert inside_path("/", "/", "/mnt") == "/mnt"
+    assert inside_path("/a/b/c", "/a", "/x/y") == "/x/y/b/c"
+    assert inside_path("/a/b", "/a/b", "/a/b") == "/a/b"
+
+
 def test_missing_source_is_an_error_unless_optional(workspace: Path) -> None:
     with pytest.raises(nanobox.PolicyError, match="does not exist"):
         nanobox.Filesystem(read_only=("/nonexistent",))  # validated at run time

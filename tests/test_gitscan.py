@@ -62,7 +62,7 @@ def _fresh(root: Path) -> list[str]:
     saved = dict(gitscan._memory)
     gitscan.forget()
     try:
-        return sorted(gitscan.find_repos(str(root))[0])
+        return sorted(gitscan.find_repos(str(root)))
     finally:
         gitscan._memory.update(saved)
 
@@ -70,7 +70,7 @@ def _fresh(root: Path) -> list[str]:
 def _scan(root: Path) -> list[str]:
     """Scan (the first scan of a root only marks it seen, the second
     remembers what it listed: scan again then)."""
-    repos = sorted(gitscan.find_repos(str(root))[0])
+    repos = sorted(gitscan.find_repos(str(root)))
     assert repos == _fresh(root)  # the same answer as listing everything
     if not gitscan._memory.get((str(root), os.geteuid())):
         gitscan.find_repos(str(root))
@@ -192,7 +192,7 @@ def test_a_swap_during_the_scan_is_not_remembered(
     os.rename(tree / "c.real", tree / "c")
     time.sleep(TICK)
     (tree / "c" / "d" / "e" / "s" / ".git").mkdir()
-    assert str(tree / "c" / "d" / "e" / "s") in gitscan.find_repos(str(tree))[0]
+    assert str(tree / "c" / "d" / "e" / "s") in gitscan.find_repos(str(tree))
 
 
 def test_recent_changes_are_listed_again(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -265,3 +265,11 @@ def test_memory_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     gitscan.find_repos(str(tmp_path / "big"))
     # 3 directories: listed in full every time
     assert gitscan._memory == {(str(tmp_path / "big"), os.geteuid()): {}}
+
+
+def test_too_many_directories_fail_closed(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scan that stopped early would miss a repository after the limit
+    (a command can make that many directories): refuse the run instead."""
+    monkeypatch.setattr(gitscan, "MAX_SCAN_ENTRIES", 3)
+    with pytest.raises(PolicyError, match=r"more than 3 directories below"):
+        gitscan.find_repos(str(tree))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,8 +150,18 @@ def build(fs: Filesystem, cwd: str, home: str) -> View:
     if fs.protect:
         unprotect = {os.path.normpath(expand(p, home)) for p in fs.unprotect if "/" in p}
         unprotect_names = {p for p in fs.unprotect if "/" not in p}
-        for root, dst in writable_roots:
-            ops += protect_ops(root, unprotect, unprotect_names, view, dst=dst)
+        for i, (root, dst) in enumerate(writable_roots):
+            # The sandbox sees another root bound inside this one (or at the
+            # same place, later) instead of what is there on the host: its
+            # own operations protect it; none from this root's host tree.
+            covered = []
+            for j, (_host, other) in enumerate(writable_roots):
+                nested = other != dst and _is_under(other, dst)
+                if nested or (other == dst and j > i):
+                    covered.append(other)
+            if dst in covered:
+                continue
+            ops += protect_ops(root, unprotect, unprotect_names, view, dst=dst, covered=covered)
 
     # Most specific wins: shallower first; at equal depth the stricter last.
     ops.sort(key=lambda op: (_depth(op["dst"]), _ORDER[op["t"]]))
@@ -246,13 +257,18 @@ def landlock_plan(view: View, *, nons: bool = False, tcp: bool = False) -> dict[
 
 
 def _dedupe_chain(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    seen: set[tuple[str, str]] = set()
-    out = []
+    """One protect operation per path: read-only where any asks for it
+    (rather than a writable pin of a directory on the way to another)."""
+    kept: dict[str, int] = {}  # protected path -> its index in out
+    out: list[dict[str, Any]] = []
     for op in ops:
-        key = (op["t"], op["dst"])
-        if op["t"] == "protect" and key in seen:
-            continue
-        seen.add(key)
+        if op["t"] == "protect":
+            at = kept.get(op["dst"])
+            if at is not None:
+                if out[at].get("rw") and not op.get("rw"):
+                    out[at] = op
+                continue
+            kept[op["dst"]] = len(out)
         out.append(op)
     return out
 
@@ -264,20 +280,26 @@ def protect_ops(
     view: View,
     *,
     dst: str | None = None,
+    covered: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Read-only binds for protected paths under the writable ``root``, a
-    host directory the sandbox sees at ``dst`` (default: the same path).
+    host directory the sandbox sees at ``dst`` (default: the same path),
+    but under the sandbox paths in ``covered`` (other roots bound there).
     What to protect is found in ``root``; the operations name the paths in
     the sandbox, and where those differ, the host path too (``host``: the
     placeholders and the watch of a sandbox built ahead are on the host)."""
     shown = root if dst is None else dst
 
     def protect(path: str, **extra: Any) -> dict[str, Any]:
-        inside = path if shown == root else shown + path[len(root) :]
+        inside = inside_path(path, root, shown)
         op = {"t": "protect", "dst": inside, **extra}
         if inside != path:
             op["host"] = path
         return op
+
+    def seen(path: str) -> bool:
+        inside = inside_path(path, root, shown)
+        return not any(_is_under(inside, other) for other in covered)
 
     targets: list[tuple[str, bool]] = []  # (path, must_exist)
     for name in PROTECTED_TOP:
@@ -288,14 +310,12 @@ def protect_ops(
         for rel in PROTECTED_GIT
         if rel.split("/")[-1] not in unprotect_names and rel not in unprotect_names
     ]
-    repos, note = find_repos(root)
-    if note:
-        view.notes.append(note)
-    for repo in repos:
-        targets += [(path, True) for path in _git_targets(repo, root, wanted)]
+    for repo in find_repos(root):
+        if seen(repo):
+            targets += [(path, True) for path in _git_targets(repo, root, wanted)]
     ops: list[dict[str, Any]] = []
     for path, must_exist in targets:
-        if path in unprotect or protect(path)["dst"] in unprotect:
+        if path in unprotect or protect(path)["dst"] in unprotect or not seen(path):
             continue
         try:
             st = os.lstat(path)
@@ -342,6 +362,15 @@ def protect_ops(
             ops.append(protect(parent, rw=True))
             parent = os.path.dirname(parent)
     return ops
+
+
+def inside_path(path: str, root: str, shown: str) -> str:
+    """Where the sandbox sees host ``path`` (at or below ``root``), with
+    ``root`` bound at ``shown``."""
+    if root == shown:
+        return path
+    rel = os.path.relpath(path, root)
+    return shown if rel == "." else os.path.join(shown, rel)
 
 
 def _git_targets(repo: str, root: str, names: list[str]) -> list[str]:

@@ -64,14 +64,15 @@ _lock = _thread.allocate_lock()
 _memory: dict[tuple[str, int], dict[str, _Listing]] = {}  # (root, euid) -> listings
 
 
-def find_repos(root: str) -> tuple[list[str], str | None]:
+def find_repos(root: str) -> list[str]:
     """Directories at or below ``root`` holding a ``.git`` entry (a
-    directory, a file for a worktree or submodule, or a link), and a note
-    if the scan stopped early. A directory that cannot be listed but
-    belongs to the caller is an error (``PolicyError``): the command, which
-    runs as the caller's uid, could make it listable again and write the
-    hooks of a repository inside (fail closed); others' are skipped (the
-    command cannot enter them either)."""
+    directory, a file for a worktree or submodule, or a link). A directory
+    that cannot be listed but belongs to the caller is an error
+    (``PolicyError``): the command, which runs as the caller's uid, could
+    make it listable again and write the hooks of a repository inside
+    (fail closed); others' are skipped (the command cannot enter them
+    either). So is a tree of more than ``MAX_SCAN_ENTRIES`` directories
+    (a command could make that many to hide a repository after them)."""
     me = os.geteuid()
     with _lock:
         known = _memory.pop((root, me), None)
@@ -107,8 +108,11 @@ def find_repos(root: str) -> tuple[list[str], str | None]:
             repos.append(directory)
         seen += len(listing.below)
         if seen > MAX_SCAN_ENTRIES:
-            return repos, (
-                f"stopped scanning {root} for git repositories after {MAX_SCAN_ENTRIES} directories"
+            raise PolicyError(
+                "filesystem.protect",
+                f"more than {MAX_SCAN_ENTRIES} directories below {root}: too many to look "
+                "for git repositories to protect in; run elsewhere, or with "
+                "filesystem.protect=False if no repository there needs protecting",
             )
         stack.extend(reversed(listing.below))
     if len(remember) > MAX_REMEMBERED:
@@ -117,7 +121,7 @@ def find_repos(root: str) -> tuple[list[str], str | None]:
         _memory[(root, me)] = remember
         while len(_memory) > MAX_ROOTS:
             del _memory[next(iter(_memory))]
-    return repos, None
+    return repos
 
 
 def _key(st: os.stat_result) -> Key:
