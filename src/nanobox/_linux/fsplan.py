@@ -297,7 +297,7 @@ def protect_ops(
             op["host"] = path
         return op
 
-    def seen(path: str) -> bool:
+    def visible(path: str) -> bool:
         inside = inside_path(path, root, shown)
         return not any(_is_under(inside, other) for other in covered)
 
@@ -311,11 +311,13 @@ def protect_ops(
         if rel.split("/")[-1] not in unprotect_names and rel not in unprotect_names
     ]
     for repo in find_repos(root):
-        if seen(repo):
+        if visible(repo):
             targets += [(path, True) for path in _git_targets(repo, root, wanted)]
     ops: list[dict[str, Any]] = []
     for path, must_exist in targets:
-        if path in unprotect or protect(path)["dst"] in unprotect or not seen(path):
+        if path in unprotect or inside_path(path, root, shown) in unprotect:
+            continue
+        if not visible(path):
             continue
         try:
             st = os.lstat(path)

@@ -25,11 +25,11 @@ changed since its last scan, which a ``stat`` per directory tells:
   says, and may cache it. Directories on another device than the root
   (mounts below it) are always listed.
 
-The first scan of a root lists everything without keys (and is all a
-one-shot caller such as the CLI ever does); the second one keyed; what it
-remembers is per process, for the last
-``MAX_ROOTS`` roots of at most ``MAX_REMEMBERED`` directories each (a few
-MB at most; larger trees are listed in full every time).
+The first scan of a root lists everything without keys (all a one-shot
+caller such as the CLI ever does), the second one with keys; what is
+remembered is per process, for the last ``MAX_ROOTS`` roots of at most
+``MAX_REMEMBERED`` directories each (a few MB at most; larger trees are
+listed in full every time).
 """
 
 from __future__ import annotations
