@@ -392,9 +392,7 @@ def _git_targets(repo: str, root: str, names: list[str]) -> list[str]:
         with open(dotgit, encoding="utf-8", errors="surrogateescape") as fh:
             first = fh.readline(4096).strip()
     except OSError as exc:
-        raise PolicyError(
-            "filesystem.protect", f"cannot read {dotgit}: {exc.strerror}"
-        ) from None
+        raise PolicyError("filesystem.protect", f"cannot read {dotgit}: {exc.strerror}") from None
     if not first.startswith("gitdir:") or not first[7:].strip():
         raise PolicyError(
             "filesystem.protect",

@@ -428,6 +428,7 @@ def spawn(path: str, argv: list[str], env: dict[str, str]) -> int:
     two internal ones (32 and 33), which glibc's child would otherwise leave
     ignored and ``os.posix_spawn`` cannot name. Returns the pid; raises
     OSError with the exec's errno."""
+
     def check(err: int, name: str) -> None:  # these return the error number
         if err:
             raise OSError(err, f"{name}: {os.strerror(err)}")
