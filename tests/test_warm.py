@@ -8,6 +8,8 @@ unclaimed one leaves nothing behind."""
 
 from __future__ import annotations
 
+import gc
+import math
 import os
 import threading
 import time
@@ -144,6 +146,7 @@ def test_back_to_back_runs_get_the_next_sandbox_built_during_the_run(
         box.run([SPY, "-c", "import time; time.sleep(2)", marker])
 
     t = threading.Thread(target=runs)
+    gc.disable()  # a long collection between two runs is a pause (see the next test)
     t.start()
     try:
         # Not polling /proc meanwhile: it would hold the GIL between the runs
@@ -156,8 +159,24 @@ def test_back_to_back_runs_get_the_next_sandbox_built_during_the_run(
             time.sleep(0.02)
         assert seen, "no sandbox built during the run"
     finally:
+        gc.enable()
         t.join(30)
         box.close()
+
+
+def test_when_the_next_sandbox_is_built() -> None:
+    """The decision alone (the two tests above check it in a real server):
+    after the run only for a caller idle longer than a build before this
+    run and the one ahead; one outlier either way does not flip it."""
+    from nanobox._linux.forkserver import defer_build
+
+    build = 0.005
+    assert defer_build(0.3, 0.3, build, busy=False)  # pauses
+    assert not defer_build(0.3, 0.3, build, busy=True)  # another run in progress
+    assert not defer_build(0.002, 0.002, build, busy=False)  # back to back
+    assert not defer_build(0.040, 0.002, build, busy=False)  # a GC pause among them
+    assert not defer_build(0.002, 0.3, build, busy=False)  # back to back again
+    assert defer_build(0.3, math.inf, build, busy=False)  # a server's first run
 
 
 def test_a_different_plan_gets_a_fresh_sandbox(workspace: Path, marker: str) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import resource
 import selectors
@@ -52,6 +53,20 @@ WARM_MAX_AGE_S = 10.0
 EARLY_EXIT_KEEP_S = 120.0
 # Until a sandbox has been built ahead, how long building one is assumed to take.
 BUILD_GUESS_S = 0.01
+
+
+def defer_build(gap: float, previous_gap: float, build_s: float, *, busy: bool) -> bool:
+    """Build the next sandbox after this run rather than during it?
+
+    Only for a caller that pauses between runs: idle for longer than a
+    build takes before this run *and* before the one ahead of it, with no
+    other run in progress. One long gap among short ones (a garbage
+    collection or a preemption in the caller) does not make a back-to-back
+    caller's next run start without a sandbox built ahead; one short gap
+    after pauses gets the build at once."""
+    if busy:
+        return False
+    return min(gap, previous_gap) >= build_s
 
 
 class _Job:
@@ -144,6 +159,7 @@ class Server:
         # (see _should_defer): (plan bytes, decoded plan).
         self.deferred: tuple[bytes, dict[str, Any]] | None = None
         self.last_reply = 0.0  # when the last result went out
+        self.last_gap = math.inf  # idle time before the last run (_should_defer)
         self.build_s = BUILD_GUESS_S  # how long the last sandbox built ahead took
         self.refill_when_ready = False  # make the next spare once self.warm is built
         self.watcher: watch.Watcher | None = None  # host changes under it
@@ -480,13 +496,14 @@ class Server:
         kernel's namespace and mount locks (a warm start on an idle host took
         9-10 ms that way, 6-6.5 ms with the build after the run). That pays
         off when the caller leaves the server idle between runs for longer
-        than a build takes: judged by the gap before this run. A caller
-        running back to back, or other runs in progress (a concurrent
-        caller), get the build now, which overlaps it with the run."""
+        than a build takes: judged by the gaps before this run and the one
+        before (``defer_build``). A caller running back to back, or other
+        runs in progress (a concurrent caller), get the build now, which
+        overlaps it with the run."""
         gap = job.started - self.last_reply
-        if gap < self.build_s:
-            return False
-        return not any(j.chan is not None and not j.finished for j in self.jobs if j is not job)
+        previous, self.last_gap = self.last_gap, gap
+        busy = any(j.chan is not None and not j.finished for j in self.jobs if j is not job)
+        return defer_build(gap, previous, self.build_s, busy=busy)
 
     def _on_watch(self) -> None:
         if self.watcher is not None and self.watcher.changed() and self.warm is not None:
