@@ -510,6 +510,72 @@ def test_a_writable_root_bound_inside_another_is_protected(
     assert (src / "new-file").read_text() == "ok\n"
 
 
+def test_a_destination_with_two_leading_slashes(workspace: Path, tmp_path: Path) -> None:
+    """``//x`` is ``/x`` to the kernel; the plan compares paths as strings,
+    so it is normalised (a tmpfs or bind there failed at setup: "create
+    mount point //x: File exists"), and SRC's repository is still protected
+    there."""
+    src = tmp_path / "src"
+    src.mkdir()
+    subprocess.run(["git", "init", "-q", str(src)], check=True)
+    dst = f"/var/tmp/nanobox-test-slashes-{uuid.uuid4().hex}"
+    fs = nanobox.Filesystem(read_write=(f"{src}:/{dst}",), tmpfs=("//scratch",))
+    policy = nanobox.Policy(filesystem=fs)
+    prelude = f"echo s > /scratch/s && cd {dst} && echo ok > new-file"
+    attack = "echo evil > .git/hooks/pre-commit"
+    _refused_inside_done_outside(src, prelude, attack, policy=policy, host=attack)
+    assert (src / "new-file").read_text() == "ok\n"
+
+
+@pytest.mark.parametrize(
+    ("field", "entry"),
+    [
+        ("read_write", "/"),
+        ("read_write", "{src}:/"),
+        ("read_write", "{src}://"),
+        ("read_write", "{src}:/x/.."),
+        ("tmpfs", "/"),
+        ("tmpfs", "//:1M"),
+        ("hide", "/"),
+        ("hide", "//."),
+    ],
+)
+def test_the_root_as_a_destination_is_refused(tmp_path: Path, field: str, entry: str) -> None:
+    """A writable bind, a tmpfs or a hide at '/' would replace the whole
+    root: refused with the option named (they failed at setup with an
+    unrelated message, or were silently ignored: a hide not applied)."""
+    from nanobox._linux import fsplan
+
+    entry = entry.format(src=tmp_path)
+    fs = nanobox.Filesystem(**{field: (entry,)})
+    with pytest.raises(nanobox.PolicyError, match="'/' is not supported") as info:
+        fsplan.build(fs, str(tmp_path), str(tmp_path))
+    assert info.value.field == f"filesystem.{field}" and entry in str(info.value)
+    if field != "tmpfs":  # (no tmpfs without a mount namespace)
+        with pytest.raises(nanobox.PolicyError, match="'/' is not supported"):
+            fsplan.build_nons(fs, str(tmp_path), str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("field", "entry", "dst"),
+    [
+        ("tmpfs", "//y:1M", "/y"),
+        ("read_write", "{src}://y", "/y"),
+        ("read_only", "{src}://y/", "/y"),
+        ("hide", "/{src}", "{src}"),
+    ],
+)
+def test_destinations_are_normalised(tmp_path: Path, field: str, entry: str, dst: str) -> None:
+    from nanobox._linux import fsplan
+
+    fs = nanobox.Filesystem(**{field: (entry.format(src=tmp_path),)})
+    view = fsplan.build(fs, str(tmp_path), str(tmp_path))
+    kind = {"read_write": "bind", "read_only": "robind"}.get(field, field)
+    want = dst.format(src=tmp_path)
+    assert any(op["t"] == kind and op["dst"] == want for op in view.ops), view.ops
+    assert not [op for op in view.ops if op["dst"].startswith("//")], view.ops
+
+
 def test_inside_path() -> None:
     from nanobox._linux.fsplan import inside_path
 

@@ -75,6 +75,26 @@ def _split(entry: str, home: str) -> tuple[str, str, bool]:
     return src, expand(dst, home) if dst else src, optional
 
 
+def _norm(path: str) -> str:
+    """``normpath``, and a leading ``//`` made ``/`` (POSIX lets ``normpath``
+    keep exactly two; to the kernel they are one, and every path of the plan
+    is compared as a string)."""
+    path = os.path.normpath(path)
+    return "/" + path.lstrip("/") if path.startswith("//") else path
+
+
+def _not_root(path: str, field_name: str, entry: str, what: str) -> str:
+    """``path`` (normalised), unless it is ``/``: a writable bind, a tmpfs or
+    a hide there would replace the whole root filesystem (and was silently
+    ignored, or failed at setup)."""
+    path = _norm(path)
+    if path == "/":
+        raise PolicyError(
+            field_name, f"{entry!r}: {what} '/' is not supported; name a directory below it"
+        )
+    return path
+
+
 def _depth(path: str) -> int:
     return 0 if path == "/" else path.rstrip("/").count("/")
 
@@ -108,16 +128,16 @@ def build(fs: Filesystem, cwd: str, home: str) -> View:
             )
     for entry in fs.tmpfs:
         dst, _, size = entry.partition(":")
-        dst = expand(dst, home)
+        dst = _not_root(expand(dst, home), "filesystem.tmpfs", entry, "a tmpfs at")
         ops.append(
             {
                 "t": "tmpfs",
-                "dst": os.path.normpath(dst),
+                "dst": dst,
                 "size": parse_size(size) if size else RUN_SIZE,
                 "mode": 0o755,
             }
         )
-        view.writable.append(os.path.normpath(dst))
+        view.writable.append(dst)
 
     writable_roots: list[tuple[str, str]] = []  # (host directory, where the sandbox sees it)
     if fs.workspace:
@@ -125,30 +145,31 @@ def build(fs: Filesystem, cwd: str, home: str) -> View:
         writable_roots.append((cwd, cwd))
     for entry in fs.read_write:
         src, dst, optional = _split(entry, home)
+        dst = _not_root(dst, "filesystem.read_write", entry, "a writable bind at")
         real = _canonical_source(src, optional, "filesystem.read_write")
         if real is None:
             continue
-        ops.append({"t": "bind", "src": real, "dst": os.path.normpath(dst), "rw": True})
-        writable_roots.append((real, os.path.normpath(dst)))
+        ops.append({"t": "bind", "src": real, "dst": dst, "rw": True})
+        writable_roots.append((real, dst))
     for entry in fs.read_only:
         src, dst, optional = _split(entry, home)
         real = _canonical_source(src, optional, "filesystem.read_only")
         if real is None:
             continue
-        ops.append({"t": "robind", "src": real, "dst": os.path.normpath(dst)})
-        view.readable_extra.append(os.path.normpath(dst))
+        ops.append({"t": "robind", "src": real, "dst": _norm(dst)})
+        view.readable_extra.append(_norm(dst))
     view.writable += [dst for _host, dst in writable_roots]
 
     hides = list(DEFAULT_HIDES) if fs.default_hides else []
     hides += list(fs.hide)
     for entry in hides:
-        path = os.path.normpath(expand(entry.rstrip("?"), home))
+        path = _not_root(expand(entry.rstrip("?"), home), "filesystem.hide", entry, "hiding")
         if os.path.lexists(path):
             ops.append({"t": "hide", "dst": path})
             view.hidden.append(path)
 
     if fs.protect:
-        unprotect = {os.path.normpath(expand(p, home)) for p in fs.unprotect if "/" in p}
+        unprotect = {_norm(expand(p, home)) for p in fs.unprotect if "/" in p}
         unprotect_names = {p for p in fs.unprotect if "/" not in p}
         for i, (root, dst) in enumerate(writable_roots):
             # The sandbox sees another root bound inside this one (or at the
@@ -195,10 +216,12 @@ def build_nons(fs: Filesystem, cwd: str, home: str) -> View:
     for field_name, entries in (("read_write", fs.read_write), ("read_only", fs.read_only)):
         for entry in entries:
             src, dst, optional = _split(entry, home)
+            if field_name == "read_write":
+                _not_root(dst, "filesystem.read_write", entry, "a writable bind at")
             real = _canonical_source(src, optional, f"filesystem.{field_name}")
             if real is None:
                 continue
-            if os.path.normpath(dst) != src:
+            if _norm(dst) != _norm(src):
                 raise PolicyError(
                     f"filesystem.{field_name}",
                     f"{entry!r}: placing a path elsewhere needs a mount namespace "
@@ -207,7 +230,7 @@ def build_nons(fs: Filesystem, cwd: str, home: str) -> View:
             (view.writable if field_name == "read_write" else view.readable_extra).append(real)
     hides = (list(DEFAULT_HIDES) if fs.default_hides else []) + list(fs.hide)
     for entry in hides:
-        path = os.path.normpath(expand(entry.rstrip("?"), home))
+        path = _not_root(expand(entry.rstrip("?"), home), "filesystem.hide", entry, "hiding")
         if os.path.lexists(path):
             view.hidden.append(os.path.realpath(path))
     return view
