@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import nanobox
-from conftest import SPY, wait_until
+from conftest import SPY, userns_usable, wait_until
 
 PY = sys.executable
 
@@ -261,6 +261,40 @@ def _uid_map_through(fd: int) -> str:
     os.close(r)
     os.waitpid(pid, 0)
     return " ".join(data.split())
+
+
+def _sig_masks(pid: int) -> dict[str, int]:
+    with open(f"/proc/{pid}/status") as fh:
+        return {
+            key: int(value, 16)
+            for key, _, value in (line.partition(":\t") for line in fh)
+            if key in ("SigBlk", "SigIgn")
+        }
+
+
+@pytest.mark.skipif(not userns_usable(), reason="no user namespaces (see test_nouserns)")
+def test_the_id_mapping_holder_blocks_every_signal() -> None:
+    """The holder shares the caller's memory, so no signal handler may run
+    on its stack: it starts with every signal blocked (the kernel keeps
+    SIGKILL and SIGSTOP, glibc its two internal ones); the caller's own
+    mask is as it was."""
+    import signal
+
+    from nanobox._linux import sys as k
+
+    before = _sig_masks(os.getpid())
+    pid, pidfd = k.spawn_userns_holder(5)
+    try:
+        held = _sig_masks(pid)["SigBlk"]
+        assert _sig_masks(os.getpid()) == before
+    finally:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        os.close(pidfd)
+        os.waitpid(pid, 0)
+    for sig in range(1, 65):
+        blocked = bool(held >> (sig - 1) & 1)
+        assert blocked == (sig not in (9, 19, 32, 33)), (sig, hex(held))
+    assert not before["SigBlk"] >> (signal.SIGTERM - 1) & 1  # (the control: here it is not)
 
 
 @pytest.mark.root_only

@@ -119,6 +119,7 @@ def _main(sock_fd: int, server: int) -> None:
     if os.getppid() != server:
         os._exit(0)
     k.set_name(b"nanobox-forker")
+    k.libc_sleep()  # looked up here once, not again in every stage A
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
