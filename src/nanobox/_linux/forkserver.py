@@ -1058,6 +1058,7 @@ class Placeholders:
 
     def acquire(self, specs: Any) -> list[str]:
         taken: list[str] = []
+        made = False  # the record lists paths, not users: rewritten only for new ones
         try:
             for path, kind in specs:
                 if path in self.refs:
@@ -1075,19 +1076,23 @@ class Placeholders:
                         os.close(fd)
                 except FileExistsError:
                     continue  # not ours: the init protects whatever is there
+                made = True
                 self.refs[path] = (os.lstat(path).st_ino, 1)
                 taken.append(path)
-            self._save()
+            if made:
+                self._save()
         except BaseException:
             self.release(taken)
             raise
         return taken
 
     def release(self, taken: list[str]) -> None:
+        before = len(self.refs)
         try:
             self._release(taken)
         finally:
-            self._save()
+            if len(self.refs) != before:
+                self._save()
 
     def _release(self, taken: list[str]) -> None:
         for path in taken:
