@@ -330,6 +330,22 @@ def test_git_still_works_and_new_repos_can_be_created(repo: Path) -> None:
     assert r.stdout == b"OK\n", r.stderr
 
 
+def test_unprotect_a_git_path(workspace: Path) -> None:
+    """``unprotect=(".git/hooks",)`` (the CLI help's example) lifts the
+    hooks of every repository and nothing else (as a path with a '/' it was
+    taken for an absolute path and lifted nothing); other relative paths
+    are refused rather than ignored."""
+    subprocess.run(["git", "init", "-q", str(workspace)], check=True)
+    attack = "echo x > .git/hooks/x && echo hooks; echo y >> .git/config && echo config"
+    assert sh(f"{{ {attack}; }} 2>/dev/null").stdout == b""  # control: both protected
+    fs = nanobox.Filesystem(unprotect=(".git/hooks",))
+    r = sh(f"{{ {attack}; }} 2>/dev/null", policy=nanobox.Policy(filesystem=fs))
+    assert r.stdout == b"hooks\n", r
+    assert (workspace / ".git" / "hooks" / "x").exists()
+    with pytest.raises(nanobox.PolicyError, match=r"filesystem\.unprotect.*'sub/\.vscode'"):
+        nanobox.Filesystem(unprotect=("sub/.vscode",))
+
+
 def test_no_placeholders_left_behind(workspace: Path) -> None:
     assert sh("true").returncode == 0
     assert sorted(os.listdir(workspace)) == []
@@ -534,6 +550,8 @@ def test_a_destination_with_two_leading_slashes(workspace: Path, tmp_path: Path)
         ("read_write", "{src}:/"),
         ("read_write", "{src}://"),
         ("read_write", "{src}:/x/.."),
+        ("read_only", "/"),
+        ("read_only", "{src}://"),
         ("tmpfs", "/"),
         ("tmpfs", "//:1M"),
         ("hide", "/"),
@@ -554,6 +572,49 @@ def test_the_root_as_a_destination_is_refused(tmp_path: Path, field: str, entry:
     if field != "tmpfs":  # (no tmpfs without a mount namespace)
         with pytest.raises(nanobox.PolicyError, match="'/' is not supported"):
             fsplan.build_nons(fs, str(tmp_path), str(tmp_path))
+
+
+def test_the_host_root_as_a_writable_source_is_refused(tmp_path: Path) -> None:
+    """A link to '/' (or ``/proc/self/root``) as a writable root would make
+    every host file writable: refused, with and without a mount namespace."""
+    from nanobox._linux import fsplan
+
+    link = tmp_path / "root-link"
+    link.symlink_to("/")
+    for entry in (str(link), f"{link}:/x", "/proc/self/root:/x"):
+        fs = nanobox.Filesystem(read_write=(entry,))
+        with pytest.raises(nanobox.PolicyError, match="host root '/' cannot be writable"):
+            fsplan.build(fs, str(tmp_path), str(tmp_path))
+    with pytest.raises(nanobox.PolicyError, match="host root '/' cannot be writable"):
+        fsplan.build_nons(nanobox.Filesystem(read_write=(str(link),)), str(tmp_path), str(tmp_path))
+    # A tmpfs or a hide through a link to '/' would land on '/' (mounted by path).
+    for field in ("tmpfs", "hide"):
+        with pytest.raises(nanobox.PolicyError, match="'/' is not supported"):
+            fsplan.build(nanobox.Filesystem(**{field: (str(link),)}), "/nonexistent", "/x")
+
+
+def test_landlock_rules_never_follow_a_link_around_a_hidden_path(tmp_path: Path) -> None:
+    """Landlock is the only layer without a mount namespace: the rules
+    around a hidden path must not include a link to its parent (or to
+    '/'): a rule is for where the link leads, and granted the hidden path
+    with it."""
+    from nanobox._linux import fsplan
+
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / "notes").write_text("public")
+    (home / "me").symlink_to(home)
+    (home / "up").symlink_to("/")
+    fs = nanobox.Filesystem(read_only=(str(home),))
+    for nons in (True, False):
+        view = (fsplan.build_nons if nons else fsplan.build)(fs, "/nonexistent", str(home))
+        rules = fsplan.landlock_plan(view, nons=nons)
+        granted = rules["read"] + rules["write"]
+        for path in (str(home / "me"), str(home / "up"), "/"):
+            assert path not in granted, (nons, path)
+        if nons:  # (with mounts, the bind of home is granted whole: the hide is a mount)
+            assert str(home / "notes") in granted and str(home) in rules["list"]
+            assert str(home) not in granted
 
 
 @pytest.mark.parametrize(
@@ -735,6 +796,33 @@ def test_unix_sockets_inside_the_sandbox_work(workspace: Path) -> None:
     )
     r = nanobox.run([SPY, "-c", code], timeout=30)
     assert r.stdout == b"ok\n", r.stderr
+
+
+def test_a_placeholder_record_that_failed_is_written_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The crash record is rewritten only when its set of paths changes;
+    one write that failed (a full disk) is retried at the next acquire or
+    release, even one that changes no path (another run sharing it)."""
+    from nanobox._linux import forkserver
+
+    ph = forkserver.Placeholders(f"test-{uuid.uuid4().hex}")
+    assert ph.record is not None
+    target = str(tmp_path / ".vscode")
+
+    def full(src: str, dst: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    first = ph.acquire([(target, "dir")])
+    assert os.path.isdir(target) and not os.path.exists(ph.record)
+    monkeypatch.undo()
+    second = ph.acquire([(target, "dir")])  # shared: no new path
+    with open(ph.record) as fh:
+        assert fh.read().endswith(f"\t{target}\n")
+    ph.release(second)
+    ph.release(first)
+    assert not os.path.exists(target) and not os.path.exists(ph.record)
 
 
 def test_placeholders_of_a_killed_server_are_swept(workspace: Path, marker: str) -> None:

@@ -108,6 +108,45 @@ def test_degraded_mode_still_confines(tmp_path: Path, home: Path) -> None:
     assert target.exists()
 
 
+def test_degraded_hides_hold_past_links_and_read_only_binds(tmp_path: Path, home: Path) -> None:
+    """Landlock is the only layer here: a link in an ancestor of a hidden
+    path (to that ancestor, or to '/') and a read-only bind of the
+    ancestor itself (``--ro ~``) granted the hidden path whole."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (home / "me").symlink_to(home)
+    (home / "up").symlink_to("/")
+    attack = f"cat {home}/.ssh/id_rsa {home}/me/.ssh/id_rsa {home}/up/{home}/.ssh/id_rsa"
+    for extra in ([], ["--ro", str(home)]):
+        p = in_scratch_userns(
+            nanobox_cmd("run", "--allow-degraded", *extra, "--", "sh", "-c", attack), ws
+        )
+        assert b"TOPSECRET" not in p.stdout and b"Permission denied" in p.stderr, (extra, p)
+        assert (
+            b"public"
+            in in_scratch_userns(
+                nanobox_cmd("run", "--allow-degraded", *extra, "--", "cat", f"{home}/notes.txt"), ws
+            ).stdout
+        )
+    # Control: the same reads outside the sandbox.
+    assert in_scratch_userns(attack, ws).stdout == b"TOPSECRET" * 3
+
+
+def test_degraded_mode_lists_hides_it_cannot_enforce(tmp_path: Path, home: Path) -> None:
+    """Run from the home directory (the workspace, writable as a whole),
+    ~/.ssh cannot be hidden without a mount namespace: the result says so
+    (it said only that hidden names can be listed)."""
+    res = tmp_path / "r.json"
+    p = in_scratch_userns(
+        nanobox_cmd("run", "--allow-degraded", "--result", str(res), "--", "true"), home
+    )
+    assert p.returncode == 0, p.stderr
+    degraded = json.loads(res.read_text())["degraded"]
+    assert f"hide: {home}/.ssh is not hidden: it is inside the writable {home}" in " ".join(
+        degraded
+    ), degraded
+
+
 def test_degraded_mode_kills_daemons(tmp_path: Path, marker: str) -> None:
     script = f"({SPY} -c 'import os,time; os.setsid(); time.sleep(300)' {marker} &); echo started"
     p = in_scratch_userns(

@@ -149,8 +149,8 @@ def test_back_to_back_runs_get_the_next_sandbox_built_during_the_run(
 
     t = threading.Thread(target=runs)
     gc.disable()  # a long collection between two runs is a pause (see the next test)
-    t.start()
     try:
+        t.start()
         # Not polling /proc meanwhile: it would hold the GIL between the runs
         # (and make them look like runs after a pause).
         assert last.wait(30)

@@ -313,6 +313,13 @@ class Filesystem:
             raise PolicyError(
                 "filesystem.unprotect", f"expected path strings, got {self.unprotect!r}"
             )
+        for item in self.unprotect:
+            if "/" in item and item not in PROTECTED_GIT and not item.startswith(("/", "~")):
+                raise PolicyError(
+                    "filesystem.unprotect",
+                    f"{item!r}: expected a name (e.g. '.vscode'), one of "
+                    f"{', '.join(repr(g) for g in PROTECTED_GIT)}, or an absolute path",
+                )
         _set(self, "unprotect", tuple(self.unprotect))
         for name in ("default_hides", "workspace", "protect", "landlock"):
             if not isinstance(getattr(self, name), bool):

@@ -1040,19 +1040,24 @@ class Placeholders:
         # A record on disk, so that placeholders of a server that was
         # SIGKILLed are removed by the next server (see sweep_placeholders).
         self.record = _state_file(f"placeholders.{ident}") if ident else None
+        self.stale = False  # the last write of the record failed: write it next time
 
     def _save(self) -> None:
         if self.record is None:
             return
+        self.stale = True
         try:
             if not self.refs:
                 os.unlink(self.record)
-                return
-            tmp = self.record + ".tmp"
-            with open(tmp, "w") as fh:
-                for path, (ino, _users) in self.refs.items():
-                    fh.write(f"{ino}\t{path}\n")
-            os.replace(tmp, self.record)
+            else:
+                tmp = self.record + ".tmp"
+                with open(tmp, "w") as fh:
+                    for path, (ino, _users) in self.refs.items():
+                        fh.write(f"{ino}\t{path}\n")
+                os.replace(tmp, self.record)
+            self.stale = False
+        except FileNotFoundError:
+            self.stale = bool(self.refs)  # no record to unlink is as good as unlinked
         except OSError:
             pass
 
@@ -1079,7 +1084,7 @@ class Placeholders:
                 made = True
                 self.refs[path] = (os.lstat(path).st_ino, 1)
                 taken.append(path)
-            if made:
+            if made or self.stale:
                 self._save()
         except BaseException:
             self.release(taken)
@@ -1091,7 +1096,7 @@ class Placeholders:
         try:
             self._release(taken)
         finally:
-            if len(self.refs) != before:
+            if len(self.refs) != before or self.stale:
                 self._save()
 
     def _release(self, taken: list[str]) -> None:

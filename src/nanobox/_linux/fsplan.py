@@ -83,16 +83,28 @@ def _norm(path: str) -> str:
     return "/" + path.lstrip("/") if path.startswith("//") else path
 
 
-def _not_root(path: str, field_name: str, entry: str, what: str) -> str:
-    """``path`` (normalised), unless it is ``/``: a writable bind, a tmpfs or
-    a hide there would replace the whole root filesystem (and was silently
-    ignored, or failed at setup)."""
+def _not_root(path: str, field_name: str, entry: str, what: str, *, resolve: bool = False) -> str:
+    """``path`` (normalised), unless it is ``/``: a bind, a tmpfs or a hide
+    there would replace the whole root filesystem (and was silently ignored,
+    or failed at setup). ``resolve``: also where a symlink leads, for what
+    is mounted by path (the kernel follows the link)."""
     path = _norm(path)
-    if path == "/":
+    if path == "/" or (resolve and os.path.realpath(path) == "/"):
         raise PolicyError(
             field_name, f"{entry!r}: {what} '/' is not supported; name a directory below it"
         )
     return path
+
+
+def _writable_source(real: str, entry: str) -> str:
+    """A writable root's resolved source: never the host root itself (a link
+    to it, or ``/proc/self/root``, would make every host file writable)."""
+    if real == "/":
+        raise PolicyError(
+            "filesystem.read_write",
+            f"{entry!r}: the host root '/' cannot be writable; name a directory below it",
+        )
+    return real
 
 
 def _depth(path: str) -> int:
@@ -128,7 +140,7 @@ def build(fs: Filesystem, cwd: str, home: str) -> View:
             )
     for entry in fs.tmpfs:
         dst, _, size = entry.partition(":")
-        dst = _not_root(expand(dst, home), "filesystem.tmpfs", entry, "a tmpfs at")
+        dst = _not_root(expand(dst, home), "filesystem.tmpfs", entry, "a tmpfs at", resolve=True)
         ops.append(
             {
                 "t": "tmpfs",
@@ -149,28 +161,33 @@ def build(fs: Filesystem, cwd: str, home: str) -> View:
         real = _canonical_source(src, optional, "filesystem.read_write")
         if real is None:
             continue
+        real = _writable_source(real, entry)
         ops.append({"t": "bind", "src": real, "dst": dst, "rw": True})
         writable_roots.append((real, dst))
     for entry in fs.read_only:
         src, dst, optional = _split(entry, home)
+        dst = _not_root(dst, "filesystem.read_only", entry, "a read-only bind at")
         real = _canonical_source(src, optional, "filesystem.read_only")
         if real is None:
             continue
-        ops.append({"t": "robind", "src": real, "dst": _norm(dst)})
-        view.readable_extra.append(_norm(dst))
+        ops.append({"t": "robind", "src": real, "dst": dst})
+        view.readable_extra.append(dst)
     view.writable += [dst for _host, dst in writable_roots]
 
     hides = list(DEFAULT_HIDES) if fs.default_hides else []
     hides += list(fs.hide)
     for entry in hides:
-        path = _not_root(expand(entry.rstrip("?"), home), "filesystem.hide", entry, "hiding")
+        path = expand(entry.rstrip("?"), home)
+        path = _not_root(path, "filesystem.hide", entry, "hiding", resolve=True)
         if os.path.lexists(path):
             ops.append({"t": "hide", "dst": path})
             view.hidden.append(path)
 
     if fs.protect:
-        unprotect = {_norm(expand(p, home)) for p in fs.unprotect if "/" in p}
-        unprotect_names = {p for p in fs.unprotect if "/" not in p}
+        # Names ('.vscode', or '.git/hooks' in every repository) and paths.
+        names = [p for p in fs.unprotect if "/" not in p or p in PROTECTED_GIT]
+        unprotect = {_norm(expand(p, home)) for p in fs.unprotect if p not in names}
+        unprotect_names = set(names)
         for i, (root, dst) in enumerate(writable_roots):
             # The sandbox sees another root bound inside this one (or at the
             # same place, later) instead of what is there on the host: its
@@ -216,11 +233,13 @@ def build_nons(fs: Filesystem, cwd: str, home: str) -> View:
     for field_name, entries in (("read_write", fs.read_write), ("read_only", fs.read_only)):
         for entry in entries:
             src, dst, optional = _split(entry, home)
-            if field_name == "read_write":
-                _not_root(dst, "filesystem.read_write", entry, "a writable bind at")
+            what = "a writable bind at" if field_name == "read_write" else "a read-only bind at"
+            _not_root(dst, f"filesystem.{field_name}", entry, what)
             real = _canonical_source(src, optional, f"filesystem.{field_name}")
             if real is None:
                 continue
+            if field_name == "read_write":
+                real = _writable_source(real, entry)
             if _norm(dst) != _norm(src):
                 raise PolicyError(
                     f"filesystem.{field_name}",
@@ -230,10 +249,28 @@ def build_nons(fs: Filesystem, cwd: str, home: str) -> View:
             (view.writable if field_name == "read_write" else view.readable_extra).append(real)
     hides = (list(DEFAULT_HIDES) if fs.default_hides else []) + list(fs.hide)
     for entry in hides:
-        path = _not_root(expand(entry.rstrip("?"), home), "filesystem.hide", entry, "hiding")
+        path = expand(entry.rstrip("?"), home)
+        path = _not_root(path, "filesystem.hide", entry, "hiding", resolve=True)
         if os.path.lexists(path):
             view.hidden.append(os.path.realpath(path))
     return view
+
+
+def unenforced_hides(view: View) -> list[str]:
+    """Without a mount namespace (``build_nons``), the hidden paths inside a
+    writable root: Landlock grants rights on a directory's whole subtree
+    and cannot take them away below it, so these stay readable and
+    writable (listed as degradations; hidden paths inside read-only ones
+    are left out of their rules, see ``landlock_plan``)."""
+    out = []
+    for hidden in view.hidden:
+        root = next((w for w in view.writable if _is_under(hidden, w)), None)
+        if root is not None:
+            out.append(
+                f"hide: {hidden} is not hidden: it is inside the writable {root} (without a "
+                "mount namespace, Landlock cannot take rights away below a directory it grants)"
+            )
+    return out
 
 
 def landlock_plan(view: View, *, nons: bool = False, tcp: bool = False) -> dict[str, Any]:
@@ -248,6 +285,12 @@ def landlock_plan(view: View, *, nons: bool = False, tcp: bool = False) -> dict[
     def cover(path: str, depth: int) -> None:
         if path in hidden:
             return
+        if os.path.islink(path):
+            # A rule would be for where the link leads (``landlock`` opens
+            # the path): a link to '/' or to a hidden path's parent would
+            # grant what this function leaves out. The target is covered
+            # where it really is.
+            return
         below = [h for h in hidden if _is_under(h, path)]
         if not below or depth > 12:
             read.append(path)
@@ -261,7 +304,15 @@ def landlock_plan(view: View, *, nons: bool = False, tcp: bool = False) -> dict[
             cover(os.path.join(path, name), depth + 1)
 
     cover("/", 0)
-    read += [p for p in view.readable_extra if not any(_is_under(p, h) for h in hidden)]
+    if nons:
+        # Host paths here, and Landlock alone hides: granted around the
+        # hidden paths inside them, like the root above.
+        for extra in view.readable_extra:
+            if not any(_is_under(extra, h) for h in hidden):
+                cover(extra, 0)
+    else:
+        # Paths in the sandbox (what a bind shows there); hides are mounts.
+        read += [p for p in view.readable_extra if not any(_is_under(p, h) for h in hidden)]
     if nons:
         # No private mounts: only the writable roots, the run's own $TMPDIR
         # (added by the fork server) and the usual device nodes.

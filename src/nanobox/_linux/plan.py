@@ -300,6 +300,7 @@ def build_plan(
             )
         program, notify_table = seccomp_program(policy, no_network=policy.network.mode != "host")
         view = fsplan.build_nons(fs, cwd, home)
+        degraded += fsplan.unenforced_hides(view)
     else:
         program, notify_table = seccomp_program(policy)
         view = fsplan.build(fs, cwd, home)
