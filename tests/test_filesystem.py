@@ -342,8 +342,9 @@ def test_unprotect_a_git_path(workspace: Path) -> None:
     r = sh(f"{{ {attack}; }} 2>/dev/null", policy=nanobox.Policy(filesystem=fs))
     assert r.stdout == b"hooks\n", r
     assert (workspace / ".git" / "hooks" / "x").exists()
-    with pytest.raises(nanobox.PolicyError, match=r"filesystem\.unprotect.*'sub/\.vscode'"):
-        nanobox.Filesystem(unprotect=("sub/.vscode",))
+    for bad in ("sub/.vscode", "~user/x"):
+        with pytest.raises(nanobox.PolicyError, match=r"filesystem\.unprotect"):
+            nanobox.Filesystem(unprotect=(bad,))
 
 
 def test_no_placeholders_left_behind(workspace: Path) -> None:
@@ -615,6 +616,34 @@ def test_landlock_rules_never_follow_a_link_around_a_hidden_path(tmp_path: Path)
         if nons:  # (with mounts, the bind of home is granted whole: the hide is a mount)
             assert str(home / "notes") in granted and str(home) in rules["list"]
             assert str(home) not in granted
+
+
+def test_landlock_rules_around_deep_and_linked_hidden_paths(tmp_path: Path) -> None:
+    """Around a hidden path 14 directories deep (rules stopped descending at
+    12 and granted the rest whole), refused beyond ``MAX_HIDE_DEPTH``
+    rather than granted; and a hidden path named through a symlinked
+    ancestor (a home directory under a linked /home) is planned around
+    where it really is."""
+    from nanobox._linux import fsplan
+
+    deep = tmp_path.joinpath(*[f"d{i}" for i in range(14)], "secret")
+    deep.mkdir(parents=True)
+    view = fsplan.build_nons(nanobox.Filesystem(hide=(str(deep),)), "/nonexistent", "/x")
+    granted = fsplan.landlock_plan(view, nons=True)["read"]
+    assert not [p for p in granted if fsplan._is_under(str(deep), p)], granted
+    too_deep = tmp_path.joinpath(*["d"] * (fsplan.MAX_HIDE_DEPTH + 1))
+    too_deep.mkdir(parents=True)
+    view = fsplan.build_nons(nanobox.Filesystem(hide=(str(too_deep),)), "/nonexistent", "/x")
+    with pytest.raises(nanobox.PolicyError, match=r"filesystem\.hide"):
+        fsplan.landlock_plan(view, nons=True)
+
+    real = tmp_path / "data" / "home" / "u" / ".ssh"
+    real.mkdir(parents=True)
+    (tmp_path / "home").symlink_to(tmp_path / "data" / "home")
+    named = str(tmp_path / "home" / "u" / ".ssh")
+    view = fsplan.build(nanobox.Filesystem(hide=(named,)), "/nonexistent", "/x")
+    granted = fsplan.landlock_plan(view)["read"]
+    assert not [p for p in granted if fsplan._is_under(str(real), p)], granted
 
 
 @pytest.mark.parametrize(

@@ -251,6 +251,21 @@ def test_read_dir_listable_not_writable(dirs: dict[str, Path]) -> None:
 
 
 @needs_landlock
+def test_read_rules_are_never_made_through_a_link(dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Read and list rules are planned around hidden paths, never on a link:
+    a link put in a planned path's place since (to a directory the plan
+    left out) gets no rule, where following it would grant that directory.
+    Write rules still follow links (``/var/run`` is one)."""
+    link = tmp_path / "swapped"
+    link.symlink_to(dirs["out"])
+    plan = LandlockPlan(read=(str(link),), list=(str(link),), write=(str(dirs["w"]),))
+    assert confined(READ, plan, dirs["out"] / "f") == "ERR EACCES"
+    assert confined("os.listdir(args[0])", plan, dirs["out"]) == "ERR EACCES"
+    followed = LandlockPlan(write=(str(link),))
+    assert confined(WRITE, followed, dirs["out"] / "f") == "OK"
+
+
+@needs_landlock
 def test_single_file_rules(dirs: dict[str, Path]) -> None:
     wfile, rfile = dirs["out"] / "f", dirs["r"] / "f"
     # A file (and a device node) take file rights only: no EINVAL from add_rule.

@@ -314,7 +314,9 @@ class Filesystem:
                 "filesystem.unprotect", f"expected path strings, got {self.unprotect!r}"
             )
         for item in self.unprotect:
-            if "/" in item and item not in PROTECTED_GIT and not item.startswith(("/", "~")):
+            is_name = "/" not in item and not item.startswith("~")
+            is_path = item.startswith("/") or item == "~" or item.startswith("~/")
+            if not (is_name or is_path or item in PROTECTED_GIT):
                 raise PolicyError(
                     "filesystem.unprotect",
                     f"{item!r}: expected a name (e.g. '.vscode'), one of "

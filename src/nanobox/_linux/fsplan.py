@@ -185,7 +185,11 @@ def build(fs: Filesystem, cwd: str, home: str) -> View:
 
     if fs.protect:
         # Names ('.vscode', or '.git/hooks' in every repository) and paths.
-        names = [p for p in fs.unprotect if "/" not in p or p in PROTECTED_GIT]
+        names = [
+            p
+            for p in fs.unprotect
+            if ("/" not in p and not p.startswith("~")) or p in PROTECTED_GIT
+        ]
         unprotect = {_norm(expand(p, home)) for p in fs.unprotect if p not in names}
         unprotect_names = set(names)
         for i, (root, dst) in enumerate(writable_roots):
@@ -273,6 +277,9 @@ def unenforced_hides(view: View) -> list[str]:
     return out
 
 
+MAX_HIDE_DEPTH = 64
+
+
 def landlock_plan(view: View, *, nons: bool = False, tcp: bool = False) -> dict[str, Any]:
     """The Landlock ruleset matching ``view``: everything readable except the
     hidden paths (their ancestors get list-only rights), writes only to the
@@ -280,7 +287,8 @@ def landlock_plan(view: View, *, nons: bool = False, tcp: bool = False) -> dict[
     unix sockets and signals scoped to the sandbox."""
     read: list[str] = []
     listing: list[str] = []
-    hidden = [h.rstrip("/") for h in view.hidden]
+    # Where they really are: cover() walks real directories (and skips links).
+    hidden = [os.path.realpath(h) for h in view.hidden]
 
     def cover(path: str, depth: int) -> None:
         if path in hidden:
@@ -292,9 +300,15 @@ def landlock_plan(view: View, *, nons: bool = False, tcp: bool = False) -> dict[
             # where it really is.
             return
         below = [h for h in hidden if _is_under(h, path)]
-        if not below or depth > 12:
+        if not below:
             read.append(path)
             return
+        if depth > MAX_HIDE_DEPTH:  # granting this whole would grant what is hidden
+            raise PolicyError(
+                "filesystem.hide",
+                f"{below[0]}: more than {MAX_HIDE_DEPTH} directories deep; "
+                "Landlock rules cannot be planned around it",
+            )
         listing.append(path)
         try:
             names = os.listdir(path)

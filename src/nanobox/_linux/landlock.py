@@ -450,14 +450,21 @@ def ruleset_size(handled_net: int, scoped: int) -> int:
 
 
 def _add_path(ruleset_fd: int, path: str, abi: int, write: bool, list_only: bool = False) -> None:
+    # Read and list rules are planned around hidden paths, never on a link
+    # (a rule is for where the link leads): one found here now (swapped in
+    # since the plan) is skipped. Write rules follow links (/var/run).
+    follow = write
     try:
-        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
     except (FileNotFoundError, NotADirectoryError, PermissionError):
         return  # missing, or unreachable anyway (DAC): nothing to grant
     except OSError as exc:
         raise LandlockError(exc.errno or _errno.EIO, f"open {path}") from None
     try:
-        is_dir = _stat.S_ISDIR(os.fstat(fd).st_mode)
+        st = os.fstat(fd)
+        if _stat.S_ISLNK(st.st_mode):
+            return
+        is_dir = _stat.S_ISDIR(st.st_mode)
         access = write_access(abi, is_dir) if write else read_access(abi, is_dir)
         if list_only:
             if not is_dir:
