@@ -290,10 +290,10 @@ def landlock_plan(view: View, *, nons: bool = False, tcp: bool = False) -> dict[
     # Where they really are: cover() walks real directories (and skips links).
     hidden = [os.path.realpath(h) for h in view.hidden]
 
-    def cover(path: str, depth: int) -> None:
+    def cover(path: str, depth: int, link: bool | None = None) -> None:
         if path in hidden:
             return
-        if os.path.islink(path):
+        if os.path.islink(path) if link is None else link:
             # A rule would be for where the link leads (``landlock`` opens
             # the path): a link to '/' or to a hidden path's parent would
             # grant what this function leaves out. The target is covered
@@ -311,11 +311,15 @@ def landlock_plan(view: View, *, nons: bool = False, tcp: bool = False) -> dict[
             )
         listing.append(path)
         try:
-            names = os.listdir(path)
+            entries = list(os.scandir(path))
         except OSError:
             return
-        for name in names:
-            cover(os.path.join(path, name), depth + 1)
+        for entry in entries:
+            try:
+                is_link = entry.is_symlink()  # from the listing where the filesystem says
+            except OSError:
+                is_link = True  # gone since: no rule
+            cover(entry.path, depth + 1, is_link)
 
     cover("/", 0)
     if nons:
