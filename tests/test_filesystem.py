@@ -845,6 +845,7 @@ def test_a_placeholder_record_that_failed_is_written_again(
     monkeypatch.setattr(os, "replace", full)
     first = ph.acquire([(target, "dir")])
     assert os.path.isdir(target) and not os.path.exists(ph.record)
+    assert not os.path.exists(ph.record + ".tmp")  # no half-written file left either
     monkeypatch.undo()
     second = ph.acquire([(target, "dir")])  # shared: no new path
     with open(ph.record) as fh:

@@ -23,6 +23,7 @@ from the server, so a dead server takes its sandboxes with it too.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -1051,10 +1052,15 @@ class Placeholders:
                 os.unlink(self.record)
             else:
                 tmp = self.record + ".tmp"
-                with open(tmp, "w") as fh:
-                    for path, (ino, _users) in self.refs.items():
-                        fh.write(f"{ino}\t{path}\n")
-                os.replace(tmp, self.record)
+                try:
+                    with open(tmp, "w") as fh:
+                        for path, (ino, _users) in self.refs.items():
+                            fh.write(f"{ino}\t{path}\n")
+                    os.replace(tmp, self.record)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)  # (a full disk): no half-written file left behind
+                    raise
             self.stale = False
         except FileNotFoundError:
             self.stale = bool(self.refs)  # no record to unlink is as good as unlinked
