@@ -38,7 +38,7 @@ class View:
     ops: list[dict[str, Any]] = field(default_factory=list)
     writable: list[str] = field(default_factory=list)  # sandbox paths writable
     readable_extra: list[str] = field(default_factory=list)
-    hidden: list[str] = field(default_factory=list)
+    hidden: list[str] = field(default_factory=list)  # where they really are (resolved)
     placeholders: list[tuple[str, str]] = field(default_factory=list)  # (host path, kind)
     notes: list[str] = field(default_factory=list)
 
@@ -83,17 +83,24 @@ def _norm(path: str) -> str:
     return "/" + path.lstrip("/") if path.startswith("//") else path
 
 
-def _not_root(path: str, field_name: str, entry: str, what: str, *, resolve: bool = False) -> str:
+def _not_root(path: str, field_name: str, entry: str, what: str) -> str:
     """``path`` (normalised), unless it is ``/``: a bind, a tmpfs or a hide
     there would replace the whole root filesystem (and was silently ignored,
-    or failed at setup). ``resolve``: also where a symlink leads, for what
-    is mounted by path (the kernel follows the link)."""
+    or failed at setup). What is mounted by path (a tmpfs, a hide) is also
+    checked where a symlink leads (the kernel follows the link)."""
     path = _norm(path)
-    if path == "/" or (resolve and os.path.realpath(path) == "/"):
+    if path == "/":
         raise PolicyError(
             field_name, f"{entry!r}: {what} '/' is not supported; name a directory below it"
         )
     return path
+
+
+def _hidden(entry: str, home: str) -> tuple[str, str]:
+    """A ``hide`` entry: the path to mount over, and where it really is
+    (for the Landlock rules, planned on real directories)."""
+    path = _not_root(expand(entry.rstrip("?"), home), "filesystem.hide", entry, "hiding")
+    return path, _not_root(os.path.realpath(path), "filesystem.hide", entry, "hiding")
 
 
 def _writable_source(real: str, entry: str) -> str:
@@ -140,7 +147,8 @@ def build(fs: Filesystem, cwd: str, home: str) -> View:
             )
     for entry in fs.tmpfs:
         dst, _, size = entry.partition(":")
-        dst = _not_root(expand(dst, home), "filesystem.tmpfs", entry, "a tmpfs at", resolve=True)
+        dst = _not_root(expand(dst, home), "filesystem.tmpfs", entry, "a tmpfs at")
+        _not_root(os.path.realpath(dst), "filesystem.tmpfs", entry, "a tmpfs at")
         ops.append(
             {
                 "t": "tmpfs",
@@ -177,11 +185,10 @@ def build(fs: Filesystem, cwd: str, home: str) -> View:
     hides = list(DEFAULT_HIDES) if fs.default_hides else []
     hides += list(fs.hide)
     for entry in hides:
-        path = expand(entry.rstrip("?"), home)
-        path = _not_root(path, "filesystem.hide", entry, "hiding", resolve=True)
+        path, real = _hidden(entry, home)
         if os.path.lexists(path):
             ops.append({"t": "hide", "dst": path})
-            view.hidden.append(path)
+            view.hidden.append(real)
 
     if fs.protect:
         # Names ('.vscode', or '.git/hooks' in every repository) and paths.
@@ -253,10 +260,9 @@ def build_nons(fs: Filesystem, cwd: str, home: str) -> View:
             (view.writable if field_name == "read_write" else view.readable_extra).append(real)
     hides = (list(DEFAULT_HIDES) if fs.default_hides else []) + list(fs.hide)
     for entry in hides:
-        path = expand(entry.rstrip("?"), home)
-        path = _not_root(path, "filesystem.hide", entry, "hiding", resolve=True)
+        path, real = _hidden(entry, home)
         if os.path.lexists(path):
-            view.hidden.append(os.path.realpath(path))
+            view.hidden.append(real)
     return view
 
 
@@ -287,8 +293,7 @@ def landlock_plan(view: View, *, nons: bool = False, tcp: bool = False) -> dict[
     unix sockets and signals scoped to the sandbox."""
     read: list[str] = []
     listing: list[str] = []
-    # Where they really are: cover() walks real directories (and skips links).
-    hidden = [os.path.realpath(h) for h in view.hidden]
+    hidden = view.hidden  # resolved (``_hidden``): cover() walks real directories
 
     def cover(path: str, depth: int, link: bool | None = None) -> None:
         if path in hidden:
