@@ -424,7 +424,7 @@ def _block_signals() -> ctypes.Array[ctypes.c_char]:
     two internal ones); return the mask to restore. libc's call, not
     ``signal.pthread_sigmask``: that one turns both sets into ``Signals``
     members, ~0.1 ms with ``valid_signals`` for every sandbox's holder."""
-    every = ctypes.create_string_buffer(b"\xff" * 8, _SIGSET_BYTES)  # signals 1..64
+    every = _every_signal()
     old = ctypes.create_string_buffer(_SIGSET_BYTES)
     err = _libc.pthread_sigmask(_SIG_BLOCK, every, old)
     if err:
@@ -437,6 +437,11 @@ POSIX_SPAWN_SETSIGMASK = 0x08
 POSIX_SPAWN_SETSID = 0x80
 _SIGSET_BYTES = 128  # glibc's sigset_t
 _SPAWNATTR_BYTES = 1024  # >= glibc's posix_spawnattr_t (336 bytes on 64-bit)
+
+
+def _every_signal() -> ctypes.Array[ctypes.c_char]:
+    """A glibc ``sigset_t`` holding signals 1..64."""
+    return ctypes.create_string_buffer(b"\xff" * 8, _SIGSET_BYTES)
 
 
 def spawn(path: str, argv: list[str], env: dict[str, str]) -> int:
@@ -456,7 +461,7 @@ def spawn(path: str, argv: list[str], env: dict[str, str]) -> int:
     try:
         flags = POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSID
         check(_libc.posix_spawnattr_setflags(attr, ctypes.c_short(flags)), "spawnattr")
-        every = ctypes.create_string_buffer(b"\xff" * 8, _SIGSET_BYTES)  # signals 1..64
+        every = _every_signal()
         check(_libc.posix_spawnattr_setsigdefault(attr, every), "spawnattr")
         empty = ctypes.create_string_buffer(_SIGSET_BYTES)
         check(_libc.posix_spawnattr_setsigmask(attr, empty), "spawnattr")
