@@ -138,6 +138,51 @@ def test_cpu_time_limit_counts_children(workspace: Path, cbin: Path) -> None:
     assert 1.0 <= r.cpu_time_s <= (2.0 if SLOW else 1.3), r.cpu_time_s
 
 
+JOIN = """
+import sys
+from nanobox._linux import cgroups
+cgroups.join(sys.argv[1:])
+print("in", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_starter_joins_every_group_of_its_run_as_a_process() -> None:
+    """Stage A joins its run's groups itself (on v1 through ``tasks``, see
+    ``RunGroup.join_files``): the whole process lands in each, so the
+    command it starts does too, and the group counts it as a process."""
+    from nanobox._linux import cgroups
+
+    where = cgroups.place(cgroups.detect()).for_run(pids=True, cpus=True)
+    placement = cgroups.Placement(**where)
+    group = cgroups.RunGroup.create(placement, f"{cgroups.server_ident()}.join-test", {})
+    try:
+        files = group.join_files()
+        assert len(files) == len(group.dirs()) >= 1
+        p = subprocess.Popen(
+            [PY, "-c", JOIN, *files],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(Path(nanobox.__file__).parent.parent)},
+        )
+        try:
+            assert p.stdout is not None and p.stdout.readline() == b"in\n"
+            for path in group.dirs():
+                assert str(p.pid) in Path(path, "cgroup.procs").read_text().split(), path
+            mine = Path(f"/proc/{p.pid}/cgroup").read_text()
+            for ctl, path in group.paths.items():
+                rel = path.split("/nanobox/", 1)[1]
+                assert any(
+                    line.endswith("/nanobox/" + rel) and (ctl == "" or ctl in line.split(":")[1])
+                    for line in mine.splitlines()
+                ), (ctl, mine)
+        finally:
+            p.kill()
+            p.wait()
+    finally:
+        assert group.remove()
+
+
 def test_200_in_a_row_leave_no_groups(workspace: Path) -> None:
     before = nanobox_groups()
     box = nanobox.Sandbox(limits(memory="64M", pids=16))

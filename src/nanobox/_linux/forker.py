@@ -11,7 +11,7 @@ the server's memory is never write-protected again.
 
 Protocol over a ``SOCK_SEQPACKET`` pair:
 
-- server -> forker: JSON ``[ident, procs_files, sid]`` with the fds
+- server -> forker: JSON ``[ident, join_files, sid]`` with the fds
   ``[sock, csock, status_w, cmd_r]`` of the new stage A (``spawn``);
 - forker -> server: ``F`` when it has received a request (its fds are out
   of the socket: the server sends at most 16 ahead), and ``X<ident>`` once
@@ -64,12 +64,12 @@ class Forker:
         self.pending: collections.deque[tuple[bytes, list[int]]] = collections.deque()
         self.outstanding = 0  # sent, not yet received by the forker
 
-    def fork(self, fds: list[int], procs_files: list[str], sid: int | None) -> int:
+    def fork(self, fds: list[int], join_files: list[str], sid: int | None) -> int:
         """Have a stage A forked with ``fds`` (which this takes over and
         closes once sent); returns its ident (negative)."""
         self.counter += 1
         ident = -self.counter
-        self.pending.append((json.dumps([ident, procs_files, sid]).encode(), fds))
+        self.pending.append((json.dumps([ident, join_files, sid]).encode(), fds))
         self.flush()
         return ident
 
@@ -141,7 +141,7 @@ def _main(sock_fd: int, server: int) -> None:
                 if not msg:
                     os._exit(0)  # the server is gone; its starters see EOF too
                 sock.send(b"F")  # received: its fds are no longer in flight
-                ident, procs_files, sid = json.loads(msg)
+                ident, join_files, sid = json.loads(msg)
                 try:
                     pid = os.fork()
                 except OSError:
@@ -153,7 +153,7 @@ def _main(sock_fd: int, server: int) -> None:
                         sock.close()
                         for fd in (wake_r, wake_w):
                             os.close(fd)
-                        spawn.starter_main(fds[0], fds[1], fds[2], fds[3], procs_files, sid)
+                        spawn.starter_main(fds[0], fds[1], fds[2], fds[3], join_files, sid)
                     finally:
                         os._exit(1)
                 for fd in fds:

@@ -276,7 +276,7 @@ class Server:
             sid = ROOT_UID_BASE + ((os.getpid() << 12 | (self.counter & 0xFFF)) % ROOT_UID_SPAN)
         try:
             return spawn.fork_starter(
-                self.forker, group.procs_files() if group else [], sid, key, group
+                self.forker, group.join_files() if group else [], sid, key, group
             )
         except BaseException:
             if group is not None:

@@ -61,7 +61,7 @@ import time
 from typing import Any
 
 from .._seccomp import loader as seccomp_loader
-from . import child, init, landlock, mounts, netns, pid1, userns
+from . import cgroups, child, init, landlock, mounts, netns, pid1, userns
 from . import sys as k
 from .fds import close_all_except, recv_fds, write_all
 
@@ -128,9 +128,9 @@ class Starter:
 
 
 def fork_starter(
-    forker: Any, procs_files: list[str], sid: int | None, key: Any, group: Any
+    forker: Any, join_files: list[str], sid: int | None, key: Any, group: Any
 ) -> Starter:
-    """Have ``forker`` fork a stage A that joins ``procs_files`` (and makes a
+    """Have ``forker`` fork a stage A that joins ``join_files`` (and makes a
     user namespace mapping root to ``sid``) at once, then waits for its
     plan. The starter's ``pid`` is the forker's ident for it (negative)."""
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
@@ -138,7 +138,7 @@ def fork_starter(
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     cmine, ctheirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     # The forker takes the starter's ends over (and closes them once sent).
-    ident = forker.fork([theirs.detach(), ctheirs.detach(), status_w, cmd_r], procs_files, sid)
+    ident = forker.fork([theirs.detach(), ctheirs.detach(), status_w, cmd_r], join_files, sid)
     return Starter(ident, mine, cmine, status_r, cmd_w, key, group, sid)
 
 
@@ -163,7 +163,7 @@ def starter_main(
     csock_fd: int,
     status_w: int,
     cmd_r: int,
-    procs_files: list[str],
+    join_files: list[str],
     sid: int | None,
 ) -> None:
     # Never return into the server's loop: every path ends in os._exit.
@@ -183,13 +183,7 @@ def starter_main(
         close_all_except({sock_fd, csock_fd, status_w, cmd_r})
         _set_name(b"nanobox-spare")
         step = "join cgroup"
-        me = str(os.getpid()).encode()
-        for procs in procs_files:
-            fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, me)
-            finally:
-                os.close(fd)
+        cgroups.join(join_files)  # this process has one thread: the forker's
         if sid is not None:
             step = "user namespace for the id mapping"
             # Its holder process dies on its own time: the kernel reaps it
