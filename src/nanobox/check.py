@@ -24,6 +24,8 @@ REQUIRED = (
 
 @dataclass
 class CheckReport:
+    """What this host can enforce, mechanism by mechanism."""
+
     mechanisms: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property

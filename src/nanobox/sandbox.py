@@ -44,6 +44,8 @@ def _check_linux() -> None:
 
 @dataclass(frozen=True)
 class _Prepared:
+    """One run, ready to go to the server."""
+
     run_id: str
     args: tuple[str, ...]
     plan: bytes

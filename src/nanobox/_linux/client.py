@@ -15,6 +15,8 @@ import os
 import socket
 import sys
 
+from . import early
+
 TYPE_CHECKING = False  # not ``typing``'s: the CLI imports this module first
 if TYPE_CHECKING:
     from typing import Any
@@ -30,10 +32,19 @@ class ServerGone(OSError):
 
 
 class ForkServer:
-    def __init__(self, *, fork: bool = False, oneshot: bool = False) -> None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    def __init__(
+        self, *, fork: bool = False, oneshot: bool = False, forked: tuple[int, int] | None = None
+    ) -> None:
         self.popen: Any = None  # subprocess.Popen, when the server was exec'd
         self.pid: int
+        self.userns = False
+        self.userns_detail = ""
+        self._hello = False
+        if forked is not None:  # by ``early.fork_oneshot``
+            self.pid = forked[0]
+            self.ctrl = socket.socket(fileno=forked[1])
+            return
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         if fork:
             self.pid = self._fork(parent, child, oneshot)
         else:
@@ -56,9 +67,6 @@ class ForkServer:
             self.pid = self.popen.pid
         child.close()
         self.ctrl = parent
-        self.userns = False
-        self.userns_detail = ""
-        self._hello = False
 
     def await_hello(self) -> None:
         """The server first says what it can do (user namespaces or not)."""
@@ -85,14 +93,7 @@ class ForkServer:
         if pid == 0:
             try:
                 parent.close()
-                os.setsid()
-                devnull = os.open(os.devnull, os.O_RDWR)
-                os.dup2(devnull, 0)
-                os.dup2(devnull, 1)
-                from . import fds, forkserver
-
-                fds.close_all_except({child.fileno(), 2})
-                forkserver.main(child.fileno(), refill=not oneshot)
+                early.serve(child.detach(), oneshot=oneshot)
             finally:
                 os._exit(1)
         return pid
@@ -118,7 +119,8 @@ def get_server(*, fork: bool = False) -> ForkServer:
     global _server
     with _lock:
         if _server is None:
-            _server = ForkServer(fork=fork)
+            forked = early.take()
+            _server = ForkServer(forked=forked) if forked else ForkServer(fork=fork)
         server = _server
         try:
             server.await_hello()
@@ -132,10 +134,9 @@ def start_oneshot() -> None:
     """Fork the server now, for a single-threaded caller about to make one
     run (the CLI): it starts (and prepares the run's stage A) while the
     caller goes on building its plan."""
-    global _server
     with _lock:
         if _server is None:
-            _server = ForkServer(fork=True, oneshot=True)
+            early.fork_oneshot()  # adopted by get_server
 
 
 def reset_server(dead: ForkServer) -> None:

@@ -35,6 +35,8 @@ _ORDER = {"tmpfs": 0, "bind": 1, "robind": 2, "protect": 3, "hide": 4}
 
 @dataclass
 class View:
+    """The planned filesystem view: mount ops, and what Landlock grants."""
+
     ops: list[dict[str, Any]] = field(default_factory=list)
     writable: list[str] = field(default_factory=list)  # sandbox paths writable
     readable_extra: list[str] = field(default_factory=list)
