@@ -28,7 +28,10 @@ from __future__ import annotations
 import errno
 import os
 import time
-from typing import Any
+
+TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
+if TYPE_CHECKING:
+    from typing import Any
 
 CONTROLLERS = ("memory", "pids", "cpu")
 V1_NEEDED = ("memory", "pids", "cpu", "cpuacct")

@@ -26,7 +26,6 @@ import resource
 import signal
 import socket
 from collections.abc import Callable
-from typing import Any, NoReturn, TypeVar
 
 # Imported here, not lazily: in a minimal rootfs the package's files are no
 # longer reachable once the view is built.
@@ -35,7 +34,11 @@ from . import DEFAULT_PATH, landlock
 from . import sys as k
 from .fds import close_all_except, write_all
 
-T = TypeVar("T")
+TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
+if TYPE_CHECKING:
+    from typing import Any, NoReturn, TypeVar
+
+    T = TypeVar("T")
 
 
 def report(err_w: int, kind: bytes, step: str, exc: BaseException) -> None:

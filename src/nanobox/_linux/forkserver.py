@@ -34,11 +34,14 @@ import signal
 import socket
 import sys
 import time
-from typing import Any
 
 from . import cgroups, forker, spawn, supervise, userns, watch
 from . import sys as k
 from .fds import recv_fds
+
+TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
+if TYPE_CHECKING:
+    from typing import Any
 
 MAX_PLAN = 1 << 20
 # Root callers' sandboxes run as a dedicated uid from this range.
@@ -1272,9 +1275,10 @@ def main(ctrl_fd: int, refill: bool = True) -> None:
     try:
         # The first run's stage A starts now, while the caller builds its
         # plan (assuming user namespaces work: a wrong guess is dropped).
+        probe = start_probe()  # its child works while the spare is made
         server.last_key = _default_key(True)
-        server.make_spare()  # its cgroup migration is the slowest step: first
-        ok, detail = probe_result(start_probe())
+        server.make_spare()
+        ok, detail = probe_result(probe)
         ctrl.send(json.dumps({"t": "hello", "userns": ok, "detail": detail}).encode())
         server.serve()
     except BaseException:

@@ -20,11 +20,14 @@ import select
 import signal
 import socket
 import time
-from typing import Any, NoReturn
 
 from . import child, notify, proctree
 from . import sys as k
 from .fds import recv_fds, write_all
+
+TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 CPU_POLL_S = 0.05
 

@@ -66,7 +66,10 @@ import errno as _errno
 import os
 import stat as _stat
 from collections.abc import Mapping
-from typing import Any
+
+TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "ABSTRACT_UNIX_SOCKET",

@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Any
 
 from . import sys as k
+
+TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
+if TYPE_CHECKING:
+    from typing import Any
 
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 _DEV_LINKS = {

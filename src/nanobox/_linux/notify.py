@@ -17,11 +17,14 @@ import fcntl
 import select
 import struct
 from collections.abc import Callable
-from typing import Any
 
 # Imported now (in the fork server), not lazily: inside the sandbox's view
 # the interpreter's library may be unreachable.
 from .unixconnect import ConnectBroker
+
+TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
+if TYPE_CHECKING:
+    from typing import Any
 
 SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100
 SECCOMP_IOCTL_NOTIF_SEND = 0xC0182101

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import NoReturn
 
 from .fds import close_all_except
+
+TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 CATS = ("/bin/cat", "/usr/bin/cat")
 

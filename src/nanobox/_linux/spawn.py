@@ -58,12 +58,15 @@ import select
 import signal
 import socket
 import time
-from typing import Any
 
 from .._seccomp import loader as seccomp_loader
 from . import cgroups, child, init, landlock, mounts, netns, pid1, userns
 from . import sys as k
 from .fds import close_all_except, recv_fds, write_all
+
+TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
+if TYPE_CHECKING:
+    from typing import Any
 
 BASE_FLAGS = (
     k.CLONE_NEWUSER

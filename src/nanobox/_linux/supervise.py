@@ -25,9 +25,12 @@ import os
 import signal
 import socket
 import time
-from typing import Any
 
 from . import notify, proctree
+
+TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
+if TYPE_CHECKING:
+    from typing import Any
 
 CPU_POLL_S = 0.05
 MAX_DENIED = 100

@@ -22,7 +22,10 @@ import os
 import select
 import stat
 import struct
-from typing import Any
+
+TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
+if TYPE_CHECKING:
+    from typing import Any
 
 IN_MOVED_FROM = 0x40
 IN_MOVED_TO = 0x80

@@ -18,9 +18,11 @@ process, which imports only :mod:`nanobox._seccomp.loader` (``ctypes`` and
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
 if TYPE_CHECKING:
+    from typing import Any
+
     from .compiler import compile, compile_insns, native_arch
     from .default import default_policy
     from .policy import (
