@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False  # not ``typing``'s: ``nanobox run`` starts without it
 if TYPE_CHECKING:
+    from typing import Any
+
     from .result import Result
 
 __all__ = [

@@ -14,7 +14,10 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+
+TYPE_CHECKING = False  # not ``typing``'s: ``nanobox run`` starts without it
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["Event", "subscribe", "unsubscribe"]
 

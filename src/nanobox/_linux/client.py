@@ -39,7 +39,7 @@ class ForkServer:
         self.pid: int
         self.userns = False
         self.userns_detail = ""
-        self._hello = False
+        self.said_hello = False
         if forked is not None:  # by ``early.fork_oneshot``
             self.pid = forked[0]
             self.ctrl = socket.socket(fileno=forked[1])
@@ -70,7 +70,7 @@ class ForkServer:
 
     def await_hello(self) -> None:
         """The server first says what it can do (user namespaces or not)."""
-        if self._hello:
+        if self.said_hello:
             return
         self.ctrl.settimeout(30)
         try:
@@ -83,7 +83,7 @@ class ForkServer:
             raise ServerGone(0, "the nanobox fork server did not start")
         self.userns = bool(hello["userns"])
         self.userns_detail = str(hello["detail"])
-        self._hello = True
+        self.said_hello = True
 
     @staticmethod
     def _fork(parent: socket.socket, child: socket.socket, oneshot: bool) -> int:
@@ -115,19 +115,30 @@ class ForkServer:
                 pass
 
 
-def get_server(*, fork: bool = False) -> ForkServer:
+def get_server(*, fork: bool = False, hello: bool = True) -> ForkServer:
+    """This process's server, started if need be. ``hello=False``: do not
+    wait for it to say what it can do (``ensure_hello`` does)."""
     global _server
     with _lock:
         if _server is None:
             forked = early.take()
             _server = ForkServer(forked=forked) if forked else ForkServer(fork=fork)
         server = _server
+    if hello:
+        ensure_hello(server)
+    return server
+
+
+def ensure_hello(server: ForkServer) -> None:
+    """Wait for ``server``'s hello (``ServerGone`` if it never comes)."""
+    global _server
+    with _lock:
         try:
             server.await_hello()
         except ServerGone:
-            _server = None
+            if _server is server:
+                _server = None
             raise
-        return server
 
 
 def start_oneshot() -> None:
