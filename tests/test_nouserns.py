@@ -77,6 +77,17 @@ def test_refused_by_default_with_a_clear_message(tmp_path: Path) -> None:
     assert "user namespace" in lines[0] and "sysctl" in lines[0] and "--allow-degraded" in lines[0]
 
 
+def test_an_allowlist_is_refused_even_when_degraded(tmp_path: Path) -> None:
+    """The CLI plans while its server starts, as if user namespaces work
+    (where the allowlist is fine): the server's answer must still decide."""
+    p = in_scratch_userns(
+        nanobox_cmd("run", "--allow-degraded", "--allow-net", "example.com", "--", "true"),
+        tmp_path,
+    )
+    assert p.returncode == 125, p.stderr
+    assert b"network allowlist needs a network namespace" in p.stderr, p.stderr
+
+
 def test_degraded_mode_still_confines(tmp_path: Path, home: Path) -> None:
     ws = tmp_path / "ws"
     ws.mkdir()

@@ -185,11 +185,17 @@ class Sandbox:
                 plan = build((server.userns, server.userns_detail))
             else:
                 # A server just started (the CLI's): plan while it starts,
-                # as if user namespaces work, as they mostly do.
-                plan = build((True, ""))
+                # as if user namespaces work, as they mostly do; where they
+                # do not, the plan (or the error) is the one for that.
+                try:
+                    plan, error = build((True, "")), None
+                except SandboxError as exc:
+                    plan, error = {}, exc
                 client.ensure_hello(server)
                 if not server.userns:
                     plan = build((False, server.userns_detail))
+                elif error is not None:
+                    raise error
         except client.ServerGone as exc:
             raise SandboxError(str(exc), step="start") from None
         return _Prepared(
