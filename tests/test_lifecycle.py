@@ -153,3 +153,27 @@ def test_open_files_limit(workspace: Path) -> None:
     policy = nanobox.Policy(limits=nanobox.Limits(open_files=20))
     r = nanobox.run(["sh", "-c", "ulimit -n"], policy=policy, timeout=10)
     assert r.stdout == b"20\n"
+
+
+def test_check_raises_a_called_process_error(workspace: Path) -> None:
+    """``Result.check()`` and ``check=True`` raise ``SandboxedProcessError``,
+    a ``subprocess.CalledProcessError`` carrying the run (it raised a
+    TypeError from its own constructor once)."""
+    r = nanobox.run(["sh", "-c", "echo out; echo err >&2; exit 3"])
+    try:
+        r.check()
+    except subprocess.CalledProcessError as exc:
+        assert isinstance(exc, nanobox.SandboxedProcessError)
+        assert isinstance(exc, nanobox.SandboxError)
+        assert (exc.returncode, exc.cmd) == (3, ["sh", "-c", "echo out; echo err >&2; exit 3"])
+        assert (exc.stdout, exc.stderr) == (b"out\n", b"err\n")
+        assert exc.result is r and "returncode 3" in str(exc)
+    else:
+        raise AssertionError("check() did not raise")
+    try:
+        nanobox.run(["sh", "-c", "exit 4"], check=True)
+    except nanobox.SandboxedProcessError as exc:
+        assert exc.returncode == 4 and exc.step == "run"
+    else:
+        raise AssertionError("check=True did not raise")
+    assert nanobox.run(["true"]).check().returncode == 0

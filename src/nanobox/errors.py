@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+from typing import TYPE_CHECKING, Any
 
-TYPE_CHECKING = False  # not ``typing``'s: ``nanobox run`` starts without it
-if TYPE_CHECKING:
-    from typing import Any
-
-    from .result import Result
+from .result import Result
 
 __all__ = [
     "PolicyError",
@@ -36,7 +33,9 @@ class SandboxError(Exception):
         syscall: str | None = None,
         errno: int | None = None,
     ) -> None:
-        super().__init__(message)
+        # Not super(): in SandboxedProcessError the next class is
+        # CalledProcessError, whose __init__ wants (returncode, cmd).
+        Exception.__init__(self, message)
         self.message = message
         self.step = step
         self.syscall = syscall
