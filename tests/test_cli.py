@@ -264,6 +264,19 @@ def test_plain_run_loads_neither_argparse_nor_inspect(workspace: Path) -> None:
     assert p.stdout.decode().split() == expected.split(), (p.stdout, p.stderr)
 
 
+def test_cli_main_in_a_process_with_a_server_starts_no_second_one(workspace: Path) -> None:
+    """``cli.main(["run", ...])`` called by a library user: the one-shot
+    server forked ahead is for a fresh CLI process only."""
+    import nanobox
+    from nanobox import cli
+    from nanobox._linux import client, early
+
+    assert nanobox.run(["true"]).returncode == 0
+    assert client.has_server()
+    assert cli.main(["run", "--", "true"]) == 0
+    assert early.take() is None
+
+
 def test_the_deferred_inspect_is_the_real_one_when_used() -> None:
     code = (
         "import sys; from nanobox._entry import defer_inspect; defer_inspect(); "

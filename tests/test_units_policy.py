@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import typing
 from pathlib import Path
 
 import pytest
@@ -138,3 +140,26 @@ def test_load_policy_errors(tmp_path: Path) -> None:
     bad.write_text("[limits\n")
     with pytest.raises(nanobox.PolicyError, match=r"not valid TOML"):
         nanobox.load_policy(bad)
+
+
+def test_public_type_hints_resolve_at_runtime() -> None:
+    """Type hints of the public API resolve with ``typing.get_type_hints``
+    (pydantic, cattrs and the like read them), which a name imported only
+    under ``TYPE_CHECKING`` would break without mypy or ruff noticing."""
+    failed = []
+    for name in nanobox.__all__:
+        obj = getattr(nanobox, name)
+        targets = [obj]
+        if inspect.isclass(obj):
+            targets += [
+                m for n, m in vars(obj).items() if inspect.isfunction(m) and not n.startswith("__")
+            ]
+            targets.append(obj.__init__)
+        for target in targets:
+            if not (inspect.isclass(target) or inspect.isfunction(target)):
+                continue
+            try:
+                typing.get_type_hints(target)
+            except Exception as exc:
+                failed.append(f"{name}: {target.__qualname__}: {exc!r}")
+    assert not failed, failed

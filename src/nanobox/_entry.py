@@ -43,7 +43,7 @@ def defer_inspect() -> None:
     class _Deferred(types.ModuleType):
         def __getattr__(self, name: str) -> object:
             if sys.modules.get("inspect") is self:
-                del sys.modules["inspect"]
+                sys.modules.pop("inspect", None)  # (another thread may be here too)
             import importlib
 
             real = importlib.import_module("inspect")

@@ -7,12 +7,9 @@ import json
 import os
 import socket
 from collections.abc import Callable
+from typing import Any
 
 from ._linux.fds import recv_fds
-
-TYPE_CHECKING = False  # not ``typing``'s: ``nanobox run`` starts without it
-if TYPE_CHECKING:
-    from typing import Any
 
 READ_CHUNK = 1 << 16
 Sink = Callable[[bytes], None]

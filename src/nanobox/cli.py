@@ -9,13 +9,12 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ._version import __version__
 
-TYPE_CHECKING = False  # not ``typing``'s: ``nanobox run`` starts without it
 if TYPE_CHECKING:
     import argparse
-    from typing import Any, NoReturn
 
 EXIT_TIMEOUT = 124
 EXIT_NANOBOX = 125

@@ -14,10 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-
-TYPE_CHECKING = False  # not ``typing``'s: ``nanobox run`` starts without it
-if TYPE_CHECKING:
-    from typing import Any
+from typing import Any
 
 __all__ = ["Event", "subscribe", "unsubscribe"]
 

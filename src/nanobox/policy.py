@@ -15,13 +15,10 @@ import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from .errors import PolicyError
 from .units import DURATION_HELP, SIZE_HELP, parse_duration, parse_size
-
-TYPE_CHECKING = False  # not ``typing``'s: ``nanobox run`` starts without it
-if TYPE_CHECKING:
-    from typing import Any, Literal
 
 __all__ = [
     "Filesystem",

@@ -2,36 +2,28 @@
 
 from __future__ import annotations
 
-import _thread
 import errno as _errno
 import os
+import selectors
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import IO, Any
 
+from . import events
 from ._io import Capture, RunIO, Sink
 from .errors import PolicyError, SandboxError, SetupError, UnsupportedError
 from .policy import Policy
+from .result import Outcome, Result, Violation
 from .units import DURATION_HELP, parse_duration
-
-TYPE_CHECKING = False  # not ``typing``'s: ``nanobox run`` starts without it
-if TYPE_CHECKING:
-    from typing import IO, Any
-
-    from . import events
-    from .result import Result
-
-    StdinLike = int | IO[Any] | None
-    Args = Sequence[str | os.PathLike[str]]
-
-# Imported once the run has gone to the server (``Sandbox.run``), not here:
-# ``events``, ``result`` (with ``typing``) and ``selectors``, ~6 ms of the
-# CLI's start here, then spent while the sandbox starts.
 
 __all__ = ["Sandbox", "run", "run_async"]
 
+StdinLike = int | IO[Any] | None
+Args = Sequence[str | os.PathLike[str]]
 
 USERNS_HELP = (
     "user namespaces are not available to this user. Enable them: "
@@ -86,7 +78,7 @@ class Sandbox:
         self.on_event = on_event
         self._fork_server = False  # the CLI sets this: it is single-threaded
         self._proxy: Any = None  # one allowlist proxy per Sandbox, shared by its runs
-        self._proxy_lock = _thread.allocate_lock()
+        self._proxy_lock = threading.Lock()
 
     def __enter__(self) -> Sandbox:
         return self
@@ -189,7 +181,7 @@ class Sandbox:
                 # do not, the plan (or the error) is the one for that.
                 try:
                     plan, error = build((True, "")), None
-                except SandboxError as exc:
+                except Exception as exc:  # noqa: BLE001 - raised below if it stands
                     plan, error = {}, exc
                 client.ensure_hello(server)
                 if not server.userns:
@@ -296,12 +288,6 @@ class Sandbox:
             check=check,
         )
         io = self._start(prep, on_stdout, on_stderr)
-        # The run is with the server: load what the wait and the result
-        # need while the sandbox starts (see the note on the imports).
-        import selectors
-
-        from . import events, result  # noqa: F401
-
         try:
             sel = selectors.PollSelector()
             sel.register(io.chan, selectors.EVENT_READ, None)
@@ -409,14 +395,9 @@ class Sandbox:
 
     # -- results -----------------------------------------------------------
     def _emit(self, run_id: str, kind: str, data: dict[str, Any]) -> None:
-        from . import events
-
         events.emit(events.Event(run_id, kind, data), self.on_event)
 
     def _finish(self, prep: _Prepared, io: RunIO, net: dict[str, Any] | None = None) -> Result[Any]:
-        from . import events
-        from .result import Outcome, Result, Violation
-
         msg = io.message
         if msg is None:
             raise SandboxError("the nanobox fork server died during the run", step="supervise")

@@ -171,9 +171,20 @@ def _enable_controllers(group: str, wanted: list[str]) -> None:
             raise
     leaf = os.path.join(group, LEAF)
     os.makedirs(leaf, exist_ok=True)
-    for pid in _read(os.path.join(group, "cgroup.procs")).split():
-        _write(os.path.join(leaf, "cgroup.procs"), pid)
-    _write(ctl_file, value)
+    for attempt in range(5):
+        for pid in _read(os.path.join(group, "cgroup.procs")).split():
+            try:
+                _write(os.path.join(leaf, "cgroup.procs"), pid)
+            except ProcessLookupError:
+                pass  # it exited meanwhile (the server's probe, say)
+        try:
+            _write(ctl_file, value)
+            return
+        except OSError as exc:
+            # A process forked there meanwhile (the client and its server
+            # place their runs at the same time): move it too.
+            if exc.errno != errno.EBUSY or attempt == 4:
+                raise
 
 
 def place(layout: Layout, needed: tuple[str, ...] = CONTROLLERS) -> Placement:

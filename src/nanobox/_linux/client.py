@@ -141,6 +141,11 @@ def ensure_hello(server: ForkServer) -> None:
             raise
 
 
+def has_server() -> bool:
+    """Has this process started its server (and not shut it down)?"""
+    return _server is not None
+
+
 def start_oneshot() -> None:
     """Fork the server now, for a single-threaded caller about to make one
     run (the CLI): it starts (and prepares the run's stage A) while the

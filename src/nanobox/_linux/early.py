@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import _socket
 import os
+import sys
 
 _forked: tuple[int, int] | None = None  # (pid, control socket fd), until adopted
 
 
 def fork_oneshot() -> None:
-    """Fork a one-shot server (the caller is single-threaded: the CLI)."""
+    """Fork a one-shot server (the caller is single-threaded: the CLI),
+    unless this process has one (``cli.main`` called by a library user)."""
     global _forked
-    if _forked is not None:
+    client = sys.modules.get(__name__.rpartition(".")[0] + ".client")
+    if _forked is not None or (client is not None and client.has_server()):
         return
     parent, child = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     pid = os.fork()

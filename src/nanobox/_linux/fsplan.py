@@ -22,15 +22,12 @@ import os
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import PolicyError
 from ..policy import DEFAULT_HIDES, PROTECTED_GIT, PROTECTED_TOP, Filesystem
 from ..units import parse_size
 from .gitscan import find_repos
-
-TYPE_CHECKING = False  # not ``typing``'s: ``nanobox run`` starts without it
-if TYPE_CHECKING:
-    from typing import Any
 
 RUN_SIZE = 64 * 1024 * 1024
 _ORDER = {"tmpfs": 0, "bind": 1, "robind": 2, "protect": 3, "hide": 4}

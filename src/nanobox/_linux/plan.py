@@ -3,20 +3,17 @@ beyond reading the caller's cwd and environment)."""
 
 from __future__ import annotations
 
-import _thread
 import json
 import math
 import os
 import resource
+import threading
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ..errors import PolicyError, UnsupportedError
 from ..policy import Policy, validate_env
 from . import DEFAULT_PATH, fsplan
-
-TYPE_CHECKING = False  # not ``typing``'s: ``nanobox run`` starts without it
-if TYPE_CHECKING:
-    from typing import Any
 
 BASE_ENV = ("PATH", "HOME", "LANG", "TERM")
 PROXY_HTTP_PORT = 3128
@@ -92,7 +89,7 @@ def rlimits(policy: Policy) -> list[tuple[int, int, int]]:
     return out
 
 
-_placement_lock = _thread.allocate_lock()
+_placement_lock = threading.Lock()
 _placement: Any = None  # Placement, or the CgroupUnavailable explaining why not
 
 
