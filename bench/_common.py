@@ -41,6 +41,7 @@ SRT_SETTINGS = {
     "filesystem": {"denyRead": [], "allowRead": [], "allowWrite": [], "denyWrite": []},
 }
 
+
 def compile_nanobox() -> str | None:
     """Byte-compile the installed nanobox package, as ``pip install`` does
     for a user (an editable install compiles on first import instead; under

@@ -388,8 +388,8 @@ def cold_cli(cwd: str) -> dict[str, Any]:
     split = r"""
 import sys, time, json
 t0 = time.perf_counter()
-from nanobox._linux import client
-client.start_oneshot()
+from nanobox._entry import start_server_early
+start_server_early(["run", "--", "/bin/true"])
 t1 = time.perf_counter()
 import nanobox.cli as cli
 from nanobox.sandbox import Sandbox
@@ -584,7 +584,7 @@ def table(res: dict[str, Any]) -> str:
         parts.append(
             f"Cold CLI: wall {c.fmt(cc['wall_ms'])} ms (bare `python -c pass` "
             f"{c.fmt(cc['python_c_pass_ms'])} ms); in-process, in the CLI's order: "
-            f"importing the client and forking the server "
+            f"forking the server (and the `inspect` stand-in) "
             f"{c.fmt(split.get('fork_server_start'))} ms, then the CLI's imports "
             f"{c.fmt(split.get('imports'))} ms, `Sandbox.run` "
             f"{c.fmt(split.get('run_total'))} ms, CLI main total "
