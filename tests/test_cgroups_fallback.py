@@ -95,3 +95,44 @@ def test_co_mounted_v1_controllers_share_one_group(tmp_path: Path) -> None:
     )
     assert group.remove()
     assert not (both / "run.1").exists() and not (mem / "run.1").exists()
+
+
+def test_enabling_v2_controllers_survives_processes_coming_and_going(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """v2's no-internal-processes rule: a group with processes cannot enable
+    controllers for its children, so ours move to a leaf first. The CLI and
+    its server place their runs at the same time: a process may exit (the
+    server's probe) or appear between the listing and the write. cgroupfs's
+    answers are simulated here (EBUSY, ESRCH): no host group has that state
+    on demand."""
+    import errno
+
+    group = tmp_path / "grp"
+    group.mkdir()
+    (group / "cgroup.subtree_control").write_text("")
+    procs = [["1", "2"], ["3"]]  # what cgroup.procs lists, listing by listing
+    busy = [True, True, False]  # the subtree_control writes: EBUSY, EBUSY, ok
+    moved: list[str] = []
+
+    def read(path: str) -> str:
+        if path.endswith("cgroup.procs"):
+            return "\n".join(procs.pop(0)) + "\n"
+        return Path(path).read_text()
+
+    def write(path: str, value: str) -> None:
+        if path.endswith("subtree_control"):
+            if busy.pop(0):
+                raise OSError(errno.EBUSY, "busy")
+            Path(path).write_text(value)
+        elif path.endswith("cgroup.procs"):
+            if value == "2":
+                raise ProcessLookupError(errno.ESRCH, "gone")
+            moved.append(value)
+
+    monkeypatch.setattr(cgroups, "_read", read)
+    monkeypatch.setattr(cgroups, "_write", write)
+    cgroups._enable_controllers(str(group), ["memory", "pids"])
+    assert moved == ["1", "3"]
+    assert (group / "cgroup.subtree_control").read_text() == "+memory +pids"
+    assert not busy and not procs
