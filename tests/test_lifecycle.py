@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -168,6 +170,11 @@ def test_check_raises_a_called_process_error(workspace: Path) -> None:
         assert (exc.returncode, exc.cmd) == (3, ["sh", "-c", "echo out; echo err >&2; exit 3"])
         assert (exc.stdout, exc.stderr) == (b"out\n", b"err\n")
         assert exc.result is r and "returncode 3" in str(exc)
+        # It crosses process boundaries (a worker of a process pool) and copies.
+        for back in (pickle.loads(pickle.dumps(exc)), copy.copy(exc), copy.deepcopy(exc)):
+            assert type(back) is nanobox.SandboxedProcessError
+            assert (back.returncode, back.cmd, back.stdout) == (3, exc.cmd, b"out\n")
+            assert str(back) == str(exc) and back.result.returncode == 3
     else:
         raise AssertionError("check() did not raise")
     try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
+import pickle
 import typing
 from pathlib import Path
 
@@ -163,3 +165,21 @@ def test_public_type_hints_resolve_at_runtime() -> None:
             except Exception as exc:
                 failed.append(f"{name}: {target.__qualname__}: {exc!r}")
     assert not failed, failed
+
+
+def test_errors_survive_pickling_and_copying() -> None:
+    """nanobox's exceptions cross process boundaries (a process pool's
+    worker) and copies with their context; PolicyError was rebuilt from its
+    joined message and raised a TypeError."""
+    errors = [
+        nanobox.PolicyError("limits.memory", "expected a size, got 'x'"),
+        nanobox.SandboxError("boom", step="mount", syscall="mount", errno=1),
+        nanobox.UnsupportedError("no landlock", step="landlock"),
+        nanobox.SetupError("failed", step="exec"),
+    ]
+    for exc in errors:
+        for back in (pickle.loads(pickle.dumps(exc)), copy.copy(exc), copy.deepcopy(exc)):
+            assert type(back) is type(exc) and str(back) == str(exc)
+            assert (back.step, back.syscall, back.errno) == (exc.step, exc.syscall, exc.errno)
+    back = pickle.loads(pickle.dumps(errors[0]))
+    assert isinstance(back, nanobox.PolicyError) and back.field == "limits.memory"

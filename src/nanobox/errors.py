@@ -61,6 +61,12 @@ class PolicyError(SandboxError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}", step="policy")
         self.field = field
+        self._reason = message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # (Pickling and copying rebuild an exception from ``args``, which
+        # holds the joined message, not the two arguments.)
+        return (type(self), (self.field, self._reason), self.__dict__)
 
 
 class UnsupportedError(SandboxError):
@@ -108,13 +114,17 @@ def _make_sandboxed_process_error() -> type:
         def __str__(self) -> str:
             return self.message
 
+        def __reduce__(self) -> tuple[Any, ...]:
+            # (Rebuilt from its Result: ``args`` holds only the message.)
+            return (type(self), (self.result,), self.__dict__)
+
     SandboxedProcessError.__module__ = __name__
+    SandboxedProcessError.__qualname__ = "SandboxedProcessError"  # pickled by name
     return SandboxedProcessError
 
 
 def __getattr__(name: str) -> Any:
     if name == "SandboxedProcessError":
-        cls = _make_sandboxed_process_error()
-        globals()[name] = cls
-        return cls
+        # setdefault: two threads asking at once get the same class.
+        return globals().setdefault(name, _make_sandboxed_process_error())
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

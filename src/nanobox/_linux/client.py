@@ -150,9 +150,7 @@ def start_oneshot() -> None:
     """Fork the server now, for a single-threaded caller about to make one
     run (the CLI): it starts (and prepares the run's stage A) while the
     caller goes on building its plan."""
-    with _lock:
-        if _server is None:
-            early.fork_oneshot()  # adopted by get_server
+    early.fork_oneshot()  # (unless there is a server); adopted by get_server
 
 
 def reset_server(dead: ForkServer) -> None:

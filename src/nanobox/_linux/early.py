@@ -21,9 +21,18 @@ _forked: tuple[int, int] | None = None  # (pid, control socket fd), until adopte
 def fork_oneshot() -> None:
     """Fork a one-shot server (the caller is single-threaded: the CLI),
     unless this process has one (``cli.main`` called by a library user)."""
-    global _forked
     client = sys.modules.get(__name__.rpartition(".")[0] + ".client")
-    if _forked is not None or (client is not None and client.has_server()):
+    if client is None:
+        _fork()  # (nothing else could have started one)
+        return
+    with client._lock:  # as get_server takes this one, or starts its own
+        if not client.has_server():
+            _fork()
+
+
+def _fork() -> None:
+    global _forked
+    if _forked is not None:
         return
     parent, child = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     pid = os.fork()
