@@ -32,9 +32,7 @@ class ServerGone(OSError):
 
 
 class ForkServer:
-    def __init__(
-        self, *, fork: bool = False, oneshot: bool = False, forked: tuple[int, int] | None = None
-    ) -> None:
+    def __init__(self, *, fork: bool = False, forked: tuple[int, int] | None = None) -> None:
         self.popen: Any = None  # subprocess.Popen, when the server was exec'd
         self.pid: int
         self.userns = False
@@ -46,7 +44,7 @@ class ForkServer:
             return
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         if fork:
-            self.pid = self._fork(parent, child, oneshot)
+            self.pid = self._fork(parent, child)
         else:
             import subprocess
 
@@ -86,14 +84,14 @@ class ForkServer:
         self.said_hello = True
 
     @staticmethod
-    def _fork(parent: socket.socket, child: socket.socket, oneshot: bool) -> int:
+    def _fork(parent: socket.socket, child: socket.socket) -> int:
         """Fork the server from this (single-threaded) process: no new
-        interpreter to start, which matters for the CLI's start-up time."""
+        interpreter to start (the CLI, when ``early`` did not fork one)."""
         pid = os.fork()
         if pid == 0:
             try:
                 parent.close()
-                early.serve(child.detach(), oneshot=oneshot)
+                early.serve(child.detach(), oneshot=False)
             finally:
                 os._exit(1)
         return pid
@@ -144,13 +142,6 @@ def ensure_hello(server: ForkServer) -> None:
 def has_server() -> bool:
     """Has this process started its server (and not shut it down)?"""
     return _server is not None
-
-
-def start_oneshot() -> None:
-    """Fork the server now, for a single-threaded caller about to make one
-    run (the CLI): it starts (and prepares the run's stage A) while the
-    caller goes on building its plan."""
-    early.fork_oneshot()  # (unless there is a server); adopted by get_server
 
 
 def reset_server(dead: ForkServer) -> None:
