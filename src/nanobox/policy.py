@@ -245,6 +245,13 @@ PROTECTED_TOP = (
 PROTECTED_GIT = (".git/hooks", ".git/config")
 
 
+def unprotect_by_name(item: str) -> bool:
+    """Does an ``unprotect`` entry name protected paths wherever they are
+    (``.vscode`` in every writable root, ``.git/hooks`` in every
+    repository), rather than give one path?"""
+    return ("/" not in item and not item.startswith("~")) or item in PROTECTED_GIT
+
+
 def _paths(obj: object, name: str, *, with_dest: bool, with_size: bool = False) -> None:
     value = getattr(obj, name)
     if isinstance(value, str):
@@ -314,9 +321,8 @@ class Filesystem:
                 "filesystem.unprotect", f"expected path strings, got {self.unprotect!r}"
             )
         for item in self.unprotect:
-            is_name = "/" not in item and not item.startswith("~")
             is_path = item.startswith("/") or item == "~" or item.startswith("~/")
-            if not (is_name or is_path or item in PROTECTED_GIT):
+            if not (unprotect_by_name(item) or is_path):
                 raise PolicyError(
                     "filesystem.unprotect",
                     f"{item!r}: expected a name (e.g. '.vscode'), one of "

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import PolicyError
-from ..policy import DEFAULT_HIDES, PROTECTED_GIT, PROTECTED_TOP, Filesystem
+from ..policy import DEFAULT_HIDES, PROTECTED_GIT, PROTECTED_TOP, Filesystem, unprotect_by_name
 from ..units import parse_size
 from .gitscan import find_repos
 
@@ -194,11 +194,7 @@ def build(fs: Filesystem, cwd: str, home: str) -> View:
 
     if fs.protect:
         # Names ('.vscode', or '.git/hooks' in every repository) and paths.
-        names = [
-            p
-            for p in fs.unprotect
-            if ("/" not in p and not p.startswith("~")) or p in PROTECTED_GIT
-        ]
+        names = [p for p in fs.unprotect if unprotect_by_name(p)]
         unprotect = {_norm(expand(p, home)) for p in fs.unprotect if p not in names}
         unprotect_names = set(names)
         for i, (root, dst) in enumerate(writable_roots):
