@@ -4,6 +4,7 @@ control, outside it (where the caller could do it)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -853,6 +854,38 @@ def test_a_placeholder_record_that_failed_is_written_again(
     ph.release(second)
     ph.release(first)
     assert not os.path.exists(target) and not os.path.exists(ph.record)
+
+
+def test_a_placeholder_record_keeps_a_path_that_is_not_utf8(tmp_path: Path) -> None:
+    """A workspace whose name is not UTF-8 (bytes a Linux path may hold):
+    its placeholders are recorded byte for byte, and swept by that record
+    once their server is gone (writing the record used to raise
+    ``UnicodeEncodeError`` and fail the run)."""
+    from nanobox._linux import forkserver
+
+    ws = tmp_path / os.fsdecode(b"caf\xe9")
+    ws.mkdir()
+    target = str(ws / ".vscode")
+    ph = forkserver.Placeholders("999999999_1")  # no such server: swept below
+    assert ph.record is not None
+    try:
+        ph.acquire([(target, "file")])
+        with open(ph.record, "rb") as fh:
+            assert fh.read().endswith(b"\t" + os.fsencode(target) + b"\n")
+        forkserver.sweep_placeholders()
+        assert not os.path.lexists(target) and not os.path.exists(ph.record)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(ph.record)
+
+
+def test_a_run_in_a_workspace_whose_name_is_not_utf8(tmp_path: Path) -> None:
+    ws = tmp_path / os.fsdecode(b"caf\xe9")
+    ws.mkdir()
+    r = nanobox.run(["sh", "-c", "pwd; echo x > out"], cwd=ws, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == os.fsencode(str(ws)) + b"\n"
+    assert sorted(os.listdir(ws)) == ["out"]  # its placeholders are gone
 
 
 def test_placeholders_of_a_killed_server_are_swept(workspace: Path, marker: str) -> None:

@@ -37,7 +37,7 @@ import time
 
 from . import cgroups, forker, spawn, supervise, userns, watch
 from . import sys as k
-from .fds import recv_fds
+from .fds import recv_fds, write_all
 
 TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
 if TYPE_CHECKING:
@@ -1055,10 +1055,13 @@ class Placeholders:
                 os.unlink(self.record)
             else:
                 tmp = self.record + ".tmp"
+                text = "".join(f"{ino}\t{path}\n" for path, (ino, _users) in self.refs.items())
                 try:
-                    with open(tmp, "w") as fh:
-                        for path, (ino, _users) in self.refs.items():
-                            fh.write(f"{ino}\t{path}\n")
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                    try:
+                        write_all(fd, os.fsencode(text))
+                    finally:
+                        os.close(fd)
                     os.replace(tmp, self.record)
                 except OSError:
                     with contextlib.suppress(OSError):
@@ -1174,9 +1177,9 @@ def sweep_placeholders() -> None:
             continue
         record = os.path.join(d, name)
         try:
-            with open(record) as fh:
-                for line in fh:
-                    ino, _, path = line.rstrip("\n").partition("\t")
+            with open(record, "rb") as fh:
+                for raw in fh:
+                    ino, _, path = os.fsdecode(raw).rstrip("\n").partition("\t")
                     if ino.isdigit() and path:
                         remove_placeholder(path, int(ino))
             os.unlink(record)
