@@ -11,10 +11,12 @@ the server's memory is never write-protected again.
 
 Protocol over a ``SOCK_SEQPACKET`` pair:
 
-- server -> forker: JSON ``[ident, join_files, sid]`` with the fds
+- server -> forker: ``ident``, ``sid`` and the ``join_files``, separated by
+  NUL (``encode_request``), with the fds
   ``[sock, csock, status_w, cmd_r]`` of the new stage A (``spawn``);
-- forker -> server: ``F`` when it has received a request (its fds are out
-  of the socket: the server sends at most 16 ahead), and ``X<ident>`` once
+- forker -> server: ``F<n>`` when it has received ``n`` more requests
+  (their fds are out of the socket: the server has at most 16 unacknowledged
+  ones out, and the forker acknowledges every ``ACK_EVERY``), and ``X<ident>`` once
   that stage A has exited (and been reaped here), ``ident`` being a
   negative number chosen by the server.
 
@@ -28,9 +30,8 @@ from __future__ import annotations
 import array
 import collections
 import gc
-import json
 import os
-import selectors
+import select
 import signal
 import socket
 
@@ -40,6 +41,7 @@ from .fds import close_all_except, recv_fds
 
 PR_SET_PDEATHSIG = 1
 MAX_OUTSTANDING = 16
+ACK_EVERY = 8  # requests received per ``F`` notice (< MAX_OUTSTANDING)
 
 
 class Forker:
@@ -62,14 +64,14 @@ class Forker:
         self.sock = mine
         self.counter = 0
         self.pending: collections.deque[tuple[bytes, list[int]]] = collections.deque()
-        self.outstanding = 0  # sent, not yet received by the forker
+        self.outstanding = 0  # sent, not yet acknowledged by the forker (``F<n>``)
 
     def fork(self, fds: list[int], join_files: list[str], sid: int | None) -> int:
         """Have a stage A forked with ``fds`` (which this takes over and
         closes once sent); returns its ident (negative)."""
         self.counter += 1
         ident = -self.counter
-        self.pending.append((json.dumps([ident, join_files, sid]).encode(), fds))
+        self.pending.append((encode_request(ident, join_files, sid), fds))
         self.flush()
         return ident
 
@@ -108,9 +110,21 @@ class Forker:
                 raise ConnectionError("the forker is gone")
             if msg.startswith(b"X"):
                 out.append(int(msg[1:]))
-            elif msg == b"F":
-                self.outstanding = max(0, self.outstanding - 1)
+            elif msg.startswith(b"F"):
+                self.outstanding = max(0, self.outstanding - int(msg[1:]))
                 self.flush()
+
+
+def encode_request(ident: int, join_files: list[str], sid: int | None) -> bytes:
+    """A request's bytes: fields separated by NUL (no path holds one), so
+    that the forker decodes it with one ``split`` (see ``_main``)."""
+    fields = [str(ident), "" if sid is None else str(sid), *join_files]
+    return "\0".join(fields).encode()
+
+
+def decode_request(msg: bytes) -> tuple[int, list[str], int | None]:
+    ident, sid, *files = msg.decode().split("\0")
+    return int(ident), files, int(sid) if sid else None
 
 
 def _main(sock_fd: int, server: int) -> None:
@@ -125,23 +139,42 @@ def _main(sock_fd: int, server: int) -> None:
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     close_all_except({sock_fd, wake_r, wake_w})
     signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda _s, _f: None)
-    sock = socket.socket(fileno=sock_fd)
-    sel = selectors.DefaultSelector()
-    sel.register(sock, selectors.EVENT_READ, "req")
-    sel.register(wake_r, selectors.EVENT_READ, "wake")
+    signal.signal(signal.SIGCHLD, _ignore)
+    _loop(socket.socket(fileno=sock_fd), wake_r, wake_w)
+
+
+def _ignore(_signum: int, _frame: object) -> None:
+    """SIGCHLD's handler: the signal only has to write the wakeup fd."""
+
+
+def _loop(sock: socket.socket, wake_r: int, wake_w: int) -> None:
+    """Every fork write-protects this process's memory again, so each page
+    it writes afterwards is copied: the loop is kept small (``poll``, not
+    ``selectors``; a request's fields split, not JSON), which here halves
+    the pages it copies per stage A."""
+    sock_fd = sock.fileno()
+    poller = select.poll()
+    poller.register(sock_fd, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
     idents: dict[int, int] = {}
+    received = 0
     while True:
-        for key, _ in sel.select():
-            if key.data == "req":
+        for fd, _ev in poller.poll():
+            if fd == sock_fd:
                 try:
                     msg, fds = recv_fds(sock, 1 << 16, 4)
                 except InterruptedError:
                     continue
                 if not msg:
                     os._exit(0)  # the server is gone; its starters see EOF too
-                sock.send(b"F")  # received: its fds are no longer in flight
-                ident, join_files, sid = json.loads(msg)
+                received += 1
+                if received == ACK_EVERY:
+                    # Received: their fds are no longer in flight. Said
+                    # for a batch (each notice wakes the server): the
+                    # server counts at most ACK_EVERY - 1 too many.
+                    sock.send(b"F%d" % received)
+                    received = 0
+                ident, join_files, sid = decode_request(msg)
                 try:
                     pid = os.fork()
                 except OSError:
@@ -149,15 +182,14 @@ def _main(sock_fd: int, server: int) -> None:
                 if pid == 0:
                     try:
                         k.set_name(b"nanobox-spare")
-                        sel.close()
                         sock.close()
-                        for fd in (wake_r, wake_w):
-                            os.close(fd)
+                        for wfd in (wake_r, wake_w):
+                            os.close(wfd)
                         spawn.starter_main(fds[0], fds[1], fds[2], fds[3], join_files, sid)
                     finally:
                         os._exit(1)
-                for fd in fds:
-                    os.close(fd)
+                for rfd in fds:
+                    os.close(rfd)
                 if pid < 0:
                     sock.send(b"X%d" % ident)  # never started: its fds are closed
                 else:
@@ -175,6 +207,6 @@ def _main(sock_fd: int, server: int) -> None:
                         break
                     if pid == 0:
                         break
-                    ident = idents.pop(pid, None)
-                    if ident is not None:
-                        sock.send(b"X%d" % ident)
+                    gone = idents.pop(pid, None)
+                    if gone is not None:
+                        sock.send(b"X%d" % gone)
