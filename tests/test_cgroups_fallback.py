@@ -136,3 +136,40 @@ def test_enabling_v2_controllers_survives_processes_coming_and_going(
     assert moved == ["1", "3"]
     assert (group / "cgroup.subtree_control").read_text() == "+memory +pids"
     assert not busy and not procs
+
+
+def test_a_cgroup_file_is_read_whole(tmp_path: Path) -> None:
+    """``cgroups._read`` reads with ``os`` until EOF (a ``cgroup.procs`` of
+    many processes, or the mount table, is longer than one read), and
+    ``_read_optional`` says None where the kernel has no such file."""
+    big = tmp_path / "cgroup.procs"
+    text = "".join(f"{pid}\n" for pid in range(100_000, 130_000))
+    big.write_text(text)
+    assert len(text) > 65536
+    assert cgroups._read(str(big)) == text
+    assert cgroups._read_optional(str(tmp_path / "pids.peak")) is None
+    with open("/proc/self/mountinfo") as fh:
+        assert cgroups._read("/proc/self/mountinfo").splitlines()[0] == fh.readline().rstrip("\n")
+
+
+def test_one_policys_equal_plans_are_encoded_once() -> None:
+    """The static part of a plan is encoded again only when it changes, and
+    never reused across policies (their equal plans may differ in JSON:
+    ``1 == 1.0 == True``)."""
+    import json
+
+    first, second = object(), object()
+
+    def the_plan(**extra: object) -> dict[str, object]:
+        return {"id": "x", "argv": ["true"], "env": [], "timeout": None, "n": 1, **extra}
+
+    a = plan.encode(the_plan(), first)
+    cached = plan._last_rest[2]
+    b = plan.encode(the_plan(id="y"), first)
+    assert plan._last_rest[2] is cached  # reused, not encoded again
+    assert a.split(b"\n", 1)[1] == b.split(b"\n", 1)[1] == b'{"n": 1}'
+    assert json.loads(b.split(b"\n", 1)[0])["id"] == "y"
+    assert plan.encode(the_plan(n=2), first).endswith(b'"n": 2}')
+    assert plan.encode(the_plan(n=True), second).endswith(b'"n": true}')
+    assert plan.encode(the_plan(n=1.0), first).endswith(b'"n": 1.0}')
+    assert plan.encode(the_plan(n=1), None).endswith(b'"n": 1}')

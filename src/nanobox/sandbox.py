@@ -193,7 +193,7 @@ class Sandbox:
         return _Prepared(
             run_id=run_id,
             args=tuple(argv),
-            plan=planmod.encode(plan),
+            plan=planmod.encode(plan, self.policy),
             degraded=tuple(plan["degraded"]),
             stdin_fd=stdin_fd,
             stdin_data=None if input is None else bytes(input),

@@ -167,6 +167,7 @@ class Server:
         self.build_s = BUILD_GUESS_S  # how long the last sandbox built ahead took
         self.refill_when_ready = False  # make the next spare once self.warm is built
         self.watcher: watch.Watcher | None = None  # host changes under it
+        self.view_paths: tuple[bytes, list[str]] = (b"", [])  # (plan bytes, watch.view_paths)
         self.static: tuple[bytes, dict[str, Any]] = (b"", {})
         # Groups of discarded starters (and of inits that reported before
         # they exited): removed once that process is reaped.
@@ -485,7 +486,10 @@ class Server:
             if self.watcher is None:
                 self.watcher = watch.Watcher()
                 self.sel.register(self.watcher, selectors.EVENT_READ, ("watch", None))
-            self.watcher.watch(watch.view_paths(base))
+            if self.view_paths[0] != static:
+                # (A pure function of the plan: worked out once per plan.)
+                self.view_paths = (static, watch.view_paths(base))
+            self.watcher.watch(self.view_paths[1])
             self.warm = self._launch(static, base, [])
             self.warm.prewarmed = True
         except Exception:  # noqa: BLE001 - only an optimisation: never fail the run
