@@ -53,10 +53,20 @@ def _read(path: str) -> str:
         os.close(fd)
 
 
-def _read_optional(path: str) -> str | None:
-    """``_read``, or None where the kernel has no such file."""
+def _read_small(path: str) -> str:
+    """A file of a few values (``cpuacct.usage``, ``memory.events``): the
+    kernel hands all of it to a single read of a page."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return _read(path)
+        return os.fsdecode(os.read(fd, 4096))
+    finally:
+        os.close(fd)
+
+
+def _read_optional(path: str) -> str | None:
+    """``_read_small``, or None where the kernel has no such file."""
+    try:
+        return _read_small(path)
     except FileNotFoundError:
         return None
 
@@ -333,12 +343,12 @@ class RunGroup:
         or None when it cannot be read."""
         try:
             if self.version == 2:
-                for line in _read(f"{self.paths['']}/cpu.stat").splitlines():
+                for line in _read_small(f"{self.paths['']}/cpu.stat").splitlines():
                     if line.startswith("usage_usec "):
                         return int(line.split()[1]) / 1e6
                 return None
             if "cpuacct" in self.paths:
-                return int(_read(f"{self.paths['cpuacct']}/cpuacct.usage")) / 1e9
+                return int(_read_small(f"{self.paths['cpuacct']}/cpuacct.usage")) / 1e9
         except (OSError, ValueError):
             pass
         return None
@@ -348,7 +358,7 @@ class RunGroup:
         try:
             if self.version == 2:
                 g = self.paths[""]
-                cpu = dict(line.split() for line in _read(f"{g}/cpu.stat").splitlines())
+                cpu = dict(line.split() for line in _read_small(f"{g}/cpu.stat").splitlines())
                 out["cpu_s"] = int(cpu["usage_usec"]) / 1e6
                 out["user_s"] = int(cpu["user_usec"]) / 1e6
                 out["system_s"] = int(cpu["system_usec"]) / 1e6
@@ -366,19 +376,21 @@ class RunGroup:
                 return out
             if "cpuacct" in self.paths:
                 g = self.paths["cpuacct"]
-                out["cpu_s"] = int(_read(f"{g}/cpuacct.usage")) / 1e9
-                st = dict(line.split() for line in _read(f"{g}/cpuacct.stat").splitlines())
+                out["cpu_s"] = int(_read_small(f"{g}/cpuacct.usage")) / 1e9
+                st = dict(line.split() for line in _read_small(f"{g}/cpuacct.stat").splitlines())
                 out["user_s"] = int(st["user"]) / _USER_HZ
                 out["system_s"] = int(st["system"]) / _USER_HZ
             if "memory" in self.paths:
                 g = self.paths["memory"]
-                out["peak_bytes"] = int(_read(f"{g}/memory.max_usage_in_bytes"))
-                oom = dict(line.split() for line in _read(f"{g}/memory.oom_control").splitlines())
+                out["peak_bytes"] = int(_read_small(f"{g}/memory.max_usage_in_bytes"))
+                oom = dict(
+                    line.split() for line in _read_small(f"{g}/memory.oom_control").splitlines()
+                )
                 out["oom_kills"] = int(oom.get("oom_kill", 0))
-                out["memory_max_events"] = int(_read(f"{g}/memory.failcnt"))
+                out["memory_max_events"] = int(_read_small(f"{g}/memory.failcnt"))
             if "pids" in self.paths:
                 g = self.paths["pids"]
-                ev = dict(line.split() for line in _read(f"{g}/pids.events").splitlines())
+                ev = dict(line.split() for line in _read_small(f"{g}/pids.events").splitlines())
                 out["pids_max_events"] = int(ev.get("max", 0))
                 if (peak := _read_optional(f"{g}/pids.peak")) is not None:
                     out["pids_peak"] = int(peak)

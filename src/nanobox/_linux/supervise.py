@@ -252,10 +252,15 @@ def _cpu_of(pid: int) -> float:
 def _exiting(pid: int) -> bool:
     """Is ``pid`` (our unreaped child) exiting or dead (PF_EXITING)?"""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            fields = fh.read().rsplit(b")", 1)[1].split()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return True
+    try:
+        fields = os.read(fd, 4096).rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return True
+    finally:
+        os.close(fd)
     return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & 0x4)
 
 
