@@ -32,6 +32,7 @@ import resource
 import selectors
 import signal
 import socket
+import stat
 import sys
 import time
 
@@ -1131,7 +1132,7 @@ def remove_placeholder(path: str, ino: int) -> None:
         st = os.lstat(path)
         if st.st_ino != ino:
             return
-        if os.path.isdir(path):
+        if stat.S_ISDIR(st.st_mode):
             os.rmdir(path)  # fails (and stays) if something was put inside
         elif st.st_size == 0:
             os.unlink(path)
