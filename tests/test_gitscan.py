@@ -273,3 +273,49 @@ def test_too_many_directories_fail_closed(tree: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(gitscan, "MAX_SCAN_ENTRIES", 3)
     with pytest.raises(PolicyError, match=r"more than 3 directories below"):
         gitscan.find_repos(str(tree))
+
+
+def test_the_plans_realpath_answers_as_os_path_realpath(tmp_path: Path) -> None:
+    """``fsplan.Realpath`` (each directory looked up once per plan) gives
+    ``os.path.realpath``'s answer for every path, through symlinks
+    (absolute, relative, dangling, looping, to '..'), missing components
+    and files used as directories, asked in any order."""
+    import itertools
+
+    from nanobox._linux.fsplan import Realpath
+
+    t = tmp_path
+    (t / "a" / "b" / "c").mkdir(parents=True)
+    (t / "file").write_text("x")
+    (t / "link_abs").symlink_to(t / "a")
+    (t / "link_rel").symlink_to("a/b")
+    (t / "chain").symlink_to("link_rel")
+    (t / "dangling").symlink_to(t / "nowhere")
+    (t / "loop1").symlink_to("loop2")
+    (t / "loop2").symlink_to("loop1")
+    (t / "a" / "up").symlink_to("..")
+    (t / "a" / "b" / "self").symlink_to(".")
+    names = [
+        "a",
+        "b",
+        "c",
+        "file",
+        "link_abs",
+        "link_rel",
+        "chain",
+        "dangling",
+        "loop1",
+        "up",
+        "self",
+        "missing",
+    ]
+    paths = [str(t)] + [
+        os.path.join(str(t), *combo)
+        for n in (1, 2, 3)
+        for combo in itertools.product(names, repeat=n)
+    ]
+    paths += ["/", "/usr/bin", "/proc/self", "relative/path", str(t) + "/a/../file", "//x"]
+    resolve = Realpath()
+    for path in paths + paths[::-1]:
+        assert resolve(path) == os.path.realpath(path), path
+        assert resolve.lexists(path) == os.path.lexists(path), path

@@ -98,11 +98,58 @@ def _not_root(path: str, field_name: str, entry: str, what: str) -> str:
     return path
 
 
-def _hidden(entry: str, home: str) -> tuple[str, str]:
+class Realpath:
+    """``os.path.realpath`` for one plan, each directory on the way looked
+    up once (the default hides share the home directory: 11 paths, 24
+    ``lstat`` calls by ``os.path.realpath``). The same answers: a path with
+    a symlink on the way, or one that is not absolute and normalised, is
+    resolved by ``os.path.realpath`` whole; a missing component is kept as
+    written, and so is the rest below it, as ``realpath`` does."""
+
+    def __init__(self) -> None:
+        # A normalised path -> where it really is, or None where a symlink
+        # is on the way.
+        self.known: dict[str, str | None] = {"/": "/"}
+        self.present: set[str] = {"/"}  # those of them that exist
+
+    def __call__(self, path: str) -> str:
+        if not path.startswith("/") or path.startswith("//") or path != os.path.normpath(path):
+            return os.path.realpath(path)
+        plain = self._plain(path)
+        return os.path.realpath(path) if plain is None else plain
+
+    def _plain(self, path: str) -> str | None:
+        if path in self.known:
+            return self.known[path]
+        parent, _, name = path.rpartition("/")
+        base = self._plain(parent or "/")
+        result: str | None = None
+        if base is not None:
+            here = base.rstrip("/") + "/" + name
+            try:
+                mode = os.lstat(here).st_mode
+            except OSError:
+                result = here
+            else:
+                result = None if stat.S_ISLNK(mode) else here
+                if result is not None:
+                    self.present.add(path)
+        self.known[path] = result
+        return result
+
+    def lexists(self, path: str) -> bool:
+        """``os.path.lexists``, from what resolving ``path`` found."""
+        if self.known.get(path) is not None:
+            return path in self.present
+        return os.path.lexists(path)
+
+
+def _hidden(entry: str, home: str, realpath: Realpath | None = None) -> tuple[str, str]:
     """A ``hide`` entry: the path to mount over, and where it really is
     (for the Landlock rules, planned on real directories)."""
     path = _not_root(expand(entry.rstrip("?"), home), "filesystem.hide", entry, "hiding")
-    return path, _not_root(os.path.realpath(path), "filesystem.hide", entry, "hiding")
+    real = (realpath or Realpath())(path)
+    return path, _not_root(real, "filesystem.hide", entry, "hiding")
 
 
 def _writable_source(real: str, entry: str) -> str:
@@ -186,9 +233,10 @@ def build(fs: Filesystem, cwd: str, home: str) -> View:
 
     hides = list(DEFAULT_HIDES) if fs.default_hides else []
     hides += list(fs.hide)
+    realpath = Realpath()
     for entry in hides:
-        path, real = _hidden(entry, home)
-        if os.path.lexists(path):
+        path, real = _hidden(entry, home, realpath)
+        if realpath.lexists(path):
             ops.append({"t": "hide", "dst": path})
             view.hidden.append(real)
 
@@ -257,9 +305,10 @@ def build_nons(fs: Filesystem, cwd: str, home: str) -> View:
                 )
             (view.writable if field_name == "read_write" else view.readable_extra).append(real)
     hides = (list(DEFAULT_HIDES) if fs.default_hides else []) + list(fs.hide)
+    realpath = Realpath()
     for entry in hides:
-        path, real = _hidden(entry, home)
-        if os.path.lexists(path):
+        path, real = _hidden(entry, home, realpath)
+        if realpath.lexists(path):
             view.hidden.append(real)
     return view
 
