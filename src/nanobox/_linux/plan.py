@@ -256,12 +256,24 @@ def without_namespaces(policy: Policy, detail: str) -> list[str]:
 def _in_initial_userns() -> bool:
     """Is this process in the initial user namespace (a real root, not the
     "root" of a container or a scratch namespace, who cannot map other
-    host uids)?"""
+    host uids)? Read once per process (a fork reads again; a process that
+    enters another user namespace later, which is rare, keeps the first
+    answer, as its fork server, started in the first one, would)."""
+    global _initial_userns
+    pid = os.getpid()
+    known = _initial_userns
+    if known is not None and known[0] == pid:
+        return known[1]
     try:
         with open("/proc/self/uid_map") as fh:
-            return fh.read().split() == ["0", "0", "4294967295"]
+            answer = fh.read().split() == ["0", "0", "4294967295"]
     except OSError:
-        return False
+        answer = False
+    _initial_userns = (pid, answer)
+    return answer
+
+
+_initial_userns: tuple[int, bool] | None = None  # (pid, answer)
 
 
 def build_plan(
