@@ -22,6 +22,7 @@ side (``fsplan``); this module executes them:
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -437,10 +438,12 @@ def _mount_proc(b: _Builder, target: str, view: dict[str, Any]) -> None:
 
 def _protect(b: _Builder, op: dict[str, Any]) -> None:
     """Bind ``dst`` read-only onto itself (or, with ``rw``, pin it as a mount
-    point that cannot be renamed or removed)."""
+    point that cannot be renamed or removed). One O_PATH fd, reached
+    without following a symlink, is both what is cloned and where the
+    clone goes (a run's placeholders are protected on its critical path)."""
     dst = op["dst"]
     try:
-        st = os.lstat(dst)
+        target = k.open_path_nofollow(dst)
     except PermissionError:
         # Below a directory the sandbox cannot search (e.g. another user's
         # 0700 directory in a root caller's workspace): the command cannot
@@ -448,21 +451,30 @@ def _protect(b: _Builder, op: dict[str, Any]) -> None:
         return
     except FileNotFoundError:  # the placeholder vanished: fail closed
         raise MountStepError(f"protect {dst}", FileNotFoundError(2, "no such file")) from None
-    if stat.S_ISLNK(st.st_mode):
-        raise MountStepError(f"protect {dst}", OSError(40, "is a symlink"))  # ELOOP
-    fd = _step(f"clone {dst}", _clone, dst)
-    if op.get("rw"):
-        _step(f"pin {dst}", k.mount_setattr, "", ATTR_SAFE, dirfd=fd)
-    else:
-        _step(
-            f"make {dst} read-only",
-            k.mount_setattr,
-            "",
-            k.MOUNT_ATTR_RDONLY | ATTR_SAFE,
-            recursive=True,
-            dirfd=fd,
-        )
-    b.attach(fd, dst, f"protect {dst}")
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symlink on the way: fail closed
+            raise MountStepError(f"protect {dst}", OSError(40, "is a symlink")) from None
+        raise MountStepError(f"open {dst}", exc) from exc
+    try:
+        flags = k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC | k.AT_EMPTY_PATH | k.AT_RECURSIVE
+        fd = _step(f"clone {dst}", k.open_tree, "", flags, dirfd=target)
+        try:
+            if op.get("rw"):
+                _step(f"pin {dst}", k.mount_setattr, "", ATTR_SAFE, dirfd=fd)
+            else:
+                _step(
+                    f"make {dst} read-only",
+                    k.mount_setattr,
+                    "",
+                    k.MOUNT_ATTR_RDONLY | ATTR_SAFE,
+                    recursive=True,
+                    dirfd=fd,
+                )
+            _step(f"protect {dst}", k.move_mount, fd, dst, to_fd=target)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(target)
 
 
 def _minimal_root(b: _Builder) -> None:
