@@ -147,7 +147,7 @@ PHASES = [
     ("A: wake up, protect placeholders, late hides", "server:go.E", "A:late.E"),
     ("A: stdio, fds, cwd, no_new_privs, capabilities", "A:late.E", "A:caps.E"),
     ("A: Landlock, rlimits", "A:caps.E", "A:seccomp.B"),
-    ("A: seccomp filter", "A:seccomp.B", "A:spawn.B"),
+    ("A: seccomp filter, listener to the server", "A:seccomp.B", "A:spawn.B"),
     (
         "posix_spawn, /bin/true runs and exits, the server reaps it",
         "A:spawn.B",

@@ -477,9 +477,8 @@ def _build_spawning(
     ~0.5 ms of the start). Used when the plan allows it (``plan.spawn``):
     the seccomp filter must let this process spawn after it is installed,
     and no address-space rlimit may be too small for that. The server's side
-    of the protocol is the same: "R" when ready, the run, stage A's "P"
-    line (here with its "C" line, once the command is started), "L" with
-    the listener."""
+    of the protocol is the same: "R" when ready, the run, "L" with the
+    listener, stage A's "P" line."""
     t0 = time.monotonic()
     step = "start init"
     init_pid = cmd_pid = 0
@@ -526,14 +525,10 @@ def _build_spawning(
         if late:
             step = "filesystem view"
             mounts.build_late(plan["view"], late)
-        # The run starts. Its "P" line goes to the server with the "C"
-        # line, once the command is started, and the seccomp listener after
-        # them: each message wakes the server, which (a sync wake-up) runs
-        # on this CPU ahead of this process and would delay the spawn.
-        # Nothing is lost meanwhile: a kill asked for waits for "P", a
-        # notification of the command's waits in the listener's queue (the
-        # default filter, the only one spawned under, notifies none of this
-        # process's own calls), and the wall clock starts at "C".
+        # The run starts: the server supervises it from now on (its time
+        # limit, a kill, the seccomp listener's notifications, which this
+        # process's own calls may cause once the filter is on). The
+        # command's pid follows on a "C" line.
         info: dict[str, Any] = {
             "init": init_pid,
             "cmd": 0,
@@ -543,19 +538,16 @@ def _build_spawning(
             "self_utime": 0.0,
             "self_stime": 0.0,
         }
-        p_line = b"P" + json.dumps(info).encode() + b"\n"
+        write_all(status_w, b"P" + json.dumps(info).encode() + b"\n")
     except BaseException as exc:  # noqa: BLE001 - never return into the server
         _end((init_pid,))
         if isinstance(exc, mounts.MountStepError):
             step = exc.step
         _fail(status_w, step, exc)
-    # (A failure here reports itself and exits: the server ends the run, or
-    # reports its setup failure.)
+    # (A failure here reports itself and exits: the server then ends the run.)
     environ = child.take_stdio(env, (fds[0], fds[1], fds[2]), status_w, (csock.fileno(), ruleset))
     kind, step = b"S", "chdir"
     failure: BaseException | None = None
-    listener: int | None = None
-    l_msg: bytes | None = None  # the "L" message, once the filter is on
     try:
         os.chdir(plan["cwd"])
         os.umask(0o022)
@@ -568,11 +560,18 @@ def _build_spawning(
             landlock.restrict(ruleset)
         step = "rlimits"
         child.set_rlimits(plan)
+        listener = None
         notify = bool(prog and plan.get("seccomp_notify"))
+        msg = b"L" + json.dumps([0.0, 0.0]).encode()  # no CPU of the command's before its exec
         if prog:
             step = "seccomp"
             listener = seccomp_loader.install(prog, new_listener=notify)
-        l_msg = b"L" + json.dumps([0.0, 0.0]).encode()  # no CPU of the command's before its exec
+        step = "seccomp listener"
+        if listener is not None:
+            socket.send_fds(csock, [msg], [listener])
+            os.close(listener)
+        else:
+            csock.send(msg)
         kind, step = b"X", "exec"
         start = time.monotonic()
 
@@ -597,7 +596,8 @@ def _build_spawning(
             if cmd_pid == 0:
                 os._exit(127 if kind == b"X" else 125)
         except BaseException as exc:  # noqa: BLE001
-            # (The server reports a setup failure: this line says why.)
+            # (The server ends the run when this process exits without a
+            # "C" line; this line says why.)
             _end((init_pid,))
             _fail(status_w, step, exc)
     try:
@@ -610,12 +610,7 @@ def _build_spawning(
             "self_utime": me.ru_utime + kids.ru_utime,
             "self_stime": me.ru_stime + kids.ru_stime,
         }
-        write_all(status_w, p_line + b"C" + json.dumps(info).encode() + b"\n")
-        if l_msg is not None:
-            if listener is not None:
-                socket.send_fds(csock, [l_msg], [listener])
-            else:
-                csock.send(l_msg)
+        write_all(status_w, b"C" + json.dumps(info).encode() + b"\n")
     finally:
         os._exit(0)
 
