@@ -22,6 +22,7 @@ from nanobox._linux import forker
         (-42, ["/sys/fs/cgroup/memory/nanobox/x/tasks"], None),
         (-7, ["/a/tasks", "/b b/tasks", "/c/cgroup.procs"], 0x60000123),
         (-3, [], 0),
+        (-9, [os.fsdecode(b"/sys/fs/cgroup/caf\xe9/tasks")], None),  # not UTF-8
     ],
 )
 def test_a_request_decodes_to_what_was_encoded(

@@ -117,13 +117,15 @@ class Forker:
 
 def encode_request(ident: int, join_files: list[str], sid: int | None) -> bytes:
     """A request's bytes: fields separated by NUL (no path holds one), so
-    that the forker decodes it with one ``split`` (see ``_main``)."""
+    that the forker decodes it with one ``split`` (see ``_main``). Paths
+    are bytes to the kernel: any that is not UTF-8 (surrogate-escaped, as
+    ``os.fsdecode`` gives it) round-trips."""
     fields = [str(ident), "" if sid is None else str(sid), *join_files]
-    return "\0".join(fields).encode()
+    return "\0".join(fields).encode("utf-8", "surrogateescape")
 
 
 def decode_request(msg: bytes) -> tuple[int, list[str], int | None]:
-    ident, sid, *files = msg.decode().split("\0")
+    ident, sid, *files = msg.decode("utf-8", "surrogateescape").split("\0")
     return int(ident), files, int(sid) if sid else None
 
 
