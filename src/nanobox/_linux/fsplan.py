@@ -100,7 +100,7 @@ def _not_root(path: str, field_name: str, entry: str, what: str) -> str:
 
 class Realpath:
     """``os.path.realpath`` for one plan, each directory on the way looked
-    up once (the default hides share the home directory: 11 paths, 24
+    up once (the default hides share the home directory: 11 paths, 23
     ``lstat`` calls by ``os.path.realpath``). The same answers: a path with
     a symlink on the way, or one that is not absolute and normalised, is
     resolved by ``os.path.realpath`` whole; a missing component is kept as
