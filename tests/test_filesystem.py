@@ -888,6 +888,32 @@ def test_a_run_in_a_workspace_whose_name_is_not_utf8(tmp_path: Path) -> None:
     assert sorted(os.listdir(ws)) == ["out"]  # its placeholders are gone
 
 
+def test_a_record_cut_short_by_a_kill_is_swept_too(tmp_path: Path) -> None:
+    """A server killed while rewriting its record leaves the new one as
+    ``.tmp``: the sweep removes the placeholders both name (only empty files
+    with the recorded inode) and both files."""
+    from nanobox._linux import forkserver
+
+    ph = forkserver.Placeholders("999999998_1")  # no such server
+    assert ph.record is not None
+    first, second, cut = (str(tmp_path / n) for n in (".bashrc", ".zshrc", ".profile"))
+    try:
+        ph.acquire([(first, "file")])
+        for path in (second, cut):
+            open(path, "w").close()
+        with open(ph.record + ".tmp", "w") as fh:  # as a kill mid-rewrite leaves it
+            fh.write(f"{os.lstat(first).st_ino}\t{first}\n{os.lstat(second).st_ino}\t{second}\n")
+            fh.write(f"{os.lstat(cut).st_ino}\t{cut[:-3]}")  # cut short: another path
+        open(cut[:-3], "w").close()  # an empty file of the user's there: kept
+        forkserver.sweep_placeholders()
+        assert sorted(os.listdir(tmp_path)) == [".prof", ".profile"]
+        assert not os.path.exists(ph.record) and not os.path.exists(ph.record + ".tmp")
+    finally:
+        for leftover in (ph.record, ph.record + ".tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+
+
 def test_placeholders_of_a_killed_server_are_swept(workspace: Path, marker: str) -> None:
     import threading
 

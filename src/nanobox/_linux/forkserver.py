@@ -1165,7 +1165,11 @@ def _state_file(name: str) -> str | None:
 
 
 def sweep_placeholders() -> None:
-    """Remove placeholders recorded by servers that no longer run."""
+    """Remove placeholders recorded by servers that no longer run, and
+    their records. A server killed while it rewrote its record leaves the
+    new one as ``.tmp``, possibly cut short: it may name placeholders the
+    old record does not, so it is read too (a cut line names a path whose
+    inode is not the recorded one, or nothing)."""
     d = _state_dir()
     if d is None:
         return
@@ -1174,9 +1178,9 @@ def sweep_placeholders() -> None:
     except OSError:
         return
     for name in names:
-        if not name.startswith("placeholders.") or name.endswith(".tmp"):
+        if not name.startswith("placeholders."):
             continue
-        ident = name.split(".", 1)[1]
+        ident = name.split(".", 1)[1].removesuffix(".tmp")
         pid = ident.split("_", 1)[0]
         if pid.isdigit() and cgroups._alive(int(pid), ident):
             continue
