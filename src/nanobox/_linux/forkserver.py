@@ -1152,9 +1152,7 @@ def _state_dir() -> str | None:
         st = os.lstat(path)
     except OSError:
         return None
-    import stat as _stat
-
-    if not _stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
         return None  # not ours (or not private): do not trust it
     return path
 
