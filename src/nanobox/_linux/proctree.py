@@ -8,6 +8,22 @@ import os
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
+def stat_fields(pid: int | str) -> list[bytes] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (so the
+    state is ``[0]``, as field 3 of proc(5)), or None when it cannot be
+    read. Read with ``os``: one line, well under a page."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 4096).rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    finally:
+        os.close(fd)
+
+
 def below(roots: list[int], *, include_roots: bool = False) -> dict[int, list[bytes]]:
     """The ``/proc/PID/stat`` fields (after the command name) of every
     process below ``roots``, and of the roots too with ``include_roots``."""
@@ -16,11 +32,12 @@ def below(roots: list[int], *, include_roots: bool = False) -> dict[int, list[by
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
+        fields = stat_fields(name)
+        if fields is None:
+            continue
         try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                fields = fh.read().rsplit(b")", 1)[1].split()
             parent[int(name)] = int(fields[1])
-        except (OSError, IndexError, ValueError):
+        except (IndexError, ValueError):
             continue
         stats[int(name)] = fields
     chosen = {pid for pid in roots if pid in stats} if include_roots else set()

@@ -241,26 +241,18 @@ def _cpu_of(pid: int) -> float:
             return int(fh.read().split()[0]) / 1e9  # nanoseconds on a CPU
     except (OSError, ValueError, IndexError):
         pass
+    fields = proctree.stat_fields(pid)
     try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            fields = fh.read().rsplit(b")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else 0.0
+    except (ValueError, IndexError):
         return 0.0
 
 
 def _exiting(pid: int) -> bool:
     """Is ``pid`` (our unreaped child) exiting or dead (PF_EXITING)?"""
-    try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+    fields = proctree.stat_fields(pid)
+    if not fields:
         return True
-    try:
-        fields = os.read(fd, 4096).rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return True
-    finally:
-        os.close(fd)
     return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & 0x4)
 
 
