@@ -17,6 +17,7 @@ import pytest
 
 import nanobox
 from conftest import IS_ROOT, SPY, nanobox_cli
+from nanobox.policy import PROTECTED_TOP
 
 
 def sh(cmd: str, **kw: object) -> nanobox.Result:
@@ -955,3 +956,76 @@ def test_root_caller_workspace_below_a_root_only_directory() -> None:
         assert (ws / "out.txt").stat().st_uid == 0
     finally:
         shutil.rmtree(top)
+
+
+# -- workspaces the caller cannot write ------------------------------------------------
+
+TOP_NAMES = PROTECTED_TOP
+CREATE_EACH = " ".join(
+    f"(touch {n} 2>/dev/null || mkdir {n} 2>/dev/null) && echo made {n};" for n in TOP_NAMES
+)
+
+
+@pytest.mark.root_only
+def test_a_read_only_workspace_runs_and_its_protected_names_stay_uncreatable(
+    workspace: Path,
+) -> None:
+    """A workspace on a read-only mount (a read-only volume, a CD): the
+    placeholders for missing protected names cannot be made there (it used
+    to fail every run with exit 125, EROFS), and need not be: the sandbox
+    cannot create those names either, which is what the attempt below
+    checks. Control: on the same directory made writable again, with the
+    names unprotected, the same command creates every one of them."""
+    subprocess.run(["mount", "--bind", str(workspace), str(workspace)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(workspace)], check=True)
+        r = sh(f"{CREATE_EACH} echo done")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == b"done\n"
+        r = nanobox.run(["true"], cwd=workspace, timeout=30)  # the CLI's own path
+        assert r.returncode == 0, r.stderr
+    finally:
+        subprocess.run(["umount", str(workspace)], check=True)
+    assert os.listdir(workspace) == []
+    fs = nanobox.Filesystem(unprotect=TOP_NAMES)
+    r = sh(CREATE_EACH, policy=nanobox.Policy(filesystem=fs))
+    assert r.stdout.count(b"made ") == len(TOP_NAMES), r.stderr
+
+
+@pytest.mark.skipif(IS_ROOT, reason="a root caller writes anywhere")
+def test_a_workspace_the_caller_cannot_write_runs() -> None:
+    """A caller that is not root, in a directory of another user's that it
+    cannot write (``/usr``): the run works, no placeholder is needed, and
+    the protected names cannot be created in the sandbox, as outside."""
+    ws = Path("/usr")
+    assert not os.access(ws, os.W_OK) and ws.stat().st_uid != os.geteuid()
+    r = nanobox.run(["sh", "-c", f"{CREATE_EACH} echo done"], cwd=ws, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"done\n"
+    assert outside(CREATE_EACH, cwd=ws).stdout == b""
+
+
+@pytest.mark.skipif(IS_ROOT, reason="a root caller writes anywhere")
+def test_a_read_only_directory_of_the_callers_own_fails_closed(tmp_path: Path) -> None:
+    """Not writable, but the caller's own: the sandbox could make it
+    writable (``chmod``) and then create a protected name, so a missing
+    name still needs its placeholder, and the run is refused with a message
+    naming the way out. Control: with the names unprotected, the command
+    does exactly that."""
+    ws = tmp_path / "ro"
+    ws.mkdir()
+    ws.chmod(0o555)
+    try:
+        with pytest.raises(nanobox.SandboxError, match=r"filesystem\.unprotect") as info:
+            nanobox.run(["true"], cwd=ws, timeout=30)
+        assert ".gitmodules" in str(info.value)
+        fs = nanobox.Filesystem(unprotect=TOP_NAMES)
+        r = nanobox.run(
+            ["sh", "-c", f"chmod u+w . && {CREATE_EACH}"],
+            cwd=ws,
+            timeout=30,
+            policy=nanobox.Policy(filesystem=fs),
+        )
+        assert r.stdout.count(b"made ") == len(TOP_NAMES), r.stderr
+    finally:
+        ws.chmod(0o755)

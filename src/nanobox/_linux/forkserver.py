@@ -24,6 +24,7 @@ from the server, so a dead server takes its sandboxes with it too.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import json
 import math
@@ -440,14 +441,15 @@ class Server:
             plan["userns_root"] = True
         job.plan = plan
         job.started = time.monotonic()
-        job.placeholders = self.placeholders.acquire(plan.get("placeholders", ()))
+        skipped: list[int] = []
+        job.placeholders = self.placeholders.acquire(plan.get("placeholders", ()), skipped)
         job.run_msg = (
             json.dumps([plan["argv"], plan["env"]]).encode(),
             [os.dup(fd) for fd in stdio],
         )
         if job.ready:
             self._send_run(job)
-        job.starter.go()
+        job.starter.go(skipped)
 
     def _send_run(self, job: _Job) -> None:
         if job.run_msg is not None:
@@ -469,7 +471,10 @@ class Server:
             remove_tree(tmpdir)
             raise
         job.tmpdir = tmpdir
-        job.placeholders = self.placeholders.acquire(plan.get("placeholders", ()))
+        # (Without a mount namespace a root caller's command could remount a
+        # read-only filesystem: only an unprivileged one skips a name.)
+        skipped: list[int] | None = [] if os.geteuid() != 0 else None
+        job.placeholders = self.placeholders.acquire(plan.get("placeholders", ()), skipped)
         return job
 
     # -- sandboxes built ahead -------------------------------------------------
@@ -1078,11 +1083,15 @@ class Placeholders:
         except OSError:
             pass
 
-    def acquire(self, specs: Any) -> list[str]:
+    def acquire(self, specs: Any, skipped: list[int] | None = None) -> list[str]:
+        """Create (or share) the placeholders ``specs`` names. A name that
+        cannot be created because the sandbox could not create it either
+        (``uncreatable``) is left out and its index added to ``skipped``,
+        when given (else the error is raised)."""
         taken: list[str] = []
         made = False  # the record lists paths, not users: rewritten only for new ones
         try:
-            for path, kind in specs:
+            for index, (path, kind) in enumerate(specs):
                 if path in self.refs:
                     ino, users = self.refs[path]
                     self.refs[path] = (ino, users + 1)
@@ -1098,6 +1107,17 @@ class Placeholders:
                         os.close(fd)
                 except FileExistsError:
                     continue  # not ours: the init protects whatever is there
+                except OSError as exc:
+                    if skipped is None or not uncreatable(exc, path):
+                        name = os.path.basename(path)
+                        raise OSError(
+                            exc.errno,
+                            f"cannot create {path}, the empty stand-in that keeps the sandbox "
+                            f"from creating the protected name {name!r}: {exc.strerror}; make "
+                            f"its directory writable, or list {name!r} in filesystem.unprotect",
+                        ) from None
+                    skipped.append(index)
+                    continue
                 made = True
                 self.refs[path] = (os.lstat(path).st_ino, 1)
                 taken.append(path)
@@ -1124,6 +1144,27 @@ class Placeholders:
                 continue
             del self.refs[path]
             remove_placeholder(path, ino)
+
+
+def uncreatable(exc: OSError, path: str) -> bool:
+    """Whether the sandbox cannot create ``path`` either, given that this
+    server just failed to with ``exc`` (so that it needs no placeholder).
+
+    A read-only filesystem (``EROFS``) stays read-only in the sandbox: the
+    view never clears a mount's read-only flag, and in a user namespace
+    the kernel locks it. Denied by permissions (``EACCES``, ``EPERM``) only
+    where the sandbox acts with this server's identity and no privilege
+    (a caller that is not root) and the directory is not the caller's
+    own: an owner could ``chmod`` it writable first. Everything else
+    (a root caller's denial, on NFS say) fails closed."""
+    if exc.errno == errno.EROFS:
+        return True
+    if exc.errno not in (errno.EACCES, errno.EPERM) or os.geteuid() == 0:
+        return False
+    try:
+        return os.stat(os.path.dirname(path)).st_uid != os.geteuid()
+    except OSError:
+        return False
 
 
 def remove_placeholder(path: str, ino: int) -> None:

@@ -373,11 +373,12 @@ def build(
     return b.degraded
 
 
-def placeholder_protects(plan: dict[str, Any]) -> frozenset[str]:
+def placeholder_protects(plan: dict[str, Any], hosts: set[str] | None = None) -> frozenset[str]:
     """Where the sandbox sees the placeholders (``deferred`` for ``build``):
     the fork server creates them on the host (``plan["placeholders"]``)
-    only when the run starts."""
-    hosts = {path for path, _kind in plan.get("placeholders", ())}
+    only when the run starts. ``hosts``: only these of them."""
+    if hosts is None:
+        hosts = {path for path, _kind in plan.get("placeholders", ())}
     return frozenset(
         op["dst"]
         for op in plan["view"].get("ops", ())
@@ -385,13 +386,19 @@ def placeholder_protects(plan: dict[str, Any]) -> frozenset[str]:
     )
 
 
-def build_late(view: dict[str, Any], late: list[dict[str, Any]]) -> None:
+def build_late(
+    view: dict[str, Any], late: list[dict[str, Any]], skip: frozenset[str] = frozenset()
+) -> None:
     """The operations ``build`` left for the start of the run, in the
-    finished view (same order: shallow to deep)."""
+    finished view (same order: shallow to deep), but for protecting the
+    paths in ``skip`` (placeholders the server did not make: names the
+    sandbox cannot create)."""
     b = _Builder(view)
     for op in late:
         dst = op["dst"]
         if op["t"] == "protect":
+            if dst in skip:
+                continue
             _protect(b, op)
         elif os.path.lexists(dst) and not os.path.islink(dst):
             b.hide(dst)  # (clones /dev/null for a file)

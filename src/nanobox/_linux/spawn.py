@@ -110,9 +110,11 @@ class Starter:
         builds the sandbox and waits for ``go``."""
         socket.send_fds(self.sock, [plan], fds)
 
-    def go(self) -> None:
-        """The run starts: stage A finishes the view and releases the command."""
-        self.sock.send(b"G")
+    def go(self, skipped: list[int]) -> None:
+        """The run starts: stage A finishes the view and releases the
+        command. ``skipped``: the plan's placeholders the server did not
+        make (names the sandbox cannot create: nothing to protect)."""
+        self.sock.send(b"G" + ",".join(map(str, skipped)).encode())
 
     def send_run(self, run: bytes, stdio: list[int]) -> None:
         """The run's argv and env (JSON) and stdio, straight to the command."""
@@ -366,13 +368,14 @@ def _build_sandbox(
         os.write(go_w, b"v")  # the command prepares itself meanwhile
         built = time.monotonic()
         step = "wait for the run"
-        if sock.recv(16) != b"G":
+        skip = _recv_go(sock, plan)
+        if skip is None:
             _end((cmd_pid, init_pid))  # not needed after all
             os._exit(0)
         t1 = time.monotonic()
         if late:
             step = "filesystem view"
-            mounts.build_late(plan["view"], late)
+            mounts.build_late(plan["view"], late, skip)
         step = "start the command"
         start = time.monotonic()
         try:
@@ -448,6 +451,19 @@ def _recv_procfs(sock: socket.socket) -> int | OSError | None:
     return OSError(int(msg[1:] or b"1"), "procfs") if msg else None
 
 
+def _recv_go(sock: socket.socket, plan: dict[str, Any]) -> frozenset[str] | None:
+    """Wait for "go"; None on EOF. What it carries: the sandbox paths of
+    placeholders the server did not make (see ``Starter.go``)."""
+    msg = sock.recv(65536)
+    if not msg.startswith(b"G"):
+        return None
+    if len(msg) == 1:
+        return frozenset()
+    specs = plan.get("placeholders", ())
+    hosts = {specs[int(i)][0] for i in msg[1:].split(b",")}
+    return mounts.placeholder_protects(plan, hosts)
+
+
 def _wait_unless_init_dies(sock: socket.socket, init_pid: int) -> None:
     """Wait for ``sock`` to be readable; raise if PID 1 dies first (killed
     from outside: the pid namespace is gone, the sandbox cannot be used,
@@ -514,7 +530,8 @@ def _build_spawning(
         _set_name(b"nanobox-warm")  # built, until its run starts (ps shows it)
         csock.send(b"R")  # the server sends the run (on csock) once it has one ...
         _wait_unless_init_dies(sock, init_pid)
-        if sock.recv(16) != b"G":  # ... and "go" (after it); EOF: not needed after all
+        skip = _recv_go(sock, plan)  # ... and "go" (after it)
+        if skip is None:  # EOF: not needed after all
             _end((init_pid,))
             os._exit(0)
         msg, fds = recv_fds(csock, MAX_PLAN, 3)
@@ -524,7 +541,7 @@ def _build_spawning(
         argv, env = json.loads(msg)
         if late:
             step = "filesystem view"
-            mounts.build_late(plan["view"], late)
+            mounts.build_late(plan["view"], late, skip)
         # The run starts: the server supervises it from now on (its time
         # limit, a kill, the seccomp listener's notifications, which this
         # process's own calls may cause once the filter is on). The
