@@ -116,7 +116,10 @@ def test_after_a_pause_the_next_sandbox_is_built_once_the_run_ends(
         for _ in range(2):
             assert box.run(["true"]).returncode == 0
             assert wait_until(_warm_ready, timeout=5)
-            time.sleep(0.3)  # idle
+            # Idle: longer than a build takes (the server compares the two
+            # last gaps with the last build, which a loaded host can make
+            # a few hundred ms longer than the one before).
+            time.sleep(0.8)
         argv = [SPY, "-c", "import time; time.sleep(1.5)", marker]
         t = threading.Thread(target=box.run, args=(argv,))
         t.start()
