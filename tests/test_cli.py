@@ -356,3 +356,26 @@ def test_a_reader_that_goes_away_ends_the_run_quietly(workspace: Path) -> None:
     err = p.stderr.read()
     assert p.wait(timeout=30) == 141, err
     assert err == b"", err
+
+
+NO_PROCESS_LEFT = r"""
+import ctypes, os, subprocess, sys
+# This process adopts whatever the CLI leaves running when it exits.
+assert ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+for argv in (["run", "--", "true"], ["run", "--", "sh", "-c", "exit 3"]):
+    p = subprocess.run([sys.executable, "-m", "nanobox", *argv])
+    me = os.getpid()
+    with open(f"/proc/{me}/task/{me}/children") as fh:
+        print(p.returncode, fh.read().split())
+"""
+
+
+def test_no_process_of_nanobox_outlives_the_cli(workspace: Path) -> None:
+    """The CLI's fork server (its child) ends its sandboxes and exits
+    before the CLI does: right after ``nanobox run`` returns, nothing of it
+    is left (it used to exit a few ms after the CLI, adopted by init). A
+    subreaper around the CLI sees any such process as its child."""
+    p = subprocess.run(
+        [sys.executable, "-c", NO_PROCESS_LEFT], capture_output=True, timeout=60, check=True
+    )
+    assert p.stdout.decode().splitlines() == ["0 []", "3 []"], p.stderr

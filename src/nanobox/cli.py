@@ -584,14 +584,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 def entry() -> None:
     code = main()
     # Skip the interpreter's teardown (a few ms for every module imported):
-    # nothing is left to clean up here (the fork server notices this
-    # process's exit by itself), so flush and go.
+    # flush, let the fork server end (it is this process's child; nothing
+    # of nanobox's outlives the command), and go.
     try:
         sys.stdout.flush()
         sys.stderr.flush()
     except (OSError, ValueError):
+        _end_server()
         raise SystemExit(code) from None
+    _end_server()
     os._exit(code)
+
+
+def _end_server() -> None:
+    client = sys.modules.get("nanobox._linux.client")
+    if client is not None:
+        client.shutdown_before_exit()
 
 
 if __name__ == "__main__":

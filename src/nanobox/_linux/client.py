@@ -165,6 +165,36 @@ def shutdown() -> None:
         server.close()
 
 
+def shutdown_before_exit(timeout: float = 2.0) -> None:
+    """Stop this process's server and wait (up to ``timeout`` seconds) until
+    it is gone: for a process about to exit without the interpreter's
+    teardown (the CLI), so that no process of nanobox's outlives it. The
+    server ends its sandboxes, removes their cgroups and exits when its
+    control socket closes; a server stuck longer (a sandbox in an
+    uninterruptible sleep) is left to finish by itself."""
+    global _server
+    with _lock:
+        server, _server = _server, None
+    if server is None:
+        return
+    server.ctrl.close()
+    if server.popen is not None:
+        return  # (an exec'd server: not this process's concern at exit)
+    try:
+        pidfd = os.pidfd_open(server.pid)
+    except (AttributeError, OSError):
+        return  # (a kernel before 5.3, or already reaped)
+    try:
+        import select
+
+        if select.select([pidfd], [], [], timeout)[0]:
+            os.waitpid(server.pid, os.WNOHANG)  # (reap it: gone, not a zombie)
+    except ChildProcessError:
+        pass
+    finally:
+        os.close(pidfd)
+
+
 def _after_fork_in_child() -> None:
     global _server, _lock
     _lock = _thread.allocate_lock()
