@@ -67,6 +67,54 @@ def test_accounting_without_cgroups_uses_rusage(no_cgroups: None, workspace: Pat
     assert r.cpu_time_s > 0.05 and r.peak_memory_bytes > 0 and r.degraded == ()
 
 
+# Orphans that each burn 40 ms of CPU after their parent has gone, one
+# after another: each is adopted by PID 1 and exits between two of the
+# server's 50 ms samples of the process tree (1 s of CPU in all).
+SHORT_LIVED_ORPHANS = r"""
+import os, time
+def burn(s):
+    t = time.process_time()
+    while time.process_time() - t < s:
+        pass
+for _ in range(25):
+    r, w = os.pipe()
+    if os.fork() == 0:
+        if os.fork() == 0:
+            os.close(w)
+            os.read(r, 1)  # until the command closes its end: an orphan by then
+            burn(0.04)
+            os._exit(0)
+        os._exit(0)
+    os.wait()
+    os.close(w)
+    os.close(r)
+    time.sleep(0.06)
+"""
+
+
+def test_cpu_limit_counts_orphans_that_exited(no_cgroups: None, workspace: Path) -> None:
+    """The CPU-time limit counted from the process tree: orphans that have
+    exited stay zombies under PID 1 until the end of the run, with the CPU
+    they used, so short-lived ones cannot run past the limit (they were
+    reaped by the kernel, and this used 1 s of CPU under a 0.5 s limit
+    and reported 0.05 s)."""
+    policy = _policy(False, cpu_time="0.5s")
+    r = nanobox.run([SPY, "-c", SHORT_LIVED_ORPHANS], policy=policy, timeout=30)
+    assert r.outcome is nanobox.Outcome.CPU_LIMIT, r
+    assert 0.5 <= r.cpu_time_s < 1.0, r.cpu_time_s
+
+
+def test_without_a_cpu_limit_orphans_are_reaped(no_cgroups: None, workspace: Path) -> None:
+    """No CPU-time limit: PID 1 has the kernel reap orphans as they exit
+    (a long run does not pile up zombies)."""
+    script = (
+        "for i in $(seq 30); do ( true & ) ; done; sleep 0.5; "
+        "for f in /proc/[0-9]*/stat; do read -r _ _ state _ < $f; echo $state; done | grep -c Z"
+    )
+    r = nanobox.run(["sh", "-c", script], timeout=30)
+    assert r.stdout.strip() == b"0", r
+
+
 @pytest.mark.skipif(
     isinstance(plan.cgroup_placement(), cgroups.Placement),
     reason="this host has usable cgroups (tested above with them disabled)",

@@ -184,3 +184,14 @@ def test_check_raises_a_called_process_error(workspace: Path) -> None:
     else:
         raise AssertionError("check=True did not raise")
     assert nanobox.run(["true"]).check().returncode == 0
+
+
+def test_cpu_time_limit_counts_short_lived_orphans(workspace: Path) -> None:
+    """Processes re-parented to PID 1 that exit between two samples still
+    count (with a cgroup, or as zombies until the run ends without one)."""
+    from test_cgroups_fallback import SHORT_LIVED_ORPHANS
+
+    policy = nanobox.Policy(limits=nanobox.Limits(cpu_time="0.5s"))
+    r = nanobox.run([SPY, "-c", SHORT_LIVED_ORPHANS], policy=policy, timeout=30)
+    assert r.outcome is nanobox.Outcome.CPU_LIMIT, r
+    assert 0.5 <= r.cpu_time_s < 1.0, r.cpu_time_s

@@ -7,6 +7,15 @@ re-parented to it; when the pipe reaches EOF (the server ended the run, or
 died) it exits, which makes the kernel kill every other process of the
 namespace. Its only fds are that pipe and /dev/null.
 
+Where a CPU-time limit is counted from the process tree (no cgroup),
+orphans that exit stay zombies instead (``reap=False``): a zombie keeps
+the CPU time it used in ``/proc/PID/stat``, where the server's count finds
+it (an orphan reaped by the kernel takes its CPU time with it, and a
+command could run past its limit in short-lived orphans). They go with the
+namespace at the end of the run. Without such a limit they are reaped, so
+that a long run does not pile them up; its reported CPU time then misses
+orphans that exited before the end.
+
 Everything else a supervisor does (waiting for the command, time and CPU
 limits, seccomp notifications, the report) is done by the fork server for
 all its sandboxes at once (``supervise``), so a sandbox costs one small
@@ -28,14 +37,16 @@ if TYPE_CHECKING:
 CATS = ("/bin/cat", "/usr/bin/cat")
 
 
-def start(cmd_r: int) -> int:
+def start(cmd_r: int, reap: bool = True) -> int:
     """Start PID 1 (call right after ``unshare(CLONE_NEWPID)``: the next
-    child is PID 1); return its pid."""
+    child is PID 1); return its pid. ``reap``: have the kernel reap the
+    orphans it adopts (else they stay zombies until the end of the run)."""
     cat = next((path for path in CATS if os.access(path, os.X_OK)), None)
+    orphans = signal.SIG_IGN if reap else signal.SIG_DFL
     if cat is not None:
         # A failed exec here would leave the namespace without its PID 1
         # (no second try possible), hence the access check first.
-        old = signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # inherited by cat
+        old = signal.signal(signal.SIGCHLD, orphans)  # inherited by cat
         try:
             return os.posix_spawn(
                 cat,
@@ -51,14 +62,14 @@ def start(cmd_r: int) -> int:
             signal.signal(signal.SIGCHLD, old)
     pid = os.fork()
     if pid == 0:
-        _idle(cmd_r)
+        _idle(cmd_r, orphans)
     return pid
 
 
-def _idle(cmd_r: int) -> NoReturn:
+def _idle(cmd_r: int, orphans: signal.Handlers) -> NoReturn:
     try:
         signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, orphans)
         close_all_except((cmd_r,))
         while os.read(cmd_r, 4096):
             pass
