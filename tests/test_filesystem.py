@@ -814,6 +814,67 @@ def test_host_unix_socket_outside_private_dirs_is_not_connectable(workspace: Pat
         shutil.rmtree(d, ignore_errors=True)
 
 
+SEND_DATAGRAMS = """
+import socket, sys
+def attempt(how):
+    try:
+        if how == "socket+sendto":
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"1", sys.argv[1])
+        elif how == "socket+sendmsg":
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            s.sendmsg([b"2"], [], 0, sys.argv[1])
+        else:
+            a, _b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            a.sendto(b"3", sys.argv[1])
+        print(how, "SENT")
+    except OSError as e:
+        print(how, "refused", e.errno)
+for how in ("socket+sendto", "socket+sendmsg", "socketpair+sendto"):
+    attempt(how)
+"""
+
+
+def test_host_unix_datagram_socket_is_not_reachable(workspace: Path) -> None:
+    """A datagram sent with an address needs no connect(), which is where
+    unix socket paths are brokered: a datagram socket could reach a host
+    daemon's socket (a syslog or journal socket) through the read-only view.
+    Unix datagram sockets are refused in the sandbox (and reported);
+    outside, each of the three ways delivers."""
+    import socket
+
+    d = Path(f"/var/tmp/nanobox-test-{uuid.uuid4().hex}")
+    d.mkdir()
+    d.chmod(0o755)
+    path = d / "d.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        srv.bind(str(path))
+        path.chmod(0o777)
+        srv.settimeout(0.2)
+        r = nanobox.run([SPY, "-c", SEND_DATAGRAMS, str(path)], timeout=30)
+        assert r.stdout.decode().split("\n")[:3] == [
+            "socket+sendto refused 13",
+            "socket+sendmsg refused 13",
+            "socketpair+sendto refused 13",
+        ], r.stderr
+        refused = [v.data for v in r.violations if v.kind == "syscall"]
+        assert [(v["syscall"], v["errno"]) for v in refused] == [
+            ("socket", "EACCES"),
+            ("socket", "EACCES"),
+            ("socketpair", "EACCES"),
+        ], r.violations
+        with pytest.raises(TimeoutError):
+            srv.recv(16)  # nothing arrived
+        ctl = subprocess.run(
+            [SPY, "-c", SEND_DATAGRAMS, str(path)], capture_output=True, timeout=30
+        )
+        assert ctl.stdout.count(b"SENT") == 3, ctl
+        assert sorted(srv.recv(16) for _ in range(3)) == [b"1", b"2", b"3"]
+    finally:
+        srv.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def test_unix_sockets_inside_the_sandbox_work(workspace: Path) -> None:
     code = (
         "import socket, os\n"
@@ -823,6 +884,8 @@ def test_unix_sockets_inside_the_sandbox_work(workspace: Path) -> None:
         "    c.send(b'x'); assert a.recv(1) == b'x'\n"
         "    os.unlink(p)\n"
         "a, b = socket.socketpair(); a.send(b'y'); assert b.recv(1) == b'y'\n"
+        "a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+        "a.send(b'z'); assert b.recv(1) == b'z'\n"
         "print('ok')\n"
     )
     r = nanobox.run([SPY, "-c", code], timeout=30)

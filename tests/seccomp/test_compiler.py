@@ -509,7 +509,14 @@ def test_default_policy_decisions(arch: str) -> None:
     for family in (17, 40, 0, 31, 38, 30, 44):
         check("socket", eafnosupport, family, 1)
     check("socket", eafnosupport, 1 << 32 | 40, 1)
+    eacces = ret_errno(errno.EACCES)
+    check("socket", eacces, 1, 2)  # unix datagram
+    check("socket", eacces, 1, 2 | 0x80000)  # ... with SOCK_CLOEXEC
+    check("socket", ok, 1, 5)  # unix seqpacket
     check("socketpair", ok, 1, 1)
+    check("socketpair", ok, 1, 5 | 0x800)
+    check("socketpair", eacces, 1, 2)
+    check("socketpair", eacces, 1 << 32 | 1, 2 | 0x800)
     check("socketpair", eafnosupport, 30, 1)
     # other ABIs
     assert run_both(p, arch, SeccompData(0, AUDIT_ARCH_I386)) == RET_KILL

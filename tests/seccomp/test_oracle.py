@@ -59,6 +59,7 @@ from nanobox._seccomp.default import (
     CLONE_NS_FLAGS,
     DEFAULT_RULES,
     NETLINK_ROUTE,
+    SOCK_DGRAM,
     SOCK_PACKET,
     SOCK_RAW,
     SOCK_TYPE_MASK,
@@ -72,6 +73,7 @@ U32 = 0xFFFFFFFF
 LIB_ARCH = {"x86_64": seccomp.Arch.X86_64, "aarch64": seccomp.Arch.AARCH64}
 EPERM = seccomp.ERRNO(errno.EPERM)
 EAFNOSUPPORT = seccomp.ERRNO(errno.EAFNOSUPPORT)
+EACCES = seccomp.ERRNO(errno.EACCES)
 EPROTONOSUPPORT = seccomp.ERRNO(errno.EPROTONOSUPPORT)
 
 
@@ -115,12 +117,16 @@ def conditional_rules() -> dict[str, list[tuple[int, list[Any]]]]:
             (EPERM, [eq32(0, AF_INET), low32(1, SOCK_TYPE_MASK, SOCK_RAW)]),
             (EPERM, [eq32(0, AF_INET6), low32(1, SOCK_TYPE_MASK, SOCK_RAW)]),
             (EAFNOSUPPORT, [eq32(0, AF_INET), low32(1, SOCK_TYPE_MASK, SOCK_PACKET)]),
+            (EACCES, [eq32(0, AF_UNIX), low32(1, SOCK_TYPE_MASK, SOCK_DGRAM)]),
             *(
                 (EPROTONOSUPPORT, [eq32(0, AF_NETLINK), low32(2, m, v)])
                 for m, v in outside({NETLINK_ROUTE})
             ),
         ],
-        "socketpair": [(EAFNOSUPPORT, [low32(0, m, v)]) for m, v in outside({AF_UNIX})],
+        "socketpair": [
+            *((EAFNOSUPPORT, [low32(0, m, v)]) for m, v in outside({AF_UNIX})),
+            (EACCES, [eq32(0, AF_UNIX), low32(1, SOCK_TYPE_MASK, SOCK_DGRAM)]),
+        ],
     }
 
 

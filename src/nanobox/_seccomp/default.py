@@ -53,6 +53,7 @@ ENOSYS: Final = Errno(errno.ENOSYS)
 EOPNOTSUPP: Final = Errno(errno.EOPNOTSUPP)
 EAFNOSUPPORT: Final = Errno(errno.EAFNOSUPPORT)
 EPROTONOSUPPORT: Final = Errno(errno.EPROTONOSUPPORT)
+EACCES: Final = Errno(errno.EACCES)
 
 # clone(2) flags that create namespaces (linux/sched.h).  Through clone(2) bit
 # 0x80 (CLONE_NEWTIME) is part of the exit-signal field (CSIGNAL), where values
@@ -92,6 +93,7 @@ AF_INET: Final = 2
 AF_INET6: Final = 10
 AF_NETLINK: Final = 16
 SOCK_TYPE_MASK: Final = 0xF  # type also carries SOCK_NONBLOCK | SOCK_CLOEXEC
+SOCK_DGRAM: Final = 2
 SOCK_RAW: Final = 3
 SOCK_PACKET: Final = 10
 NETLINK_ROUTE: Final = 0
@@ -228,6 +230,19 @@ DEFAULT_RULES: Final[tuple[Rule, ...]] = (
         Cond.eq32(0, AF_INET),
         Cond.masked_eq(1, SOCK_TYPE_MASK, SOCK_PACKET),
     ),
+    # A unix datagram socket sends to whatever path sendto()/sendmsg() name,
+    # resolved in the sandbox's view: a host daemon's socket on a read-only
+    # mount too. connect() is brokered (see _linux/unixconnect.py); those
+    # addresses sit in the caller's memory where a filter cannot check them,
+    # so the sockets themselves are refused (stream and seqpacket sockets
+    # only ever reach what connect() reached).
+    _deny(
+        "socket",
+        EACCES,
+        "unix datagram sockets send to any socket path (connect() is brokered, sendto() cannot be)",
+        Cond.eq32(0, AF_UNIX),
+        Cond.masked_eq(1, SOCK_TYPE_MASK, SOCK_DGRAM),
+    ),
     _allow("socket", "unix sockets", Cond.eq32(0, AF_UNIX)),
     _allow("socket", "IPv4", Cond.eq32(0, AF_INET)),
     _allow("socket", "IPv6", Cond.eq32(0, AF_INET6)),
@@ -244,6 +259,13 @@ DEFAULT_RULES: Final[tuple[Rule, ...]] = (
         Cond.eq32(0, AF_NETLINK),
     ),
     _deny("socket", EAFNOSUPPORT, "other families (packet, vsock, bluetooth, tipc...)"),
+    _deny(
+        "socketpair",
+        EACCES,
+        "unix datagram pairs can send to any socket path too, as for socket",
+        Cond.eq32(0, AF_UNIX),
+        Cond.masked_eq(1, SOCK_TYPE_MASK, SOCK_DGRAM),
+    ),
     _allow("socketpair", "unix socket pairs", Cond.eq32(0, AF_UNIX)),
     _deny("socketpair", EAFNOSUPPORT, "other families, as for socket"),
 )
