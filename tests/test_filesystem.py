@@ -8,6 +8,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -1053,6 +1054,59 @@ def test_a_read_only_workspace_runs_and_its_protected_names_stay_uncreatable(
     fs = nanobox.Filesystem(unprotect=TOP_NAMES)
     r = sh(CREATE_EACH, policy=nanobox.Policy(filesystem=fs))
     assert r.stdout.count(b"made ") == len(TOP_NAMES), r.stderr
+
+
+AS_NOBODY = """
+import sys
+import nanobox
+create = sys.argv[1]
+r = nanobox.run(["sh", "-c", create + " echo done"], timeout=30)
+print(r.returncode, r.stdout.decode().strip(), r.stderr.decode().strip()[-300:])
+"""
+
+
+def _python_for_anyone() -> str:
+    """An interpreter another user can run (this one may live under /root)."""
+    for candidate in (sys.executable, "/usr/bin/python3"):
+        path = os.path.realpath(candidate)
+        dirs = [d for d in Path(path).parents]
+        if all(d.stat().st_mode & 0o001 for d in dirs) and os.stat(path).st_mode & 0o001:
+            return candidate
+    pytest.skip("no Python interpreter that another user may run")
+
+
+@pytest.mark.root_only
+def test_a_read_only_workspace_runs_for_a_caller_that_is_not_root() -> None:
+    """The same on a read-only mount for an unprivileged caller (``nobody``),
+    whose own directory it is: its view of the workspace is a clone of a
+    read-only mount, which a user namespace cannot make writable (setting
+    nosuid/nodev on it used to ask the kernel to clear the read-only flag
+    too, which it refused: exit 125), and no protected name can be made."""
+    ws = Path(f"/var/tmp/nanobox-test-{uuid.uuid4().hex}")
+    ws.mkdir()
+    try:
+        ws.chmod(0o755)
+        os.chown(ws, 65534, 65534)
+        subprocess.run(["mount", "--bind", str(ws), str(ws)], check=True)
+        try:
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(ws)], check=True)
+            src = os.path.dirname(os.path.dirname(nanobox.__file__))
+            p = subprocess.run(
+                [_python_for_anyone(), "-c", AS_NOBODY, CREATE_EACH],
+                cwd=ws,
+                env={"PATH": os.environ["PATH"], "HOME": str(ws), "PYTHONPATH": src},
+                user=65534,
+                group=65534,
+                extra_groups=[],
+                capture_output=True,
+                timeout=60,
+            )
+            assert p.stdout.decode().split(" ", 2)[:2] == ["0", "done"], (p.stdout, p.stderr)
+        finally:
+            subprocess.run(["umount", str(ws)], check=True)
+        assert os.listdir(ws) == []
+    finally:
+        shutil.rmtree(ws, ignore_errors=True)
 
 
 @pytest.mark.skipif(IS_ROOT, reason="a root caller writes anywhere")

@@ -292,14 +292,9 @@ def build(
                     dirfd=fd,
                 )
             else:
-                _step(
-                    f"set nosuid,nodev on {op['src']}",
-                    k.mount_setattr,
-                    "",
-                    ATTR_SAFE,
-                    k.MOUNT_ATTR_RDONLY,
-                    dirfd=fd,
-                )
+                # (A read-only source stays read-only: in a user namespace
+                # the kernel refuses to clear the flag anyway.)
+                _step(f"set nosuid,nodev on {op['src']}", k.mount_setattr, "", ATTR_SAFE, dirfd=fd)
             sources[i] = fd
 
     # 3. the root
