@@ -1022,6 +1022,65 @@ def test_root_caller_workspace_below_a_root_only_directory() -> None:
         shutil.rmtree(top)
 
 
+@pytest.fixture
+def mounted_ws() -> Iterator[Path]:
+    """A workspace under /var/tmp whose mounts are undone afterwards."""
+    ws = Path(f"/var/tmp/nanobox-test-{uuid.uuid4().hex}")
+    ws.mkdir()
+    ws.chmod(0o755)
+    try:
+        yield ws
+    finally:
+        for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
+            point = line.split(" ")[4]
+            if point.startswith(f"{ws}/"):
+                subprocess.run(["umount", point], check=False)
+        shutil.rmtree(ws, ignore_errors=True)
+
+
+@pytest.mark.root_only
+def test_root_caller_sees_and_writes_a_mount_inside_the_workspace(mounted_ws: Path) -> None:
+    """A root caller's workspace is an idmapped clone: of its submounts too
+    (a volume, a tmpfs build directory). It used to be of the top mount
+    only: the sandbox saw the directory under a mount point, and what it
+    wrote there landed under it, hidden on the host while mounted."""
+    sub = mounted_ws / "sub"
+    sub.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(sub)], check=True)
+    (sub / "in.txt").write_text("in the mount")
+    r = nanobox.run(["sh", "-c", "cat sub/in.txt; echo out > sub/out.txt"], cwd=mounted_ws)
+    assert r.returncode == 0 and r.stdout == b"in the mount", (r.stdout, r.stderr)
+    assert (sub / "out.txt").read_text() == "out\n"
+    assert (sub / "out.txt").stat().st_uid == 0
+    subprocess.run(["umount", str(sub)], check=True)
+    assert os.listdir(sub) == []  # nothing went under the mount point
+
+
+@pytest.mark.root_only
+def test_root_caller_gets_a_mount_that_cannot_be_idmapped_read_only(mounted_ws: Path) -> None:
+    """A submount whose filesystem cannot be idmapped (ramfs here) makes the
+    kernel refuse the whole recursive idmap: the workspace's own mount is
+    idmapped alone and that submount (with what is mounted below it)
+    attached read-only where it was: its files visible, writes refused,
+    nothing under its mount point."""
+    ram = mounted_ws / "ram"
+    ram.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(ram)], check=True)
+    (ram / "f").write_text("ramfs")
+    (ram / "n").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(ram / "n")], check=True)
+    (ram / "n" / "d").write_text("deeper")
+    script = (
+        "cat ram/f ram/n/d; echo; "
+        "for f in ram/new ram/n/new top; do (echo x > $f) 2>/dev/null && echo wrote $f; done"
+    )
+    r = nanobox.run(["sh", "-c", script], cwd=mounted_ws)
+    assert r.stdout == b"ramfsdeeper\nwrote top\n", (r.stdout, r.stderr)
+    subprocess.run(["umount", str(ram / "n")], check=True)
+    subprocess.run(["umount", str(ram)], check=True)
+    assert os.listdir(ram) == []
+
+
 # -- workspaces the caller cannot write ------------------------------------------------
 
 TOP_NAMES = PROTECTED_TOP
@@ -1146,3 +1205,10 @@ def test_a_read_only_directory_of_the_callers_own_fails_closed(tmp_path: Path) -
         assert r.stdout.count(b"made ") == len(TOP_NAMES), r.stderr
     finally:
         ws.chmod(0o755)
+
+
+def test_mountinfo_paths_are_unescaped() -> None:
+    from nanobox._linux import userns
+
+    assert userns._unescape(b"/a\\040b\\011c\\134d\\012") == "/a b\tc\\d\n"
+    assert userns._unescape(b"/plain/\\04") == "/plain/\\04"  # (not an escape)

@@ -330,6 +330,8 @@ def build(
             is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
             _step(f"create mount point {dst}", b.ensure, dst, is_dir)
             b.attach(fd, dst, f"mount {op['src']} at {dst}")
+            for rel, sub in view.get("premade_below", {}).get(str(i), ()):
+                b.attach(sub, os.path.join(dst, rel), f"mount {op['src']}/{rel} (read-only)")
         elif t == "protect":
             if late is not None and dst in deferred:
                 late.append(op)

@@ -224,21 +224,28 @@ def starter_main(
             plan["chan_fd"] = fds[0]
         if userns_fd is not None:
             plan["userns_fd"] = userns_fd
-            plan["view"]["premade"] = _premade(plan, userns_fd)
+            plan["view"]["premade"], plan["view"]["premade_below"] = _premade(plan, userns_fd)
     except BaseException as exc:  # noqa: BLE001
         _fail(status_w, "prepare", exc)
     _stage_a(plan, sock, csock_fd, status_w, cmd_r)
 
 
-def _premade(plan: dict[str, Any], userns_fd: int) -> dict[str, int]:
+def _premade(
+    plan: dict[str, Any], userns_fd: int
+) -> tuple[dict[str, int], dict[str, list[tuple[str, int]]]]:
     """For a root caller: the writable roots as idmapped clones (their
     on-disk root ownership is the sandbox uid inside), and read-only roots
-    cloned here, where root can still reach them."""
+    cloned here, where root can still reach them; with the mounts to attach
+    below a writable root whose submounts could not be idmapped (see
+    ``userns.idmapped_clone``)."""
     premade: dict[str, int] = {}
+    subs: dict[str, list[tuple[str, int]]] = {}
     try:
         for i, op in enumerate(plan["view"]["ops"]):
             if op["t"] == "bind":
-                fd = userns.idmapped_clone(op["src"], userns_fd)
+                fd, below = userns.idmapped_clone(op["src"], userns_fd)
+                if below:
+                    subs[str(i)] = below
             elif op["t"] == "robind":
                 # The sandbox's uid may not reach the source (e.g. under
                 # a 0700 directory of root's): clone it here.
@@ -252,7 +259,7 @@ def _premade(plan: dict[str, Any], userns_fd: int) -> dict[str, int]:
             f"cannot shift ownership of the writable roots for a root caller "
             f"(idmapped mounts): {exc.strerror}",
         ) from None
-    return premade
+    return premade, subs
 
 
 def _stage_a_nons(

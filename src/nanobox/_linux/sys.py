@@ -271,15 +271,15 @@ def mount_setattr(
     _check(r, "mount_setattr", path or dirfd)
 
 
-def mount_setattr_idmap(tree_fd: int, userns_fd: int) -> None:
-    """Make the detached mount ``tree_fd`` idmapped through ``userns_fd``
-    (plus nosuid, nodev)."""
+def mount_setattr_idmap(tree_fd: int, userns_fd: int, *, recursive: bool = False) -> None:
+    """Make the detached mount ``tree_fd`` (and, ``recursive``, every mount
+    below it) idmapped through ``userns_fd`` (plus nosuid, nodev)."""
     attr = _MountAttr(MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, 0, userns_fd)
     r = _syscall(
         ctypes.c_long(SYS_MOUNT_SETATTR),
         ctypes.c_int(tree_fd),
         b"",
-        ctypes.c_uint(AT_EMPTY_PATH),
+        ctypes.c_uint(AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)),
         ctypes.byref(attr),
         ctypes.c_size_t(ctypes.sizeof(attr)),
     )

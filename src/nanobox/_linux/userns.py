@@ -119,23 +119,78 @@ def _make_userns_forked(uid_map: str, gid_map: str) -> int:
             pass  # reaped by the kernel: the caller ignores SIGCHLD
 
 
-def idmapped_clone(path: str, userns_fd: int) -> int:
+def idmapped_clone(path: str, userns_fd: int) -> tuple[int, list[tuple[str, int]]]:
     """A detached, recursive clone of ``path`` whose ownership is shifted
     through ``userns_fd`` (files of on-disk uid 0 belong to the namespace's
-    root, i.e. the sandbox's unprivileged uid, and its writes land as uid 0)."""
+    root, i.e. the sandbox's unprivileged uid, and its writes land as uid 0),
+    and the mounts to attach on it: none, unless a mount below ``path`` is
+    of a filesystem that cannot be idmapped (the kernel then refuses the
+    whole tree). Then the clone is of ``path``'s own mount only, and each
+    mount below it comes as a read-only clone (``(relative path, fd)``,
+    shallow first) to attach where it was: without one, the sandbox would
+    see, and write into, the directories under those mount points."""
+    import errno
+
     from . import sys as k
 
     fd = k.open_path_nofollow(path)
     try:
+        tree = k.open_tree(
+            "", k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC | k.AT_EMPTY_PATH | k.AT_RECURSIVE, dirfd=fd
+        )
+        try:
+            k.mount_setattr_idmap(tree, userns_fd, recursive=True)
+            return tree, []
+        except OSError as exc:
+            os.close(tree)
+            if exc.errno != errno.EINVAL:
+                raise
         tree = k.open_tree("", k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC | k.AT_EMPTY_PATH, dirfd=fd)
     finally:
         os.close(fd)
+    subs: list[tuple[str, int]] = []
     try:
         k.mount_setattr_idmap(tree, userns_fd)
+        for point in mounts_below(path):
+            subs.append((os.path.relpath(point, path), readonly_clone(point)))
     except BaseException:
+        for _rel, sub in subs:
+            os.close(sub)
         os.close(tree)
         raise
-    return tree
+    return tree, subs
+
+
+def mounts_below(path: str) -> list[str]:
+    """The mount points strictly below ``path`` that are not below another
+    of them (this process's mount namespace), shallow first."""
+    points: list[str] = []
+    with open("/proc/self/mountinfo", "rb") as fh:
+        for line in fh:
+            point = _unescape(line.split(b" ", 5)[4])
+            if point.startswith(path.rstrip("/") + "/"):
+                points.append(point)
+    points.sort(key=lambda p: (p.count("/"), p))
+    top: list[str] = []
+    for point in points:
+        if not any(point.startswith(t + "/") for t in top) and point not in top:
+            top.append(point)
+    return top
+
+
+def _unescape(field: bytes) -> str:
+    """A mountinfo path: space, tab, newline and backslash come as octal."""
+    out = bytearray()
+    i = 0
+    while i < len(field):
+        code = field[i + 1 : i + 4]
+        if field[i] == 0x5C and len(code) == 3 and code.isdigit():
+            out.append(int(code, 8))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return os.fsdecode(bytes(out))
 
 
 def readonly_clone(path: str) -> int:
