@@ -1056,6 +1056,47 @@ def test_root_caller_sees_and_writes_a_mount_inside_the_workspace(mounted_ws: Pa
     assert os.listdir(sub) == []  # nothing went under the mount point
 
 
+MOUNT_OPTIONS = """
+import os, sys
+import nanobox
+r = nanobox.run(["cat", "/proc/self/mountinfo"], timeout=30)
+for line in r.stdout.decode().splitlines():
+    fields = line.split(" ")
+    if fields[4] == os.path.join(os.getcwd(), "sub"):
+        print(fields[5])
+"""
+
+
+@pytest.mark.root_only
+def test_a_mount_inside_the_workspace_is_nosuid_nodev_for_a_caller_that_is_not_root(
+    mounted_ws: Path,
+) -> None:
+    """The rootless view's writable roots are recursive clones: the mounts
+    below them get nosuid and nodev too (only the top one did; a tmpfs
+    mounted in the workspace was suid and dev inside)."""
+    os.chown(mounted_ws, 65534, 65534)
+    sub = mounted_ws / "sub"
+    sub.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=777", "tmpfs", str(sub)], check=True)
+    p = subprocess.run(
+        [_python_for_anyone(), "-c", MOUNT_OPTIONS],
+        cwd=mounted_ws,
+        env={
+            "PATH": os.environ["PATH"],
+            "HOME": str(mounted_ws),
+            "PYTHONPATH": os.path.dirname(os.path.dirname(nanobox.__file__)),
+        },
+        user=65534,
+        group=65534,
+        extra_groups=[],
+        capture_output=True,
+        timeout=60,
+    )
+    options = p.stdout.decode().split()
+    assert options, (p.stdout, p.stderr)
+    assert {"rw", "nosuid", "nodev"} <= set(options[-1].split(",")), options
+
+
 @pytest.mark.root_only
 def test_root_caller_gets_a_mount_that_cannot_be_idmapped_read_only(mounted_ws: Path) -> None:
     """A submount whose filesystem cannot be idmapped (ramfs here) makes the

@@ -292,9 +292,17 @@ def build(
                     dirfd=fd,
                 )
             else:
-                # (A read-only source stays read-only: in a user namespace
-                # the kernel refuses to clear the flag anyway.)
-                _step(f"set nosuid,nodev on {op['src']}", k.mount_setattr, "", ATTR_SAFE, dirfd=fd)
+                # On the mounts below it too. (A read-only source stays
+                # read-only: in a user namespace the kernel refuses to clear
+                # the flag anyway.)
+                _step(
+                    f"set nosuid,nodev on {op['src']}",
+                    k.mount_setattr,
+                    "",
+                    ATTR_SAFE,
+                    recursive=True,
+                    dirfd=fd,
+                )
             sources[i] = fd
 
     # 3. the root
