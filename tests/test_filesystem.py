@@ -824,13 +824,15 @@ def attempt(how):
         elif how == "socket+sendmsg":
             s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             s.sendmsg([b"2"], [], 0, sys.argv[1])
+        elif how == "raw socket+sendto":  # the kernel makes it a datagram socket
+            socket.socket(socket.AF_UNIX, socket.SOCK_RAW).sendto(b"4", sys.argv[1])
         else:
             a, _b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
             a.sendto(b"3", sys.argv[1])
         print(how, "SENT")
     except OSError as e:
         print(how, "refused", e.errno)
-for how in ("socket+sendto", "socket+sendmsg", "socketpair+sendto"):
+for how in ("socket+sendto", "socket+sendmsg", "socketpair+sendto", "raw socket+sendto"):
     attempt(how)
 """
 
@@ -840,7 +842,8 @@ def test_host_unix_datagram_socket_is_not_reachable(workspace: Path) -> None:
     unix socket paths are brokered: a datagram socket could reach a host
     daemon's socket (a syslog or journal socket) through the read-only view.
     Unix datagram sockets are refused in the sandbox (and reported);
-    outside, each of the three ways delivers."""
+    outside, each of the four ways delivers (``SOCK_RAW`` is a datagram
+    socket for ``AF_UNIX``)."""
     import socket
 
     d = Path(f"/var/tmp/nanobox-test-{uuid.uuid4().hex}")
@@ -853,24 +856,26 @@ def test_host_unix_datagram_socket_is_not_reachable(workspace: Path) -> None:
         path.chmod(0o777)
         srv.settimeout(0.2)
         r = nanobox.run([SPY, "-c", SEND_DATAGRAMS, str(path)], timeout=30)
-        assert r.stdout.decode().split("\n")[:3] == [
+        assert r.stdout.decode().split("\n")[:4] == [
             "socket+sendto refused 13",
             "socket+sendmsg refused 13",
             "socketpair+sendto refused 13",
+            "raw socket+sendto refused 13",
         ], r.stderr
         refused = [v.data for v in r.violations if v.kind == "syscall"]
         assert [(v["syscall"], v["errno"]) for v in refused] == [
             ("socket", "EACCES"),
             ("socket", "EACCES"),
             ("socketpair", "EACCES"),
+            ("socket", "EACCES"),
         ], r.violations
         with pytest.raises(TimeoutError):
             srv.recv(16)  # nothing arrived
         ctl = subprocess.run(
             [SPY, "-c", SEND_DATAGRAMS, str(path)], capture_output=True, timeout=30
         )
-        assert ctl.stdout.count(b"SENT") == 3, ctl
-        assert sorted(srv.recv(16) for _ in range(3)) == [b"1", b"2", b"3"]
+        assert ctl.stdout.count(b"SENT") == 4, ctl
+        assert sorted(srv.recv(16) for _ in range(4)) == [b"1", b"2", b"3", b"4"]
     finally:
         srv.close()
         shutil.rmtree(d, ignore_errors=True)

@@ -512,11 +512,13 @@ def test_default_policy_decisions(arch: str) -> None:
     eacces = ret_errno(errno.EACCES)
     check("socket", eacces, 1, 2)  # unix datagram
     check("socket", eacces, 1, 2 | 0x80000)  # ... with SOCK_CLOEXEC
+    check("socket", eacces, 1, 3 | 0x800)  # unix "raw": a datagram socket
     check("socket", ok, 1, 5)  # unix seqpacket
     check("socketpair", ok, 1, 1)
     check("socketpair", ok, 1, 5 | 0x800)
     check("socketpair", eacces, 1, 2)
     check("socketpair", eacces, 1 << 32 | 1, 2 | 0x800)
+    check("socketpair", eacces, 1, 3)
     check("socketpair", eafnosupport, 30, 1)
     # other ABIs
     assert run_both(p, arch, SeccompData(0, AUDIT_ARCH_I386)) == RET_KILL

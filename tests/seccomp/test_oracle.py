@@ -118,6 +118,7 @@ def conditional_rules() -> dict[str, list[tuple[int, list[Any]]]]:
             (EPERM, [eq32(0, AF_INET6), low32(1, SOCK_TYPE_MASK, SOCK_RAW)]),
             (EAFNOSUPPORT, [eq32(0, AF_INET), low32(1, SOCK_TYPE_MASK, SOCK_PACKET)]),
             (EACCES, [eq32(0, AF_UNIX), low32(1, SOCK_TYPE_MASK, SOCK_DGRAM)]),
+            (EACCES, [eq32(0, AF_UNIX), low32(1, SOCK_TYPE_MASK, SOCK_RAW)]),
             *(
                 (EPROTONOSUPPORT, [eq32(0, AF_NETLINK), low32(2, m, v)])
                 for m, v in outside({NETLINK_ROUTE})
@@ -126,6 +127,7 @@ def conditional_rules() -> dict[str, list[tuple[int, list[Any]]]]:
         "socketpair": [
             *((EAFNOSUPPORT, [low32(0, m, v)]) for m, v in outside({AF_UNIX})),
             (EACCES, [eq32(0, AF_UNIX), low32(1, SOCK_TYPE_MASK, SOCK_DGRAM)]),
+            (EACCES, [eq32(0, AF_UNIX), low32(1, SOCK_TYPE_MASK, SOCK_RAW)]),
         ],
     }
 

@@ -235,13 +235,21 @@ DEFAULT_RULES: Final[tuple[Rule, ...]] = (
     # mount too. connect() is brokered (see _linux/unixconnect.py); those
     # addresses sit in the caller's memory where a filter cannot check them,
     # so the sockets themselves are refused (stream and seqpacket sockets
-    # only ever reach what connect() reached).
+    # only ever reach what connect() reached). SOCK_RAW too: for AF_UNIX the
+    # kernel makes it a datagram socket.
     _deny(
         "socket",
         EACCES,
         "unix datagram sockets send to any socket path (connect() is brokered, sendto() cannot be)",
         Cond.eq32(0, AF_UNIX),
         Cond.masked_eq(1, SOCK_TYPE_MASK, SOCK_DGRAM),
+    ),
+    _deny(
+        "socket",
+        EACCES,
+        "(AF_UNIX, SOCK_RAW) is a unix datagram socket in disguise",
+        Cond.eq32(0, AF_UNIX),
+        Cond.masked_eq(1, SOCK_TYPE_MASK, SOCK_RAW),
     ),
     _allow("socket", "unix sockets", Cond.eq32(0, AF_UNIX)),
     _allow("socket", "IPv4", Cond.eq32(0, AF_INET)),
@@ -265,6 +273,13 @@ DEFAULT_RULES: Final[tuple[Rule, ...]] = (
         "unix datagram pairs can send to any socket path too, as for socket",
         Cond.eq32(0, AF_UNIX),
         Cond.masked_eq(1, SOCK_TYPE_MASK, SOCK_DGRAM),
+    ),
+    _deny(
+        "socketpair",
+        EACCES,
+        "(AF_UNIX, SOCK_RAW) pairs are datagram pairs, as for socket",
+        Cond.eq32(0, AF_UNIX),
+        Cond.masked_eq(1, SOCK_TYPE_MASK, SOCK_RAW),
     ),
     _allow("socketpair", "unix socket pairs", Cond.eq32(0, AF_UNIX)),
     _deny("socketpair", EAFNOSUPPORT, "other families, as for socket"),
