@@ -93,25 +93,28 @@ for _ in range(25):
 
 
 def test_cpu_limit_counts_orphans_that_exited(no_cgroups: None, workspace: Path) -> None:
-    """The CPU-time limit counted from the process tree: orphans that have
-    exited stay zombies under PID 1 until the end of the run, with the CPU
-    they used, so short-lived ones cannot run past the limit (they were
-    reaped by the kernel, and this used 1 s of CPU under a 0.5 s limit
-    and reported 0.05 s)."""
+    """The CPU-time limit counted from the process tree: PID 1 waits for
+    the orphans it adopts, so the CPU they used shows as its children's,
+    and short-lived ones cannot run past the limit (the kernel reaped them,
+    and this used 1 s of CPU under a 0.5 s limit and reported 0.05 s)."""
     policy = _policy(False, cpu_time="0.5s")
     r = nanobox.run([SPY, "-c", SHORT_LIVED_ORPHANS], policy=policy, timeout=30)
     assert r.outcome is nanobox.Outcome.CPU_LIMIT, r
     assert 0.5 <= r.cpu_time_s < 1.0, r.cpu_time_s
 
 
-def test_without_a_cpu_limit_orphans_are_reaped(no_cgroups: None, workspace: Path) -> None:
-    """No CPU-time limit: PID 1 has the kernel reap orphans as they exit
-    (a long run does not pile up zombies)."""
+@pytest.mark.parametrize("cpu_time", [None, "5s"])
+def test_orphans_are_reaped_with_or_without_a_cpu_limit(
+    no_cgroups: None, workspace: Path, cpu_time: str | None
+) -> None:
+    """Without a CPU limit the kernel reaps the orphans PID 1 adopts, with
+    one PID 1 waits for them: no zombies pile up either way (a long run,
+    a script waiting for an orphan's pid to go)."""
     script = (
         "for i in $(seq 30); do ( true & ) ; done; sleep 0.5; "
         "for f in /proc/[0-9]*/stat; do read -r _ _ state _ < $f; echo $state; done | grep -c Z"
     )
-    r = nanobox.run(["sh", "-c", script], timeout=30)
+    r = nanobox.run(["sh", "-c", script], timeout=30, policy=_policy(False, cpu_time=cpu_time))
     assert r.stdout.strip() == b"0", r
 
 

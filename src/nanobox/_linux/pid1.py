@@ -7,14 +7,13 @@ re-parented to it; when the pipe reaches EOF (the server ended the run, or
 died) it exits, which makes the kernel kill every other process of the
 namespace. Its only fds are that pipe and /dev/null.
 
-Where a CPU-time limit is counted from the process tree (no cgroup),
-orphans that exit stay zombies instead (``reap=False``): a zombie keeps
-the CPU time it used in ``/proc/PID/stat``, where the server's count finds
-it (an orphan reaped by the kernel takes its CPU time with it, and a
-command could run past its limit in short-lived orphans). They go with the
-namespace at the end of the run. Without such a limit they are reaped, so
-that a long run does not pile them up; its reported CPU time then misses
-orphans that exited before the end.
+Where a CPU-time limit is counted from the process tree (no cgroup), an
+orphan reaped by the kernel would take its CPU time with it, and a command
+could run past its limit in short-lived orphans. There PID 1 is a forked
+Python process that waits for the orphans itself (``wait_orphans``): the
+kernel adds what each used to PID 1's children's time (``cutime`` and
+``cstime`` in ``/proc/PID/stat``), where the server counts it. Without such
+a limit the reported CPU time misses orphans that exited before the end.
 
 Everything else a supervisor does (waiting for the command, time and CPU
 limits, seccomp notifications, the report) is done by the fork server for
@@ -37,16 +36,17 @@ if TYPE_CHECKING:
 CATS = ("/bin/cat", "/usr/bin/cat")
 
 
-def start(cmd_r: int, reap: bool = True) -> int:
+def start(cmd_r: int, *, wait_orphans: bool = False) -> int:
     """Start PID 1 (call right after ``unshare(CLONE_NEWPID)``: the next
-    child is PID 1); return its pid. ``reap``: have the kernel reap the
-    orphans it adopts (else they stay zombies until the end of the run)."""
-    cat = next((path for path in CATS if os.access(path, os.X_OK)), None)
-    orphans = signal.SIG_IGN if reap else signal.SIG_DFL
+    child is PID 1); return its pid. ``wait_orphans``: PID 1 waits for the
+    orphans it adopts (their CPU time then shows as its children's)."""
+    cat = None
+    if not wait_orphans:
+        cat = next((path for path in CATS if os.access(path, os.X_OK)), None)
     if cat is not None:
         # A failed exec here would leave the namespace without its PID 1
         # (no second try possible), hence the access check first.
-        old = signal.signal(signal.SIGCHLD, orphans)  # inherited by cat
+        old = signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # inherited by cat
         try:
             return os.posix_spawn(
                 cat,
@@ -62,17 +62,31 @@ def start(cmd_r: int, reap: bool = True) -> int:
             signal.signal(signal.SIGCHLD, old)
     pid = os.fork()
     if pid == 0:
-        _idle(cmd_r, orphans)
+        _idle(cmd_r, wait_orphans)
     return pid
 
 
-def _idle(cmd_r: int, orphans: signal.Handlers) -> NoReturn:
+def _idle(cmd_r: int, wait_orphans: bool) -> NoReturn:
     try:
         signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, orphans)
+        signal.signal(signal.SIGCHLD, _reap if wait_orphans else signal.SIG_IGN)
         close_all_except((cmd_r,))
-        while os.read(cmd_r, 4096):
+        if wait_orphans:
+            _reap(0, None)  # any that exited before the handler was set
+        while os.read(cmd_r, 4096):  # (a SIGCHLD runs _reap, then the read goes on)
             pass
     except BaseException:  # noqa: BLE001 - stay PID 1 until EOF or killed
         pass
     os._exit(0)
+
+
+def _reap(_signum: int, _frame: object) -> None:
+    """Wait for every child that has exited (one SIGCHLD may stand for
+    several)."""
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return

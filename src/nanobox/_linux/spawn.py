@@ -339,7 +339,7 @@ def _build_sandbox(
     step = "start init"
     init_pid = cmd_pid = 0
     try:
-        init_pid = pid1.start(cmd_r, reap=_reap_orphans(plan))
+        init_pid = pid1.start(cmd_r, wait_orphans=_wait_orphans(plan))
         os.close(cmd_r)
         step = "fork command"
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -471,13 +471,12 @@ def _recv_go(sock: socket.socket, plan: dict[str, Any]) -> frozenset[str] | None
     return mounts.placeholder_protects(plan, hosts)
 
 
-def _reap_orphans(plan: dict[str, Any]) -> bool:
-    """Have the kernel reap the orphans PID 1 adopts? Not when a CPU-time
-    limit is counted from the process tree (no cgroup): there an orphan
-    that exits must stay a zombie, which keeps the CPU it used where the
-    server counts it, or a command could exceed its limit in short-lived
-    orphans (see ``pid1``)."""
-    return plan.get("cgroup") is not None or plan.get("cpu_time") is None
+def _wait_orphans(plan: dict[str, Any]) -> bool:
+    """Must PID 1 wait for the orphans it adopts, rather than have the
+    kernel reap them? Where a CPU-time limit is counted from the process
+    tree (no cgroup): else an orphan's CPU time goes with it, and a command
+    could exceed its limit in short-lived orphans (see ``pid1``)."""
+    return plan.get("cgroup") is None and plan.get("cpu_time") is not None
 
 
 def _wait_unless_init_dies(sock: socket.socket, init_pid: int) -> None:
@@ -516,7 +515,7 @@ def _build_spawning(
     init_pid = cmd_pid = 0
     csock = socket.socket(fileno=csock_fd)
     try:
-        init_pid = pid1.start(cmd_r, reap=_reap_orphans(plan))
+        init_pid = pid1.start(cmd_r, wait_orphans=_wait_orphans(plan))
         os.close(cmd_r)
         step = "hostname"
         socket.sethostname(plan["hostname"])

@@ -61,6 +61,7 @@ class Run:
         self.init_lost = False
         self.exec_error: dict[str, Any] | None = None
         self.orphans_cpu = (0.0, 0.0)
+        self.init_children_cpu = (0.0, 0.0)  # in orphans_cpu: not PID 1's own
         # The command's process ran nanobox's Python before its exec.
         self.prep_cpu = (0.0, 0.0)
         self.listener: notify.Listener | None = None
@@ -181,7 +182,10 @@ class Run:
             # the namespace and are reaped by the kernel, not waited for.
             live_cmd = self.cmd_status is None and self.cmd_pid
             roots = [self.init_pid] + ([self.cmd_pid] if live_cmd else [])
-            self.orphans_cpu = tree_times(roots, include_roots=False)
+            u, s = tree_times(roots, include_roots=False)
+            # And those PID 1 waited for, where it does (see pid1).
+            self.init_children_cpu = _children_times(self.init_pid)
+            self.orphans_cpu = (u + self.init_children_cpu[0], s + self.init_children_cpu[1])
         try:
             os.kill(self.init_pid, signal.SIGKILL)  # our unreaped child: no reuse
         except ProcessLookupError:
@@ -204,8 +208,8 @@ class Run:
         pu, ps = self.prep_cpu
         me_u, me_s = self.info["self_utime"] + pu, self.info["self_stime"] + ps
         if self.init_rusage is not None:
-            me_u += self.init_rusage.ru_utime
-            me_s += self.init_rusage.ru_stime
+            me_u += max(0.0, self.init_rusage.ru_utime - self.init_children_cpu[0])
+            me_s += max(0.0, self.init_rusage.ru_stime - self.init_children_cpu[1])
         listener = self.listener
         return {
             "status": self.cmd_status,
@@ -268,6 +272,16 @@ def inner_pid(pid: int, proc: str = "/proc/") -> int:
     except (OSError, ValueError):
         pass
     return pid
+
+
+def _children_times(pid: int) -> tuple[float, float]:
+    """User and system seconds of the children ``pid`` has waited for."""
+    fields = proctree.stat_fields(pid)
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        return (int(fields[13]) / tick, int(fields[14]) / tick) if fields else (0.0, 0.0)
+    except (ValueError, IndexError):
+        return 0.0, 0.0
 
 
 def tree_times(roots: list[int], include_roots: bool) -> tuple[float, float]:
