@@ -1253,6 +1253,27 @@ def test_a_read_only_directory_of_the_callers_own_fails_closed(tmp_path: Path) -
         ws.chmod(0o755)
 
 
+@pytest.mark.root_only
+def test_root_caller_workspace_with_a_kernel_interface_mounted_in_it(mounted_ws: Path) -> None:
+    """A kernel interface mounted in the workspace (mqueue here; a chroot's
+    /proc alike) cannot be idmapped: it is covered by an empty read-only
+    directory (a host /proc would show the host's processes), while a tmpfs
+    beside it is still idmapped and writable, and of two mounts stacked on
+    one directory the sandbox sees the top one, as the host does."""
+    for name in ("mq", "t", "t2"):
+        (mounted_ws / name).mkdir()
+    (mounted_ws / "t2" / "under").write_text("under")
+    subprocess.run(["mount", "-t", "mqueue", "none", str(mounted_ws / "mq")], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mounted_ws / "t")], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mounted_ws / "t2")], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mounted_ws / "t2")], check=True)
+    (mounted_ws / "t2" / "top").write_text("top")
+    script = "ls -A mq; (echo x > mq/new) 2>/dev/null || echo refused; ls t2; echo w > t/file"
+    r = nanobox.run(["sh", "-c", script], cwd=mounted_ws)
+    assert r.stdout == b"refused\ntop\n" and r.returncode == 0, (r.stdout, r.stderr)
+    assert (mounted_ws / "t" / "file").read_text() == "w\n"
+
+
 def test_mountinfo_paths_are_unescaped() -> None:
     from nanobox._linux import userns
 

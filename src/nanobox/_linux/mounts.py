@@ -339,7 +339,7 @@ def build(
             _step(f"create mount point {dst}", b.ensure, dst, is_dir)
             b.attach(fd, dst, f"mount {op['src']} at {dst}")
             for rel, sub in view.get("premade_below", {}).get(str(i), ()):
-                b.attach(sub, os.path.join(dst, rel), f"mount {op['src']}/{rel} (read-only)")
+                _attach_below(b, sub, os.path.join(dst, rel))
         elif t == "protect":
             if late is not None and dst in deferred:
                 late.append(op)
@@ -376,6 +376,33 @@ def build(
     if view.get("rootfs") == "minimal" or view.get("mirror_root"):
         _step("make / read-only", k.mount_setattr, "/", k.MOUNT_ATTR_RDONLY)
     return b.degraded
+
+
+def _attach_below(b: _Builder, fd: int, dst: str) -> None:
+    """A mount below a root caller's writable root that could not be
+    idmapped (see ``userns.idmapped_clone``): its read-only clone ``fd``,
+    or (-1) an empty read-only directory, goes at ``dst``. Where the
+    sandbox's uid cannot reach ``dst`` it cannot write under it either:
+    nothing to do."""
+    try:
+        target = k.open_path_nofollow(dst)
+    except PermissionError:
+        if fd >= 0:
+            os.close(fd)
+        return
+    except OSError as exc:
+        if fd >= 0:
+            os.close(fd)
+        raise MountStepError(f"open {dst}", exc) from exc
+    try:
+        if fd < 0:
+            b.hide(dst)
+        else:
+            _step(f"mount {dst} (read-only)", k.move_mount, fd, dst, to_fd=target)
+    finally:
+        os.close(target)
+        if fd >= 0:
+            os.close(fd)
 
 
 def placeholder_protects(plan: dict[str, Any], hosts: set[str] | None = None) -> frozenset[str]:

@@ -124,11 +124,47 @@ def idmapped_clone(path: str, userns_fd: int) -> tuple[int, list[tuple[str, int]
     through ``userns_fd`` (files of on-disk uid 0 belong to the namespace's
     root, i.e. the sandbox's unprivileged uid, and its writes land as uid 0),
     and the mounts to attach on it: none, unless a mount below ``path`` is
-    of a filesystem that cannot be idmapped (the kernel then refuses the
-    whole tree). Then the clone is of ``path``'s own mount only, and each
-    mount below it comes as a read-only clone (``(relative path, fd)``,
-    shallow first) to attach where it was: without one, the sandbox would
-    see, and write into, the directories under those mount points."""
+    of a filesystem that cannot be idmapped (or is idmapped already: the
+    kernel then refuses the whole tree). Then the clone is of ``path``'s own
+    mount only, and each mount below it comes (``(relative path, fd)``,
+    shallow first) to attach where it was: idmapped where it can be, else
+    read-only (-1: a kernel interface such as a chroot's /proc, covered by
+    an empty directory, as the host's processes would show). Without them
+    the sandbox would see, and write into, the directories under those
+    mount points."""
+    from . import sys as k
+
+    tree = _idmapped_tree(path, userns_fd)
+    if tree is not None:
+        return tree, []
+    fd = k.open_path_nofollow(path)
+    try:
+        tree = k.open_tree("", k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC | k.AT_EMPTY_PATH, dirfd=fd)
+    finally:
+        os.close(fd)
+    subs: list[tuple[str, int]] = []
+    try:
+        k.mount_setattr_idmap(tree, userns_fd)
+        for point, fstype in mounts_below(path):
+            if fstype in PSEUDO_FS:
+                sub = -1
+            else:
+                mapped = _idmapped_tree(point, userns_fd)
+                sub = mapped if mapped is not None else readonly_clone(point)
+            subs.append((os.path.relpath(point, path), sub))
+    except BaseException:
+        for _rel, sub in subs:
+            if sub >= 0:
+                os.close(sub)
+        os.close(tree)
+        raise
+    return tree, subs
+
+
+def _idmapped_tree(path: str, userns_fd: int) -> int | None:
+    """A detached, recursive, idmapped clone of ``path``; None where the
+    kernel refuses to idmap one of its mounts (EINVAL: a filesystem that
+    cannot be; EPERM: a mount idmapped already)."""
     import errno
 
     from . import sys as k
@@ -138,43 +174,56 @@ def idmapped_clone(path: str, userns_fd: int) -> tuple[int, list[tuple[str, int]
         tree = k.open_tree(
             "", k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC | k.AT_EMPTY_PATH | k.AT_RECURSIVE, dirfd=fd
         )
-        try:
-            k.mount_setattr_idmap(tree, userns_fd, recursive=True)
-            return tree, []
-        except OSError as exc:
-            os.close(tree)
-            if exc.errno != errno.EINVAL:
-                raise
-        tree = k.open_tree("", k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC | k.AT_EMPTY_PATH, dirfd=fd)
     finally:
         os.close(fd)
-    subs: list[tuple[str, int]] = []
     try:
-        k.mount_setattr_idmap(tree, userns_fd)
-        for point in mounts_below(path):
-            subs.append((os.path.relpath(point, path), readonly_clone(point)))
+        k.mount_setattr_idmap(tree, userns_fd, recursive=True)
+    except OSError as exc:
+        os.close(tree)
+        if exc.errno not in (errno.EINVAL, errno.EPERM):
+            raise
+        return None
     except BaseException:
-        for _rel, sub in subs:
-            os.close(sub)
         os.close(tree)
         raise
-    return tree, subs
+    return tree
 
 
-def mounts_below(path: str) -> list[str]:
-    """The mount points strictly below ``path`` that are not below another
-    of them (this process's mount namespace), shallow first."""
-    points: list[str] = []
+PSEUDO_FS = frozenset(
+    (
+        "proc sysfs devpts mqueue cgroup cgroup2 debugfs tracefs securityfs bpf pstore "
+        "efivarfs configfs fusectl binfmt_misc"
+    ).split()
+)
+
+
+def mounts_below(path: str) -> list[tuple[str, str]]:
+    """The mount points strictly below ``path`` (in this process's mount
+    namespace) that are not below another of them, shallow first, with
+    their filesystem types: only those that ``path`` shows (not one stacked
+    under a later mount on the same point, nor one below a directory
+    something else was mounted over)."""
+    last: dict[str, tuple[int, str]] = {}  # mount point -> (device, type) of the top mount
+    prefix = path.rstrip("/") + "/"
     with open("/proc/self/mountinfo", "rb") as fh:
         for line in fh:
-            point = _unescape(line.split(b" ", 5)[4])
-            if point.startswith(path.rstrip("/") + "/"):
-                points.append(point)
-    points.sort(key=lambda p: (p.count("/"), p))
-    top: list[str] = []
-    for point in points:
-        if not any(point.startswith(t + "/") for t in top) and point not in top:
-            top.append(point)
+            fields, _sep, rest = line.partition(b" - ")
+            parts = fields.split(b" ")
+            point = _unescape(parts[4])
+            if point.startswith(prefix):
+                major, minor = parts[2].split(b":")
+                last[point] = (os.makedev(int(major), int(minor)), os.fsdecode(rest.split(b" ")[0]))
+    top: list[tuple[str, str]] = []
+    for point in sorted(last, key=lambda p: (p.count("/"), p)):
+        if any(point.startswith(t + "/") for t, _type in top):
+            continue
+        dev, fstype = last[point]
+        try:
+            if os.stat(point, follow_symlinks=False).st_dev != dev:
+                continue  # not what the path reaches (covered by another mount)
+        except OSError:
+            continue
+        top.append((point, fstype))
     return top
 
 
