@@ -1149,20 +1149,33 @@ class Placeholders:
 def uncreatable(exc: OSError, path: str) -> bool:
     """Whether the sandbox cannot create ``path`` either, given that this
     server just failed to with ``exc`` (so that it needs no placeholder).
+    The errno alone is not trusted (a security module or a network file
+    system may have its own reasons): what it says is checked.
 
-    A read-only filesystem (``EROFS``) stays read-only in the sandbox: the
-    view never clears a mount's read-only flag, and in a user namespace
-    the kernel locks it. Denied by permissions (``EACCES``, ``EPERM``) only
-    where the sandbox acts with this server's identity and no privilege
-    (a caller that is not root) and the directory is not the caller's
-    own: an owner could ``chmod`` it writable first. Everything else
-    (a root caller's denial, on NFS say) fails closed."""
-    if exc.errno == errno.EROFS:
-        return True
-    if exc.errno not in (errno.EACCES, errno.EPERM) or os.geteuid() == 0:
-        return False
+    A read-only mount (``EROFS``, and ``statvfs`` says so) stays read-only
+    in the sandbox: the view never clears the flag, and in a user
+    namespace the kernel locks it. Denied by permissions (``EACCES``,
+    ``EPERM``) only where the sandbox acts with this server's identity and
+    no privilege (a caller that is not root), the directory is not the
+    caller's own (an owner could ``chmod`` it writable first) and its mode
+    grants this identity no write (no ACL to weigh). Everything else (a
+    root caller's denial, on NFS say) fails closed."""
+    parent = os.path.dirname(path)
     try:
-        return os.stat(os.path.dirname(path)).st_uid != os.geteuid()
+        if exc.errno == errno.EROFS:
+            return bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
+        if exc.errno not in (errno.EACCES, errno.EPERM) or os.geteuid() == 0:
+            return False
+        st = os.stat(parent)
+        if st.st_uid == os.geteuid() or st.st_mode & stat.S_IWOTH:
+            return False
+        if st.st_mode & stat.S_IWGRP and (st.st_gid == os.getegid() or st.st_gid in os.getgroups()):
+            return False
+        try:
+            os.getxattr(parent, "system.posix_acl_access")
+            return False  # an ACL may grant what the mode does not show
+        except OSError:
+            return True
     except OSError:
         return False
 
