@@ -362,8 +362,13 @@ NO_PROCESS_LEFT = r"""
 import ctypes, os, subprocess, sys
 # This process adopts whatever the CLI leaves running when it exits.
 assert ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
-for argv in (["run", "--", "true"], ["run", "--", "sh", "-c", "exit 3"]):
-    p = subprocess.run([sys.executable, "-m", "nanobox", *argv])
+for argv in (
+    ["run", "--", "true"],
+    ["run", "--", "sh", "-c", "exit 3"],
+    ["run", "--memory", "lots", "--", "true"],  # a usage error, after the server's fork
+    ["run", "--", "/nonexistent/command"],
+):
+    p = subprocess.run([sys.executable, "-m", "nanobox", *argv], stderr=subprocess.DEVNULL)
     me = os.getpid()
     with open(f"/proc/{me}/task/{me}/children") as fh:
         print(p.returncode, fh.read().split())
@@ -378,4 +383,4 @@ def test_no_process_of_nanobox_outlives_the_cli(workspace: Path) -> None:
     p = subprocess.run(
         [sys.executable, "-c", NO_PROCESS_LEFT], capture_output=True, timeout=60, check=True
     )
-    assert p.stdout.decode().splitlines() == ["0 []", "3 []"], p.stderr
+    assert p.stdout.decode().splitlines() == ["0 []", "3 []", "125 []", "127 []"], p.stderr

@@ -582,21 +582,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    code = main()
     # Skip the interpreter's teardown (a few ms for every module imported):
     # flush, let the fork server end (it is this process's child; nothing
-    # of nanobox's outlives the command), and go.
+    # of nanobox's outlives the command, nor a CLI that failed), and go.
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (OSError, ValueError):
+        code = main()
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            raise SystemExit(code) from None
+    finally:
         _end_server()
-        raise SystemExit(code) from None
-    _end_server()
     os._exit(code)
 
 
 def _end_server() -> None:
+    early = sys.modules.get("nanobox._linux.early")
+    if early is not None:
+        early.end_unadopted()  # forked, but the CLI failed before its run
     client = sys.modules.get("nanobox._linux.client")
     if client is not None:
         client.shutdown_before_exit()

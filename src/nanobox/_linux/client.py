@@ -178,21 +178,8 @@ def shutdown_before_exit(timeout: float = 2.0) -> None:
     if server is None:
         return
     server.ctrl.close()
-    if server.popen is not None:
-        return  # (an exec'd server: not this process's concern at exit)
-    try:
-        pidfd = os.pidfd_open(server.pid)
-    except (AttributeError, OSError):
-        return  # (a kernel before 5.3, or already reaped)
-    try:
-        import select
-
-        if select.select([pidfd], [], [], timeout)[0]:
-            os.waitpid(server.pid, os.WNOHANG)  # (reap it: gone, not a zombie)
-    except ChildProcessError:
-        pass
-    finally:
-        os.close(pidfd)
+    if server.popen is None:  # (an exec'd server is not this process's concern at exit)
+        early.wait_gone(server.pid, timeout)
 
 
 def _after_fork_in_child() -> None:

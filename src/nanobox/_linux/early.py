@@ -53,6 +53,38 @@ def take() -> tuple[int, int] | None:
     return forked
 
 
+def end_unadopted(timeout: float = 2.0) -> None:
+    """Stop the server forked here if ``client`` never adopted it (the CLI
+    failed before its run) and wait until it is gone (see ``wait_gone``)."""
+    forked = take()
+    if forked is not None:
+        pid, ctrl_fd = forked
+        os.close(ctrl_fd)  # its hello goes nowhere: it shuts down
+        wait_gone(pid, timeout)
+
+
+def wait_gone(pid: int, timeout: float) -> None:
+    """Wait up to ``timeout`` seconds for this process's child ``pid`` to
+    exit, and reap it. (A child stuck longer, e.g. behind a sandbox in an
+    uninterruptible sleep, is left to finish by itself; so is one when
+    the wait is interrupted.)"""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return  # (a kernel before 5.3, or reaped already)
+    try:
+        import select
+
+        poller = select.poll()  # (not select(): the fd may be above 1023)
+        poller.register(pidfd, select.POLLIN)
+        if poller.poll(int(timeout * 1000)):
+            os.waitpid(pid, os.WNOHANG)
+    except (ChildProcessError, KeyboardInterrupt):
+        pass
+    finally:
+        os.close(pidfd)
+
+
 def serve(ctrl_fd: int, *, oneshot: bool) -> None:
     """Become the fork server (in a child forked from the caller)."""
     os.setsid()
