@@ -203,7 +203,7 @@ def mounts_below(path: str) -> list[tuple[str, str]]:
     their filesystem types: only those that ``path`` shows (not one stacked
     under a later mount on the same point, nor one below a directory
     something else was mounted over)."""
-    last: dict[str, tuple[int, str]] = {}  # mount point -> (device, type) of the top mount
+    last: dict[str, tuple[int, str]] = {}  # mount point -> (mount id, type) of the top mount
     prefix = path.rstrip("/") + "/"
     with open("/proc/self/mountinfo", "rb") as fh:
         for line in fh:
@@ -211,20 +211,35 @@ def mounts_below(path: str) -> list[tuple[str, str]]:
             parts = fields.split(b" ")
             point = _unescape(parts[4])
             if point.startswith(prefix):
-                major, minor = parts[2].split(b":")
-                last[point] = (os.makedev(int(major), int(minor)), os.fsdecode(rest.split(b" ")[0]))
+                last[point] = (int(parts[0]), os.fsdecode(rest.split(b" ")[0]))
     top: list[tuple[str, str]] = []
     for point in sorted(last, key=lambda p: (p.count("/"), p)):
         if any(point.startswith(t + "/") for t, _type in top):
             continue
-        dev, fstype = last[point]
-        try:
-            if os.stat(point, follow_symlinks=False).st_dev != dev:
-                continue  # not what the path reaches (covered by another mount)
-        except OSError:
-            continue
+        mnt_id, fstype = last[point]
+        if _mount_id(point) != mnt_id:
+            continue  # not what the path reaches (covered by another mount)
         top.append((point, fstype))
     return top
+
+
+def _mount_id(path: str) -> int | None:
+    """The id of the mount ``path`` reaches (not following a last symlink),
+    as ``/proc/self/mountinfo`` numbers it; None if it cannot be told."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"mnt_id:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    finally:
+        os.close(fd)
+    return None
 
 
 def _unescape(field: bytes) -> str:
