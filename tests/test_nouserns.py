@@ -119,6 +119,35 @@ def test_degraded_mode_still_confines(tmp_path: Path, home: Path) -> None:
     assert target.exists()
 
 
+UNIX_TYPES = """
+import socket
+for name in ("SOCK_STREAM", "SOCK_SEQPACKET", "SOCK_DGRAM", "SOCK_RAW"):
+    try:
+        socket.socket(socket.AF_UNIX, getattr(socket, name)).close()
+        print(name, "ok")
+    except OSError as e:
+        print(name, "refused", e.errno)
+"""
+
+
+def test_degraded_mode_refuses_unix_datagram_sockets(tmp_path: Path) -> None:
+    """Without a network namespace only unix sockets are allowed, but not
+    datagram ones, which reach host socket paths past the brokered
+    connect() (the rules for this mode came before the default ones, and
+    allowed every unix socket)."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    p = in_scratch_userns(nanobox_cmd("run", "--allow-degraded", "--", SPY, "-c", UNIX_TYPES), ws)
+    assert p.stdout.decode().splitlines() == [
+        "SOCK_STREAM ok",
+        "SOCK_SEQPACKET ok",
+        "SOCK_DGRAM refused 13",
+        "SOCK_RAW refused 13",
+    ], p.stderr
+    ctl = in_scratch_userns(shlex.join([SPY, "-c", UNIX_TYPES]), ws)
+    assert ctl.stdout.count(b" ok") == 4, ctl
+
+
 def test_degraded_hides_hold_past_links_and_read_only_binds(tmp_path: Path, home: Path) -> None:
     """Landlock is the only layer here: a link in an ancestor of a hidden
     path (to that ancestor, or to '/') and a read-only bind of the

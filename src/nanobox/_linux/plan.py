@@ -196,8 +196,13 @@ def seccomp_program(
                 else (Syscalls(base="allow") if spec == "none" else spec)
             )
             assert isinstance(base, Syscalls)
+            unix = Arg(0, "masked_eq", 1, 0xFFFFFFFF)
             unix_only = (
-                SyscallRule("socket", "allow", args=(Arg(0, "masked_eq", 1, 0xFFFFFFFF),)),
+                # Not unix datagram sockets (SOCK_DGRAM, and SOCK_RAW, which
+                # the kernel makes one): see the default policy's socket rules.
+                SyscallRule("socket", "errno", "EACCES", args=(unix, Arg(1, "masked_eq", 2, 0xF))),
+                SyscallRule("socket", "errno", "EACCES", args=(unix, Arg(1, "masked_eq", 3, 0xF))),
+                SyscallRule("socket", "allow", args=(unix,)),
                 SyscallRule("socket", "errno", "EACCES"),
             )
             spec = Syscalls(
