@@ -474,15 +474,11 @@ def _recv_go(sock: socket.socket, plan: dict[str, Any]) -> frozenset[str] | None
 def _wait_orphans(plan: dict[str, Any]) -> bool:
     """Must PID 1 wait for the orphans it adopts, rather than have the
     kernel reap them? Where a CPU-time limit is counted from the process
-    tree (no cgroup that counts CPU: none, or v1 without cpuacct): else an
-    orphan's CPU time goes with it, and a command could exceed its limit in
-    short-lived orphans (see ``pid1``)."""
-    if plan.get("cpu_time") is None:
-        return False
-    where = (plan.get("cgroup") or {}).get("placement") or {}
-    if where.get("version") == 2:
-        return False
-    return not any("cpuacct" in key.split(",") for key in where.get("bases", {}))
+    tree (no cgroup: a v1 placement always has cpuacct, v2 its cpu.stat):
+    else an orphan's CPU time goes with it, and a command could exceed its
+    limit in short-lived orphans (see ``pid1``). The server samples PID 1's
+    children's time under the same condition (``Run.kill``)."""
+    return plan.get("cgroup") is None and plan.get("cpu_time") is not None
 
 
 def _wait_unless_init_dies(sock: socket.socket, init_pid: int) -> None:
