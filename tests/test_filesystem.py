@@ -1106,24 +1106,30 @@ def test_a_mount_inside_the_workspace_is_nosuid_nodev_for_a_caller_that_is_not_r
 def test_root_caller_gets_a_mount_that_cannot_be_idmapped_read_only(mounted_ws: Path) -> None:
     """A submount whose filesystem cannot be idmapped (ramfs here) makes the
     kernel refuse the whole recursive idmap: the workspace's own mount is
-    idmapped alone and that submount (with what is mounted below it)
-    attached read-only where it was: its files visible, writes refused,
-    nothing under its mount point."""
+    idmapped alone and every mount below it comes on its own where it was:
+    the ramfs read-only (its files visible, writes refused), a tmpfs inside
+    it idmapped and writable, an mqueue inside it covered (a kernel
+    interface nested in such a mount, a chroot's /proc say, was shown);
+    nothing lands under a mount point."""
     ram = mounted_ws / "ram"
     ram.mkdir()
     subprocess.run(["mount", "-t", "ramfs", "ramfs", str(ram)], check=True)
     (ram / "f").write_text("ramfs")
-    (ram / "n").mkdir()
+    for name in ("n", "mq"):
+        (ram / name).mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(ram / "n")], check=True)
     (ram / "n" / "d").write_text("deeper")
+    subprocess.run(["mount", "-t", "mqueue", "none", str(ram / "mq")], check=True)
+    (ram / "mq" / "q").touch()  # a message queue: shown if the mount were
     script = (
-        "cat ram/f ram/n/d; echo; "
+        "cat ram/f ram/n/d; echo; ls -A ram/mq; "
         "for f in ram/new ram/n/new top; do (echo x > $f) 2>/dev/null && echo wrote $f; done"
     )
     r = nanobox.run(["sh", "-c", script], cwd=mounted_ws)
-    assert r.stdout == b"ramfsdeeper\nwrote top\n", (r.stdout, r.stderr)
-    subprocess.run(["umount", str(ram / "n")], check=True)
-    subprocess.run(["umount", str(ram)], check=True)
+    assert r.stdout == b"ramfsdeeper\nwrote ram/n/new\nwrote top\n", (r.stdout, r.stderr)
+    assert (ram / "n" / "new").read_text() == "x\n"
+    for point in (ram / "mq", ram / "n", ram):
+        subprocess.run(["umount", str(point)], check=True)
     assert os.listdir(ram) == []
 
 

@@ -126,31 +126,32 @@ def idmapped_clone(path: str, userns_fd: int) -> tuple[int, list[tuple[str, int]
     and the mounts to attach on it: none, unless a mount below ``path`` is
     of a filesystem that cannot be idmapped (or is idmapped already: the
     kernel then refuses the whole tree). Then the clone is of ``path``'s own
-    mount only, and each mount below it comes (``(relative path, fd)``,
-    shallow first) to attach where it was: idmapped where it can be, else
-    read-only (-1: a kernel interface such as a chroot's /proc, covered by
-    an empty directory, as the host's processes would show). Without them
+    mount only, and every mount below it comes on its own (``(relative
+    path, fd)``, shallow first, to attach in that order where it was):
+    idmapped where it can be, else read-only; -1 for a kernel interface
+    such as a chroot's /proc, which an empty read-only directory covers (the
+    host's processes would show), with nothing below it taken. Without them
     the sandbox would see, and write into, the directories under those
     mount points."""
-    from . import sys as k
 
-    tree = _idmapped_tree(path, userns_fd)
+    tree = _clone_idmapped(path, userns_fd, recursive=True)
     if tree is not None:
         return tree, []
-    fd = k.open_path_nofollow(path)
-    try:
-        tree = k.open_tree("", k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC | k.AT_EMPTY_PATH, dirfd=fd)
-    finally:
-        os.close(fd)
+    tree = _clone_idmapped(path, userns_fd, recursive=False)
+    if tree is None:
+        raise OSError(22, f"{path} cannot be idmapped")  # EINVAL
     subs: list[tuple[str, int]] = []
+    covered: list[str] = []
     try:
-        k.mount_setattr_idmap(tree, userns_fd)
         for point, fstype in mounts_below(path):
+            if any(point.startswith(c + "/") for c in covered):
+                continue
             if fstype in PSEUDO_FS:
+                covered.append(point)
                 sub = -1
             else:
-                mapped = _idmapped_tree(point, userns_fd)
-                sub = mapped if mapped is not None else readonly_clone(point)
+                mapped = _clone_idmapped(point, userns_fd, recursive=False)
+                sub = mapped if mapped is not None else _readonly_mount(point)
             subs.append((os.path.relpath(point, path), sub))
     except BaseException:
         for _rel, sub in subs:
@@ -161,28 +162,48 @@ def idmapped_clone(path: str, userns_fd: int) -> tuple[int, list[tuple[str, int]
     return tree, subs
 
 
-def _idmapped_tree(path: str, userns_fd: int) -> int | None:
-    """A detached, recursive, idmapped clone of ``path``; None where the
-    kernel refuses to idmap one of its mounts (EINVAL: a filesystem that
-    cannot be; EPERM: a mount idmapped already)."""
+def _clone_idmapped(path: str, userns_fd: int, *, recursive: bool) -> int | None:
+    """A detached, idmapped clone of the mount at ``path`` (and, with
+    ``recursive``, of every mount below it); None where the kernel refuses
+    to idmap one of them (EINVAL: a filesystem that cannot be; EPERM: a
+    mount idmapped already)."""
     import errno
 
     from . import sys as k
 
+    flags = k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC | k.AT_EMPTY_PATH
     fd = k.open_path_nofollow(path)
     try:
-        tree = k.open_tree(
-            "", k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC | k.AT_EMPTY_PATH | k.AT_RECURSIVE, dirfd=fd
-        )
+        tree = k.open_tree("", flags | (k.AT_RECURSIVE if recursive else 0), dirfd=fd)
     finally:
         os.close(fd)
     try:
-        k.mount_setattr_idmap(tree, userns_fd, recursive=True)
+        k.mount_setattr_idmap(tree, userns_fd, recursive=recursive)
     except OSError as exc:
         os.close(tree)
         if exc.errno not in (errno.EINVAL, errno.EPERM):
             raise
         return None
+    except BaseException:
+        os.close(tree)
+        raise
+    return tree
+
+
+def _readonly_mount(path: str) -> int:
+    """A detached, read-only (nosuid, nodev) clone of the mount at ``path``
+    alone."""
+    from . import sys as k
+
+    fd = k.open_path_nofollow(path)
+    try:
+        tree = k.open_tree("", k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC | k.AT_EMPTY_PATH, dirfd=fd)
+    finally:
+        os.close(fd)
+    try:
+        k.mount_setattr(
+            "", k.MOUNT_ATTR_RDONLY | k.MOUNT_ATTR_NOSUID | k.MOUNT_ATTR_NODEV, dirfd=tree
+        )
     except BaseException:
         os.close(tree)
         raise
@@ -198,48 +219,52 @@ PSEUDO_FS = frozenset(
 
 
 def mounts_below(path: str) -> list[tuple[str, str]]:
-    """The mount points strictly below ``path`` (in this process's mount
-    namespace) that are not below another of them, shallow first, with
-    their filesystem types: only those that ``path`` shows (not one stacked
-    under a later mount on the same point, nor one below a directory
-    something else was mounted over)."""
-    last: dict[str, tuple[int, str]] = {}  # mount point -> (mount id, type) of the top mount
+    """Every mount strictly below ``path`` that ``path`` shows (the top one
+    of mounts stacked on a directory; none on a directory another mount
+    covers), shallow first, with its filesystem type (this process's mount
+    namespace). What a mount point shows is asked of the kernel (the mount
+    id of an O_PATH fd), not inferred from mountinfo's order."""
+    ids: dict[int, tuple[str, str]] = {}  # mount id -> (mount point, type)
+    points: set[str] = set()
     prefix = path.rstrip("/") + "/"
     with open("/proc/self/mountinfo", "rb") as fh:
         for line in fh:
             fields, _sep, rest = line.partition(b" - ")
             parts = fields.split(b" ")
             point = _unescape(parts[4])
+            ids[int(parts[0])] = (point, os.fsdecode(rest.split(b" ")[0]))
             if point.startswith(prefix):
-                last[point] = (int(parts[0]), os.fsdecode(rest.split(b" ")[0]))
-    top: list[tuple[str, str]] = []
-    for point in sorted(last, key=lambda p: (p.count("/"), p)):
-        if any(point.startswith(t + "/") for t, _type in top):
-            continue
-        mnt_id, fstype = last[point]
-        if _mount_id(point) != mnt_id:
-            continue  # not what the path reaches (covered by another mount)
-        top.append((point, fstype))
-    return top
+                points.add(point)
+    out: list[tuple[str, str]] = []
+    for point in sorted(points, key=lambda p: (p.count("/"), p)):
+        mnt_id = _mount_id(point)
+        seen = ids.get(mnt_id) if mnt_id is not None else None
+        if seen is not None and seen[0] == point:
+            out.append((point, seen[1]))
+        # (else the path reaches another mount: this one is hidden)
+    return out
 
 
 def _mount_id(path: str) -> int | None:
     """The id of the mount ``path`` reaches (not following a last symlink),
-    as ``/proc/self/mountinfo`` numbers it; None if it cannot be told."""
+    as ``/proc/self/mountinfo`` numbers it; None where nothing is there
+    (a directory covered by another mount). Other errors raise."""
+    import errno
+
     try:
         fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        raise
     try:
         with open(f"/proc/self/fdinfo/{fd}", "rb") as fh:
             for line in fh:
                 if line.startswith(b"mnt_id:"):
                     return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
     finally:
         os.close(fd)
-    return None
+    raise OSError(61, f"no mount id for {path} in fdinfo")  # ENODATA
 
 
 def _unescape(field: bytes) -> str:
