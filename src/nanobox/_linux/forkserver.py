@@ -1146,6 +1146,14 @@ class Placeholders:
             remove_placeholder(path, ino)
 
 
+# statfs f_type of filesystems whose permission checks are the kernel's own,
+# from the mode and ACLs it shows: ext2/3/4, xfs, btrfs, tmpfs, overlayfs,
+# f2fs, zfs.
+LOCAL_FS = frozenset(
+    {0xEF53, 0x58465342, 0x9123683E, 0x01021994, 0x794C7630, 0xF2F52010, 0x2FC12FC1}
+)
+
+
 def uncreatable(exc: OSError, path: str) -> bool:
     """Whether the sandbox cannot create ``path`` either, given that this
     server just failed to with ``exc`` (so that it needs no placeholder).
@@ -1157,15 +1165,19 @@ def uncreatable(exc: OSError, path: str) -> bool:
     namespace the kernel locks it. Denied by permissions (``EACCES``,
     ``EPERM``) only where the sandbox acts with this server's identity and
     no privilege (a caller that is not root), the directory is not the
-    caller's own (an owner could ``chmod`` it writable first) and its mode
-    grants this identity no write (no ACL to weigh). Everything else (a
-    root caller's denial, on NFS say) fails closed."""
+    caller's own (an owner could ``chmod`` it writable first), its mode
+    grants this identity no write (no ACL to weigh) and the filesystem is a
+    local one (``LOCAL_FS``: on NFS or FUSE the server decides, and may see
+    the caller as the owner of what shows as nobody's). Everything else (a
+    root caller's denial, say) fails closed."""
     parent = os.path.dirname(path)
     try:
         if exc.errno == errno.EROFS:
             return bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
         if exc.errno not in (errno.EACCES, errno.EPERM) or os.geteuid() == 0:
             return False
+        if k.statfs_type(parent) not in LOCAL_FS:
+            return False  # (NFS, FUSE: the server decides, whatever the mode shows)
         st = os.stat(parent)
         if st.st_uid == os.geteuid() or st.st_mode & stat.S_IWOTH:
             return False
