@@ -598,12 +598,15 @@ def entry() -> None:
 
 
 def _end_server() -> None:
-    early = sys.modules.get("nanobox._linux.early")
-    if early is not None:
-        early.end_unadopted()  # forked, but the CLI failed before its run
-    client = sys.modules.get("nanobox._linux.client")
-    if client is not None:
-        client.shutdown_before_exit()
+    try:
+        early = sys.modules.get("nanobox._linux.early")
+        if early is not None:
+            early.end_unadopted()  # forked, but the CLI failed before its run
+        client = sys.modules.get("nanobox._linux.client")
+        if client is not None:
+            client.shutdown_before_exit()
+    except KeyboardInterrupt:
+        pass  # (a second Ctrl-C: stop waiting; the server ends by itself)
 
 
 if __name__ == "__main__":

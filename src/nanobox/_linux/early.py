@@ -68,21 +68,20 @@ def wait_gone(pid: int, timeout: float) -> None:
     exit, and reap it. (A child stuck longer, e.g. behind a sandbox in an
     uninterruptible sleep, is left to finish by itself; so is one when
     the wait is interrupted.)"""
+    pidfd = -1
     try:
         pidfd = os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        return  # (a kernel before 5.3, or reaped already)
-    try:
         import select
 
         poller = select.poll()  # (not select(): the fd may be above 1023)
         poller.register(pidfd, select.POLLIN)
         if poller.poll(int(timeout * 1000)):
             os.waitpid(pid, os.WNOHANG)
-    except (ChildProcessError, KeyboardInterrupt):
-        pass
+    except (AttributeError, OSError, KeyboardInterrupt):
+        pass  # (a kernel before 5.3, reaped already, or an interrupt: stop waiting)
     finally:
-        os.close(pidfd)
+        if pidfd >= 0:
+            os.close(pidfd)
 
 
 def serve(ctrl_fd: int, *, oneshot: bool) -> None:
