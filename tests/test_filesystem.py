@@ -1280,6 +1280,20 @@ def test_root_caller_workspace_with_a_kernel_interface_mounted_in_it(mounted_ws:
     assert (mounted_ws / "t" / "file").read_text() == "w\n"
 
 
+@pytest.mark.root_only
+def test_root_caller_workspace_with_a_proc_mounted_in_it(mounted_ws: Path) -> None:
+    """A chroot-like workspace with /proc mounted: the plan's scan for
+    repositories does not stop at a /proc directory even root cannot list
+    (it did: "cannot list .../task/1/fdinfo ... chmod u+rx"), and the
+    sandbox sees an empty directory there, not the host's processes."""
+    proc = mounted_ws / "proc"
+    proc.mkdir()
+    subprocess.run(["mount", "-t", "proc", "proc", str(proc)], check=True)
+    assert str(os.getpid()) in os.listdir(proc)  # control: the host's processes
+    r = nanobox.run(["sh", "-c", "ls -A proc | wc -l"], cwd=mounted_ws, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == b"0", (r.stdout, r.stderr)
+
+
 def test_mountinfo_paths_are_unescaped() -> None:
     from nanobox._linux import userns
 

@@ -40,6 +40,10 @@ import time
 
 from ..errors import PolicyError
 
+TYPE_CHECKING = False  # not ``typing``'s: this module is on the CLI's start-up path
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
 MAX_SCAN_ENTRIES = 200_000
 SKIP_DIRS = frozenset({"node_modules", ".venv", "__pycache__", ".tox", ".mypy_cache"})
 RACY_NS = 2_000_000_000
@@ -150,13 +154,7 @@ def _list(
     except PermissionError as exc:
         if fd >= 0:
             os.close(fd)
-        if _owner(directory) == me:
-            raise PolicyError(
-                "filesystem.protect",
-                f"cannot list {directory} ({exc.strerror}) to look for git repositories "
-                "to protect; make it and the directories above it readable and "
-                "searchable (chmod u+rx)",
-            ) from None
+        _unlistable(directory, me, exc)
         return None, None
     except OSError:
         if fd >= 0:
@@ -166,7 +164,7 @@ def _list(
     git = False
     try:
         with entries:
-            for entry in entries:
+            for entry in _entries(entries, directory, me):
                 name = entry.name
                 if name == ".git":
                     git = True
@@ -185,6 +183,32 @@ def _list(
     return _Listing(_key(st) if st is not None else None, git, below), st
 
 
+def _entries(
+    entries: Iterator[os.DirEntry[str]], directory: str, me: int
+) -> Iterator[os.DirEntry[str]]:
+    """``entries``, where reading them may fail as opening did (a /proc
+    directory opens, then refuses to be read, or its process is gone)."""
+    try:
+        yield from entries
+    except PermissionError as exc:
+        _unlistable(directory, me, exc)
+    except OSError:
+        if not _kernel_fs(directory):
+            raise
+
+
+def _unlistable(directory: str, me: int, exc: OSError) -> None:
+    """A directory that cannot be listed: an error if it is the caller's
+    (the command could make it listable), else nothing to look at."""
+    if _owner(directory) == me and not _kernel_fs(directory):
+        raise PolicyError(
+            "filesystem.protect",
+            f"cannot list {directory} ({exc.strerror}) to look for git repositories "
+            "to protect; make it and the directories above it readable and "
+            "searchable (chmod u+rx)",
+        ) from None
+
+
 def _owner(directory: str) -> int | None:
     """The owner of ``directory``, or where it cannot even be looked up
     (its parent is readable but not searchable), of its parent: either way
@@ -198,6 +222,43 @@ def _owner(directory: str) -> int | None:
             return None
     except OSError:
         return None
+
+
+# statfs f_type of kernel interfaces (proc, sysfs, debugfs, tracefs,
+# securityfs, cgroup, cgroup2, bpf, pstore, configfs, devpts, mqueue): no
+# repository can be made in them.
+KERNEL_FS = frozenset(
+    {
+        0x9FA0,
+        0x62656572,
+        0x64626720,
+        0x74726163,
+        0x73636673,
+        0x27E0EB,
+        0x63677270,
+        0xCAFE4A11,
+        0x6165676C,
+        0x62656570,
+        0x1CD1,
+        0x19800202,
+    }
+)
+
+
+def _kernel_fs(directory: str) -> bool:
+    """Whether ``directory`` is in a kernel interface (a chroot's /proc
+    mounted in the workspace, say), where a directory that cannot be
+    listed holds no repository (and is not one the command could make
+    listable)."""
+    from . import sys as k
+
+    try:
+        return k.statfs_type(directory) in KERNEL_FS
+    except OSError:
+        try:
+            return k.statfs_type(os.path.dirname(directory)) in KERNEL_FS
+        except OSError:
+            return False
 
 
 def _trusted(root: str) -> bool:
