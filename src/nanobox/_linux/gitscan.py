@@ -224,27 +224,6 @@ def _owner(directory: str) -> int | None:
         return None
 
 
-# statfs f_type of kernel interfaces (proc, sysfs, debugfs, tracefs,
-# securityfs, cgroup, cgroup2, bpf, pstore, configfs, devpts, mqueue): no
-# repository can be made in them.
-KERNEL_FS = frozenset(
-    {
-        0x9FA0,
-        0x62656572,
-        0x64626720,
-        0x74726163,
-        0x73636673,
-        0x27E0EB,
-        0x63677270,
-        0xCAFE4A11,
-        0x6165676C,
-        0x62656570,
-        0x1CD1,
-        0x19800202,
-    }
-)
-
-
 def _kernel_fs(directory: str) -> bool:
     """Whether ``directory`` is in a kernel interface (a chroot's /proc
     mounted in the workspace, say), where a directory that cannot be
@@ -253,10 +232,10 @@ def _kernel_fs(directory: str) -> bool:
     from . import sys as k
 
     try:
-        return k.statfs_type(directory) in KERNEL_FS
+        return k.statfs_type(directory) in k.KERNEL_FS
     except OSError:
         try:
-            return k.statfs_type(os.path.dirname(directory)) in KERNEL_FS
+            return k.statfs_type(os.path.dirname(directory)) in k.KERNEL_FS
         except OSError:
             return False
 

@@ -148,6 +148,31 @@ def statfs_type(path: str) -> int:
     return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
+# statfs f_type of the kernel's interfaces (no files of anyone's, nothing
+# to protect in them, and a host's would show the host): proc, sysfs,
+# devpts, mqueue, cgroup, cgroup2, debugfs, tracefs, securityfs, bpf,
+# pstore, efivarfs, configfs, fusectl, binfmt_misc.
+KERNEL_FS = frozenset(
+    {
+        0x9FA0,
+        0x62656572,
+        0x1CD1,
+        0x19800202,
+        0x27E0EB,
+        0x63677270,
+        0x64626720,
+        0x74726163,
+        0x73636673,
+        0xCAFE4A11,
+        0x6165676C,
+        0xDE5E81E4,
+        0x62656570,
+        0x65735543,
+        0x42494E4D,
+    }
+)
+
+
 def unshare(flags: int) -> None:
     _check(_libc.unshare(ctypes.c_int(flags)), "unshare", hex(flags))
 

@@ -134,6 +134,8 @@ def idmapped_clone(path: str, userns_fd: int) -> tuple[int, list[tuple[str, int]
     the sandbox would see, and write into, the directories under those
     mount points."""
 
+    from . import sys as k
+
     tree = _clone_idmapped(path, userns_fd, recursive=True)
     if tree is not None:
         return tree, []
@@ -143,10 +145,10 @@ def idmapped_clone(path: str, userns_fd: int) -> tuple[int, list[tuple[str, int]
     subs: list[tuple[str, int]] = []
     covered: list[str] = []
     try:
-        for point, fstype in mounts_below(path):
+        for point in mounts_below(path):
             if any(point.startswith(c + "/") for c in covered):
                 continue
-            if fstype in PSEUDO_FS:
+            if k.statfs_type(point) in k.KERNEL_FS:
                 covered.append(point)
                 sub = -1
             else:
@@ -210,39 +212,25 @@ def _readonly_mount(path: str) -> int:
     return tree
 
 
-PSEUDO_FS = frozenset(
-    (
-        "proc sysfs devpts mqueue cgroup cgroup2 debugfs tracefs securityfs bpf pstore "
-        "efivarfs configfs fusectl binfmt_misc"
-    ).split()
-)
-
-
-def mounts_below(path: str) -> list[tuple[str, str]]:
-    """Every mount strictly below ``path`` that ``path`` shows (the top one
-    of mounts stacked on a directory; none on a directory another mount
-    covers), shallow first, with its filesystem type (this process's mount
-    namespace). What a mount point shows is asked of the kernel (the mount
-    id of an O_PATH fd), not inferred from mountinfo's order."""
-    ids: dict[int, tuple[str, str]] = {}  # mount id -> (mount point, type)
-    points: set[str] = set()
+def mounts_below(path: str) -> list[str]:
+    """Every mount point strictly below ``path`` that ``path`` shows (the
+    top one of mounts stacked on a directory; none on a directory another
+    mount covers), shallow first (this process's mount namespace). What a
+    mount point shows is asked of the kernel (the mount id of an O_PATH
+    fd), not inferred from mountinfo's order."""
+    ids: dict[int, str] = {}  # mount id -> mount point
     prefix = path.rstrip("/") + "/"
     with open("/proc/self/mountinfo", "rb") as fh:
         for line in fh:
-            fields, _sep, rest = line.partition(b" - ")
-            parts = fields.split(b" ")
-            point = _unescape(parts[4])
-            ids[int(parts[0])] = (point, os.fsdecode(rest.split(b" ")[0]))
-            if point.startswith(prefix):
-                points.add(point)
-    out: list[tuple[str, str]] = []
-    for point in sorted(points, key=lambda p: (p.count("/"), p)):
-        mnt_id = _mount_id(point)
-        seen = ids.get(mnt_id) if mnt_id is not None else None
-        if seen is not None and seen[0] == point:
-            out.append((point, seen[1]))
+            parts = line.split(b" ", 5)
+            ids[int(parts[0])] = _unescape(parts[4])
+    points = {point for point in ids.values() if point.startswith(prefix)}
+    return [
+        point
+        for point in sorted(points, key=lambda p: (p.count("/"), p))
         # (else the path reaches another mount: this one is hidden)
-    return out
+        if (mnt_id := _mount_id(point)) is not None and ids.get(mnt_id) == point
+    ]
 
 
 def _mount_id(path: str) -> int | None:
