@@ -23,6 +23,7 @@ from typing import Any
 
 import _common as c
 import accounting
+import floor
 import hotpath
 import memory
 import proxy
@@ -36,6 +37,7 @@ MODULES = {
     "proxy": (proxy, 600),
     "accounting": (accounting, 600),
     "hotpath": (hotpath, 300),
+    "floor": (floor, 600),
 }
 TITLES = {
     "startup": "1. Start latency of /bin/true",
@@ -44,6 +46,7 @@ TITLES = {
     "proxy": "4. Proxy throughput",
     "accounting": "5. Accounting overhead (work measured inside the workload)",
     "hotpath": "Profile: where a warm run's milliseconds go",
+    "floor": "The floor of a forked-Python sandbox (no server, bwrap's mounts)",
 }
 
 
