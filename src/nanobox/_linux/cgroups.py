@@ -10,7 +10,10 @@ controllers for its own subtree and to move its own processes to a leaf):
   parent's ``cgroup.subtree_control``; when the "no internal processes" rule
   refuses (EBUSY: the parent holds processes, e.g. in a container's cgroup
   namespace) nanobox moves the caller's processes of that group to a leaf
-  ``nanobox-leaf`` first, then enables them.
+  ``nanobox-leaf`` first, then enables them. A process that starts in that
+  leaf later (a child of a shell moved there) places its runs in the same
+  base. A base that exists but is not this process's to use (root's, for
+  a user) is skipped.
 - **v1 / hybrid** (a mount per controller): as root, ``<mount>/nanobox`` in
   each hierarchy used (memory, pids, cpu, cpuacct); otherwise the caller's
   own group in that hierarchy if writable. Hybrid hosts' controller-less v2
@@ -213,12 +216,29 @@ def _enable_controllers(group: str, wanted: list[str]) -> None:
                 raise
 
 
+def _check_usable(base: str) -> None:
+    """Can this process make its runs' groups in ``base`` and move processes
+    there? A base that exists already may be another user's: root's
+    ``<mount>/nanobox`` on a host where root has run nanobox, which a user
+    with a group of their own must not take for theirs."""
+    if not (
+        os.access(base, os.W_OK | os.X_OK)
+        and os.access(os.path.join(base, "cgroup.procs"), os.W_OK)
+    ):
+        raise PermissionError(errno.EACCES, "not writable")
+
+
 def place(layout: Layout, needed: tuple[str, ...] = CONTROLLERS) -> Placement:
     """Find (creating if needed) the base groups for this process's runs."""
     v2_ctl = layout.v2_controllers()
     if layout.v2 and all(c in v2_ctl for c in needed):
         candidates = [layout.v2]
         own = layout.own.get("")
+        if own is not None and os.path.basename(own) == LEAF:
+            # The leaf an earlier process of ours moved this one's group to
+            # (a shell's children start there too): its parent is the
+            # caller's group, already set up, not one more level to make.
+            own = os.path.dirname(own)
         if own is not None and own != "/":
             candidates.append(layout.v2 + own)
         errors = []
@@ -227,6 +247,7 @@ def place(layout: Layout, needed: tuple[str, ...] = CONTROLLERS) -> Placement:
                 _enable_controllers(parent, list(needed))
                 base = os.path.join(parent, PREFIX)
                 os.makedirs(base, exist_ok=True)
+                _check_usable(base)
                 _enable_controllers(base, list(needed))
                 return Placement(2, {"": base}, needed)
             except OSError as exc:
@@ -245,8 +266,7 @@ def place(layout: Layout, needed: tuple[str, ...] = CONTROLLERS) -> Placement:
                 base = os.path.join(parent, PREFIX)
                 try:
                     os.makedirs(base, exist_ok=True)
-                    if not os.access(os.path.join(base, "cgroup.procs"), os.W_OK):
-                        raise PermissionError(errno.EACCES, "not writable")
+                    _check_usable(base)
                     bases[ctl] = base
                     break
                 except OSError as exc:

@@ -1,0 +1,144 @@
+"""A caller that is not root, in a cgroup v2 group delegated to it.
+
+On a pure cgroup v2 host, a user's processes get limits only below a group
+delegated to them (what systemd's ``user@UID.service``, or ``systemd-run
+--user --scope``, gives: the directory and its ``cgroup.procs``,
+``cgroup.threads`` and ``cgroup.subtree_control`` owned by the user). nanobox
+then places its runs below the caller's own group, which holds the caller's
+processes: the kernel's "no internal processes" rule refuses to enable
+controllers there until they are moved to a leaf. Root sets up such a group
+here (the VM lane's pure-v2 configuration) and runs nanobox in it as
+``nobody``, on a host where root's own base group exists too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import SPY
+from test_cgroups import FORKBOMB
+from test_filesystem import _python_for_anyone
+
+V2 = "/sys/fs/cgroup"
+NEEDED = {"memory", "pids", "cpu"}
+NOBODY = 65534
+
+
+def _pure_v2_with_controllers() -> bool:
+    try:
+        have = set(Path(V2, "cgroup.controllers").read_text().split())
+    except OSError:
+        return False
+    return NEEDED <= have
+
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.root_only,
+    pytest.mark.skipif(os.geteuid() != 0, reason="sets up a delegated group as root"),
+    pytest.mark.skipif(
+        not _pure_v2_with_controllers(),
+        reason="needs a cgroup v2 tree with memory, pids and cpu at /sys/fs/cgroup (VM lane v2)",
+    ),
+]
+
+AS_NOBODY = """
+import json, sys
+import nanobox
+from nanobox import Limits, Policy
+py, forkbomb = sys.argv[1:3]
+out = {}
+r = nanobox.run([py, "-c", "b = bytearray(256 << 20)"], policy=Policy(limits=Limits(memory="64M")))
+out["memory"] = [r.outcome.value, r.oom_killed, r.peak_memory_bytes]
+r = nanobox.run([py, "-c", forkbomb], policy=Policy(limits=Limits(pids=16)), timeout=60)
+out["pids"] = [r.outcome.value, r.stdout.decode().strip(), [v.kind for v in r.violations]]
+r = nanobox.run(["/bin/true"], policy=Policy(limits=Limits(memory="64M")))
+out["true"] = [r.returncode, list(r.degraded)]
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture
+def delegated() -> Iterator[Path]:
+    """A group below the root with the controllers, owned by ``nobody`` as
+    systemd delegates one; removed afterwards (every group below it too)."""
+    root_ctl = Path(V2, "cgroup.subtree_control")
+    missing = NEEDED - set(root_ctl.read_text().split())
+    if missing:
+        root_ctl.write_text(" ".join(f"+{c}" for c in sorted(missing)))
+    # Root's own base exists, as on a host where root has run nanobox: a
+    # user's runs used to be placed there, and failed to make their groups.
+    from nanobox._linux import cgroups
+
+    assert cgroups.place(cgroups.detect()).bases == {"": f"{V2}/nanobox"}
+    group = Path(V2, f"nanobox-test-delegated-{uuid.uuid4().hex[:8]}")
+    group.mkdir()
+    try:
+        for path in (group, *(group / f for f in ("cgroup.procs", "cgroup.threads"))):
+            os.chown(path, NOBODY, NOBODY)
+        os.chown(group / "cgroup.subtree_control", NOBODY, NOBODY)
+        yield group
+    finally:
+        for sub in sorted(group.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if sub.is_dir():
+                for pid in (sub / "cgroup.procs").read_text().split():
+                    os.kill(int(pid), 9)
+                sub.rmdir()
+        group.rmdir()
+
+
+def test_limits_hold_in_a_group_delegated_to_the_caller(delegated: Path) -> None:
+    ws = Path(f"/var/tmp/nanobox-test-{uuid.uuid4().hex}")  # (pytest's tmp_path is 0700)
+    ws.mkdir()
+    os.chown(ws, NOBODY, NOBODY)
+    src = os.path.dirname(os.path.dirname(__import__("nanobox").__file__))
+    py = _python_for_anyone()
+    # Root moves the child into the group, then it becomes nobody and runs
+    # nanobox there (as a login shell in user@UID.service would).
+    enter = (
+        "import os, sys\n"
+        "open(sys.argv[1], 'w').write(str(os.getpid()))\n"
+        f"os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})\n"
+        "os.execv(sys.argv[2], sys.argv[2:])\n"
+    )
+    outs = []
+    try:
+        # First from the group itself; then from the leaf nanobox moved the
+        # caller's processes to, where a shell's later children start.
+        for start in (delegated, delegated / "nanobox-leaf"):
+            p = subprocess.run(
+                [py, "-c", enter, str(start / "cgroup.procs"), py, "-c", AS_NOBODY, SPY, FORKBOMB],
+                cwd=ws,
+                env={"PATH": os.environ["PATH"], "HOME": str(ws), "PYTHONPATH": src},
+                capture_output=True,
+                timeout=300,
+            )
+            assert p.returncode == 0, (start, p.stdout, p.stderr[-2000:])
+            outs.append(json.loads(p.stdout.decode().strip().splitlines()[-1]))
+    finally:
+        shutil.rmtree(ws, ignore_errors=True)
+    for out in outs:
+        _check(out)
+    # nanobox's groups are below the caller's own: its leaf (its processes
+    # were moved there to enable the controllers) and its base, no run's
+    # group left, and no second leaf nested in the first.
+    below = sorted(str(p.relative_to(delegated)) for p in delegated.rglob("*") if p.is_dir())
+    assert below == ["nanobox", "nanobox-leaf"], below
+
+
+def _check(out: dict[str, Any]) -> None:
+    outcome, oom, peak = out["memory"]
+    assert outcome == "memory_limit" and oom is True and peak <= 64 << 20, out
+    outcome, forked, kinds = out["pids"]
+    # 16 tasks at most: the python process itself and 15 children.
+    assert outcome == "exited" and forked == "15" and "pids_limit" in kinds, out
+    assert out["true"] == [0, []], out
