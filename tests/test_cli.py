@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -154,7 +155,8 @@ BAD = [
     (["run", "--on-output-limit", "explode", "true"], "--on-output-limit"),
     (["run", "--env", "NOEQUALS", "true"], "--env"),
     (["run", "--env", "=x", "true"], "--env"),
-    (["run", "--cwd", "/nonexistent/dir", "true"], "cwd"),
+    (["run", "--cwd", "/nonexistent/dir", "true"], "cwd: '/nonexistent/dir' does not exist"),
+    (["run", "--cwd", "/etc/hostname", "true"], "cwd: '/etc/hostname' is not a directory"),
     (["run", "--cwd", "/", "true"], "cwd"),
     (["run", "--policy", "/nonexistent.toml", "true"], "policy"),
     (["run", "--log-format", "xml", "true"], "--log-format"),
@@ -178,6 +180,22 @@ def test_bad_input_exits_125_with_one_line(workspace: Path, argv: list[str], nam
     assert len(lines) == 1, lines
     assert lines[0].startswith("nanobox: error: ") and named in lines[0], lines[0]
     assert "Traceback" not in p.stderr.decode()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root searches every directory")
+def test_an_unreachable_cwd_is_named_with_the_reason(tmp_path: Path) -> None:
+    """A directory that exists but that a directory on the way hides from
+    this user: the message says so (it used to say it did not exist)."""
+    locked = tmp_path / "locked"
+    (locked / "ws").mkdir(parents=True)
+    locked.chmod(0o000)
+    try:
+        p = nanobox_cli("run", "--cwd", str(locked / "ws"), "true")
+    finally:
+        locked.chmod(0o700)
+    assert p.returncode == 125, p.stderr
+    line = p.stderr.decode().strip()
+    assert "cwd:" in line and "/locked/ws' cannot be reached" in line and "searchable" in line, line
 
 
 @pytest.mark.parametrize(

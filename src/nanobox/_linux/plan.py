@@ -7,6 +7,7 @@ import json
 import math
 import os
 import resource
+import stat
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -47,8 +48,20 @@ def check_args(args: object) -> list[str]:
 def resolve_cwd(cwd: str | os.PathLike[str] | None) -> str:
     raw = os.getcwd() if cwd is None else os.fspath(cwd)
     path = os.path.realpath(os.path.expanduser(raw))
-    if not os.path.isdir(path):
-        raise PolicyError("cwd", f"{raw!r} is not an existing directory")
+    try:
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+    except FileNotFoundError:
+        raise PolicyError("cwd", f"{raw!r} does not exist") from None
+    except PermissionError:
+        raise PolicyError(
+            "cwd",
+            f"{raw!r} cannot be reached: a directory on the way to it is not searchable "
+            f"(x permission) for uid {os.geteuid()}",
+        ) from None
+    except OSError as exc:
+        raise PolicyError("cwd", f"{raw!r} cannot be used: {exc.strerror}") from None
+    if not is_dir:
+        raise PolicyError("cwd", f"{raw!r} is not a directory")
     if path == "/":
         raise PolicyError(
             "cwd",
