@@ -17,7 +17,9 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,10 +69,39 @@ print(json.dumps(out))
 """
 
 
-@pytest.fixture
-def delegated() -> Iterator[Path]:
-    """A group below the root with the controllers, owned by ``nobody`` as
-    systemd delegates one; removed afterwards (every group below it too)."""
+def _remove_tree(top: Path) -> None:
+    """Kill what is left below ``top``, wait until the kernel says the tree
+    is empty, then remove its groups bottom-up (each on its own, so one
+    that will not go does not keep the rest, or the test's failure, from
+    being seen)."""
+    (top / "cgroup.kill").write_text("1")
+    deadline = time.monotonic() + 10
+    while "populated 1" in (top / "cgroup.events").read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for sub in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        _rmdir(sub)
+    _rmdir(top)
+
+
+def _rmdir(path: Path) -> None:
+    for _ in range(100):
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:  # EBUSY while the last exit is accounted
+            time.sleep(0.02)
+    warnings.warn(f"cgroup {path} could not be removed", stacklevel=1)
+
+
+@pytest.fixture(params=["plain", "named-leaf"])
+def delegated(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A group with the controllers, owned by ``nobody`` as systemd
+    delegates one; removed afterwards (every group below it too).
+    ``named-leaf``: the delegated group is itself called ``nanobox-leaf``
+    (a name nanobox gives its own leaves), below a group of root's: its
+    parent is not the caller's, so nanobox must use the group itself."""
     root_ctl = Path(V2, "cgroup.subtree_control")
     missing = NEEDED - set(root_ctl.read_text().split())
     if missing:
@@ -80,26 +111,22 @@ def delegated() -> Iterator[Path]:
     from nanobox._linux import cgroups
 
     assert cgroups.place(cgroups.detect()).bases == {"": f"{V2}/nanobox"}
-    group = Path(V2, f"nanobox-test-delegated-{uuid.uuid4().hex[:8]}")
-    group.mkdir()
+    top = Path(V2, f"nanobox-test-delegated-{uuid.uuid4().hex[:8]}")
+    top.mkdir()
     try:
-        for path in (group, *(group / f for f in ("cgroup.procs", "cgroup.threads"))):
-            os.chown(path, NOBODY, NOBODY)
-        os.chown(group / "cgroup.subtree_control", NOBODY, NOBODY)
+        group = top
+        if request.param == "named-leaf":
+            (top / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in sorted(NEEDED)))
+            group = top / "nanobox-leaf"
+            group.mkdir()
+        for name in ("", "cgroup.procs", "cgroup.threads", "cgroup.subtree_control"):
+            os.chown(group / name, NOBODY, NOBODY)
         yield group
     finally:
-        for sub in sorted(group.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-            if sub.is_dir():
-                for pid in (sub / "cgroup.procs").read_text().split():
-                    os.kill(int(pid), 9)
-                sub.rmdir()
-        group.rmdir()
+        _remove_tree(top)
 
 
 def test_limits_hold_in_a_group_delegated_to_the_caller(delegated: Path) -> None:
-    ws = Path(f"/var/tmp/nanobox-test-{uuid.uuid4().hex}")  # (pytest's tmp_path is 0700)
-    ws.mkdir()
-    os.chown(ws, NOBODY, NOBODY)
     src = os.path.dirname(os.path.dirname(__import__("nanobox").__file__))
     py = _python_for_anyone()
     # Root moves the child into the group, then it becomes nobody and runs
@@ -111,7 +138,10 @@ def test_limits_hold_in_a_group_delegated_to_the_caller(delegated: Path) -> None
         "os.execv(sys.argv[2], sys.argv[2:])\n"
     )
     outs = []
+    ws = Path(f"/var/tmp/nanobox-test-{uuid.uuid4().hex}")  # (pytest's tmp_path is 0700)
     try:
+        ws.mkdir()
+        os.chown(ws, NOBODY, NOBODY)
         # First from the group itself; then from the leaf nanobox moved the
         # caller's processes to, where a shell's later children start.
         for start in (delegated, delegated / "nanobox-leaf"):

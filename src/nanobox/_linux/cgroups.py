@@ -222,8 +222,8 @@ def _check_usable(base: str) -> None:
     ``<mount>/nanobox`` on a host where root has run nanobox, which a user
     with a group of their own must not take for theirs."""
     if not (
-        os.access(base, os.W_OK | os.X_OK)
-        and os.access(os.path.join(base, "cgroup.procs"), os.W_OK)
+        os.access(base, os.W_OK | os.X_OK, effective_ids=True)
+        and os.access(os.path.join(base, "cgroup.procs"), os.W_OK, effective_ids=True)
     ):
         raise PermissionError(errno.EACCES, "not writable")
 
@@ -234,11 +234,13 @@ def place(layout: Layout, needed: tuple[str, ...] = CONTROLLERS) -> Placement:
     if layout.v2 and all(c in v2_ctl for c in needed):
         candidates = [layout.v2]
         own = layout.own.get("")
-        if own is not None and os.path.basename(own) == LEAF:
+        if own is not None and os.path.basename(own) == LEAF and own != "/" + LEAF:
             # The leaf an earlier process of ours moved this one's group to
             # (a shell's children start there too): its parent is the
             # caller's group, already set up, not one more level to make.
-            own = os.path.dirname(own)
+            # (If that parent is not the caller's after all, the group
+            # itself is tried next.)
+            candidates.append(layout.v2 + os.path.dirname(own))
         if own is not None and own != "/":
             candidates.append(layout.v2 + own)
         errors = []
