@@ -156,7 +156,7 @@ BAD = [
     (["run", "--env", "NOEQUALS", "true"], "--env"),
     (["run", "--env", "=x", "true"], "--env"),
     (["run", "--cwd", "/nonexistent/dir", "true"], "cwd: '/nonexistent/dir' does not exist"),
-    (["run", "--cwd", "/etc/hostname", "true"], "cwd: '/etc/hostname' is not a directory"),
+    (["run", "--cwd", sys.executable, "true"], f"cwd: {sys.executable!r} is not a directory"),
     (["run", "--cwd", "/", "true"], "cwd"),
     (["run", "--policy", "/nonexistent.toml", "true"], "policy"),
     (["run", "--log-format", "xml", "true"], "--log-format"),
@@ -182,6 +182,16 @@ def test_bad_input_exits_125_with_one_line(workspace: Path, argv: list[str], nam
     assert "Traceback" not in p.stderr.decode()
 
 
+def test_a_removed_current_directory_is_a_clear_error(tmp_path: Path) -> None:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    code = "import os, sys, nanobox\nos.rmdir(sys.argv[1])\nnanobox.run(['true'])\n"
+    p = subprocess.run([sys.executable, "-c", code, str(gone)], cwd=gone, capture_output=True)
+    err = p.stderr.decode()
+    assert "PolicyError: cwd: the current directory cannot be used" in err, err
+    assert "FileNotFoundError" not in err, err
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root searches every directory")
 def test_an_unreachable_cwd_is_named_with_the_reason(tmp_path: Path) -> None:
     """A directory that exists but that a directory on the way hides from
@@ -195,7 +205,7 @@ def test_an_unreachable_cwd_is_named_with_the_reason(tmp_path: Path) -> None:
         locked.chmod(0o700)
     assert p.returncode == 125, p.stderr
     line = p.stderr.decode().strip()
-    assert "cwd:" in line and "/locked/ws' cannot be reached" in line and "searchable" in line, line
+    assert "cwd:" in line and "/locked/ws' cannot be reached" in line and "denied" in line, line
 
 
 @pytest.mark.parametrize(

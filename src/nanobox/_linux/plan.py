@@ -46,7 +46,14 @@ def check_args(args: object) -> list[str]:
 
 
 def resolve_cwd(cwd: str | os.PathLike[str] | None) -> str:
-    raw = os.getcwd() if cwd is None else os.fspath(cwd)
+    if cwd is None:
+        try:
+            raw = os.getcwd()
+        except OSError as exc:  # removed while this process was in it
+            why = f"the current directory cannot be used: {exc.strerror}"
+            raise PolicyError("cwd", why) from None
+    else:
+        raw = os.fspath(cwd)
     path = os.path.realpath(os.path.expanduser(raw))
     try:
         is_dir = stat.S_ISDIR(os.stat(path).st_mode)
@@ -55,8 +62,9 @@ def resolve_cwd(cwd: str | os.PathLike[str] | None) -> str:
     except PermissionError:
         raise PolicyError(
             "cwd",
-            f"{raw!r} cannot be reached: a directory on the way to it is not searchable "
-            f"(x permission) for uid {os.geteuid()}",
+            f"{raw!r} cannot be reached by uid {os.geteuid()}: permission denied (a "
+            "directory on the way is not searchable, or a security module such as "
+            "Landlock forbids it)",
         ) from None
     except OSError as exc:
         raise PolicyError("cwd", f"{raw!r} cannot be used: {exc.strerror}") from None
