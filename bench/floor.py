@@ -23,13 +23,16 @@ time per run (``/proc/stat``: every process and the kernel's threads):
   for this directory), ``no_new_privs``, every capability dropped;
 - ``S3``: + nanobox's default seccomp filter (with its user-notification
   listener, as a run has it);
-- ``S4``: + per-run cgroups (v1 ``memory``, ``pids``, ``cpu``, ``cpuacct``,
-  or a v2 group below this process's own), joined before the namespaces,
-  their peak memory and CPU read after the run.
+- ``S4``: + per-run cgroups (v1 ``memory``, ``pids``, ``cpu``, ``cpuacct``;
+  skipped on v2), joined before the namespaces as nanobox's stage A joins
+  them (``0`` to ``tasks``), their peak memory and CPU read after the run.
 
 Cold, side by side with ``python -c pass`` and the CLI: ``S3`` once in a new
-interpreter that imports only the mechanisms' modules (``--once``; the
-Landlock paths come precomputed, so no policy is evaluated).
+interpreter started by a ``-c`` stub that imports this module's cached
+bytecode and the mechanisms' modules (the Landlock paths and the seccomp
+program come precomputed, so no policy is evaluated): forked from that
+interpreter, which waits for it (as a supervisor outside the sandbox
+would), and in that process itself (no fork, nothing left outside).
 
 None of this supervises anything, hides or protects any path, or could be
 called from a multithreaded caller (it forks the caller). It is a lower
@@ -113,6 +116,10 @@ class Floor:
                         self._prototype()
                     else:
                         self._stage_a(int(level[1:]), run_cg)
+                except BaseException:  # noqa: BLE001 - shown, then exit 127
+                    import traceback  # (only on the way out of a failed child)
+
+                    traceback.print_exc()
                 finally:
                     os._exit(127)
             _, status, _rusage = os.wait4(pid, 0)
@@ -148,10 +155,11 @@ class Floor:
 
     def _stage_a(self, level: int, run_cg: list[str] | None) -> None:
         if run_cg is not None:
-            procs = "tasks" if CgroupSet.v1 else "cgroup.procs"
             for group in run_cg:
-                with open(os.path.join(group, procs), "w") as f:
-                    f.write(str(os.getpid()))
+                # "0": this thread, as nanobox's stage A joins (a pid of
+                # its own would take the kernel's global threadgroup lock)
+                with open(os.path.join(group, "tasks"), "w") as f:
+                    f.write("0")
         self._namespaces()
         r, w = os.pipe()
         init = os.posix_spawn(
@@ -167,7 +175,7 @@ class Floor:
             self._loopback_up()
             if self.libc.sethostname(b"floor", 5) != 0:
                 raise OSError(ctypes.get_errno(), "sethostname")
-        if level >= 2:
+        if level >= 2:  # (the plan's paths that exist in this view)
             ruleset, _abi = self.landlock.prepare(self.ll_plan)
             if ruleset >= 0:
                 self.landlock.restrict(ruleset)  # also no_new_privs
@@ -221,35 +229,46 @@ class Floor:
 
 
 class CgroupSet:
-    """Per-run groups below one group of this script's own per hierarchy."""
+    """Per-run groups below one group of this script's own in each v1
+    hierarchy nanobox uses (a co-mounted ``cpu,cpuacct`` once). On cgroup
+    v2 the script would need a delegated group with its controllers
+    enabled: S4 is skipped there, with the reason."""
 
-    v1 = True
+    PREFIX = "nanobox-floor-"
 
     def __init__(self) -> None:
         self.parents: list[str] = []
         self.n = 0
         self.error = ""
-        try:
-            self._make_parents(f"nanobox-floor-{os.getpid()}")
-        except OSError as exc:
-            self.error = f"no cgroup of this script's own: {exc}"
-        if not self.parents and not self.error:
-            self.error = "no writable v1 hierarchy and no v2 tree"
-
-    def _make_parents(self, name: str) -> None:
+        hierarchies = []
         for ctrl in ("memory", "pids", "cpu", "cpuacct"):
-            base = f"/sys/fs/cgroup/{ctrl}"
-            if os.path.isfile(os.path.join(base, "tasks")) and os.access(base, os.W_OK):
-                path = os.path.join(base, name)
+            base = os.path.realpath(f"/sys/fs/cgroup/{ctrl}")
+            if os.path.isfile(os.path.join(base, "tasks")) and base not in hierarchies:
+                hierarchies.append(base)
+        if len(hierarchies) < 3:
+            self.error = "S4 measures cgroup v1 groups (memory, pids, cpu, cpuacct); none here"
+            return
+        try:
+            for base in hierarchies:
+                self._sweep(base)
+                path = os.path.join(base, f"{self.PREFIX}{os.getpid()}")
                 os.mkdir(path)
                 self.parents.append(path)
-        if not self.parents and os.path.isfile("/sys/fs/cgroup/cgroup.controllers"):
-            CgroupSet.v1 = False  # v2: needs a group delegated to this process
-            with open("/proc/self/cgroup") as f:
-                own = f.read().split("::", 1)[1].strip()
-            path = os.path.join("/sys/fs/cgroup" + own, name)
-            os.mkdir(path)
-            self.parents.append(path)
+        except OSError as exc:
+            self.error = f"no cgroup of this script's own: {exc}"
+            self.close()
+
+    def _sweep(self, base: str) -> None:
+        """Groups of an earlier run of this script that was killed."""
+        for name in os.listdir(base):
+            if name.startswith(self.PREFIX) and not os.path.exists(
+                "/proc/" + name[len(self.PREFIX) :]
+            ):
+                self.remove([*sorted(self._below(os.path.join(base, name)), reverse=True)])
+
+    @staticmethod
+    def _below(path: str) -> list[str]:
+        return [path] + [os.path.join(path, d) for d in os.listdir(path) if d.startswith("run")]
 
     def make(self) -> list[str]:
         self.n += 1
@@ -263,7 +282,7 @@ class CgroupSet:
     @staticmethod
     def read(groups: list[str]) -> None:
         for path in groups:
-            for name in ("memory.max_usage_in_bytes", "cpuacct.usage", "memory.peak", "cpu.stat"):
+            for name in ("memory.max_usage_in_bytes", "cpuacct.usage"):
                 try:
                     with open(os.path.join(path, name)) as f:
                         f.read()
@@ -273,19 +292,22 @@ class CgroupSet:
     @staticmethod
     def remove(groups: list[str]) -> None:
         for path in groups:
-            for _ in range(100):
+            for attempt in range(1000):
                 try:
                     os.rmdir(path)
                     break
+                except FileNotFoundError:
+                    break
                 except OSError:  # EBUSY while the last exit is being accounted
+                    if attempt == 999:
+                        raise
                     time.sleep(0.001)
 
     def close(self) -> None:
         for path in self.parents:
-            try:
-                os.rmdir(path)
-            except OSError:
-                pass
+            if os.path.isdir(path):
+                self.remove(sorted(self._below(path), reverse=True))
+        self.parents = []
 
 
 # --------------------------------------------------------------------------- driver
@@ -293,7 +315,8 @@ class CgroupSet:
 
 NANOBOX = "nanobox warm"
 COLD_PY = "python -c pass (venv)"
-COLD_FLOOR = "S3 cold: a new interpreter, one start"
+COLD_FLOOR = "S3 cold: a new interpreter, one start (forked)"
+COLD_INPROC = "S3 cold: a new interpreter, one start (in-process)"
 COLD_CLI = "nanobox CLI (cold)"
 
 
@@ -319,11 +342,22 @@ def made_ahead(cwd: str) -> bytes:
     return marshal.dumps((built["landlock"], program))
 
 
-def once(level: str, made_hex: str) -> None:
-    """``--once``: one start in a new interpreter (the cold floor), importing
-    only the mechanisms' modules; no policy is evaluated."""
-    status = Floor(bytes.fromhex(made_hex)).start(level)
-    sys.exit(os.waitstatus_to_exitcode(status))
+ONCE = "import sys; sys.path.insert(0, sys.argv[1]); import floor; floor.once(*sys.argv[2:])"
+
+
+def once(made_hex: str, how: str) -> None:
+    """One ``S3`` start in a new interpreter (the cold floor), from a ``-c``
+    stub (this module's bytecode cached, as an installed CLI's is),
+    importing only the mechanisms' modules; no policy is evaluated.
+    ``forked``: the sandbox is a child and this process waits for it (a
+    supervisor outside the sandbox, as nanobox needs one); ``in-process``:
+    this process becomes the sandbox's stage A itself (no fork; nothing
+    would be left outside to supervise the run or answer its seccomp
+    notifications)."""
+    floor = Floor(bytes.fromhex(made_hex))
+    if how == "in-process":
+        floor._stage_a(3, None)  # exits with the command's status
+    sys.exit(os.waitstatus_to_exitcode(floor.start("S3")))
 
 
 def measure(rounds: int, runs: int) -> dict[str, Any]:
@@ -337,17 +371,25 @@ def measure(rounds: int, runs: int) -> dict[str, Any]:
     with c.workdir() as cwd:
         os.chdir(cwd)
         made = made_ahead(cwd)
-        groups = CgroupSet()
-        floor = Floor(made, groups)
+        import importlib.util
+        import py_compile
+
+        # (written even under PYTHONDONTWRITEBYTECODE, as pip does at install)
+        py_compile.compile(__file__, importlib.util.cache_from_source(__file__), doraise=True)
+        groups = None
         worker = None
         try:
+            groups = CgroupSet()
+            floor = Floor(made, groups)
             names = list(LEVELS)
             if groups.error:
                 skipped["S4"] = groups.error
                 names.remove("S4")
+            here = os.path.dirname(os.path.abspath(__file__))
             cold = {
                 COLD_PY: [c.VENV_PYTHON, "-c", "pass"],
-                COLD_FLOOR: [c.VENV_PYTHON, __file__, "--once", "S3", made.hex()],
+                COLD_FLOOR: [c.VENV_PYTHON, "-c", ONCE, here, made.hex(), "forked"],
+                COLD_INPROC: [c.VENV_PYTHON, "-c", ONCE, here, made.hex(), "in-process"],
                 COLD_CLI: [c.VENV_NANOBOX, "run", "--", COMMAND],
             }
             for name, argv in cold.items():
@@ -387,7 +429,7 @@ def measure(rounds: int, runs: int) -> dict[str, Any]:
                             if i == 3:
                                 b0 = busy_ms()
                             if name in cold:
-                                if name == COLD_FLOOR and i >= runs // 4 + 3:
+                                if name in (COLD_FLOOR, COLD_INPROC) and i >= runs // 4 + 3:
                                     break  # (each of these starts an interpreter)
                                 dt, status = c.time_command(cold[name], cwd)
                             elif name == "bwrap":
@@ -406,7 +448,8 @@ def measure(rounds: int, runs: int) -> dict[str, Any]:
                     if got:
                         per_round[name].append(c.percentile(got, 50) * 1e3)
         finally:
-            groups.close()
+            if groups is not None:
+                groups.close()
             if worker is not None:
                 worker.close()
     bw = c.summary(times.get("bwrap", []), 1e3).get("median")
@@ -479,7 +522,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--once"]:
-        once(sys.argv[2], sys.argv[3])
-    else:
-        main()
+    main()
