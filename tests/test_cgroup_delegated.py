@@ -43,6 +43,21 @@ def _pure_v2_with_controllers() -> bool:
     return NEEDED <= have
 
 
+def _userns_for_nobody() -> bool:
+    """May an unprivileged user create a user namespace here (the VM lane's
+    no-userns configurations say no, each its own way)?"""
+    for path, off in (
+        ("/proc/sys/user/max_user_namespaces", "0"),
+        ("/proc/sys/kernel/unprivileged_userns_clone", "0"),
+    ):
+        try:
+            if Path(path).read_text().strip() == off:
+                return False
+        except OSError:
+            pass
+    return True
+
+
 pytestmark = [
     pytest.mark.vm,
     pytest.mark.root_only,
@@ -50,6 +65,10 @@ pytestmark = [
     pytest.mark.skipif(
         not _pure_v2_with_controllers(),
         reason="needs a cgroup v2 tree with memory, pids and cpu at /sys/fs/cgroup (VM lane v2)",
+    ),
+    pytest.mark.skipif(
+        not _userns_for_nobody(),
+        reason="no user namespaces for an unprivileged user (see test_nouserns)",
     ),
 ]
 
