@@ -361,6 +361,8 @@ def once(made_hex: str, how: str) -> None:
 
 
 def measure(rounds: int, runs: int) -> dict[str, Any]:
+    import importlib.util
+    import py_compile
     import shutil
 
     import _common as c
@@ -368,14 +370,18 @@ def measure(rounds: int, runs: int) -> dict[str, Any]:
 
     errors: dict[str, str] = {}
     skipped: dict[str, str] = {}
+    # The cold rows start from bytecode, as an installed package does (pip
+    # compiles at install, even where PYTHONDONTWRITEBYTECODE is set).
+    compiled = c.compile_nanobox()
+    if compiled is not None:
+        errors["byte-compile nanobox"] = compiled
+    try:
+        py_compile.compile(__file__, importlib.util.cache_from_source(__file__), doraise=True)
+    except (OSError, py_compile.PyCompileError) as exc:
+        errors["byte-compile floor.py"] = f"{exc} (its cold rows compile it at every start)"
     with c.workdir() as cwd:
         os.chdir(cwd)
         made = made_ahead(cwd)
-        import importlib.util
-        import py_compile
-
-        # (written even under PYTHONDONTWRITEBYTECODE, as pip does at install)
-        py_compile.compile(__file__, importlib.util.cache_from_source(__file__), doraise=True)
         groups = None
         worker = None
         try:
