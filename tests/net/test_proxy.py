@@ -629,7 +629,9 @@ def live_bytes_down(harness) -> int:
     return harness.thread._call(read(), 10.0)
 
 
-@pytest.mark.parametrize("mode", ["connect-splice", "connect-copy", "socks-splice", "http"])
+@pytest.mark.parametrize(
+    "mode", ["connect-splice", "connect-copy", "socks-splice", "socks-copy", "http"]
+)
 def test_slow_reader_bounds_buffering(mode, bulk_server, http_server):
     huge = 2_000_000_000
     with proxy_harness(use_splice=mode.endswith("splice")) as h:
@@ -655,6 +657,32 @@ def test_slow_reader_bounds_buffering(mode, bulk_server, http_server):
         sock.close()
 
 
+def reset_handler(conn: socket.socket) -> None:
+    """Send 300 kB, then reset the connection (SO_LINGER 0)."""
+    conn.sendall(b"r" * 300_000)
+    time.sleep(0.2)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+@pytest.mark.parametrize("splice", [False, True], ids=["copy", "splice"])
+def test_an_upstream_reset_mid_stream_resets_the_client(splice):
+    """Never a clean end for a broken tunnel: the client gets what came,
+    then a reset, not an EOF it could take for the whole response."""
+    with ThreadServer(reset_handler) as upstream, proxy_harness(use_splice=splice) as h:
+        sock, status, _ = http_connect(h.http_port, f"allowed.test:{upstream.port}")
+        assert status == 200
+        sock.settimeout(10)
+        got = 0
+        with pytest.raises(ConnectionResetError):
+            while True:
+                chunk = sock.recv(65536)
+                assert chunk, f"a clean EOF after {got} bytes"
+                got += len(chunk)
+        assert got <= 300_000
+        sock.close()
+        assert "reset" in (last_event(h).error or "")
+
+
 def test_pipe_shortage_falls_back_to_copying(echo_server, monkeypatch):
     import nanobox.net.proxy as proxy_module
 
@@ -673,9 +701,9 @@ def test_pipe_shortage_falls_back_to_copying(echo_server, monkeypatch):
 
 def test_200_parallel_connections(echo_server):
     n = 200
-    # Each spliced tunnel holds six fds (client, upstream, two pipes) and the
-    # test's own clients more: 200 of them exceed a default soft limit of
-    # 1024, as an unprivileged user has. Raise the soft limit to the hard one.
+    # Each tunnel holds two fds (client, upstream; four more with splice)
+    # and the test's own clients more: 200 of them exceed a default soft
+    # limit of 1024, as an unprivileged user has. Raise it to the hard one.
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -12,13 +12,14 @@ and dials out from the supervisor's namespace after the allowlist checks of
 3. for tunnels to port 443 (HTTP CONNECT and SOCKS5) the TLS ClientHello's SNI
    must name the same host (``check_sni``), without decrypting anything.
 
-Raw tunnels are relayed with ``os.splice`` through a pipe (zero copy) when
-available, else with fixed buffers; both are driven by reader/writer callbacks
-with at most one buffer in flight per direction, so a slow reader stops the
-proxy from reading the other side (no unbounded buffering). When one side
-finishes sending, the proxy shuts down the write half of the other and keeps
-relaying the opposite direction until it ends too, so nothing is truncated;
-on a reset the other side is reset as well, so failures are never silent.
+Raw tunnels are relayed by copying, with at most one buffer in flight per
+direction (a buffer that grows to 1 MiB while a transfer fills it), or, with
+``use_splice``, with ``os.splice`` through a pipe per direction; either way a
+slow reader stops the proxy from reading the other side (no unbounded
+buffering). When one side finishes sending, the proxy shuts down the write
+half of the other and keeps relaying the opposite direction until it ends
+too, so nothing is truncated; on a reset or an error the other side is
+reset as well, so failures are never silent.
 
 Plain HTTP is parsed and framed by h11 (imported on the first HTTP
 connection); each request gets its own upstream connection.
@@ -35,7 +36,6 @@ import logging
 import os
 import socket
 import struct
-import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping, Sequence
@@ -70,7 +70,8 @@ _T = TypeVar("_T")
 
 _RECV = 65536
 _RAW_BUF = 1 << 20  # large plain-HTTP bodies are copied in chunks of this size
-_BUFFER = 256 * 1024
+_BUFFER = 1 << 20  # a copied tunnel's buffer grows up to this, per direction
+_BUFFER_START = 64 * 1024
 _PIPE_SIZE = 1024 * 1024
 _MAX_ADDRESSES = 32
 _CLOSE_DRAIN_SECONDS = 2.0
@@ -78,7 +79,7 @@ _CLOSE_DRAIN_BYTES = 1024 * 1024
 _TLS_ALERT_ACCESS_DENIED = b"\x15\x03\x03\x00\x02\x02\x31"
 _F_SETPIPE_SZ = 1031
 _F_GETPIPE_SZ = 1032
-_USE_SPLICE_DEFAULT = sys.platform.startswith("linux") and hasattr(os, "splice")
+_USE_SPLICE_DEFAULT = False  # copying outran splice on loopback (see _CopyRelay)
 
 # failure kind -> (HTTP status, SOCKS5 reply)
 _FAILURES: dict[str, tuple[int, int]] = {
@@ -277,15 +278,15 @@ class _Conn:
 
 
 class _Pump:
-    """One direction of a tunnel, driven by loop reader/writer callbacks."""
+    """One direction of a spliced tunnel, driven by loop reader/writer
+    callbacks: ``os.splice`` from the source socket into a pipe and from the
+    pipe to the destination, never more than the pipe in flight."""
 
     __slots__ = (
-        "buf",
         "cap",
         "count",
         "done",
         "dst",
-        "end",
         "eof",
         "loop",
         "pending",
@@ -295,8 +296,6 @@ class _Pump:
         "reading",
         "relay",
         "src",
-        "start",
-        "view",
         "writing",
     )
 
@@ -306,7 +305,6 @@ class _Pump:
         src: socket.socket,
         dst: socket.socket,
         count: Callable[[int], None],
-        use_splice: bool,
     ) -> None:
         self.relay = relay
         self.loop = relay.loop
@@ -319,38 +317,23 @@ class _Pump:
         self.reading = False
         self.writing = False
         self.pipe_full = False
-        self.pipe_r = self.pipe_w = -1
-        self.start = self.end = 0
-        self.buf: bytearray | None = None
-        self.view: memoryview | None = None
-        self.cap = _BUFFER
-        if use_splice:
-            try:
-                self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError as exc:  # e.g. EMFILE: relay by copying instead
-                _log.debug("no pipe for splice (%s); copying instead", exc)
-            else:
-                import fcntl  # Linux only, like splice
+        # (OSError, e.g. EMFILE, goes to the caller, which copies instead)
+        self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        import fcntl  # Linux only, like splice
 
-                with contextlib.suppress(OSError):
-                    fcntl.fcntl(self.pipe_w, _F_SETPIPE_SZ, _PIPE_SIZE)
-                try:
-                    self.cap = fcntl.fcntl(self.pipe_w, _F_GETPIPE_SZ)
-                except OSError:
-                    self.cap = 65536
-                return
-        self.buf = bytearray(_BUFFER)
-        self.view = memoryview(self.buf)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self.pipe_w, _F_SETPIPE_SZ, _PIPE_SIZE)
+        try:
+            self.cap = fcntl.fcntl(self.pipe_w, _F_GETPIPE_SZ)
+        except OSError:
+            self.cap = 65536
 
     # -- registration
 
     def _want(self) -> None:
         if self.done:
             return
-        if self.view is not None:
-            can_read = not self.eof and self.end < self.cap
-        else:
-            can_read = not self.eof and not self.pipe_full and self.pending < self.cap
+        can_read = not self.eof and not self.pipe_full and self.pending < self.cap
         if can_read != self.reading:
             if can_read:
                 self.loop.add_reader(self.src.fileno(), self.on_readable)
@@ -382,17 +365,11 @@ class _Pump:
             if fd >= 0:
                 os.close(fd)
         self.pipe_r = self.pipe_w = -1
-        self.view = None
-        self.buf = None
 
     # -- data movement
 
     def _fill(self) -> int | None:
         try:
-            if self.view is not None:
-                n = self.src.recv_into(self.view[self.end :])
-                self.end += n
-                return n
             return os.splice(
                 self.src.fileno(),
                 self.pipe_w,
@@ -404,12 +381,6 @@ class _Pump:
 
     def _drain(self) -> int | None:
         try:
-            if self.view is not None:
-                n = self.dst.send(self.view[self.start : self.end])
-                self.start += n
-                if self.start == self.end:
-                    self.start = self.end = 0
-                return n
             return os.splice(
                 self.pipe_r,
                 self.dst.fileno(),
@@ -426,7 +397,7 @@ class _Pump:
             self.relay.fail(exc)
             return
         if n is None:
-            if self.view is None and self.pending > 0:
+            if self.pending > 0:
                 self.pipe_full = True  # EAGAIN with data in the pipe: out of pipe slots
                 self._flush()
             return
@@ -469,6 +440,9 @@ class _Pump:
 
 
 class _Relay:
+    """A tunnel relayed with ``os.splice`` (see :class:`_Pump`). Raises
+    ``OSError`` when its pipes cannot be made (then :class:`_CopyRelay`)."""
+
     __slots__ = ("down", "error", "future", "loop", "up", "watchdog")
 
     def __init__(
@@ -478,15 +452,14 @@ class _Relay:
         upstream: socket.socket,
         flow: _Flow,
         watchdog: _Watchdog,
-        use_splice: bool,
     ) -> None:
         self.loop = loop
         self.watchdog = watchdog
         self.error: OSError | None = None
         self.future: asyncio.Future[None] = loop.create_future()
-        self.up = _Pump(self, client, upstream, flow.count_up, use_splice)
+        self.up = _Pump(self, client, upstream, flow.count_up)
         try:
-            self.down = _Pump(self, upstream, client, flow.count_down, use_splice)
+            self.down = _Pump(self, upstream, client, flow.count_down)
         except BaseException:
             self.up.stop()
             raise
@@ -513,6 +486,108 @@ class _Relay:
             self.future.set_result(None)
 
 
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _CopyRelay:
+    """A tunnel relayed by copying: per direction one coroutine that reads
+    into a buffer and sends all of it before reading again, so a slow
+    reader stops the proxy from reading the other side. The buffer grows
+    (up to ``_BUFFER``) while reads fill it and goes back to its first size
+    when they do not, so an idle or chatty tunnel holds little and a bulk
+    transfer moves large chunks; after each chunk the other tunnels get
+    the event loop. On loopback this did as well as or better than the
+    splice relay (docs/BENCHMARKS.md), so it is the default."""
+
+    __slots__ = ("client", "error", "flow", "loop", "upstream", "watchdog")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        client: socket.socket,
+        upstream: socket.socket,
+        flow: _Flow,
+        watchdog: _Watchdog,
+    ) -> None:
+        self.loop = loop
+        self.client = client
+        self.upstream = upstream
+        self.flow = flow
+        self.watchdog = watchdog
+        self.error: Exception | None = None
+
+    async def _pump(
+        self, src: socket.socket, dst: socket.socket, count: Callable[[int], None]
+    ) -> None:
+        size = _BUFFER_START
+        buf = memoryview(bytearray(size))
+        small = 0  # reads in a row that used under a quarter of a grown buffer
+        while True:
+            n = await self.loop.sock_recv_into(src, buf)
+            if not n:
+                break
+            self.watchdog.touch()
+            await self._send_all(dst, buf[:n], count)
+            if n == size and size < _BUFFER:
+                size = min(size * 4, _BUFFER)
+                buf = memoryview(bytearray(size))
+            elif size > _BUFFER_START and n < size // 4:
+                small += 1
+                if small == 16:  # the burst is over: give the memory back
+                    size, small = _BUFFER_START, 0
+                    buf = memoryview(bytearray(size))
+            else:
+                small = 0
+            # Both calls above return at once while data and room last:
+            # let the loop run the other tunnels, timers and cancellations.
+            await asyncio.sleep(0)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)  # the other direction goes on
+
+    async def _send_all(
+        self, dst: socket.socket, view: memoryview, count: Callable[[int], None]
+    ) -> None:
+        """``sock_sendall``, but every part the kernel takes is counted and
+        counts as traffic for the idle watchdog, as each drain of the splice
+        relay does."""
+        while view:
+            try:
+                n = dst.send(view)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            if n:
+                view = view[n:]
+                count(n)
+                self.watchdog.touch()
+                continue
+            ready = self.loop.create_future()
+            fd = dst.fileno()
+            self.loop.add_writer(fd, _set_once, ready)
+            try:
+                await ready
+            finally:
+                self.loop.remove_writer(fd)
+
+    async def run(self) -> None:
+        pumps = [
+            asyncio.ensure_future(self._pump(self.client, self.upstream, self.flow.count_up)),
+            asyncio.ensure_future(self._pump(self.upstream, self.client, self.flow.count_down)),
+        ]
+        try:
+            for done in asyncio.as_completed(pumps):
+                try:
+                    await done
+                except Exception as exc:  # noqa: BLE001 - a reset, or anything else:
+                    self.error = exc  # end both directions, and the caller resets both
+                    break
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+
+
 # --------------------------------------------------------------------------- proxy
 
 
@@ -528,7 +603,8 @@ class Proxy:
     proxy's event loop thread. With ``check_sni``, tunnels to ``tls_ports``
     must start with a TLS ClientHello whose SNI names the requested host
     (tunnels to IP literals are exempt: clients send no SNI for them).
-    ``use_splice`` picks the tunnel relay (default: ``os.splice`` on Linux).
+    ``use_splice`` relays tunnels with ``os.splice`` (Linux) instead of
+    copying them (the default: faster on loopback, see ``_CopyRelay``).
     All methods must be called on the loop's thread (see :class:`ProxyThread`
     for synchronous callers).
     """
@@ -556,7 +632,9 @@ class Proxy:
         self.check_sni = check_sni
         self.tls_ports = frozenset(tls_ports)
         self.on_event = on_event
-        self.use_splice = _USE_SPLICE_DEFAULT if use_splice is None else use_splice
+        self.use_splice = (_USE_SPLICE_DEFAULT if use_splice is None else use_splice) and hasattr(
+            os, "splice"
+        )
         self._runs: dict[str, _Run] = {}
         self._active = 0
         self._closed = False
@@ -994,14 +1072,15 @@ class Proxy:
             if early:
                 await self._send(conn, upstream, early)
                 flow.count_up(len(early))
-            relay = _Relay(
-                asyncio.get_running_loop(),
-                conn.sock,
-                upstream,
-                flow,
-                conn.watchdog,
-                self.use_splice,
-            )
+            loop = asyncio.get_running_loop()
+            relay: _Relay | _CopyRelay | None = None
+            if self.use_splice:
+                try:
+                    relay = _Relay(loop, conn.sock, upstream, flow, conn.watchdog)
+                except OSError as exc:  # e.g. EMFILE: copy instead
+                    _log.debug("no pipe for splice (%s); copying instead", exc)
+            if relay is None:
+                relay = _CopyRelay(loop, conn.sock, upstream, flow, conn.watchdog)
             await relay.run()
             if relay.error is not None:
                 flow.error = f"connection reset: {relay.error}"
