@@ -49,31 +49,23 @@ import os
 import sys
 import time
 
+from nanobox._linux import sys as k
+
 TYPE_CHECKING = False  # (not `typing`'s: the cold start below imports no more than it needs)
 if TYPE_CHECKING:
     from typing import Any
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWCGROUP = 0x02000000
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
 NS_FLAGS = (
-    CLONE_NEWUSER
-    | CLONE_NEWNS
-    | CLONE_NEWPID
-    | CLONE_NEWNET
-    | CLONE_NEWIPC
-    | CLONE_NEWUTS
-    | CLONE_NEWCGROUP
+    k.CLONE_NEWUSER
+    | k.CLONE_NEWNS
+    | k.CLONE_NEWPID
+    | k.CLONE_NEWNET
+    | k.CLONE_NEWIPC
+    | k.CLONE_NEWUTS
+    | k.CLONE_NEWCGROUP
 )
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 16384, 1 << 18
-SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
-OPEN_TREE_CLONE = 1
-OPEN_TREE_CLOEXEC = os.O_CLOEXEC
-DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1  # (netns's, without `socket`)
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")  # bwrap's --dev set
 COMMAND = "/bin/true"
 LEVELS = ("F0", "S0", "S1", "S2", "S3", "S4")
 DESCRIPTIONS = {
@@ -94,10 +86,9 @@ class Floor:
 
     def __init__(self, made: bytes, groups: CgroupSet | None = None) -> None:
         from nanobox._linux import landlock
-        from nanobox._linux import sys as lsys
         from nanobox._seccomp import loader
 
-        self.lsys, self.landlock, self.loader = lsys, landlock, loader
+        self.landlock, self.loader = landlock, loader
         self.libc = ctypes.CDLL(None, use_errno=True)
         ll_plan, self.program = marshal.loads(made)
         self.ll_plan = landlock.LandlockPlan.from_json(ll_plan)
@@ -133,7 +124,7 @@ class Floor:
     # -- in the forked child
 
     def _namespaces(self) -> None:
-        self.lsys.unshare(NS_FLAGS)
+        k.unshare(NS_FLAGS)
         with open("/proc/self/setgroups", "w") as f:
             f.write("deny")
         with open("/proc/self/uid_map", "w") as f:
@@ -179,7 +170,7 @@ class Floor:
             ruleset, _abi = self.landlock.prepare(self.ll_plan)
             if ruleset >= 0:
                 self.landlock.restrict(ruleset)  # also no_new_privs
-            self.lsys.drop_capabilities()
+            k.drop_capabilities()
         if level >= 3:
             fd = self.loader.install(self.program, new_listener=True)
             listener = -1 if fd is None else fd
@@ -208,23 +199,22 @@ class Floor:
             os.close(fd)
 
     def _mounts(self, *, proc_by_option: bool) -> None:
-        lsys = self.lsys
-        lsys.mount(None, "/", None, MS_REC | MS_PRIVATE)
-        devs = [lsys.open_tree(f"/dev/{d}", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC) for d in DEVICES]
-        lsys.mount_setattr("/", lsys.MOUNT_ATTR_RDONLY, recursive=True)
+        k.mount(None, "/", None, k.MS_REC | k.MS_PRIVATE)
+        devs = [k.open_tree(f"/dev/{d}", k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC) for d in DEVICES]
+        k.mount_setattr("/", k.MOUNT_ATTR_RDONLY, recursive=True)
         if proc_by_option:  # made outside the pid namespace, for it
             options = {"pidns": "/proc/self/ns/pid_for_children"}
-            attrs = lsys.MOUNT_ATTR_NOSUID | lsys.MOUNT_ATTR_NODEV | lsys.MOUNT_ATTR_NOEXEC
-            proc = lsys.fsmount_new("proc", options, attrs)
-            lsys.move_mount(proc, "/proc")
+            attrs = k.MOUNT_ATTR_NOSUID | k.MOUNT_ATTR_NODEV | k.MOUNT_ATTR_NOEXEC
+            proc = k.fsmount_new("proc", options, attrs)
+            k.move_mount(proc, "/proc")
             os.close(proc)
         else:
-            lsys.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        lsys.mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV)
-        lsys.mount("tmpfs", "/dev", "tmpfs", MS_NOSUID, "mode=0755")
+            k.mount("proc", "/proc", "proc", k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC)
+        k.mount("tmpfs", "/tmp", "tmpfs", k.MS_NOSUID | k.MS_NODEV)
+        k.mount("tmpfs", "/dev", "tmpfs", k.MS_NOSUID, "mode=0755")
         for name, fd in zip(DEVICES, devs, strict=True):
             os.close(os.open(f"/dev/{name}", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
-            lsys.move_mount(fd, f"/dev/{name}")
+            k.move_mount(fd, f"/dev/{name}")
             os.close(fd)
 
 
