@@ -277,6 +277,11 @@ class _Conn:
 # --------------------------------------------------------------------------- relay
 
 
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class _Pump:
     """One direction of a spliced tunnel, driven by loop reader/writer
     callbacks: ``os.splice`` from the source socket into a pipe and from the
@@ -474,21 +479,15 @@ class _Relay:
             self.down.stop()
 
     def direction_done(self) -> None:
-        if self.up.done and self.down.done and not self.future.done():
-            self.future.set_result(None)
+        if self.up.done and self.down.done:
+            _set_once(self.future)
 
     def fail(self, exc: OSError) -> None:
         if self.error is None:
             self.error = exc
         self.up.stop()
         self.down.stop()
-        if not self.future.done():
-            self.future.set_result(None)
-
-
-def _set_once(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+        _set_once(self.future)
 
 
 class _CopyRelay:
