@@ -292,6 +292,31 @@ def test_plain_run_loads_neither_argparse_nor_inspect(workspace: Path) -> None:
     assert p.stdout.decode().split() == expected.split(), (p.stdout, p.stderr)
 
 
+AT_SUBMIT = """
+import sys
+from nanobox import cli
+from nanobox._linux import client
+LATER = ("nanobox.sandbox", "nanobox.result", "nanobox.events", "nanobox._io")
+seen = []
+submit = client.ForkServer.submit
+def watched(self, plan, fds):
+    seen.append([m for m in LATER if m in sys.modules])
+    return submit(self, plan, fds)
+client.ForkServer.submit = watched
+code = cli.main(["run", "--", "/bin/true"])
+client.shutdown_before_exit()
+print(code, seen, [m for m in LATER if m not in sys.modules], flush=True)
+"""
+
+
+def test_the_cli_sends_its_plan_before_it_imports_the_rest(workspace: Path) -> None:
+    """`nanobox run CMD`: what the run needs besides its plan (the Sandbox,
+    the Result, the event stream, the I/O loop) is imported while the
+    server builds the sandbox, not on the way to the plan."""
+    p = subprocess.run([sys.executable, "-c", AT_SUBMIT], capture_output=True, timeout=60)
+    assert p.stdout.decode().split() == ["0", "[[]]", "[]"], (p.stdout, p.stderr)
+
+
 def test_cli_main_in_a_process_with_a_server_starts_no_second_one(workspace: Path) -> None:
     """``cli.main(["run", ...])`` called by a library user: the one-shot
     server forked ahead is for a fresh CLI process only."""

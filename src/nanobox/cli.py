@@ -479,15 +479,13 @@ def _cmd_run(argv: list[str]) -> int:
         raise _UsageError(
             "run: no command given (usage: nanobox run [options] [--] COMMAND [ARG...])"
         )
+    from . import _prepare
     from .errors import PolicyError, SandboxError
-    from .sandbox import Sandbox
 
     try:
         policy = _policy_from_args(ns)
-        box = Sandbox(policy)
     except PolicyError as exc:
         raise _UsageError(_flag_message(exc)) from None
-    box._fork_server = True  # the CLI is single-threaded: fork, do not exec, the server
     out = sys.stdout.buffer
     err = sys.stderr.buffer
 
@@ -505,9 +503,32 @@ def _cmd_run(argv: list[str]) -> int:
     except (OSError, ValueError):
         stdin_fd = None
     try:
-        result = box.run(
-            command, stdin=stdin_fd, cwd=ns.cwd, on_stdout=to_stdout, on_stderr=to_stderr
+        _prepare.check_linux()
+        # The CLI is single-threaded: its server is forked, not exec'd.
+        # The plan goes to the server before the Sandbox, the Result and the
+        # I/O loop are imported: the server builds the sandbox meanwhile.
+        prep = _prepare.prepare(
+            policy,
+            command,
+            fork_server=True,
+            input=None,
+            stdin=stdin_fd,
+            cwd=ns.cwd,
+            env=None,
+            timeout=None,
+            text=False,
+            check=False,
         )
+        sent = _prepare.submit(prep, fork_server=True)
+        try:
+            from .sandbox import Sandbox
+
+            box = Sandbox(policy)
+        except BaseException:
+            sent.close()
+            raise
+        box._fork_server = True
+        result = box._run_submitted(prep, sent, to_stdout, to_stderr)
     except PolicyError as exc:
         raise _UsageError(_flag_message(exc)) from None
     except SandboxError as exc:

@@ -11,7 +11,13 @@ import errno as _errno
 import os
 from typing import TYPE_CHECKING, Any
 
-from .result import Result
+# The package, not ``.result``: its ``Result`` is imported when something
+# reads a type hint that names it, not with this module (the CLI sends its
+# run's plan before it imports the Result, see ``_prepare``).
+import nanobox
+
+if TYPE_CHECKING:
+    from .result import Result
 
 __all__ = [
     "PolicyError",
@@ -76,7 +82,7 @@ class UnsupportedError(SandboxError):
 class SetupError(SandboxError):
     """The sandbox could not be set up; the command never ran."""
 
-    result: Result[Any] | None = None
+    result: nanobox.Result[Any] | None = None
 
 
 if TYPE_CHECKING:
@@ -99,7 +105,7 @@ def _make_sandboxed_process_error() -> type:
     class SandboxedProcessError(SandboxError, subprocess.CalledProcessError):
         """Raised by ``Result.check()`` (or ``check=True``) for a failed command."""
 
-        def __init__(self, result: Result[Any]) -> None:
+        def __init__(self, result: nanobox.Result[Any]) -> None:
             subprocess.CalledProcessError.__init__(
                 self, result.returncode, list(result.args), result.stdout, result.stderr
             )

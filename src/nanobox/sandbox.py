@@ -7,23 +7,18 @@ import os
 import selectors
 import signal
 import socket
-import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import IO, Any
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from . import events
 from ._io import Capture, RunIO, Sink
+from ._prepare import Args, Prepared, StdinLike, Submitted, check_linux, prepare, submit
 from .errors import PolicyError, SandboxError, SetupError, UnsupportedError
 from .policy import Policy
 from .result import Outcome, Result, Violation
-from .units import DURATION_HELP, parse_duration
 
 __all__ = ["Sandbox", "run", "run_async"]
-
-StdinLike = int | IO[Any] | None
-Args = Sequence[str | os.PathLike[str]]
 
 USERNS_HELP = (
     "user namespaces are not available to this user. Enable them: "
@@ -33,27 +28,6 @@ USERNS_HELP = (
     "profile granting 'userns'); in Docker/Podman run with a seccomp profile "
     "that allows unshare/clone namespace flags"
 )
-
-
-def _check_linux() -> None:
-    if not sys.platform.startswith("linux"):
-        raise UnsupportedError(
-            f"nanobox supports Linux only for now (this is {sys.platform})", step="platform"
-        )
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    """One run, ready to go to the server."""
-
-    run_id: str
-    args: tuple[str, ...]
-    plan: bytes
-    stdin_fd: int | None
-    stdin_data: bytes | None
-    text: bool
-    check: bool
-    degraded: tuple[str, ...]
 
 
 class Sandbox:
@@ -69,7 +43,7 @@ class Sandbox:
         *,
         on_event: Callable[[events.Event], None] | None = None,
     ) -> None:
-        _check_linux()
+        check_linux()
         if policy is None:
             policy = Policy()
         if not isinstance(policy, Policy):
@@ -131,121 +105,44 @@ class Sandbox:
         timeout: float | str | None,
         text: bool,
         check: bool,
-    ) -> _Prepared:
-        from ._linux import plan as planmod
-
-        argv = planmod.check_args(args)
-        if timeout is None:
-            wall = self.policy.limits.wall_time
-            timeout_s = None if wall is None else float(wall)
-        else:
-            try:
-                timeout_s = parse_duration(timeout)
-            except ValueError:
-                raise PolicyError("timeout", f"expected {DURATION_HELP}, got {timeout!r}") from None
-            if timeout_s <= 0:
-                raise PolicyError("timeout", f"must be greater than 0, got {timeout!r}")
-        if input is not None and stdin is not None:
-            raise PolicyError("input", "pass either input= or stdin=, not both")
-        if isinstance(input, str):
-            input = input.encode()
-        if input is not None and not isinstance(input, (bytes, bytearray, memoryview)):
-            raise PolicyError("input", f"expected bytes or str, got {type(input).__name__}")
-        stdin_fd: int | None = None
-        if stdin is not None:
-            stdin_fd = stdin if isinstance(stdin, int) else stdin.fileno()
-        run_id = os.urandom(8).hex()
-        from ._linux import client
-
-        cwd_path = planmod.resolve_cwd(cwd)
-        run_env = planmod.build_env(self.policy, env)
-
-        def build(userns: tuple[bool, str]) -> dict[str, Any]:
-            return planmod.build_plan(
-                self.policy,
-                argv,
-                run_id=run_id,
-                cwd=cwd_path,
-                env=run_env,
-                timeout=timeout_s,
-                userns=userns,
-            )
-
-        try:
-            server = client.get_server(fork=self._fork_server, hello=False)
-            if server.said_hello:
-                plan = build((server.userns, server.userns_detail))
-            else:
-                # A server just started (the CLI's): plan while it starts,
-                # as if user namespaces work, as they mostly do; where they
-                # do not, the plan (or the error) is the one for that.
-                try:
-                    plan, error = build((True, "")), None
-                except Exception as exc:  # noqa: BLE001 - raised below if it stands
-                    plan, error = {}, exc
-                client.ensure_hello(server)
-                if not server.userns:
-                    plan = build((False, server.userns_detail))
-                elif error is not None:
-                    raise error
-        except client.ServerGone as exc:
-            raise SandboxError(str(exc), step="start") from None
-        return _Prepared(
-            run_id=run_id,
-            args=tuple(argv),
-            plan=planmod.encode(plan, self.policy),
-            degraded=tuple(plan["degraded"]),
-            stdin_fd=stdin_fd,
-            stdin_data=None if input is None else bytes(input),
+    ) -> Prepared:
+        return prepare(
+            self.policy,
+            args,
+            fork_server=self._fork_server,
+            input=input,
+            stdin=stdin,
+            cwd=cwd,
+            env=env,
+            timeout=timeout,
             text=text,
             check=check,
         )
 
-    def _start(self, prep: _Prepared, on_stdout: Sink | None, on_stderr: Sink | None) -> RunIO:
-        """Create the pipes, hand the plan to the fork server, return the I/O state."""
-        from ._linux import client
+    def _start(self, prep: Prepared, on_stdout: Sink | None, on_stderr: Sink | None) -> RunIO:
+        """Hand the plan to the fork server, return the I/O state."""
+        return self._take(prep, submit(prep, fork_server=self._fork_server), on_stdout, on_stderr)
 
-        lim = self.policy.limits
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        in_w: int | None = None
-        if prep.stdin_data is not None:
-            in_r, in_w = os.pipe2(os.O_CLOEXEC)
-        elif prep.stdin_fd is not None:
-            in_r = os.dup(prep.stdin_fd)
-        else:
-            in_r = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    def _take(
+        self, prep: Prepared, sent: Submitted, on_stdout: Sink | None, on_stderr: Sink | None
+    ) -> RunIO:
+        """The I/O state of a run the server has (given up if that fails)."""
         try:
-            for attempt in (1, 2):
-                server = client.get_server(fork=self._fork_server)
-                try:
-                    server.submit(prep.plan, [theirs.fileno(), in_r, out_w, err_w])
-                    break
-                except client.ServerGone:
-                    client.reset_server(server)
-                    if attempt == 2:
-                        raise SandboxError(
-                            "the nanobox fork server could not be started", step="start"
-                        ) from None
+            return self._io(prep, sent, on_stdout, on_stderr)
         except BaseException:
-            for fd in (out_r, err_r) + ((in_w,) if in_w is not None else ()):
-                os.close(fd)
-            mine.close()
+            sent.close()
             raise
-        finally:
-            theirs.close()
-            for fd in (out_w, err_w, in_r):
-                os.close(fd)
-        for fd in (out_r, err_r) + ((in_w,) if in_w is not None else ()):
-            os.set_blocking(fd, False)
-        mine.setblocking(False)
+
+    def _io(
+        self, prep: Prepared, sent: Submitted, on_stdout: Sink | None, on_stderr: Sink | None
+    ) -> RunIO:
+        lim = self.policy.limits
         cap = int(lim.output)
         io = RunIO(
-            mine,
-            Capture(out_r, cap, on_stdout),
-            Capture(err_r, cap, on_stderr),
-            in_w,
+            sent.chan,
+            Capture(sent.out_r, cap, on_stdout),
+            Capture(sent.err_r, cap, on_stderr),
+            sent.in_w,
             prep.stdin_data,
             kill_on_overflow=lim.on_output_limit == "kill",
         )
@@ -287,7 +184,16 @@ class Sandbox:
             text=text,
             check=check,
         )
-        io = self._start(prep, on_stdout, on_stderr)
+        return self._wait(prep, self._start(prep, on_stdout, on_stderr))
+
+    def _run_submitted(
+        self, prep: Prepared, sent: Submitted, on_stdout: Sink | None, on_stderr: Sink | None
+    ) -> Result[Any]:
+        """``run`` for a run prepared and submitted already (the CLI's)."""
+        return self._wait(prep, self._take(prep, sent, on_stdout, on_stderr))
+
+    def _wait(self, prep: Prepared, io: RunIO) -> Result[Any]:
+        """Relay the run's I/O until it has ended; its Result."""
         try:
             sel = selectors.PollSelector()
             sel.register(io.chan, selectors.EVENT_READ, None)
@@ -397,7 +303,7 @@ class Sandbox:
     def _emit(self, run_id: str, kind: str, data: dict[str, Any]) -> None:
         events.emit(events.Event(run_id, kind, data), self.on_event)
 
-    def _finish(self, prep: _Prepared, io: RunIO, net: dict[str, Any] | None = None) -> Result[Any]:
+    def _finish(self, prep: Prepared, io: RunIO, net: dict[str, Any] | None = None) -> Result[Any]:
         msg = io.message
         if msg is None:
             raise SandboxError("the nanobox fork server died during the run", step="supervise")
@@ -561,7 +467,7 @@ class Sandbox:
             result.check()
         return result
 
-    def _setup_error(self, prep: _Prepared, info: Mapping[str, Any]) -> SandboxError:
+    def _setup_error(self, prep: Prepared, info: Mapping[str, Any]) -> SandboxError:
         step = info.get("step") or "setup"
         err = info.get("errno")
         message = info.get("message") or "setup failed"

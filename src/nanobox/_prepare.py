@@ -1,0 +1,190 @@
+"""The first half of a run: its plan, made and handed to the fork server.
+
+:class:`nanobox.Sandbox` runs this, then its I/O loop and its
+:class:`~nanobox.Result`. The half is kept apart (it imports neither the
+Result nor the event stream nor the I/O loop) so that the CLI can send its
+one run to the server first and import the rest while the server builds
+the sandbox and starts the command (``cli._cmd_run``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import IO, Any
+
+from .errors import PolicyError, SandboxError, UnsupportedError
+from .policy import Policy
+from .units import DURATION_HELP, parse_duration
+
+StdinLike = int | IO[Any] | None
+Args = Sequence[str | os.PathLike[str]]
+
+
+def check_linux() -> None:
+    if not sys.platform.startswith("linux"):
+        raise UnsupportedError(
+            f"nanobox supports Linux only for now (this is {sys.platform})", step="platform"
+        )
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One run, ready to go to the server."""
+
+    run_id: str
+    args: tuple[str, ...]
+    plan: bytes
+    stdin_fd: int | None
+    stdin_data: bytes | None
+    text: bool
+    check: bool
+    degraded: tuple[str, ...]
+
+
+class Submitted:
+    """A run the server has: its channel and this side's pipe ends (set
+    non-blocking), until the run's I/O takes them."""
+
+    __slots__ = ("chan", "err_r", "in_w", "out_r")
+
+    def __init__(self, chan: socket.socket, out_r: int, err_r: int, in_w: int | None) -> None:
+        self.chan = chan
+        self.out_r = out_r
+        self.err_r = err_r
+        self.in_w = in_w
+
+    def close(self) -> None:
+        """Give the run up (the server kills it when its channel closes)."""
+        for fd in (self.out_r, self.err_r) + ((self.in_w,) if self.in_w is not None else ()):
+            os.close(fd)
+        self.chan.close()
+
+
+def prepare(
+    policy: Policy,
+    args: Args,
+    *,
+    fork_server: bool,
+    input: bytes | str | None,
+    stdin: StdinLike,
+    cwd: str | os.PathLike[str] | None,
+    env: Mapping[str, str] | None,
+    timeout: float | str | None,
+    text: bool,
+    check: bool,
+) -> Prepared:
+    """Check a run's arguments and make its plan (``Sandbox.run``'s
+    arguments; ``fork_server``: see ``client.get_server``)."""
+    from ._linux import plan as planmod
+
+    argv = planmod.check_args(args)
+    if timeout is None:
+        wall = policy.limits.wall_time
+        timeout_s = None if wall is None else float(wall)
+    else:
+        try:
+            timeout_s = parse_duration(timeout)
+        except ValueError:
+            raise PolicyError("timeout", f"expected {DURATION_HELP}, got {timeout!r}") from None
+        if timeout_s <= 0:
+            raise PolicyError("timeout", f"must be greater than 0, got {timeout!r}")
+    if input is not None and stdin is not None:
+        raise PolicyError("input", "pass either input= or stdin=, not both")
+    if isinstance(input, str):
+        input = input.encode()
+    if input is not None and not isinstance(input, (bytes, bytearray, memoryview)):
+        raise PolicyError("input", f"expected bytes or str, got {type(input).__name__}")
+    stdin_fd: int | None = None
+    if stdin is not None:
+        stdin_fd = stdin if isinstance(stdin, int) else stdin.fileno()
+    run_id = os.urandom(8).hex()
+    from ._linux import client
+
+    cwd_path = planmod.resolve_cwd(cwd)
+    run_env = planmod.build_env(policy, env)
+
+    def build(userns: tuple[bool, str]) -> dict[str, Any]:
+        return planmod.build_plan(
+            policy,
+            argv,
+            run_id=run_id,
+            cwd=cwd_path,
+            env=run_env,
+            timeout=timeout_s,
+            userns=userns,
+        )
+
+    try:
+        server = client.get_server(fork=fork_server, hello=False)
+        if server.said_hello:
+            plan = build((server.userns, server.userns_detail))
+        else:
+            # A server just started (the CLI's): plan while it starts,
+            # as if user namespaces work, as they mostly do; where they
+            # do not, the plan (or the error) is the one for that.
+            try:
+                plan, error = build((True, "")), None
+            except Exception as exc:  # noqa: BLE001 - raised below if it stands
+                plan, error = {}, exc
+            client.ensure_hello(server)
+            if not server.userns:
+                plan = build((False, server.userns_detail))
+            elif error is not None:
+                raise error
+    except client.ServerGone as exc:
+        raise SandboxError(str(exc), step="start") from None
+    return Prepared(
+        run_id=run_id,
+        args=tuple(argv),
+        plan=planmod.encode(plan, policy),
+        degraded=tuple(plan["degraded"]),
+        stdin_fd=stdin_fd,
+        stdin_data=None if input is None else bytes(input),
+        text=text,
+        check=check,
+    )
+
+
+def submit(prep: Prepared, *, fork_server: bool) -> Submitted:
+    """Create the run's pipes and hand its plan and their other ends to
+    the fork server (started again once if it is gone)."""
+    from ._linux import client
+
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    in_w: int | None = None
+    if prep.stdin_data is not None:
+        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+    elif prep.stdin_fd is not None:
+        in_r = os.dup(prep.stdin_fd)
+    else:
+        in_r = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sent = Submitted(mine, out_r, err_r, in_w)
+    try:
+        for attempt in (1, 2):
+            server = client.get_server(fork=fork_server)
+            try:
+                server.submit(prep.plan, [theirs.fileno(), in_r, out_w, err_w])
+                break
+            except client.ServerGone:
+                client.reset_server(server)
+                if attempt == 2:
+                    raise SandboxError(
+                        "the nanobox fork server could not be started", step="start"
+                    ) from None
+    except BaseException:
+        sent.close()
+        raise
+    finally:
+        theirs.close()
+        for fd in (out_w, err_w, in_r):
+            os.close(fd)
+    for fd in (out_r, err_r) + ((in_w,) if in_w is not None else ()):
+        os.set_blocking(fd, False)
+    mine.setblocking(False)
+    return sent
