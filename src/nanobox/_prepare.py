@@ -47,18 +47,26 @@ class Prepared:
 
 class Submitted:
     """A run the server has: its channel and this side's pipe ends (set
-    non-blocking), until the run's I/O takes them."""
+    non-blocking), until the run's I/O takes them (``handed_over``)."""
 
-    __slots__ = ("chan", "err_r", "in_w", "out_r")
+    __slots__ = ("chan", "err_r", "in_w", "out_r", "owned")
 
     def __init__(self, chan: socket.socket, out_r: int, err_r: int, in_w: int | None) -> None:
         self.chan = chan
         self.out_r = out_r
         self.err_r = err_r
         self.in_w = in_w
+        self.owned = True
+
+    def handed_over(self) -> None:
+        """The run's I/O has the fds now (and closes them): not ``close``."""
+        self.owned = False
 
     def close(self) -> None:
         """Give the run up (the server kills it when its channel closes)."""
+        if not self.owned:
+            return
+        self.owned = False
         for fd in (self.out_r, self.err_r) + ((self.in_w,) if self.in_w is not None else ()):
             os.close(fd)
         self.chan.close()

@@ -13,21 +13,13 @@ from typing import Any
 
 from . import events
 from ._io import Capture, RunIO, Sink
+from ._linux import USERNS_HELP
 from ._prepare import Args, Prepared, StdinLike, Submitted, check_linux, prepare, submit
 from .errors import PolicyError, SandboxError, SetupError, UnsupportedError
 from .policy import Policy
 from .result import Outcome, Result, Violation
 
 __all__ = ["Sandbox", "run", "run_async"]
-
-USERNS_HELP = (
-    "user namespaces are not available to this user. Enable them: "
-    "'sysctl kernel.unprivileged_userns_clone=1' (Debian/older Ubuntu), "
-    "'sysctl user.max_user_namespaces=15000', or on Ubuntu 24.04+ "
-    "'sysctl kernel.apparmor_restrict_unprivileged_userns=0' (or an AppArmor "
-    "profile granting 'userns'); in Docker/Podman run with a seccomp profile "
-    "that allows unshare/clone namespace flags"
-)
 
 
 class Sandbox:
@@ -128,10 +120,12 @@ class Sandbox:
     ) -> RunIO:
         """The I/O state of a run the server has (given up if that fails)."""
         try:
-            return self._io(prep, sent, on_stdout, on_stderr)
+            io = self._io(prep, sent, on_stdout, on_stderr)
         except BaseException:
             sent.close()
             raise
+        sent.handed_over()
+        return io
 
     def _io(
         self, prep: Prepared, sent: Submitted, on_stdout: Sink | None, on_stderr: Sink | None

@@ -16,3 +16,13 @@ Each kernel mechanism lives in one module:
 
 # The command search path when the run's environment has no PATH (plan, child).
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# Why a sandbox needs user namespaces and how to enable them (plan, sandbox).
+USERNS_HELP = (
+    "user namespaces are not available to this user. Enable them: "
+    "'sysctl kernel.unprivileged_userns_clone=1' (Debian/older Ubuntu), "
+    "'sysctl user.max_user_namespaces=15000', or on Ubuntu 24.04+ "
+    "'sysctl kernel.apparmor_restrict_unprivileged_userns=0' (or an AppArmor "
+    "profile granting 'userns'); in Docker/Podman run with a seccomp profile "
+    "that allows unshare/clone namespace flags"
+)

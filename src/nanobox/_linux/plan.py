@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import PolicyError, UnsupportedError
 from ..policy import Policy, validate_env
-from . import DEFAULT_PATH, fsplan
+from . import DEFAULT_PATH, USERNS_HELP, fsplan
 
 BASE_ENV = ("PATH", "HOME", "LANG", "TERM")
 PROXY_HTTP_PORT = 3128
@@ -244,7 +244,6 @@ def seccomp_program(
 def without_namespaces(policy: Policy, detail: str) -> list[str]:
     """What is weaker when the sandbox runs without user namespaces (degraded
     mode), or the refusal when that is not allowed."""
-    from ..sandbox import USERNS_HELP
     from . import landlock
 
     if not policy.allow_degraded:
