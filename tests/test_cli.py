@@ -318,6 +318,35 @@ def test_the_cli_sends_its_plan_before_it_imports_the_rest(workspace: Path) -> N
     assert p.stdout.decode().split() == ["0", "True", "[]"], (p.stdout, p.stderr)
 
 
+GC_STATES = """
+import gc, os, sys
+from nanobox import _entry
+from nanobox._linux import client
+states = []
+submit = client.ForkServer.submit
+def watched(self, plan, fds):
+    states.append((gc.isenabled(), "threading" in sys.modules))
+    return submit(self, plan, fds)
+client.ForkServer.submit = watched
+real_exit, me = os._exit, os.getpid()
+def exit_(code):
+    if os.getpid() == me:  # (not the fork server's exit)
+        print(code, states, gc.isenabled(), gc.get_freeze_count() > 0, flush=True)
+    real_exit(code)
+os._exit = exit_
+sys.argv = ["nanobox", "run", "--", "/bin/true"]
+_entry.entry()
+"""
+
+
+def test_the_cli_collects_garbage_again_once_it_has_imported(workspace: Path) -> None:
+    """The console script turns the collector off while it imports (and
+    does not import ``threading`` on the way to its plan: it costs the
+    start ~1 ms), and back on, with what it imported frozen, for the run."""
+    p = subprocess.run([sys.executable, "-c", GC_STATES], capture_output=True, timeout=60)
+    assert p.stdout.decode().strip() == "0 [(False, False)] True True", (p.stdout, p.stderr)
+
+
 NOT_LINUX = """
 import sys
 sys.platform = "darwin"

@@ -47,11 +47,17 @@ def render() -> str:
         "",
         f"PROGRAMS: dict[str, str] = {json.dumps(programs, indent=4, sort_keys=True)}",
         "",
-        f"_TABLES = {json.dumps(json.dumps(tables, sort_keys=True))}",
+        "# One JSON text per architecture: only the host's is decoded.",
+        "_TABLES: dict[str, str] = {",
+        *(
+            f"    {json.dumps(arch)}: {json.dumps(json.dumps(tables[arch], sort_keys=True))},"
+            for arch in sorted(tables)
+        ),
+        "}",
         "",
         "",
         "def table(arch: str) -> dict[str, Any]:",
-        "    result: dict[str, Any] = json.loads(_TABLES)[arch]",
+        "    result: dict[str, Any] = json.loads(_TABLES[arch])",
         "    return result",
         "",
     ]

@@ -523,6 +523,7 @@ def _cmd_run(argv: list[str]) -> int:
         try:
             from .sandbox import Sandbox
 
+            _collect_again()
             box = Sandbox(policy)
         except BaseException:
             sent.close()
@@ -565,6 +566,16 @@ def _cmd_check(as_json: bool) -> int:
     else:
         print(report.format_text())
     return 0 if report.default_policy_enforceable else 1
+
+
+def _collect_again() -> None:
+    """Garbage collection back on (``_entry`` turns it off while the CLI
+    imports), with what was imported frozen, out of its way."""
+    import gc
+
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

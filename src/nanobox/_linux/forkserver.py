@@ -1342,16 +1342,19 @@ def main(ctrl_fd: int, refill: bool = True) -> None:
             pass
     ctrl = socket.socket(fileno=ctrl_fd)
     ctrl.setblocking(True)
+    # The probe first: its child works while the forker and the first
+    # spare are made, and the hello waits for its answer.
+    probe = start_probe()
     server = Server(ctrl, refill=refill)
     # Everything imported so far stays: keep the collector off it (a
     # collection writes to every object it visits, unsharing the pages
     # the forker and stage A share with this process). No gc.collect()
     # first: that alone would visit all of a forking caller's heap.
     gc.freeze()
+    gc.enable()  # (the CLI forks this process with the collector off: see _entry)
     try:
         # The first run's stage A starts now, while the caller builds its
         # plan (assuming user namespaces work: a wrong guess is dropped).
-        probe = start_probe()  # its child works while the spare is made
         server.last_key = _default_key(True)
         server.make_spare()
         ok, detail = probe_result(probe)
