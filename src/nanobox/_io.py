@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Callable
 from typing import Any
 
-from ._linux.fds import recv_fds
+from ._linux import socks
+from ._linux.socks import recv_fds
 
 READ_CHUNK = 1 << 16
 Sink = Callable[[bytes], None]
@@ -58,7 +58,7 @@ class RunIO:
 
     def __init__(
         self,
-        chan: socket.socket,
+        chan: socks.Socket,
         out: Capture,
         err: Capture,
         stdin_fd: int | None,

@@ -10,11 +10,11 @@ the sandbox and starts the command (``cli._cmd_run``).
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
+from ._linux import socks
 from .errors import PolicyError, SandboxError, UnsupportedError
 from .policy import Policy
 from .units import DURATION_HELP, parse_duration
@@ -64,7 +64,7 @@ class Submitted:
 
     __slots__ = ("chan", "err_r", "in_w", "out_r", "owned")
 
-    def __init__(self, chan: socket.socket, out_r: int, err_r: int, in_w: int | None) -> None:
+    def __init__(self, chan: socks.Socket, out_r: int, err_r: int, in_w: int | None) -> None:
         self.chan = chan
         self.out_r = out_r
         self.err_r = err_r
@@ -187,7 +187,7 @@ def submit(prep: Prepared, *, fork_server: bool) -> Submitted:
         in_r = os.dup(prep.stdin_fd)
     else:
         in_r = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    mine, theirs = socks.socketpair()
     sent = Submitted(mine, out_r, err_r, in_w)
     try:
         for attempt in (1, 2):

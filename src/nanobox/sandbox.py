@@ -6,7 +6,6 @@ import errno as _errno
 import os
 import selectors
 import signal
-import socket
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -144,6 +143,8 @@ class Sandbox:
             proxy = self._get_proxy()
 
             def on_listeners(fds: list[int]) -> None:
+                import socket  # (the proxy's asyncio wants socket.socket)
+
                 socks = [socket.socket(fileno=fd) for fd in fds]
                 proxy.add_run(prep.run_id, socks[0], socks[1])
                 io.proxy_run = prep.run_id

@@ -24,13 +24,12 @@ import json
 import os
 import resource
 import signal
-import socket
 from collections.abc import Callable
 
 # Imported here, not lazily: in a minimal rootfs the package's files are no
 # longer reachable once the view is built.
 from .._seccomp import loader as seccomp_loader
-from . import DEFAULT_PATH, landlock
+from . import DEFAULT_PATH, landlock, socks
 from . import sys as k
 from .fds import close_all_except, write_all
 
@@ -192,7 +191,7 @@ def seal_and_exec(
         set_rlimits(plan)
         prog = plan.get("seccomp")
         notify = prog and notify_sock >= 0 and bool(plan.get("seccomp_notify"))
-        sock = socket.socket(fileno=notify_sock) if notify_sock >= 0 else None
+        sock = socks.Socket(fileno=notify_sock) if notify_sock >= 0 else None
         me = resource.getrusage(resource.RUSAGE_SELF)
         msg = b"L" + json.dumps([me.ru_utime, me.ru_stime]).encode()
         if sock is not None and not notify:
@@ -203,7 +202,7 @@ def seal_and_exec(
             listener = seccomp_loader.install(bytes.fromhex(prog), new_listener=bool(notify))
         if sock is not None and listener is not None:
             step = "seccomp listener"
-            socket.send_fds(sock, [msg], [listener])
+            socks.send_fds(sock, [msg], [listener])
             os.close(listener)
         if sock is not None:
             sock.detach()

@@ -12,10 +12,9 @@ from __future__ import annotations
 import _thread
 import json
 import os
-import socket
 import sys
 
-from . import early
+from . import early, socks
 
 TYPE_CHECKING = False  # not ``typing``'s: the CLI imports this module first
 if TYPE_CHECKING:
@@ -40,9 +39,9 @@ class ForkServer:
         self.said_hello = False
         if forked is not None:  # by ``early.fork_oneshot``
             self.pid = forked[0]
-            self.ctrl = socket.socket(fileno=forked[1])
+            self.ctrl = socks.Socket(fileno=forked[1])
             return
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent, child = socks.socketpair()
         if fork:
             self.pid = self._fork(parent, child)
         else:
@@ -84,7 +83,7 @@ class ForkServer:
         self.said_hello = True
 
     @staticmethod
-    def _fork(parent: socket.socket, child: socket.socket) -> int:
+    def _fork(parent: socks.Socket, child: socks.Socket) -> int:
         """Fork the server from this (single-threaded) process: no new
         interpreter to start (the CLI, when ``early`` did not fork one)."""
         pid = os.fork()
@@ -98,7 +97,7 @@ class ForkServer:
 
     def submit(self, plan: bytes, fds: list[int]) -> None:
         try:
-            socket.send_fds(self.ctrl, [plan], fds)
+            socks.send_fds(self.ctrl, [plan], fds)
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise ServerGone(exc.errno, "the nanobox fork server is gone") from None
 

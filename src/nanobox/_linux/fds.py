@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import array
 import os
-import socket
 
 MAXFD = 1 << 20
 
@@ -24,17 +22,3 @@ def write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
-
-
-def recv_fds(sock: socket.socket, bufsize: int, maxfds: int) -> tuple[bytes, list[int]]:
-    """One message and the fds passed with it, received close-on-exec
-    (``socket.recv_fds`` ignores its ``flags`` before Python 3.12, and an
-    fd received without the flag would leak into every exec'd program)."""
-    fds = array.array("i")
-    msg, ancdata, _flags, _addr = sock.recvmsg(
-        bufsize, socket.CMSG_LEN(maxfds * fds.itemsize), socket.MSG_CMSG_CLOEXEC
-    )
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
-    return msg, list(fds)

@@ -33,11 +33,11 @@ import gc
 import os
 import select
 import signal
-import socket
 
-from . import spawn
+from . import socks, spawn
 from . import sys as k
-from .fds import close_all_except, recv_fds
+from .fds import close_all_except
+from .socks import recv_fds
 
 PR_SET_PDEATHSIG = 1
 MAX_OUTSTANDING = 16
@@ -50,7 +50,7 @@ class Forker:
     notices to the server must never wait for a server that waits for it."""
 
     def __init__(self) -> None:
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        mine, theirs = socks.socketpair()
         server = os.getpid()
         pid = os.fork()
         if pid == 0:
@@ -85,8 +85,8 @@ class Forker:
             try:
                 self.sock.sendmsg(
                     [msg],
-                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
-                    socket.MSG_DONTWAIT,
+                    [(socks.SOL_SOCKET, socks.SCM_RIGHTS, array.array("i", fds))],
+                    socks.MSG_DONTWAIT,
                 )
             except BlockingIOError:
                 return
@@ -103,7 +103,7 @@ class Forker:
         out: list[int] = []
         while True:
             try:
-                msg = self.sock.recv(64, socket.MSG_DONTWAIT)
+                msg = self.sock.recv(64, socks.MSG_DONTWAIT)
             except BlockingIOError:
                 return out
             if not msg:
@@ -142,14 +142,14 @@ def _main(sock_fd: int, server: int) -> None:
     close_all_except({sock_fd, wake_r, wake_w})
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, _ignore)
-    _loop(socket.socket(fileno=sock_fd), wake_r, wake_w)
+    _loop(socks.Socket(fileno=sock_fd), wake_r, wake_w)
 
 
 def _ignore(_signum: int, _frame: object) -> None:
     """SIGCHLD's handler: the signal only has to write the wakeup fd."""
 
 
-def _loop(sock: socket.socket, wake_r: int, wake_w: int) -> None:
+def _loop(sock: socks.Socket, wake_r: int, wake_w: int) -> None:
     """Every fork write-protects this process's memory again, so each page
     it writes afterwards is copied: the loop is kept small (``poll``, not
     ``selectors``; a request's fields split, not JSON), which here halves

@@ -23,23 +23,21 @@ from the server, so a dead server takes its sandboxes with it too.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import gc
 import json
 import math
 import os
 import resource
-import selectors
 import signal
-import socket
 import stat
 import sys
 import time
 
-from . import cgroups, forker, spawn, supervise, userns, watch
+from . import cgroups, forker, poller, socks, spawn, supervise, userns, watch
 from . import sys as k
-from .fds import recv_fds, write_all
+from .fds import write_all
+from .socks import recv_fds
 
 TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
 if TYPE_CHECKING:
@@ -108,12 +106,12 @@ class _Job:
     )
 
     def __init__(self, starter: spawn.Starter, plan: dict[str, Any], static: bytes) -> None:
-        self.chan: socket.socket | None = None  # the caller's, once a run claims the job
+        self.chan: socks.Socket | None = None  # the caller's, once a run claims the job
         self.starter = starter
         self.starter_pid = starter.pid
         self.status_r = starter.status_r
         self.cmd_w = starter.cmd_w
-        self.sock: socket.socket | None = starter.csock  # the command's listener comes here
+        self.sock: socks.Socket | None = starter.csock  # the command's listener comes here
         self.group: cgroups.RunGroup | None = starter.group
         self.plan = plan
         self.static = static  # the plan's bytes as the caller sent them
@@ -139,10 +137,10 @@ class _Job:
 
 
 class Server:
-    def __init__(self, ctrl: socket.socket, refill: bool = True) -> None:
+    def __init__(self, ctrl: socks.Socket, refill: bool = True) -> None:
         self.ctrl = ctrl
         self.refill = refill
-        self.sel = selectors.DefaultSelector()
+        self.sel = poller.Poller()
         self.jobs: set[_Job] = set()
         self.starting: dict[int, _Job] = {}  # stage A pid -> its job, until reaped
         self.jobs_by_pid: dict[int, _Job] = {}  # init pid -> job
@@ -178,10 +176,10 @@ class Server:
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda _s, _f: None)
         self.forker = forker.Forker()  # forks every stage A (see forker)
-        self.forker_events = selectors.EVENT_READ
-        self.sel.register(self.forker.sock, selectors.EVENT_READ, ("forker", None))
-        self.sel.register(ctrl, selectors.EVENT_READ, ("ctrl", None))
-        self.sel.register(self.wake_r, selectors.EVENT_READ, ("wake", None))
+        self.forker_events = poller.EVENT_READ
+        self.sel.register(self.forker.sock, poller.EVENT_READ, ("forker", None))
+        self.sel.register(ctrl, poller.EVENT_READ, ("ctrl", None))
+        self.sel.register(self.wake_r, poller.EVENT_READ, ("wake", None))
 
     # -- main loop ---------------------------------------------------------
     def _timeout(self) -> float | None:
@@ -212,10 +210,10 @@ class Server:
                     self._drain_wake()
                     self._reap()
                 elif what == "forker":
-                    if mask & selectors.EVENT_WRITE:
+                    if mask & poller.EVENT_WRITE:
                         self.forker.flush()
                     try:
-                        gone = self.forker.exited() if mask & selectors.EVENT_READ else []
+                        gone = self.forker.exited() if mask & poller.EVENT_READ else []
                     except ConnectionError:
                         self.shutdown()  # no more sandboxes: the caller starts a new server
                         return
@@ -239,7 +237,7 @@ class Server:
 
     def _watch_forker(self) -> None:
         """Wait for room on the forker's socket only while requests queue."""
-        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.forker.pending else 0)
+        want = poller.EVENT_READ | (poller.EVENT_WRITE if self.forker.pending else 0)
         if want != self.forker_events:
             self.forker_events = want
             self.sel.modify(self.forker.sock, want, ("forker", None))
@@ -342,7 +340,7 @@ class Server:
             for fd in fds:
                 os.close(fd)
             return True
-        chan = socket.socket(fileno=fds[0])
+        chan = socks.Socket(fileno=fds[0])
         stdio = [fds[1], fds[2], fds[3]]
         job: _Job | None = None
         step = "cgroup"
@@ -395,7 +393,7 @@ class Server:
                 os.close(fd)
         job.chan = chan
         chan.setblocking(False)
-        self.sel.register(chan, selectors.EVENT_READ, ("chan", job))
+        self.sel.register(chan, poller.EVENT_READ, ("chan", job))
         return True
 
     def _decode(self, static: bytes) -> dict[str, Any]:
@@ -428,10 +426,10 @@ class Server:
         self.jobs.add(job)
         self.starting[job.starter_pid] = job
         os.set_blocking(job.status_r, False)
-        self.sel.register(job.status_r, selectors.EVENT_READ, ("status", job))
+        self.sel.register(job.status_r, poller.EVENT_READ, ("status", job))
         assert job.sock is not None
         job.sock.setblocking(False)
-        self.sel.register(job.sock, selectors.EVENT_READ, ("sock", job))
+        self.sel.register(job.sock, poller.EVENT_READ, ("sock", job))
 
     def _claim(self, job: _Job, plan: dict[str, Any], stdio: list[int]) -> None:
         """Start the run in ``job``'s sandbox (built, or still being built):
@@ -491,7 +489,7 @@ class Server:
             # Watched from before stage A sees the host (see watch.py).
             if self.watcher is None:
                 self.watcher = watch.Watcher()
-                self.sel.register(self.watcher, selectors.EVENT_READ, ("watch", None))
+                self.sel.register(self.watcher, poller.EVENT_READ, ("watch", None))
             if self.view_paths[0] != static:
                 # (A pure function of the plan: worked out once per plan.)
                 self.view_paths = (static, watch.view_paths(base))
@@ -816,7 +814,7 @@ class Server:
     def _take_listener(self, job: _Job, fd: int) -> None:
         assert job.run is not None
         job.run.take_listener(fd)
-        self.sel.register(fd, selectors.EVENT_READ, ("notify", job))
+        self.sel.register(fd, poller.EVENT_READ, ("notify", job))
 
     def _on_notify(self, job: _Job) -> None:
         run = job.run
@@ -826,7 +824,7 @@ class Server:
             self.sel.unregister(run.listener.fd)
         if run.helper is not None and run.helper is not helper_before:
             self.helpers.add(run.helper.pid)
-            self.sel.register(run.helper.sock, selectors.EVENT_READ, ("helper", job))
+            self.sel.register(run.helper.sock, poller.EVENT_READ, ("helper", job))
 
     def _on_helper(self, job: _Job) -> None:
         run = job.run
@@ -991,7 +989,7 @@ class Server:
         return msg
 
     @staticmethod
-    def _send(chan: socket.socket, msg: dict[str, Any]) -> None:
+    def _send(chan: socks.Socket, msg: dict[str, Any]) -> None:
         try:
             chan.setblocking(True)
             chan.settimeout(5.0)
@@ -1074,8 +1072,10 @@ class Placeholders:
                         os.close(fd)
                     os.replace(tmp, self.record)
                 except OSError:
-                    with contextlib.suppress(OSError):
+                    try:
                         os.unlink(tmp)  # (a full disk): no half-written file left behind
+                    except OSError:
+                        pass
                     raise
             self.stale = False
         except FileNotFoundError:
@@ -1340,7 +1340,7 @@ def main(ctrl_fd: int, refill: bool = True) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (OSError, ValueError):
             pass
-    ctrl = socket.socket(fileno=ctrl_fd)
+    ctrl = socks.Socket(fileno=ctrl_fd)
     ctrl.setblocking(True)
     # The probe first: its child works while the forker and the first
     # spare are made, and the hello waits for its answer.

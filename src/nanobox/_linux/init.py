@@ -18,12 +18,12 @@ import os
 import resource
 import select
 import signal
-import socket
 import time
 
-from . import child, notify, proctree
+from . import child, notify, proctree, socks
 from . import sys as k
-from .fds import recv_fds, write_all
+from .fds import write_all
+from .socks import recv_fds
 
 TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def init_main(
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     notify_mine = notify_theirs = None
     if plan.get("seccomp") and plan.get("seccomp_notify"):
-        notify_mine, notify_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        notify_mine, notify_theirs = socks.socketpair()
     setup_s = time.monotonic() - t_setup
 
     start = time.monotonic()

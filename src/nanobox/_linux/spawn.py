@@ -56,13 +56,13 @@ import os
 import resource
 import select
 import signal
-import socket
 import time
 
 from .._seccomp import loader as seccomp_loader
-from . import cgroups, child, init, landlock, mounts, netns, pid1, userns
+from . import cgroups, child, init, landlock, mounts, netns, pid1, socks, userns
 from . import sys as k
-from .fds import close_all_except, recv_fds, write_all
+from .fds import close_all_except, write_all
+from .socks import recv_fds
 
 TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
 if TYPE_CHECKING:
@@ -88,8 +88,8 @@ class Starter:
     def __init__(
         self,
         pid: int,
-        sock: socket.socket,
-        csock: socket.socket,
+        sock: socks.Socket,
+        csock: socks.Socket,
         status_r: int,
         cmd_w: int,
         key: Any,
@@ -108,7 +108,7 @@ class Starter:
     def start(self, plan: bytes, fds: list[int]) -> None:
         """Hand the starter its plan (the JSON the caller sent, as is); it
         builds the sandbox and waits for ``go``."""
-        socket.send_fds(self.sock, [plan], fds)
+        socks.send_fds(self.sock, [plan], fds)
 
     def go(self, skipped: list[int]) -> None:
         """The run starts: stage A finishes the view and releases the
@@ -118,7 +118,7 @@ class Starter:
 
     def send_run(self, run: bytes, stdio: list[int]) -> None:
         """The run's argv and env (JSON) and stdio, straight to the command."""
-        socket.send_fds(self.csock, [run], stdio)
+        socks.send_fds(self.csock, [run], stdio)
 
     def discard(self) -> None:
         """Let a starter go: it sees EOF on its socket (before its plan, or
@@ -140,8 +140,8 @@ def fork_starter(
     plan. The starter's ``pid`` is the forker's ident for it (negative)."""
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     cmd_r, cmd_w = os.pipe2(os.O_CLOEXEC)
-    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    cmine, ctheirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    mine, theirs = socks.socketpair()
+    cmine, ctheirs = socks.socketpair()
     # The forker takes the starter's ends over (and closes them once sent).
     ident = forker.fork([theirs.detach(), ctheirs.detach(), status_w, cmd_r], join_files, sid)
     return Starter(ident, mine, cmine, status_r, cmd_w, key, group, sid)
@@ -203,7 +203,7 @@ def starter_main(
     except BaseException as exc:  # noqa: BLE001 - reported once the plan is here
         early = (step, exc)
     try:
-        sock = socket.socket(fileno=sock_fd)
+        sock = socks.Socket(fileno=sock_fd)
         msg, fds = recv_fds(sock, MAX_PLAN, 8)
     except BaseException:  # noqa: BLE001
         os._exit(0)
@@ -277,7 +277,7 @@ def _stage_a_nons(
 
 
 def _stage_a(
-    plan: dict[str, Any], sock: socket.socket, csock_fd: int, status_w: int, cmd_r: int
+    plan: dict[str, Any], sock: socks.Socket, csock_fd: int, status_w: int, cmd_r: int
 ) -> None:
     step = "create namespaces"
     try:
@@ -321,7 +321,7 @@ def _end(pids: tuple[int, ...]) -> None:
 
 
 def _build_sandbox(
-    plan: dict[str, Any], sock: socket.socket, csock_fd: int, status_w: int, cmd_r: int
+    plan: dict[str, Any], sock: socks.Socket, csock_fd: int, status_w: int, cmd_r: int
 ) -> None:
     """In the new namespaces: PID 1 first (it makes the procfs), then the
     command's process (PID 2), which waits while this process builds the
@@ -342,7 +342,7 @@ def _build_sandbox(
         init_pid = pid1.start(cmd_r, wait_orphans=_wait_orphans(plan))
         os.close(cmd_r)
         step = "fork command"
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        mine, theirs = socks.socketpair()
         go_r, go_w = os.pipe2(os.O_CLOEXEC)
         cmd_pid = os.fork()
         if cmd_pid == 0:
@@ -354,7 +354,7 @@ def _build_sandbox(
         os.close(csock_fd)
         _set_name(b"nanobox-warm")  # until its run starts (ps shows it)
         step = "hostname"
-        socket.sethostname(plan["hostname"])
+        socks.sethostname(plan["hostname"])
         if plan["newnet"]:
             step = "loopback"
             netns.loopback_up()
@@ -418,7 +418,7 @@ def _procfs() -> int | OSError:
         return k.fsmount_new("proc", {"pidns": "/proc/self/ns/pid_for_children"}, PROC_ATTRS)
     except OSError:
         pass  # EINVAL: a kernel without the option; else the child's error says why
-    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    mine, theirs = socks.socketpair()
     pid = os.fork()
     if pid == 0:
         code = 0
@@ -437,7 +437,7 @@ def _procfs() -> int | OSError:
     return OSError(1, "procfs") if proc is None else proc
 
 
-def _send_procfs(sock: socket.socket) -> None:
+def _send_procfs(sock: socks.Socket) -> None:
     """In a process of the sandbox's pid namespace: make its procfs and
     send it to stage A on ``sock`` (or the error number)."""
     try:
@@ -445,11 +445,11 @@ def _send_procfs(sock: socket.socket) -> None:
     except OSError as exc:
         sock.send(b"E%d" % (exc.errno or 1))
     else:
-        socket.send_fds(sock, [b"P"], [proc])
+        socks.send_fds(sock, [b"P"], [proc])
         os.close(proc)
 
 
-def _recv_procfs(sock: socket.socket) -> int | OSError | None:
+def _recv_procfs(sock: socks.Socket) -> int | OSError | None:
     """``_send_procfs``'s procfs fd, or its error; None when the sender
     died without a word."""
     msg, fds = recv_fds(sock, 64, 1)
@@ -458,7 +458,7 @@ def _recv_procfs(sock: socket.socket) -> int | OSError | None:
     return OSError(int(msg[1:] or b"1"), "procfs") if msg else None
 
 
-def _recv_go(sock: socket.socket, plan: dict[str, Any]) -> frozenset[str] | None:
+def _recv_go(sock: socks.Socket, plan: dict[str, Any]) -> frozenset[str] | None:
     """Wait for "go"; None on EOF. What it carries: the sandbox paths of
     placeholders the server did not make (see ``Starter.go``)."""
     msg = sock.recv(65536)
@@ -481,7 +481,7 @@ def _wait_orphans(plan: dict[str, Any]) -> bool:
     return plan.get("cgroup") is None and plan.get("cpu_time") is not None
 
 
-def _wait_unless_init_dies(sock: socket.socket, init_pid: int) -> None:
+def _wait_unless_init_dies(sock: socks.Socket, init_pid: int) -> None:
     """Wait for ``sock`` to be readable; raise if PID 1 dies first (killed
     from outside: the pid namespace is gone, the sandbox cannot be used,
     and the server must hear of it before a run claims it)."""
@@ -498,7 +498,7 @@ def _wait_unless_init_dies(sock: socket.socket, init_pid: int) -> None:
 
 
 def _build_spawning(
-    plan: dict[str, Any], sock: socket.socket, csock_fd: int, status_w: int, cmd_r: int
+    plan: dict[str, Any], sock: socks.Socket, csock_fd: int, status_w: int, cmd_r: int
 ) -> None:
     """``_build_sandbox`` without a command process built ahead: this
     process builds the sandbox, waits for the run (on the command's socket),
@@ -515,12 +515,12 @@ def _build_spawning(
     t0 = time.monotonic()
     step = "start init"
     init_pid = cmd_pid = 0
-    csock = socket.socket(fileno=csock_fd)
+    csock = socks.Socket(fileno=csock_fd)
     try:
         init_pid = pid1.start(cmd_r, wait_orphans=_wait_orphans(plan))
         os.close(cmd_r)
         step = "hostname"
-        socket.sethostname(plan["hostname"])
+        socks.sethostname(plan["hostname"])
         if plan["newnet"]:
             step = "loopback"
             netns.loopback_up()
@@ -602,7 +602,7 @@ def _build_spawning(
             listener = seccomp_loader.install(prog, new_listener=notify)
         step = "seccomp listener"
         if listener is not None:
-            socket.send_fds(csock, [msg], [listener])
+            socks.send_fds(csock, [msg], [listener])
             os.close(listener)
         else:
             csock.send(msg)
@@ -655,7 +655,7 @@ def _command(
     csock_fd: int,
     go_r: int,
     go_w: int,
-    proc_sock: socket.socket,
+    proc_sock: socks.Socket,
 ) -> None:
     """The command's process (PID 2): make the sandbox's procfs for stage A
     (a procfs shows the pid namespace of the process that creates it: this
@@ -678,7 +678,7 @@ def _command(
         child.report(status_w, b"S", exc.step, exc.cause)
         os._exit(125)
     try:
-        csock = socket.socket(fileno=csock_fd)
+        csock = socks.Socket(fileno=csock_fd)
         # Ready: the server sends the run's stdio only now, so that fds do
         # not wait in socket queues (they count against the user's limit of
         # fds in flight) while sandboxes are being built.

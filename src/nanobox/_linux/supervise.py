@@ -23,10 +23,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import time
 
-from . import notify, proctree
+from . import notify, proctree, socks
 
 TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
 if TYPE_CHECKING:
@@ -313,13 +312,13 @@ class Helper:
     the sandbox's ``connect()`` calls (``unixconnect``); it answers the
     notifications itself and reports refusals on its socket."""
 
-    def __init__(self, pid: int, sock: socket.socket) -> None:
+    def __init__(self, pid: int, sock: socks.Socket) -> None:
         self.pid = pid
         self.sock = sock
 
     @classmethod
     def start(cls, run: Run, listener_fd: int) -> Helper:
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        mine, theirs = socks.socketpair()
         pid = os.fork()
         if pid == 0:
             try:
@@ -357,7 +356,7 @@ def _helper_main(sock_fd: int, listener_fd: int, run: Run) -> None:
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     close_all_except({sock_fd, listener_fd})
-    sock = socket.socket(fileno=sock_fd)
+    sock = socks.Socket(fileno=sock_fd)
     try:
         proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         user = os.open(f"/proc/{run.init_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)

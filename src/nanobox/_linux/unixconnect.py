@@ -25,9 +25,10 @@ import _thread
 import ctypes
 import fcntl
 import os
-import socket
 import struct
 from collections.abc import Callable
+
+from . import socks
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.connect.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
@@ -117,12 +118,12 @@ class ConnectBroker:
         fcntl.ioctl(listener_fd, SECCOMP_IOCTL_NOTIF_ID_VALID, struct.pack("=Q", nid))
         sock = _pidfd_getfd(pid, fd)
         try:
-            family = socket.socket(fileno=os.dup(sock)).getsockopt(socket.SOL_SOCKET, SO_DOMAIN)
+            family = socks.Socket(fileno=os.dup(sock)).getsockopt(socks.SOL_SOCKET, SO_DOMAIN)
         except OSError:
             os.close(sock)
             raise
         try:
-            if family == socket.AF_UNIX and len(addr) > 2 and addr[2:3] not in (b"\0", b""):
+            if family == socks.AF_UNIX and len(addr) > 2 and addr[2:3] not in (b"\0", b""):
                 return self._connect_path(sock, pid, addr)
             return self._raw_connect(sock, addr)
         finally:
@@ -149,7 +150,7 @@ class ConnectBroker:
                     self.on_denied(entry)
                 return 13  # EACCES, as for a socket without write permission
             target = self._proc(f"self/fd/{pin}").encode()
-            return self._raw_connect(sock, struct.pack("=H", socket.AF_UNIX) + target + b"\0")
+            return self._raw_connect(sock, struct.pack("=H", socks.AF_UNIX) + target + b"\0")
         finally:
             os.close(pin)
 
