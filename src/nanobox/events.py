@@ -9,8 +9,8 @@ logged to the ``nanobox.events`` logger at DEBUG level with the event as
 
 from __future__ import annotations
 
+import _thread
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -43,7 +43,7 @@ class Event:
 
 Subscriber = Callable[[Event], None]
 _subscribers: list[Subscriber] = []
-_lock = threading.Lock()
+_lock = _thread.allocate_lock()
 
 
 def subscribe(callback: Subscriber) -> None:

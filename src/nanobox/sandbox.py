@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
+import _thread
 import errno as _errno
 import os
-import selectors
-import signal
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import events
 from ._io import Capture, RunIO, Sink
-from ._linux import USERNS_HELP
+from ._linux import USERNS_HELP, poller, signals
 from ._prepare import Args, Prepared, StdinLike, Submitted, check_linux, prepare, submit
 from .errors import PolicyError, SandboxError, SetupError, UnsupportedError
 from .policy import Policy
@@ -43,7 +41,7 @@ class Sandbox:
         self.on_event = on_event
         self._fork_server = False  # the CLI sets this: it is single-threaded
         self._proxy: Any = None  # one allowlist proxy per Sandbox, shared by its runs
-        self._proxy_lock = threading.Lock()
+        self._proxy_lock = _thread.allocate_lock()
 
     def __enter__(self) -> Sandbox:
         return self
@@ -189,13 +187,13 @@ class Sandbox:
 
     def _wait(self, prep: Prepared, io: RunIO) -> Result[Any]:
         """Relay the run's I/O until it has ended; its Result."""
+        sel = poller.Poller()  # (epoll: any fd number, no selectors import)
         try:
-            sel = selectors.PollSelector()
-            sel.register(io.chan, selectors.EVENT_READ, None)
+            sel.register(io.chan, poller.EVENT_READ, None)
             for fd in io.open_outputs:
-                sel.register(fd, selectors.EVENT_READ, None)
+                sel.register(fd, poller.EVENT_READ, None)
             if io.stdin_fd is not None:
-                sel.register(io.stdin_fd, selectors.EVENT_WRITE, None)
+                sel.register(io.stdin_fd, poller.EVENT_WRITE, None)
             chan_fd = io.chan.fileno()
             while not io.done:
                 for key, _ in sel.select():
@@ -209,8 +207,8 @@ class Sandbox:
                     elif fd in io.open_outputs:
                         if not io.on_output(fd):
                             sel.unregister(fd)
-            sel.close()
         finally:
+            sel.close()
             io.close()
             net = self._finish_proxy(io)
         return self._finish(prep, io, net)
@@ -356,10 +354,10 @@ class Sandbox:
             violations.append(Violation("timeout", detail))
         elif (
             reason == "cpu_limit"
-            or sig == signal.SIGXCPU
+            or sig == signals.SIGXCPU
             or (
                 limits.cpu_time is not None
-                and sig == signal.SIGKILL
+                and sig == signals.SIGKILL
                 and cpu >= float(limits.cpu_time)
             )
         ):

@@ -23,13 +23,12 @@ from __future__ import annotations
 import json
 import os
 import resource
-import signal
 from collections.abc import Callable
 
 # Imported here, not lazily: in a minimal rootfs the package's files are no
 # longer reachable once the view is built.
 from .._seccomp import loader as seccomp_loader
-from . import DEFAULT_PATH, landlock, socks
+from . import DEFAULT_PATH, landlock, signals, socks
 from . import sys as k
 from .fds import close_all_except, write_all
 
@@ -129,17 +128,17 @@ def prepare(plan: dict[str, Any], err_w: int, keep: tuple[int, ...]) -> None:
     exists. Raises ``SetupError`` naming the step."""
     step = "signals"
     try:
-        signal.set_wakeup_fd(-1)
+        signals.set_wakeup_fd(-1)
         # Caught signals return to their default at execve by themselves;
         # ignored ones stay ignored (SIGPIPE, SIGXFSZ, the server's SIGINT,
         # anything the caller inherited): only those are reset.
-        for sig in range(1, signal.NSIG):
+        for sig in range(1, signals.NSIG):
             try:
-                if signal.getsignal(sig) is signal.SIG_IGN:
-                    signal.signal(sig, signal.SIG_DFL)
+                if signals.getsignal(sig) == signals.SIG_IGN:
+                    signals.signal(sig, signals.SIG_DFL)
             except (OSError, ValueError, RuntimeError):
                 pass
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        signals.pthread_sigmask(signals.SIG_SETMASK, ())
 
         step = "setsid"
         os.setsid()

@@ -32,9 +32,8 @@ import collections
 import gc
 import os
 import select
-import signal
 
-from . import socks, spawn
+from . import signals, socks, spawn
 from . import sys as k
 from .fds import close_all_except
 from .socks import recv_fds
@@ -131,17 +130,17 @@ def decode_request(msg: bytes) -> tuple[int, list[str], int | None]:
 
 def _main(sock_fd: int, server: int) -> None:
     gc.disable()  # touch as few pages as possible: they stay shared
-    k.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    k.prctl(PR_SET_PDEATHSIG, signals.SIGKILL)
     if os.getppid() != server:
         os._exit(0)
     k.set_name(b"nanobox-forker")
     k.libc_sleep()  # looked up here once, not again in every stage A
-    signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signals.set_wakeup_fd(-1)
+    signals.signal(signals.SIGINT, signals.SIG_IGN)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     close_all_except({sock_fd, wake_r, wake_w})
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, _ignore)
+    signals.set_wakeup_fd(wake_w)
+    signals.signal(signals.SIGCHLD, _ignore)
     _loop(socks.Socket(fileno=sock_fd), wake_r, wake_w)
 
 

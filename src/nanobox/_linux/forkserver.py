@@ -29,12 +29,11 @@ import json
 import math
 import os
 import resource
-import signal
 import stat
 import sys
 import time
 
-from . import cgroups, forker, poller, socks, spawn, supervise, userns, watch
+from . import cgroups, forker, poller, signals, socks, spawn, supervise, userns, watch
 from . import sys as k
 from .fds import write_all
 from .socks import recv_fds
@@ -173,8 +172,8 @@ class Server:
         # they exited): removed once that process is reaped.
         self.discarded: dict[int, cgroups.RunGroup | None] = {}
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(wake_w)
-        signal.signal(signal.SIGCHLD, lambda _s, _f: None)
+        signals.set_wakeup_fd(wake_w)
+        signals.signal(signals.SIGCHLD, lambda _s, _f: None)
         self.forker = forker.Forker()  # forks every stage A (see forker)
         self.forker_events = poller.EVENT_READ
         self.sel.register(self.forker.sock, poller.EVENT_READ, ("forker", None))
@@ -662,7 +661,7 @@ class Server:
             self._end_run(job)
         elif job.exit_status is None:
             try:
-                os.kill(job.pid, signal.SIGKILL)  # still our unreaped child: no reuse
+                os.kill(job.pid, signals.SIGKILL)  # still our unreaped child: no reuse
             except ProcessLookupError:
                 pass
 
@@ -1006,7 +1005,7 @@ class Server:
         while True:
             for child_pid in _children():
                 try:
-                    os.kill(child_pid, signal.SIGKILL)  # unreaped: no reuse
+                    os.kill(child_pid, signals.SIGKILL)  # unreaped: no reuse
                 except ProcessLookupError:
                     pass
             try:
@@ -1333,7 +1332,7 @@ def main(ctrl_fd: int, refill: bool = True) -> None:
     """Entry point of the server process. ``refill``: keep a spare stage A
     after each run (a one-shot caller, the CLI, does not want one)."""
     k.prctl(k.PR_SET_CHILD_SUBREAPER, 1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signals.signal(signals.SIGINT, signals.SIG_IGN)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         try:

@@ -17,10 +17,9 @@ import json
 import os
 import resource
 import select
-import signal
 import time
 
-from . import child, notify, proctree, socks
+from . import child, notify, proctree, signals, socks
 from . import sys as k
 from .fds import write_all
 from .socks import recv_fds
@@ -53,7 +52,7 @@ def _kill_descendants() -> None:
             return
         for pid in pids:
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signals.SIGKILL)
             except ProcessLookupError:
                 pass
         while True:
@@ -84,8 +83,8 @@ def init_main(
         _error(status_w, "subreaper", exc)
 
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda _s, _f: None)
+    signals.set_wakeup_fd(wake_w)
+    signals.signal(signals.SIGCHLD, lambda _s, _f: None)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     notify_mine = notify_theirs = None
     if plan.get("seccomp") and plan.get("seccomp_notify"):

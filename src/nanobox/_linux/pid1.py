@@ -25,8 +25,8 @@ cannot be run, PID 1 is a forked Python process blocked in ``read``.
 from __future__ import annotations
 
 import os
-import signal
 
+from . import signals
 from .fds import close_all_except
 
 TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
@@ -46,7 +46,7 @@ def start(cmd_r: int, *, wait_orphans: bool = False) -> int:
     if cat is not None:
         # A failed exec here would leave the namespace without its PID 1
         # (no second try possible), hence the access check first.
-        old = signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # inherited by cat
+        old = signals.signal(signals.SIGCHLD, signals.SIG_IGN)  # inherited by cat
         try:
             return os.posix_spawn(
                 cat,
@@ -59,7 +59,7 @@ def start(cmd_r: int, *, wait_orphans: bool = False) -> int:
                 ],
             )
         finally:
-            signal.signal(signal.SIGCHLD, old)
+            signals.signal(signals.SIGCHLD, old)
     pid = os.fork()
     if pid == 0:
         _idle(cmd_r, wait_orphans)
@@ -68,8 +68,8 @@ def start(cmd_r: int, *, wait_orphans: bool = False) -> int:
 
 def _idle(cmd_r: int, wait_orphans: bool) -> NoReturn:
     try:
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, _reap if wait_orphans else signal.SIG_IGN)
+        signals.set_wakeup_fd(-1)
+        signals.signal(signals.SIGCHLD, _reap if wait_orphans else signals.SIG_IGN)
         close_all_except((cmd_r,))
         if wait_orphans:
             _reap(0, None)  # any that exited before the handler was set

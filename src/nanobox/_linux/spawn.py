@@ -55,11 +55,10 @@ import json
 import os
 import resource
 import select
-import signal
 import time
 
 from .._seccomp import loader as seccomp_loader
-from . import cgroups, child, init, landlock, mounts, netns, pid1, socks, userns
+from . import cgroups, child, init, landlock, mounts, netns, pid1, signals, socks, userns
 from . import sys as k
 from .fds import close_all_except, write_all
 from .socks import recv_fds
@@ -183,8 +182,8 @@ def starter_main(
         # The server's wakeup fd (and its SIGCHLD handler) are inherited, but
         # the fd is about to be closed: a signal arriving now would fail to
         # write to it and surface as EBADF later.
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signals.set_wakeup_fd(-1)
+        signals.signal(signals.SIGCHLD, signals.SIG_DFL)
         close_all_except({sock_fd, csock_fd, status_w, cmd_r})
         _set_name(b"nanobox-spare")
         step = "join cgroup"
@@ -194,7 +193,7 @@ def starter_main(
             # Its holder process dies on its own time: the kernel reaps it
             # while this process has no other children (else a zombie
             # would wait here, next to the spare, until the plan comes).
-            signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+            signals.signal(signals.SIGCHLD, signals.SIG_IGN)
             _set_name(b"nanobox-userns")  # the holder's name in ps, not a spare's
             try:
                 userns_fd = userns.make_userns(f"0 {sid} 1\n", f"0 {sid} 1\n")
@@ -207,7 +206,7 @@ def starter_main(
         msg, fds = recv_fds(sock, MAX_PLAN, 8)
     except BaseException:  # noqa: BLE001
         os._exit(0)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # before PID 1 and the command
+    signals.signal(signals.SIGCHLD, signals.SIG_DFL)  # before PID 1 and the command
     userns.reap_holders()  # reaped already, or dead by now
     if not msg:
         os._exit(0)  # discarded, or the server went away
@@ -309,7 +308,7 @@ def _end(pids: tuple[int, ...]) -> None:
     for pid in pids:
         if pid > 0:
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signals.SIGKILL)
             except OSError:
                 pass
     for pid in pids:

@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 
-from . import notify, proctree, socks
+from . import notify, proctree, signals, socks
 
 TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
 if TYPE_CHECKING:
@@ -186,7 +185,7 @@ class Run:
             self.init_children_cpu = _children_times(self.init_pid)
             self.orphans_cpu = (u + self.init_children_cpu[0], s + self.init_children_cpu[1])
         try:
-            os.kill(self.init_pid, signal.SIGKILL)  # our unreaped child: no reuse
+            os.kill(self.init_pid, signals.SIGKILL)  # our unreaped child: no reuse
         except ProcessLookupError:
             pass
 
@@ -353,8 +352,8 @@ def _helper_main(sock_fd: int, listener_fd: int, run: Run) -> None:
     from .fds import close_all_except
     from .unixconnect import ConnectBroker
 
-    signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signals.set_wakeup_fd(-1)
+    signals.signal(signals.SIGCHLD, signals.SIG_DFL)
     close_all_except({sock_fd, listener_fd})
     sock = socks.Socket(fileno=sock_fd)
     try:

@@ -423,14 +423,14 @@ def spawn_userns_holder(seconds: int) -> tuple[int, int]:
     pidfd (``CLONE_PIDFD``, Linux 5.2) lets it be killed without a pid that
     could have been reused. Single-threaded callers only (it shares this
     thread's TLS)."""
-    import signal
+    from . import signals
 
     top = (ctypes.addressof(_HOLDER_STACK) + len(_HOLDER_STACK) - 64) & ~15
     fn = libc_sleep()
     pidfd = ctypes.c_int(-1)
     old = _block_signals()
     try:
-        flags = CLONE_VM | CLONE_NEWUSER | CLONE_PIDFD | signal.SIGCHLD
+        flags = CLONE_VM | CLONE_NEWUSER | CLONE_PIDFD | signals.SIGCHLD
         pid = _clone(fn, top, flags, seconds, ctypes.byref(pidfd))
         err = ctypes.get_errno()
     finally:
@@ -447,7 +447,7 @@ _SIG_SETMASK = 2
 def _block_signals() -> ctypes.Array[ctypes.c_char]:
     """Block every signal (the kernel keeps SIGKILL and SIGSTOP, glibc its
     two internal ones); return the mask to restore. libc's call, not
-    ``signal.pthread_sigmask``: that one turns both sets into ``Signals``
+    ``signals.pthread_sigmask``: that one turns both sets into ``Signals``
     members, ~0.1 ms with ``valid_signals`` for every sandbox's holder."""
     every = _every_signal()
     old = ctypes.create_string_buffer(_SIGSET_BYTES)

@@ -35,8 +35,7 @@ def make_userns(uid_map: str, gid_map: str) -> int:
     child shares the caller's memory (``sys.spawn_userns_holder``); where
     that fails, a forked one does the same.
     """
-    import signal
-
+    from . import signals
     from . import sys as k
 
     try:
@@ -48,7 +47,7 @@ def make_userns(uid_map: str, gid_map: str) -> int:
         try:
             # Still ours (its sleep has not run out, so that pid is not
             # someone else's: a caller ignoring SIGCHLD has it reaped at once).
-            signal.pidfd_send_signal(pidfd, 0)
+            signals.pidfd_send_signal(pidfd, 0)
         except ProcessLookupError:
             os.close(fd)
             raise
@@ -58,7 +57,7 @@ def make_userns(uid_map: str, gid_map: str) -> int:
         return _make_userns_forked(uid_map, gid_map)
     finally:
         try:
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            signals.pidfd_send_signal(pidfd, signals.SIGKILL)
         except ProcessLookupError:
             pass
         os.close(pidfd)
