@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -904,9 +905,9 @@ def test_a_placeholder_record_that_failed_is_written_again(
     """The crash record is rewritten only when its set of paths changes;
     one write that failed (a full disk) is retried at the next acquire or
     release, even one that changes no path (another run sharing it)."""
-    from nanobox._linux import forkserver
+    from nanobox._linux import placeholders
 
-    ph = forkserver.Placeholders(f"test-{uuid.uuid4().hex}")
+    ph = placeholders.Placeholders(f"test-{uuid.uuid4().hex}")
     assert ph.record is not None
     target = str(tmp_path / ".vscode")
 
@@ -926,23 +927,31 @@ def test_a_placeholder_record_that_failed_is_written_again(
     assert not os.path.exists(target) and not os.path.exists(ph.record)
 
 
+def _as_if_killed(ph: Any) -> None:
+    """A killed server's locks go with it: close the fds it held."""
+    for held in ph.refs.values():
+        os.close(held.fd)
+    ph.refs.clear()
+
+
 def test_a_placeholder_record_keeps_a_path_that_is_not_utf8(tmp_path: Path) -> None:
     """A workspace whose name is not UTF-8 (bytes a Linux path may hold):
     its placeholders are recorded byte for byte, and swept by that record
     once their server is gone (writing the record used to raise
     ``UnicodeEncodeError`` and fail the run)."""
-    from nanobox._linux import forkserver
+    from nanobox._linux import placeholders
 
     ws = tmp_path / os.fsdecode(b"caf\xe9")
     ws.mkdir()
     target = str(ws / ".vscode")
-    ph = forkserver.Placeholders("999999999_1")  # no such server: swept below
+    ph = placeholders.Placeholders("999999999_1")  # no such server: swept below
     assert ph.record is not None
     try:
         ph.acquire([(target, "file")])
         with open(ph.record, "rb") as fh:
             assert fh.read().endswith(b"\t" + os.fsencode(target) + b"\n")
-        forkserver.sweep_placeholders()
+        _as_if_killed(ph)
+        placeholders.sweep_placeholders()
         assert not os.path.lexists(target) and not os.path.exists(ph.record)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -962,20 +971,21 @@ def test_a_record_cut_short_by_a_kill_is_swept_too(tmp_path: Path) -> None:
     """A server killed while rewriting its record leaves the new one as
     ``.tmp``: the sweep removes the placeholders both name (only empty files
     with the recorded inode) and both files."""
-    from nanobox._linux import forkserver
+    from nanobox._linux import placeholders
 
-    ph = forkserver.Placeholders("999999998_1")  # no such server
+    ph = placeholders.Placeholders("999999998_1")  # no such server
     assert ph.record is not None
     first, second, cut = (str(tmp_path / n) for n in (".bashrc", ".zshrc", ".profile"))
     try:
         ph.acquire([(first, "file")])
+        _as_if_killed(ph)
         for path in (second, cut):
             open(path, "w").close()
         with open(ph.record + ".tmp", "w") as fh:  # as a kill mid-rewrite leaves it
             fh.write(f"{os.lstat(first).st_ino}\t{first}\n{os.lstat(second).st_ino}\t{second}\n")
             fh.write(f"{os.lstat(cut).st_ino}\t{cut[:-3]}")  # cut short: another path
         open(cut[:-3], "w").close()  # an empty file of the user's there: kept
-        forkserver.sweep_placeholders()
+        placeholders.sweep_placeholders()
         assert sorted(os.listdir(tmp_path)) == [".prof", ".profile"]
         assert not os.path.exists(ph.record) and not os.path.exists(ph.record + ".tmp")
     finally:

@@ -23,21 +23,19 @@ from the server, so a dead server takes its sandboxes with it too.
 
 from __future__ import annotations
 
-import errno
 import gc
 import json
 import math
 import os
 import resource
-import stat
 import sys
 import time
 
-from . import cgroups, forker, poller, signals, socks, spawn, supervise, userns, watch
+from . import cgroups, forker, placeholders, poller, signals, socks, spawn, supervise, userns, watch
 from . import sys as k
-from .fds import write_all
 from .socks import recv_fds
 
+LINGER_RETRY_S = 0.5  # a placeholder another server still holds: removed when it lets go
 TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
 if TYPE_CHECKING:
     from typing import Any
@@ -150,8 +148,8 @@ class Server:
         self.early_exits: dict[int, tuple[int, Any, float]] = {}
         self.helpers: set[int] = set()
         self.ident = cgroups.server_ident()
-        self.placeholders = Placeholders(self.ident)
-        sweep_placeholders()
+        self.placeholders = placeholders.Placeholders(self.ident)
+        placeholders.sweep_placeholders()
         self.counter = 0
         self.swept: set[str] = set()
         self.spare: spawn.Starter | None = None
@@ -184,6 +182,8 @@ class Server:
     def _timeout(self) -> float | None:
         keep = self.spare is not None or self.warm is not None
         times = [self.spare_until] if keep else []
+        if self.placeholders.lingering:  # held elsewhere: look again now and then
+            times.append(time.monotonic() + LINGER_RETRY_S)
         for job in self.timed:
             t = job.run.next_timer() if job.run is not None else None
             if t is not None:
@@ -233,6 +233,8 @@ class Server:
                 elif what == "helper":
                     self._on_helper(job)
             self._check_timers()
+            if self.placeholders.lingering and self.placeholders.retry():
+                self.placeholders.save()
 
     def _watch_forker(self) -> None:
         """Wait for room on the forker's socket only while requests queue."""
@@ -1039,224 +1041,6 @@ def _children() -> list[int]:
             return [int(p) for p in fh.read().split()]
     except OSError:
         return []
-
-
-class Placeholders:
-    """Empty files/directories standing in for protected paths that do not
-    exist yet (the init mounts read-only empties over them), shared by
-    concurrent runs in the same workspace and removed by the last one."""
-
-    def __init__(self, ident: str = "") -> None:
-        self.refs: dict[str, tuple[int, int]] = {}  # path -> (inode, users)
-        # A record on disk, so that placeholders of a server that was
-        # SIGKILLed are removed by the next server (see sweep_placeholders).
-        self.record = _state_file(f"placeholders.{ident}") if ident else None
-        self.stale = False  # the last write of the record failed: write it next time
-
-    def _save(self) -> None:
-        if self.record is None:
-            return
-        self.stale = True
-        try:
-            if not self.refs:
-                os.unlink(self.record)
-            else:
-                tmp = self.record + ".tmp"
-                text = "".join(f"{ino}\t{path}\n" for path, (ino, _users) in self.refs.items())
-                try:
-                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-                    try:
-                        write_all(fd, os.fsencode(text))
-                    finally:
-                        os.close(fd)
-                    os.replace(tmp, self.record)
-                except OSError:
-                    try:
-                        os.unlink(tmp)  # (a full disk): no half-written file left behind
-                    except OSError:
-                        pass
-                    raise
-            self.stale = False
-        except FileNotFoundError:
-            self.stale = bool(self.refs)  # no record to unlink is as good as unlinked
-        except OSError:
-            pass
-
-    def acquire(self, specs: Any, skipped: list[int] | None = None) -> list[str]:
-        """Create (or share) the placeholders ``specs`` names. A name that
-        cannot be created because the sandbox could not create it either
-        (``uncreatable``) is left out and its index added to ``skipped``,
-        when given (else the error is raised)."""
-        taken: list[str] = []
-        made = False  # the record lists paths, not users: rewritten only for new ones
-        try:
-            for index, (path, kind) in enumerate(specs):
-                if path in self.refs:
-                    ino, users = self.refs[path]
-                    self.refs[path] = (ino, users + 1)
-                    taken.append(path)
-                    continue
-                try:
-                    if kind == "dir":
-                        os.mkdir(path, 0o700)
-                    else:
-                        fd = os.open(
-                            path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600
-                        )
-                        os.close(fd)
-                except FileExistsError:
-                    continue  # not ours: the init protects whatever is there
-                except OSError as exc:
-                    if skipped is None or not uncreatable(exc, path):
-                        name = os.path.basename(path)
-                        raise OSError(
-                            exc.errno,
-                            f"cannot create {path}, the empty stand-in that keeps the sandbox "
-                            f"from creating the protected name {name!r}: {exc.strerror}; make "
-                            f"its directory writable, or list {name!r} in filesystem.unprotect",
-                        ) from None
-                    skipped.append(index)
-                    continue
-                made = True
-                self.refs[path] = (os.lstat(path).st_ino, 1)
-                taken.append(path)
-            if made or self.stale:
-                self._save()
-        except BaseException:
-            self.release(taken)
-            raise
-        return taken
-
-    def release(self, taken: list[str]) -> None:
-        before = len(self.refs)
-        try:
-            self._release(taken)
-        finally:
-            if len(self.refs) != before or self.stale:
-                self._save()
-
-    def _release(self, taken: list[str]) -> None:
-        for path in taken:
-            ino, users = self.refs[path]
-            if users > 1:
-                self.refs[path] = (ino, users - 1)
-                continue
-            del self.refs[path]
-            remove_placeholder(path, ino)
-
-
-# statfs f_type of filesystems whose permission checks are the kernel's own,
-# from the mode and ACLs it shows: ext2/3/4, xfs, btrfs, tmpfs, overlayfs,
-# f2fs, zfs.
-LOCAL_FS = frozenset(
-    {0xEF53, 0x58465342, 0x9123683E, 0x01021994, 0x794C7630, 0xF2F52010, 0x2FC12FC1}
-)
-
-
-def uncreatable(exc: OSError, path: str) -> bool:
-    """Whether the sandbox cannot create ``path`` either, given that this
-    server just failed to with ``exc`` (so that it needs no placeholder).
-    The errno alone is not trusted (a security module or a network file
-    system may have its own reasons): what it says is checked.
-
-    A read-only mount (``EROFS``, and ``statvfs`` says so) stays read-only
-    in the sandbox: the view never clears the flag, and in a user
-    namespace the kernel locks it. Denied by permissions (``EACCES``,
-    ``EPERM``) only where the sandbox acts with this server's identity and
-    no privilege (a caller that is not root), the directory is not the
-    caller's own (an owner could ``chmod`` it writable first), its mode
-    grants this identity no write (no ACL to weigh) and the filesystem is a
-    local one (``LOCAL_FS``: on NFS or FUSE the server decides, and may see
-    the caller as the owner of what shows as nobody's). Everything else (a
-    root caller's denial, say) fails closed."""
-    parent = os.path.dirname(path)
-    try:
-        if exc.errno == errno.EROFS:
-            return bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
-        if exc.errno not in (errno.EACCES, errno.EPERM) or os.geteuid() == 0:
-            return False
-        if k.statfs_type(parent) not in LOCAL_FS:
-            return False  # (NFS, FUSE: the server decides, whatever the mode shows)
-        st = os.stat(parent)
-        if st.st_uid == os.geteuid() or st.st_mode & stat.S_IWOTH:
-            return False
-        if st.st_mode & stat.S_IWGRP and (st.st_gid == os.getegid() or st.st_gid in os.getgroups()):
-            return False
-        try:
-            os.getxattr(parent, "system.posix_acl_access")
-            return False  # an ACL may grant what the mode does not show
-        except OSError:
-            return True
-    except OSError:
-        return False
-
-
-def remove_placeholder(path: str, ino: int) -> None:
-    """Remove a placeholder if it is still ours (same inode) and empty."""
-    try:
-        st = os.lstat(path)
-        if st.st_ino != ino:
-            return
-        if stat.S_ISDIR(st.st_mode):
-            os.rmdir(path)  # fails (and stays) if something was put inside
-        elif st.st_size == 0:
-            os.unlink(path)
-    except OSError:
-        pass
-
-
-def _state_dir() -> str | None:
-    """A private directory for crash-recovery records (0700, ours)."""
-    uid = os.getuid()
-    base = "/run/nanobox" if uid == 0 else os.environ.get("XDG_RUNTIME_DIR") or ""
-    path = os.path.join(base, "nanobox") if base and uid != 0 else base
-    if not path:
-        path = f"/tmp/nanobox-{uid}"
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        st = os.lstat(path)
-    except OSError:
-        return None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
-        return None  # not ours (or not private): do not trust it
-    return path
-
-
-def _state_file(name: str) -> str | None:
-    d = _state_dir()
-    return os.path.join(d, name) if d else None
-
-
-def sweep_placeholders() -> None:
-    """Remove placeholders recorded by servers that no longer run, and
-    their records. A server killed while it rewrote its record leaves the
-    new one as ``.tmp``, possibly cut short: it may name placeholders the
-    old record does not, so it is read too (a cut line names a path whose
-    inode is not the recorded one, or nothing)."""
-    d = _state_dir()
-    if d is None:
-        return
-    try:
-        names = os.listdir(d)
-    except OSError:
-        return
-    for name in names:
-        if not name.startswith("placeholders."):
-            continue
-        ident = name.split(".", 1)[1].removesuffix(".tmp")
-        pid = ident.split("_", 1)[0]
-        if pid.isdigit() and cgroups._alive(int(pid), ident):
-            continue
-        record = os.path.join(d, name)
-        try:
-            with open(record, "rb") as fh:
-                for raw in fh:
-                    ino, _, path = os.fsdecode(raw).rstrip("\n").partition("\t")
-                    if ino.isdigit() and path:
-                        remove_placeholder(path, int(ino))
-            os.unlink(record)
-        except OSError:
-            pass
 
 
 def make_private_tmp(plan: dict[str, Any]) -> str:
