@@ -360,6 +360,9 @@ class Server:
                 if job is not None:
                     try:
                         self._claim(job, plan, stdio)
+                    except placeholders.PlaceholderError:
+                        self._abandon(job)
+                        raise  # (a new sandbox would wait for the same name again)
                     except OSError:
                         self._abandon(job)  # its command process just died: a new one
                         job = None
@@ -1022,6 +1025,10 @@ class Server:
             remove_tree(job.tmpdir)
             if job.group is not None:
                 job.group.remove()
+        # Placeholders another server still held at their run's end: one more
+        # look (what is still held stays recorded, for that server's sweep).
+        if self.placeholders.lingering and self.placeholders.retry():
+            self.placeholders.save()
 
 
 def _can_build_ahead(plan: dict[str, Any]) -> bool:

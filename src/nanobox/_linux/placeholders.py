@@ -50,12 +50,13 @@ class PlaceholderError(OSError):
 class _Held:
     """One name this server protects: an fd with a shared lock on it."""
 
-    __slots__ = ("fd", "ino", "made", "users")
+    __slots__ = ("empty", "fd", "ino", "made", "users")
 
-    def __init__(self, fd: int, ino: int, made: bool) -> None:
+    def __init__(self, fd: int, ino: int, made: bool, empty: bool = True) -> None:
         self.fd = fd
         self.ino = ino
         self.made = made  # a placeholder of this server's (else another's, or the user's)
+        self.empty = empty  # as a placeholder is (else nobody's to remove)
         self.users = 1
 
 
@@ -165,9 +166,11 @@ class Placeholders:
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                if directory or st.st_size == 0:
-                    # Empty, as a placeholder is, and unreadable here: another
-                    # user's server may have made it and may remove it.
+                if not directory and st.st_size == 0 and st.st_uid != os.geteuid():
+                    # Empty, as a placeholder is, another user's and unreadable
+                    # here: that user's nanobox may have made it and remove it.
+                    # (A directory that cannot be listed cannot be told from a
+                    # user's own: protected as it is, as before.)
                     raise PlaceholderError(
                         exc.errno,
                         f"cannot hold {path} for the run ({exc.strerror}): an empty name "
@@ -177,7 +180,7 @@ class Placeholders:
                     ) from None
                 return None  # not empty: no placeholder, so nanobox never removes it
             try:
-                if not _lock(fd, fcntl.LOCK_SH, deadline):
+                if not _lock(fd, fcntl.LOCK_SH, deadline, path):
                     raise PlaceholderError(
                         errno.EWOULDBLOCK,
                         f"cannot hold {path} for the run: another process keeps it locked "
@@ -197,14 +200,14 @@ class Placeholders:
             mine = self.lingering.get(path) == ino
             if mine:
                 del self.lingering[path]  # this server's own, held again
-            return _Held(fd, ino, made=mine)
+            return _Held(fd, ino, made=mine, empty=directory or st.st_size == 0)
         raise PlaceholderError(
             errno.EAGAIN, f"cannot hold {path} for the run: it keeps being made and removed"
         )
 
     def release(self, taken: list[str]) -> None:
         changed = False
-        borrowed = False
+        borrowed: set[str] = set()
         try:
             for path in taken:
                 held = self.refs[path]
@@ -217,8 +220,8 @@ class Placeholders:
                         changed = True
                         if not _remove(path, held.ino, held.fd):
                             self.lingering[path] = held.ino
-                    else:
-                        borrowed = True
+                    elif held.empty:
+                        borrowed.add(path)
                 finally:
                     os.close(held.fd)
             changed = self.retry() or changed
@@ -226,7 +229,10 @@ class Placeholders:
             if changed or self.stale:
                 self.save()
         if borrowed:
-            sweep_placeholders()  # its maker may be gone, leaving it to this server
+            # Another server's placeholder, perhaps, that it could not remove
+            # while this one held it: remove it now if nobody holds it (its
+            # maker's record says so; the maker finds it gone, and is fine).
+            sweep_placeholders(borrowed)
 
     def retry(self) -> bool:
         """Remove the lingering placeholders nobody holds any more (and
@@ -261,16 +267,31 @@ def _make(path: str, kind: str) -> _Held | None:
     except FileExistsError:
         return None
     try:
-        # A new inode: nobody else can hold it exclusively yet.
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        # A new inode: nobody else can hold it exclusively yet (but anyone
+        # could open it and try: the same bounded wait as for a name found).
+        if not _lock(fd, fcntl.LOCK_SH, time.monotonic() + LOCK_WAIT_S, path):
+            raise PlaceholderError(errno.EWOULDBLOCK, f"cannot hold {path}: locked elsewhere")
         return _Held(fd, os.fstat(fd).st_ino, made=True)
     except BaseException:
         os.close(fd)
+        _unmake(path, kind)
         raise
 
 
-def _lock(fd: int, op: int, deadline: float) -> bool:
-    """``flock`` without blocking, retried until ``deadline``."""
+def _unmake(path: str, kind: str) -> None:
+    try:
+        if kind == "dir":
+            os.rmdir(path)
+        else:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _lock(fd: int, op: int, deadline: float, path: str) -> bool:
+    """``flock`` without blocking, retried until ``deadline``. A filesystem
+    that cannot lock fails closed: the lock is what keeps another nanobox
+    from removing the name while this sandbox protects it."""
     delay = 0.0005
     while True:
         try:
@@ -281,6 +302,14 @@ def _lock(fd: int, op: int, deadline: float) -> bool:
                 return False
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
+        except OSError as exc:
+            raise PlaceholderError(
+                exc.errno,
+                f"cannot lock {path} ({exc.strerror}): without the lock another nanobox "
+                "in this workspace could remove the name while this sandbox protects it; "
+                f"list {os.path.basename(path)!r} in filesystem.unprotect to run without "
+                "its protection",
+            ) from None
 
 
 def _remove(path: str, ino: int, fd: int) -> bool:
@@ -289,7 +318,9 @@ def _remove(path: str, ino: int, fd: int) -> bool:
     no longer empty) counts as done: it is not ours to remove."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError:
+        # Held elsewhere; or no exclusive lock to be had here (NFS emulates
+        # flock with byte-range locks, which need a writable fd): later.
         return False
     try:
         st = os.lstat(path)
@@ -314,8 +345,14 @@ def remove_placeholder(path: str, ino: int) -> bool:
         return True
     if st.st_ino != ino or stat.S_IFMT(st.st_mode) not in _KINDS:
         return True
+    directory = stat.S_ISDIR(st.st_mode)
     try:
-        fd = os.open(path, _open_flags(stat.S_ISDIR(st.st_mode)))
+        try:
+            # Writable where possible: an exclusive lock on NFS needs it.
+            writable = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            fd = os.open(path, _open_flags(True) if directory else writable)
+        except PermissionError:
+            fd = os.open(path, _open_flags(directory))
     except FileNotFoundError:
         return True
     except OSError:
@@ -396,14 +433,17 @@ def _state_file(name: str) -> str | None:
     return os.path.join(d, name) if d else None
 
 
-def sweep_placeholders() -> None:
+def sweep_placeholders(paths: set[str] | None = None) -> None:
     """Remove placeholders recorded by servers that no longer run, and
     their records (a record stays while one of its placeholders is still
-    held by another server: a later sweep finishes it). A server killed
-    while it rewrote its record leaves the new one as ``.tmp``, possibly
-    cut short: it may name placeholders the old record does not, so it is
-    read too (a cut line names a path whose inode is not the recorded one,
-    or nothing)."""
+    held by another server: a later sweep finishes it). With ``paths``,
+    also those of these names recorded by servers that still run (their
+    maker could not remove them while this server held them; nobody
+    holding them now is checked by the lock). A server killed while it
+    rewrote its record leaves the new one as ``.tmp``, possibly cut short:
+    it may name placeholders the old record does not, so it is read too (a
+    cut line names a path whose inode is not the recorded one, or
+    nothing)."""
     d = _state_dir()
     if d is None:
         return
@@ -416,7 +456,8 @@ def sweep_placeholders() -> None:
             continue
         ident = name.split(".", 1)[1].removesuffix(".tmp")
         pid = ident.split("_", 1)[0]
-        if pid.isdigit() and cgroups._alive(int(pid), ident):
+        alive = pid.isdigit() and cgroups._alive(int(pid), ident)
+        if alive and not paths:
             continue
         record = os.path.join(d, name)
         try:
@@ -424,9 +465,11 @@ def sweep_placeholders() -> None:
             with open(record, "rb") as fh:
                 for raw in fh:
                     ino, _, path = os.fsdecode(raw).rstrip("\n").partition("\t")
-                    if ino.isdigit() and path and not remove_placeholder(path, int(ino)):
+                    if not ino.isdigit() or not path or (alive and path not in (paths or ())):
+                        continue
+                    if not remove_placeholder(path, int(ino)):
                         done = False
-            if done:
+            if done and not alive:
                 os.unlink(record)
         except OSError:
             pass
