@@ -130,9 +130,9 @@ def test_a_user_file_is_held_but_never_removed(tmp_path: Path) -> None:
 def test_a_name_locked_elsewhere_fails_closed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Held exclusively by another process (a sandbox can lock its own
-    read-only placeholder): the run fails, naming the file, rather than
-    protect a name it cannot keep from being removed."""
+    """Held exclusively by another process for longer than the wait: the
+    run fails, naming the file, rather than protect a name it cannot keep
+    from being removed."""
     target = tmp_path / ".gitmodules"
     target.touch()
     fd = os.open(target, os.O_RDONLY)

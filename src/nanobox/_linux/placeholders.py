@@ -37,8 +37,9 @@ if TYPE_CHECKING:
     from typing import Any
 
 # How long to wait for a name another process holds exclusively (a server
-# removing it holds it for microseconds; a sandbox can hold its own
-# placeholder's lock as long as it runs): then fail closed.
+# removing it holds it for microseconds; a sandbox can take only a shared
+# lock on what it protects, since its server holds one all along, but any
+# other process of the user's could hold one for good): then fail closed.
 LOCK_WAIT_S = 1.0
 _KINDS = (stat.S_IFREG, stat.S_IFDIR)
 
