@@ -27,7 +27,6 @@ go to the server, which supervises them. It dies with the server
 
 from __future__ import annotations
 
-import array
 import collections
 import gc
 import os
@@ -82,11 +81,7 @@ class Forker:
         while self.pending and self.outstanding < MAX_OUTSTANDING:
             msg, fds = self.pending[0]
             try:
-                self.sock.sendmsg(
-                    [msg],
-                    [(socks.SOL_SOCKET, socks.SCM_RIGHTS, array.array("i", fds))],
-                    socks.MSG_DONTWAIT,
-                )
+                socks.send_fds(self.sock, [msg], fds, socks.MSG_DONTWAIT)
             except BlockingIOError:
                 return
             except OSError:

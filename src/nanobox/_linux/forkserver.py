@@ -233,8 +233,7 @@ class Server:
                 elif what == "helper":
                     self._on_helper(job)
             self._check_timers()
-            if self.placeholders.lingering and self.placeholders.retry():
-                self.placeholders.save()
+            self.placeholders.tidy()
 
     def _watch_forker(self) -> None:
         """Wait for room on the forker's socket only while requests queue."""
@@ -1027,8 +1026,7 @@ class Server:
                 job.group.remove()
         # Placeholders another server still held at their run's end: one more
         # look (what is still held stays recorded, for that server's sweep).
-        if self.placeholders.lingering and self.placeholders.retry():
-            self.placeholders.save()
+        self.placeholders.tidy()
 
 
 def _can_build_ahead(plan: dict[str, Any]) -> bool:

@@ -235,6 +235,11 @@ class Placeholders:
             # maker's record says so; the maker finds it gone, and is fine).
             sweep_placeholders(borrowed)
 
+    def tidy(self) -> None:
+        """Between runs: ``retry``, and the record rewritten if it changed."""
+        if self.lingering and self.retry():
+            self.save()
+
     def retry(self) -> bool:
         """Remove the lingering placeholders nobody holds any more (and
         forget those that are gone). Whether the record changed."""
