@@ -205,25 +205,49 @@ def test_a_cgroup_file_is_read_whole(tmp_path: Path) -> None:
 
 def test_one_policys_equal_plans_are_encoded_once() -> None:
     """The static part of a plan is encoded again only when it changes, and
-    never reused across policies (their equal plans may differ in JSON:
-    ``1 == 1.0 == True``)."""
-    import json
+    never reused across policies (their equal plans may differ when
+    encoded: ``1 == 1.0 == True``)."""
+    from nanobox._linux import wire
 
     first, second = object(), object()
 
     def the_plan(**extra: object) -> dict[str, object]:
         return {"id": "x", "argv": ["true"], "env": [], "timeout": None, "n": 1, **extra}
 
+    def parts(msg: bytes) -> tuple[dict[str, object], dict[str, object]]:
+        run, static = wire.split_run(msg)
+        return wire.loads(run), wire.loads(static)
+
     a = plan.encode(the_plan(), first)
     cached = plan._last_rest[2]
     b = plan.encode(the_plan(id="y"), first)
     assert plan._last_rest[2] is cached  # reused, not encoded again
-    assert a.split(b"\n", 1)[1] == b.split(b"\n", 1)[1] == b'{"n": 1}'
-    assert json.loads(b.split(b"\n", 1)[0])["id"] == "y"
-    assert plan.encode(the_plan(n=2), first).endswith(b'"n": 2}')
-    assert plan.encode(the_plan(n=True), second).endswith(b'"n": true}')
-    assert plan.encode(the_plan(n=1.0), first).endswith(b'"n": 1.0}')
-    assert plan.encode(the_plan(n=1), None).endswith(b'"n": 1}')
+    assert wire.split_run(a)[1] == wire.split_run(b)[1] == wire.dumps({"n": 1})
+    assert parts(b)[0]["id"] == "y"
+    assert parts(plan.encode(the_plan(n=2), first))[1] == {"n": 2}
+    n = parts(plan.encode(the_plan(n=True), second))[1]["n"]
+    assert n is True
+    n = parts(plan.encode(the_plan(n=1.0), first))[1]["n"]
+    assert isinstance(n, float) and n == 1.0
+
+
+def test_equal_values_encode_to_equal_bytes() -> None:
+    """The server reuses a sandbox built ahead only for a run whose plan
+    bytes match: values that are equal must encode the same, however the
+    objects in them are shared (marshal's newer formats write references
+    to objects seen twice, which would make the bytes depend on that)."""
+    from nanobox._linux import wire
+
+    shared = "/tmp/ws/" + "x" * 3  # built at run time: not an interned constant
+    one = {"a": [shared, shared], "b": (shared, 1)}
+    two = {"a": ["/tmp/ws/xxx", "/tmp/ws/" + "xxx"], "b": ("/tmp/ws/xxx", 1)}
+    assert one == two
+    assert wire.dumps(one) == wire.dumps(two)
+    assert wire.loads(wire.dumps(one)) == one
+    with pytest.raises(ValueError, match="bad message"):
+        wire.loads(wire.dumps(one)[:-3])
+    with pytest.raises(ValueError, match="bad message"):
+        wire.split_run(b"\x10\x00\x00\x00abc")
 
 
 def test_pid1_waits_for_orphans_only_where_cpu_is_counted_from_the_tree() -> None:

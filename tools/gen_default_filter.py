@@ -21,6 +21,19 @@ OUT = REPO / "src" / "nanobox" / "_seccomp" / "default_program.py"
 sys.path.insert(0, str(REPO / "src"))
 
 
+def _literal(value: object) -> str:
+    """``value`` (dicts with sorted string keys, lists, strings, ints,
+    None) as Python source."""
+    if isinstance(value, dict):
+        items = ", ".join(f"{_literal(k)}: {_literal(value[k])}" for k in sorted(value))
+        return "{" + items + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_literal(v) for v in value) + "]"
+    if value is None or isinstance(value, (bool, int, str)):
+        return repr(value)
+    raise TypeError(f"cannot write {type(value).__name__} in the table")
+
+
 def render() -> str:
     from nanobox import _seccomp
     from nanobox._linux.notify import reporting_policy
@@ -42,22 +55,26 @@ def render() -> str:
         "",
         "from __future__ import annotations",
         "",
-        "import json",
-        "from typing import Any",
+        "TYPE_CHECKING = False  # not ``typing``'s: on the CLI's start-up path",
+        "if TYPE_CHECKING:",
+        "    from typing import Any",
         "",
         f"PROGRAMS: dict[str, str] = {json.dumps(programs, indent=4, sort_keys=True)}",
         "",
-        "# One JSON text per architecture: only the host's is decoded.",
-        "_TABLES: dict[str, str] = {",
+        "",
+        "# One function per architecture: only the host's table is built.",
         *(
-            f"    {json.dumps(arch)}: {json.dumps(json.dumps(tables[arch], sort_keys=True))},"
+            line
             for arch in sorted(tables)
+            for line in (
+                f"def _{arch}() -> dict[str, Any]:",
+                f"    return {_literal(tables[arch])}",
+                "",
+                "",
+            )
         ),
-        "}",
-        "",
-        "",
         "def table(arch: str) -> dict[str, Any]:",
-        "    result: dict[str, Any] = json.loads(_TABLES[arch])",
+        "    result: dict[str, Any] = globals()[f\"_{arch}\"]()",
         "    return result",
         "",
     ]

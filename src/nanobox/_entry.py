@@ -25,33 +25,9 @@ def start_server_early(args: list[str]) -> None:
         from ._linux import early
 
         early.fork_oneshot()  # once per process; client.get_server adopts it
+        from ._deferred import defer_inspect
+
         defer_inspect()
-
-
-def defer_inspect() -> None:
-    """Import :mod:`inspect` only when something uses it.
-
-    ``dataclasses`` (the public policy and result types) imports it, and
-    with it ``ast``, ``dis`` and ``tokenize``: ~8 ms of the CLI's start here,
-    for a module that Python 3.10 and 3.11 use only for a dataclass without
-    a docstring (3.12 and later use it for every dataclass, so there the
-    real module is loaded at the first one). A stand-in module takes its
-    place in ``sys.modules`` and loads it on first attribute access."""
-    if "inspect" in sys.modules:
-        return
-    import types
-
-    class _Deferred(types.ModuleType):
-        def __getattr__(self, name: str) -> object:
-            if sys.modules.get("inspect") is self:
-                sys.modules.pop("inspect", None)  # (another thread may be here too)
-            import importlib
-
-            real = importlib.import_module("inspect")
-            self.__dict__.update(real.__dict__)  # later lookups: no detour
-            return getattr(real, name)
-
-    sys.modules["inspect"] = _Deferred("inspect", "loaded on first use (nanobox._entry)")
 
 
 def entry() -> None:

@@ -3,12 +3,11 @@ besides non-blocking reads/writes on fds the drivers hand it)."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from typing import Any
 
-from ._linux import socks
+from ._linux import socks, wire
 from ._linux.socks import recv_fds
 
 READ_CHUNK = 1 << 16
@@ -111,7 +110,7 @@ class RunIO:
                 os.close(fd)
             self.chan_closed = True
             return False
-        msg = json.loads(data)
+        msg = wire.loads(data)
         if msg.get("t") == "listeners":
             if self.on_listeners is not None and len(fds) == 2:
                 self.on_listeners(fds)

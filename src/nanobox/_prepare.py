@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping, Sequence
-from typing import IO, Any
 
 from ._linux import socks
 from .errors import PolicyError, SandboxError, UnsupportedError
 from .policy import Policy
 from .units import DURATION_HELP, parse_duration
 
-StdinLike = int | IO[Any] | None
-Args = Sequence[str | os.PathLike[str]]
+TYPE_CHECKING = False  # not ``typing``'s: a cold start does not import it
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
+
+    from .sandbox import Args, StdinLike
 
 
 def check_linux() -> None:

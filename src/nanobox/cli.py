@@ -5,16 +5,16 @@ not executable; 127 command not found."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
 
 from ._version import __version__
 
+TYPE_CHECKING = False  # not ``typing``'s: a cold start does not import it
 if TYPE_CHECKING:
     import argparse
+    from typing import Any, NoReturn
 
 EXIT_TIMEOUT = 124
 EXIT_NANOBOX = 125
@@ -271,6 +271,8 @@ def _setup_logging(ns: Any) -> None:
                 event = getattr(record, "nanobox_event", None)
                 if event is not None:
                     out["event"] = event
+                import json
+
                 return json.dumps(out, default=str)
 
         handler.setFormatter(_Json())
@@ -418,6 +420,8 @@ def _flag_message(exc: Any) -> str:
 
 
 def _write_result(path: str, data: dict[str, Any]) -> None:
+    import json
+
     text = json.dumps(data, indent=2) + "\n"
     if path == "-":
         sys.stderr.write(text)
@@ -562,6 +566,8 @@ def _cmd_check(as_json: bool) -> int:
 
     report = check()
     if as_json:
+        import json
+
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print(report.format_text())

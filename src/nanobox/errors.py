@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-from typing import TYPE_CHECKING, Any
 
 # The package, not ``.result``: its ``Result`` is imported when something
 # reads a type hint that names it, not with this module (the CLI sends its
 # run's plan before it imports the Result, see ``_prepare``).
 import nanobox
 
+from ._deferred import provide_typing
+
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import typing
+
     from .result import Result
+# The name ``typing`` in the annotations, for ``typing.get_type_hints``:
+# a stand-in that imports ``typing`` when it is read (see ``_deferred``).
+provide_typing(globals())
 
 __all__ = [
     "PolicyError",
@@ -69,7 +76,7 @@ class PolicyError(SandboxError, ValueError):
         self.field = field
         self._reason = message
 
-    def __reduce__(self) -> tuple[Any, ...]:
+    def __reduce__(self) -> tuple[typing.Any, ...]:
         # (Pickling and copying rebuild an exception from ``args``, which
         # holds the joined message, not the two arguments.)
         return (type(self), (self.field, self._reason), self.__dict__)
@@ -82,7 +89,7 @@ class UnsupportedError(SandboxError):
 class SetupError(SandboxError):
     """The sandbox could not be set up; the command never ran."""
 
-    result: nanobox.Result[Any] | None = None
+    result: nanobox.Result[typing.Any] | None = None
 
 
 if TYPE_CHECKING:
@@ -91,9 +98,9 @@ if TYPE_CHECKING:
     class SandboxedProcessError(SandboxError, subprocess.CalledProcessError):
         """Raised by ``Result.check()`` (or ``check=True``) for a failed command."""
 
-        result: Result[Any]
+        result: Result[typing.Any]
 
-        def __init__(self, result: Result[Any]) -> None: ...
+        def __init__(self, result: Result[typing.Any]) -> None: ...
 
 
 def _make_sandboxed_process_error() -> type:
@@ -105,7 +112,7 @@ def _make_sandboxed_process_error() -> type:
     class SandboxedProcessError(SandboxError, subprocess.CalledProcessError):
         """Raised by ``Result.check()`` (or ``check=True``) for a failed command."""
 
-        def __init__(self, result: nanobox.Result[Any]) -> None:
+        def __init__(self, result: nanobox.Result[typing.Any]) -> None:
             subprocess.CalledProcessError.__init__(
                 self, result.returncode, list(result.args), result.stdout, result.stderr
             )
@@ -120,7 +127,7 @@ def _make_sandboxed_process_error() -> type:
         def __str__(self) -> str:
             return self.message
 
-        def __reduce__(self) -> tuple[Any, ...]:
+        def __reduce__(self) -> tuple[typing.Any, ...]:
             # (Rebuilt from its Result: ``args`` holds only the message.)
             return (type(self), (self.result,), self.__dict__)
 
@@ -129,7 +136,7 @@ def _make_sandboxed_process_error() -> type:
     return SandboxedProcessError
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> typing.Any:
     if name == "SandboxedProcessError":
         # setdefault: two threads asking at once get the same class.
         return globals().setdefault(name, _make_sandboxed_process_error())

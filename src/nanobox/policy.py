@@ -15,10 +15,17 @@ import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
 
+from ._deferred import provide_typing
 from .errors import PolicyError
 from .units import DURATION_HELP, SIZE_HELP, parse_duration, parse_size
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import typing
+# The name ``typing`` in the annotations, for ``typing.get_type_hints``:
+# a stand-in that imports ``typing`` when it is read (see ``_deferred``).
+provide_typing(globals())
 
 __all__ = [
     "Filesystem",
@@ -115,7 +122,7 @@ class Limits:
     file_size: SizeLike | None = None
     open_files: int | None = DEFAULT_OPEN_FILES
     output: SizeLike = DEFAULT_OUTPUT_LIMIT
-    on_output_limit: Literal["truncate", "kill"] = "truncate"
+    on_output_limit: typing.Literal["truncate", "kill"] = "truncate"
 
     def __post_init__(self) -> None:
         _norm_duration(self, "limits.", "wall_time")
@@ -154,7 +161,7 @@ class Network:
       results).
     """
 
-    mode: Literal["none", "allowlist", "host"] = "none"
+    mode: typing.Literal["none", "allowlist", "host"] = "none"
     allowed: tuple[str, ...] = ()
     denied: tuple[str, ...] = ()
     connect_timeout: DurationLike = 30.0
@@ -211,7 +218,7 @@ class Network:
             )
 
     @classmethod
-    def allow(cls, *rules: str, deny: tuple[str, ...] = (), **options: Any) -> Network:
+    def allow(cls, *rules: str, deny: tuple[str, ...] = (), **options: typing.Any) -> Network:
         """An allowlist network: ``Network.allow("pypi.org", "*.pythonhosted.org")``."""
         return cls(mode="allowlist", allowed=tuple(rules), denied=tuple(deny), **options)
 
@@ -305,7 +312,7 @@ class Filesystem:
     workspace: bool = True
     protect: bool = True
     unprotect: tuple[str, ...] = ()
-    rootfs: Literal["host", "minimal"] = "host"
+    rootfs: typing.Literal["host", "minimal"] = "host"
     tmp_size: SizeLike = "512M"
     landlock: bool = True
 
@@ -348,7 +355,7 @@ class Policy:
     limits: Limits = field(default_factory=Limits)
     network: Network = field(default_factory=Network)
     filesystem: Filesystem = field(default_factory=Filesystem)
-    syscalls: Any = "default"  # "default", "none" or a nanobox.Syscalls
+    syscalls: typing.Any = "default"  # "default", "none" or a nanobox.Syscalls
     env: Mapping[str, str] = field(default_factory=dict)
     inherit_env: bool = False
     allow_degraded: bool = False
@@ -395,7 +402,7 @@ class Policy:
                 "hostname", f"expected 1-64 letters, digits, '-' or '.', got {host!r}"
             )
 
-    def replace(self, **changes: Any) -> Policy:
+    def replace(self, **changes: typing.Any) -> Policy:
         """Return a copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
 
@@ -420,18 +427,18 @@ def validate_env(env: object, field_name: str) -> dict[str, str]:
 
 # --- building policies from mappings (TOML) ---------------------------------
 
-_SECTIONS: dict[str, type[Any]] = {
+_SECTIONS: dict[str, type[typing.Any]] = {
     "limits": Limits,
     "network": Network,
     "filesystem": Filesystem,
 }
 
 
-def _build(cls: type[Any], data: Mapping[str, Any], prefix: str) -> Any:
+def _build(cls: type[typing.Any], data: Mapping[str, typing.Any], prefix: str) -> typing.Any:
     if not isinstance(data, Mapping):
         raise PolicyError(prefix.rstrip(".") or "policy", f"expected a table, got {data!r}")
     names = {f.name for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, typing.Any] = {}
     for key, value in data.items():
         if key not in names:
             valid = ", ".join(sorted(names))
@@ -451,7 +458,7 @@ def _build(cls: type[Any], data: Mapping[str, Any], prefix: str) -> Any:
         raise PolicyError(prefix.rstrip(".") or "policy", str(exc)) from None
 
 
-def policy_from_mapping(data: Mapping[str, Any]) -> Policy:
+def policy_from_mapping(data: Mapping[str, typing.Any]) -> Policy:
     """Build a :class:`Policy` from a mapping using the dataclass field names."""
     result: Policy = _build(Policy, data, "")
     return result

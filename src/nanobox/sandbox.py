@@ -5,16 +5,20 @@ from __future__ import annotations
 import _thread
 import errno as _errno
 import os
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import IO, Any
 
 from . import events
 from ._io import Capture, RunIO, Sink
 from ._linux import USERNS_HELP, poller, signals
-from ._prepare import Args, Prepared, StdinLike, Submitted, check_linux, prepare, submit
+from ._prepare import Prepared, Submitted, check_linux, prepare, submit
 from .errors import PolicyError, SandboxError, SetupError, UnsupportedError
 from .policy import Policy
 from .result import Outcome, Result, Violation
+
+# The types of ``run``'s arguments (``typing.get_type_hints`` reads them here).
+StdinLike = int | IO[Any] | None
+Args = Sequence[str | os.PathLike[str]]
 
 __all__ = ["Sandbox", "run", "run_async"]
 

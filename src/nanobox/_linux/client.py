@@ -10,11 +10,10 @@ starts its own on first use.
 from __future__ import annotations
 
 import _thread
-import json
 import os
 import sys
 
-from . import early, socks
+from . import early, socks, wire
 
 TYPE_CHECKING = False  # not ``typing``'s: the CLI imports this module first
 if TYPE_CHECKING:
@@ -71,7 +70,7 @@ class ForkServer:
             return
         self.ctrl.settimeout(30)
         try:
-            hello = json.loads(self.ctrl.recv(65536) or b"{}")
+            hello = wire.loads(self.ctrl.recv(65536) or wire.dumps({}))
         except (OSError, ValueError):
             hello = {}
         self.ctrl.settimeout(None)

@@ -31,7 +31,19 @@ import resource
 import sys
 import time
 
-from . import cgroups, forker, placeholders, poller, signals, socks, spawn, supervise, userns, watch
+from . import (
+    cgroups,
+    forker,
+    placeholders,
+    poller,
+    signals,
+    socks,
+    spawn,
+    supervise,
+    userns,
+    watch,
+    wire,
+)
 from . import sys as k
 from .socks import recv_fds
 
@@ -345,15 +357,15 @@ class Server:
         job: _Job | None = None
         step = "cgroup"
         try:
-            # "<run JSON>\n<plan JSON>": the plan is the same bytes for every
-            # run of a Sandbox in one directory, and is passed on as is.
-            head, _, static = msg.partition(b"\n")
-            run = json.loads(head)
+            # The run's own part, then the plan's, which is the same bytes
+            # for every run of a Sandbox in one directory, passed on as is.
+            head, static = wire.split_run(msg)
+            run = wire.loads(head)
             base = self._decode(static)
             plan = {**base, **run}
             if plan.get("mode") == "nons":
                 # Its own copy: a private $TMPDIR is added to nested lists.
-                job = self._start_nons({**json.loads(static), **run}, stdio)
+                job = self._start_nons({**wire.loads(static), **run}, stdio)
             else:
                 job = self._take_warm(static)
                 if job is not None:
@@ -402,7 +414,7 @@ class Server:
     def _decode(self, static: bytes) -> dict[str, Any]:
         """The plan's JSON, decoded once for a run of runs alike."""
         if static != self.static[0]:
-            self.static = (static, json.loads(static))
+            self.static = (static, wire.loads(static))
         return self.static[1]
 
     def _launch(self, static: bytes, base: dict[str, Any], fds: list[int]) -> _Job:
@@ -445,7 +457,7 @@ class Server:
         skipped: list[int] = []
         job.placeholders = self.placeholders.acquire(plan.get("placeholders", ()), skipped)
         job.run_msg = (
-            json.dumps([plan["argv"], plan["env"]]).encode(),
+            wire.dumps([plan["argv"], plan["env"]]),
             [os.dup(fd) for fd in stdio],
         )
         if job.ready:
@@ -467,7 +479,7 @@ class Server:
         whole plan at once (and a private $TMPDIR) with the stdio fds."""
         tmpdir = make_private_tmp(plan)
         try:
-            job = self._launch(json.dumps(plan).encode(), plan, stdio)
+            job = self._launch(wire.dumps(plan), plan, stdio)
         except BaseException:
             remove_tree(tmpdir)
             raise
@@ -996,7 +1008,7 @@ class Server:
         try:
             chan.setblocking(True)
             chan.settimeout(5.0)
-            chan.send(json.dumps(msg).encode())
+            chan.send(wire.dumps(msg))
         except OSError:
             pass
 
@@ -1146,7 +1158,7 @@ def main(ctrl_fd: int, refill: bool = True) -> None:
         server.last_key = _default_key(True)
         server.make_spare()
         ok, detail = probe_result(probe)
-        ctrl.send(json.dumps({"t": "hello", "userns": ok, "detail": detail}).encode())
+        ctrl.send(wire.dumps({"t": "hello", "userns": ok, "detail": detail}))
         server.serve()
     except BaseException:
         # E.g. the caller is gone before the hello (the CLI after a usage

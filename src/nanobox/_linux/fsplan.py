@@ -21,12 +21,15 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Sequence
-from typing import Any
 
 from ..errors import PolicyError
 from ..policy import DEFAULT_HIDES, PROTECTED_GIT, PROTECTED_TOP, Filesystem, unprotect_by_name
 from ..units import parse_size
 from .gitscan import find_repos
+
+TYPE_CHECKING = False  # not ``typing``'s: on the CLI's start-up path
+if TYPE_CHECKING:
+    from typing import Any
 
 RUN_SIZE = 64 * 1024 * 1024
 _ORDER = {"tmpfs": 0, "bind": 1, "robind": 2, "protect": 3, "hide": 4}

@@ -4,17 +4,19 @@ beyond reading the caller's cwd and environment)."""
 from __future__ import annotations
 
 import _thread
-import json
 import math
 import os
 import resource
 import stat
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from ..errors import PolicyError, UnsupportedError
 from ..policy import Policy, validate_env
-from . import DEFAULT_PATH, USERNS_HELP, fsplan
+from . import DEFAULT_PATH, USERNS_HELP, fsplan, wire
+
+TYPE_CHECKING = False  # not ``typing``'s: on the CLI's start-up path
+if TYPE_CHECKING:
+    from typing import Any
 
 BASE_ENV = ("PATH", "HOME", "LANG", "TERM")
 PROXY_HTTP_PORT = 3128
@@ -424,9 +426,9 @@ def encode(plan: dict[str, Any], policy: object = None) -> bytes:
     if policy is not None and last[0] is policy and rest == last[1]:
         static = last[2]
     else:
-        static = json.dumps(rest).encode()
+        static = wire.dumps(rest)
         _last_rest = (policy, rest, static)
-    return json.dumps(run).encode() + b"\n" + static
+    return wire.join_run(wire.dumps(run), static)
 
 
 # The last plan's policy, static part and its bytes: a caller running one

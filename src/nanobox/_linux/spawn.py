@@ -58,7 +58,7 @@ import select
 import time
 
 from .._seccomp import loader as seccomp_loader
-from . import cgroups, child, init, landlock, mounts, netns, pid1, signals, socks, userns
+from . import cgroups, child, init, landlock, mounts, netns, pid1, signals, socks, userns, wire
 from . import sys as k
 from .fds import close_all_except, write_all
 from .socks import recv_fds
@@ -214,7 +214,7 @@ def starter_main(
         _fail(status_w, *early)
     _set_name(b"nanobox-init")  # B inherits it
     try:
-        plan = json.loads(msg)
+        plan = wire.loads(msg)
         if plan.get("mode") == "nons":
             sock.close()
             os.close(csock_fd)
@@ -554,7 +554,7 @@ def _build_spawning(
         if not msg or len(fds) != 3:
             raise OSError(32, "the run did not come")  # EPIPE
         t1 = time.monotonic()
-        argv, env = json.loads(msg)
+        argv, env = wire.loads(msg)
         if late:
             step = "filesystem view"
             mounts.build_late(plan["view"], late, skip)
@@ -686,7 +686,7 @@ def _command(
         csock.detach()
         if not msg or len(fds) != 3:
             os._exit(125)  # the run never came: stage A reports why
-        argv, env = json.loads(msg)
+        argv, env = wire.loads(msg)
     except BaseException:  # noqa: BLE001
         os._exit(125)
     # The run's stdio now, while stage A finishes the view.
