@@ -8,7 +8,6 @@ bytes. Durations: a non-negative number with an optional suffix ``ms``, ``s``,
 
 from __future__ import annotations
 
-import math
 import re
 
 __all__ = ["format_size", "parse_duration", "parse_size"]
@@ -45,7 +44,7 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected {DURATION_HELP}, got {value!r}")
     if isinstance(value, (int, float)):
-        if value < 0 or not math.isfinite(value):
+        if value < 0 or value - value != 0:  # (negative, infinite or NaN; no ``math``)
             raise ValueError(f"expected {DURATION_HELP}, got {value!r}")
         return float(value)
     if isinstance(value, str):

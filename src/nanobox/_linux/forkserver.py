@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import os
 import resource
 import sys
@@ -172,7 +171,7 @@ class Server:
         # (see _should_defer): (plan bytes, decoded plan).
         self.deferred: tuple[bytes, dict[str, Any]] | None = None
         self.last_reply = 0.0  # when the last result went out
-        self.last_gap = math.inf  # idle time before the last run (_should_defer)
+        self.last_gap = float("inf")  # idle time before the last run (_should_defer)
         self.build_s = BUILD_GUESS_S  # how long the last sandbox built ahead took
         self.refill_when_ready = False  # make the next spare once self.warm is built
         self.watcher: watch.Watcher | None = None  # host changes under it

@@ -4,7 +4,6 @@ beyond reading the caller's cwd and environment)."""
 from __future__ import annotations
 
 import _thread
-import math
 import os
 import resource
 import stat
@@ -107,7 +106,7 @@ def rlimits(policy: Policy) -> list[tuple[int, int, int]]:
         out.append((resource.RLIMIT_FSIZE, n, n))
     if lim.cpu_time is not None:
         # Per-process backstop; the init enforces the whole tree's total.
-        soft = max(1, math.ceil(float(lim.cpu_time)))
+        soft = max(1, -int(-float(lim.cpu_time) // 1))  # ceil (no ``math`` on the CLI's path)
         out.append((resource.RLIMIT_CPU, soft, soft + 1))
     return out
 

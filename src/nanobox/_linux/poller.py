@@ -12,7 +12,6 @@ pairs in which an error or hang-up counts as every event the fd waits for.
 
 from __future__ import annotations
 
-import math
 import select
 
 EVENT_READ = 1
@@ -85,7 +84,7 @@ class Poller:
     def select(self, timeout: float | None = None) -> list[tuple[Key, int]]:
         # Round up to whole milliseconds: a timer due in 0.3 ms must not
         # turn into a busy loop of zero-timeout polls.
-        wait = -1.0 if timeout is None else max(math.ceil(timeout * 1e3) * 1e-3, 0.0)
+        wait = -1.0 if timeout is None else max(-(-timeout * 1e3 // 1) * 1e-3, 0.0)  # ceil, ms
         ready = []
         for fd, ev in self._ep.poll(wait, max(len(self._keys), 1)):
             key = self._keys.get(fd)

@@ -12,7 +12,7 @@ constants, which ``_socket`` has. (``nanobox.net``, the proxy, uses
 from __future__ import annotations
 
 import _socket
-from array import array
+import sys
 
 AF_INET = _socket.AF_INET
 AF_UNIX = _socket.AF_UNIX
@@ -41,6 +41,9 @@ class Socket(_socket.socket):
         self.close()
 
 
+_INT = 4  # sizeof(int): an fd in SCM_RIGHTS (``array`` would load a shared library)
+
+
 def socketpair(family: int = AF_UNIX, kind: int = SOCK_SEQPACKET) -> tuple[Socket, Socket]:
     """A connected pair, close-on-exec (as every socket Python makes)."""
     a, b = _socket.socketpair(family, kind, 0)
@@ -49,18 +52,18 @@ def socketpair(family: int = AF_UNIX, kind: int = SOCK_SEQPACKET) -> tuple[Socke
 
 def send_fds(sock: _socket.socket, buffers: list[bytes], fds: list[int], flags: int = 0) -> int:
     """``socket.send_fds``: ``buffers`` as one message, with ``fds``."""
-    return sock.sendmsg(buffers, [(SOL_SOCKET, SCM_RIGHTS, array("i", fds))], flags)
+    data = b"".join(fd.to_bytes(_INT, sys.byteorder, signed=True) for fd in fds)
+    return sock.sendmsg(buffers, [(SOL_SOCKET, SCM_RIGHTS, data)], flags)
 
 
 def recv_fds(sock: _socket.socket, bufsize: int, maxfds: int) -> tuple[bytes, list[int]]:
     """One message and the fds passed with it, received close-on-exec
     (``socket.recv_fds`` ignores its ``flags`` before Python 3.12, and an
     fd received without the flag would leak into every exec'd program)."""
-    fds = array("i")
-    msg, ancdata, _flags, _addr = sock.recvmsg(
-        bufsize, CMSG_LEN(maxfds * fds.itemsize), MSG_CMSG_CLOEXEC
-    )
+    fds: list[int] = []
+    msg, ancdata, _flags, _addr = sock.recvmsg(bufsize, CMSG_LEN(maxfds * _INT), MSG_CMSG_CLOEXEC)
     for level, kind, data in ancdata:
         if level == SOL_SOCKET and kind == SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
-    return msg, list(fds)
+            for i in range(0, len(data) - _INT + 1, _INT):
+                fds.append(int.from_bytes(data[i : i + _INT], sys.byteorder, signed=True))
+    return msg, fds

@@ -17,8 +17,6 @@ process, which imports only :mod:`nanobox._seccomp.loader` (``ctypes`` and
 
 from __future__ import annotations
 
-import importlib
-
 TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
 if TYPE_CHECKING:
     from typing import Any
@@ -78,7 +76,10 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     if name not in __all__:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module = importlib.import_module(f".{_HOMES.get(name, 'policy')}", __name__)
+    # (``__import__``, not ``importlib``, which would import ``warnings``
+    # too on the fork server's start-up path.)
+    home = f"{__name__}.{_HOMES.get(name, 'policy')}"
+    module = __import__(home, fromlist=[name])
     value = getattr(module, name)
     globals()[name] = value
     return value
