@@ -298,22 +298,30 @@ from nanobox import cli
 from nanobox._linux import client
 LATER = ("nanobox.sandbox", "nanobox.result", "nanobox.events", "nanobox._io")
 seen = []
+pending = []
 submit = client.ForkServer.submit
 def watched(self, plan, fds):
     seen.append([m for m in LATER if m in sys.modules])
     return submit(self, plan, fds)
 client.ForkServer.submit = watched
+hello_pending = client.ForkServer.hello_pending
+def watched_pending(self):
+    pending.append(hello_pending(self))
+    return pending[-1]
+client.ForkServer.hello_pending = watched_pending
 code = cli.main(["run", "--", "/bin/true"])
 client.shutdown_before_exit()
 # (more than one submit: the server was gone and started again)
-print(code, bool(seen) and not any(seen), [m for m in LATER if m not in sys.modules], flush=True)
+early = bool(seen) and any(seen) and not any(pending)
+print(code, bool(seen) and not early, [m for m in LATER if m not in sys.modules], flush=True)
 """
 
 
 def test_the_cli_sends_its_plan_before_it_imports_the_rest(workspace: Path) -> None:
     """`nanobox run CMD`: what the run needs besides its plan (the Sandbox,
     the Result, the event stream, the I/O loop) is imported while the
-    server builds the sandbox, not on the way to the plan."""
+    server starts (if it has yet to say hello once the plan is made) or
+    builds the sandbox, never on the way to the plan."""
     p = subprocess.run([sys.executable, "-c", AT_SUBMIT], capture_output=True, timeout=60)
     assert p.stdout.decode().split() == ["0", "True", "[]"], (p.stdout, p.stderr)
 
@@ -323,7 +331,7 @@ import gc, os, sys
 from nanobox import _entry
 from nanobox._linux import client
 HEAVY = ("threading", "socket", "selectors", "signal")
-NOT_BEFORE_SUBMIT = HEAVY + ("json", "typing")  # (``typing`` comes with the Result)
+NOT_BEFORE_SUBMIT = HEAVY + ("json",)
 states = []
 submit = client.ForkServer.submit
 def watched(self, plan, fds):
@@ -349,8 +357,8 @@ def test_the_cli_collects_garbage_again_once_it_has_imported(workspace: Path) ->
     back on, with what it imported frozen, for the run. Neither the CLI
     nor its fork server imports ``threading``, ``socket``, ``selectors`` or
     ``signal`` (~1, ~4, ~2 and ~1 ms of a cold start's CPU on two busy
-    cores); the CLI sends its run before it imports ``typing`` (~3 ms) and
-    never imports ``json`` (~1.5 ms) unless it writes some."""
+    cores), and the CLI never imports ``json`` (~1.5 ms) unless it writes
+    some."""
     p = subprocess.run([sys.executable, "-c", GC_STATES], capture_output=True, timeout=60)
     assert p.stdout.decode() == "0 [(False, [])] [] True True\n", (p.stdout, p.stderr)
     assert p.stderr.decode() == "server []\n", (p.stdout, p.stderr)
@@ -497,3 +505,34 @@ def test_no_process_of_nanobox_outlives_the_cli(workspace: Path) -> None:
         [sys.executable, "-c", NO_PROCESS_LEFT], capture_output=True, timeout=60, check=True
     )
     assert p.stdout.decode().splitlines() == ["0 []", "3 []", "125 []", "127 []"], p.stderr
+
+
+MEANWHILE = """
+import sys, time
+from nanobox._linux import client, early
+from nanobox import _prepare
+from nanobox.policy import Policy
+early.fork_oneshot()
+ran = []
+def until_hello():
+    ran.append("first")
+    server = client.get_server(fork=True, hello=False)
+    deadline = time.monotonic() + 30
+    while server.hello_pending() and time.monotonic() < deadline:
+        time.sleep(0.001)
+def second():
+    ran.append("second")
+prep = _prepare.prepare(Policy(), ["/bin/true"], fork_server=True, input=None, stdin=None,
+    cwd=None, env=None, timeout=None, text=False, check=False, meanwhile=[until_hello, second])
+print(ran, prep.plan[:0])
+client.shutdown_before_exit()
+"""
+
+
+def test_the_cli_imports_later_modules_only_while_its_server_starts(workspace: Path) -> None:
+    """``prepare``'s ``meanwhile`` steps (the CLI's later imports) run only
+    while the server it forked has yet to say hello: once it has, the
+    plan goes out at once and the remaining steps wait until after it."""
+    p = subprocess.run([sys.executable, "-c", MEANWHILE], capture_output=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.decode() in ("['first'] b''\n", "[] b''\n"), (p.stdout, p.stderr)

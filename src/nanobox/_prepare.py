@@ -19,7 +19,7 @@ from .units import DURATION_HELP, parse_duration
 
 TYPE_CHECKING = False  # not ``typing``'s: a cold start does not import it
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping, Sequence
     from typing import Any
 
     from .sandbox import Args, StdinLike
@@ -99,9 +99,12 @@ def prepare(
     timeout: float | str | None,
     text: bool,
     check: bool,
+    meanwhile: Sequence[Callable[[], object]] = (),
 ) -> Prepared:
     """Check a run's arguments and make its plan (``Sandbox.run``'s
-    arguments; ``fork_server``: see ``client.get_server``)."""
+    arguments; ``fork_server``: see ``client.get_server``). ``meanwhile``:
+    steps to take, one by one, while a server just started has yet to say
+    hello once the plan is made (the CLI's later imports)."""
     from ._linux import plan as planmod
 
     argv = planmod.check_args(args)
@@ -155,6 +158,10 @@ def prepare(
                 encoded = planmod.encode(plan, policy)
             except Exception as exc:  # noqa: BLE001 - raised below if it stands
                 plan, error, encoded = {}, exc, b""
+            for step in meanwhile:
+                if not server.hello_pending():
+                    break
+                step()
             client.ensure_hello(server)
             if not server.userns:
                 plan = build((False, server.userns_detail))

@@ -81,6 +81,18 @@ class ForkServer:
         self.userns_detail = str(hello["detail"])
         self.said_hello = True
 
+    def hello_pending(self) -> bool:
+        """Has the server yet to say hello (nothing to read from it yet)?"""
+        if self.said_hello:
+            return False
+        try:
+            self.ctrl.recv(1, socks.MSG_PEEK | socks.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False  # (await_hello says what went wrong)
+        return False
+
     @staticmethod
     def _fork(parent: socks.Socket, child: socks.Socket) -> int:
         """Fork the server from this (single-threaded) process: no new

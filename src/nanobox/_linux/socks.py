@@ -23,6 +23,7 @@ SOL_SOCKET = _socket.SOL_SOCKET
 SO_REUSEADDR = _socket.SO_REUSEADDR
 SCM_RIGHTS = _socket.SCM_RIGHTS
 MSG_DONTWAIT = _socket.MSG_DONTWAIT
+MSG_PEEK = _socket.MSG_PEEK
 MSG_CMSG_CLOEXEC = _socket.MSG_CMSG_CLOEXEC
 CMSG_LEN = _socket.CMSG_LEN
 sethostname = _socket.sethostname
