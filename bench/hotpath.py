@@ -69,8 +69,6 @@ def _wrap(obj: Any, attr: str, label: str, *, end: bool = True) -> None:
 
 
 def instrument() -> None:
-    import socket as socket_mod
-
     from nanobox import _io, sandbox
     from nanobox._linux import (
         cgroups,
@@ -79,6 +77,8 @@ def instrument() -> None:
         mounts,
         netns,
         pid1,
+        placeholders,
+        socks,
         spawn,
         supervise,
         userns,
@@ -99,8 +99,8 @@ def instrument() -> None:
     _wrap(fsrv.Server, "_claim", "claim")
     _wrap(fsrv.Server, "_prewarm", "prewarm")
     _wrap(fsrv.Server, "_new_starter", "new_starter")
-    _wrap(fsrv.Placeholders, "acquire", "placeholders")
-    _wrap(fsrv.Placeholders, "release", "placeholders_rm")
+    _wrap(placeholders.Placeholders, "acquire", "placeholders")
+    _wrap(placeholders.Placeholders, "release", "placeholders_rm")
     _wrap(spawn.Starter, "go", "go")
     _wrap(supervise.Run, "on_cmd_exit", "cmd_exit")
     _wrap(supervise.Run, "kill", "kill_init")
@@ -119,7 +119,7 @@ def instrument() -> None:
     _wrap(k, "unshare", "unshare")
     _wrap(pid1, "start", "pid1")
     _wrap(os, "fork", "fork")  # ".E" is marked by the parent and by the child
-    _wrap(socket_mod, "sethostname", "hostname")
+    _wrap(socks, "sethostname", "hostname")
     _wrap(netns, "loopback_up", "loopback")
     _wrap(spawn, "_procfs", "procfs")
     _wrap(mounts, "build", "mounts")
@@ -139,7 +139,7 @@ def instrument() -> None:
 # plan needs one: not in this profile of the default policy).
 PHASES = [
     ("client: policy → plan (build_plan)", "client:build_plan.B", "client:build_plan.E"),
-    ("client: rest of prepare (json)", "client:build_plan.E", "client:prepare.E"),
+    ("client: rest of prepare (encode the plan)", "client:build_plan.E", "client:prepare.E"),
     ("client: pipes, submit; server receives", "client:start.B", "server:on_ctrl.B"),
     ("server: decode, take the sandbox built ahead", "server:on_ctrl.B", "server:claim.B"),
     ("server: create placeholders", "server:placeholders.B", "server:placeholders.E"),
@@ -318,7 +318,7 @@ def client_profile(runs: int, cwd: str) -> dict[str, Any]:
 
 def plan_vs_workspace(cwd: str) -> dict[str, Any]:
     import nanobox
-    from nanobox._linux import gitscan
+    from nanobox._linux import gitscan, wire
     from nanobox._linux import plan as planmod
 
     out = {}
@@ -344,7 +344,7 @@ def plan_vs_workspace(cwd: str) -> dict[str, Any]:
             "landlock_paths": sum(len(plan["landlock"][k]) for k in ("read", "write", "list"))
             if plan.get("landlock")
             else 0,
-            "plan_json_bytes": len(json.dumps(plan)),
+            "plan_bytes": len(wire.dumps(plan)),
         }
     return out
 
@@ -576,7 +576,7 @@ def table(res: dict[str, Any]) -> str:
                 c.fmt(v["build_plan_ms"]),
                 v["mount_ops"],
                 v["landlock_paths"],
-                v["plan_json_bytes"],
+                v["plan_bytes"],
             ]
             for k, v in pw.items()
         ]
@@ -589,7 +589,7 @@ def table(res: dict[str, Any]) -> str:
                     "later build_plan ms",
                     "mount ops",
                     "Landlock paths",
-                    "plan JSON bytes",
+                    "plan bytes (marshal)",
                 ],
                 rows,
             )
