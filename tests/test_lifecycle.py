@@ -195,3 +195,29 @@ def test_cpu_time_limit_counts_short_lived_orphans(workspace: Path) -> None:
     r = nanobox.run([SPY, "-c", SHORT_LIVED_ORPHANS], policy=policy, timeout=30)
     assert r.outcome is nanobox.Outcome.CPU_LIMIT, r
     assert 0.5 <= r.cpu_time_s < 1.0, r.cpu_time_s
+
+
+def test_a_timeout_of_weeks_is_kept_without_breaking_the_server(workspace: Path) -> None:
+    """A wall-time limit beyond epoll's longest wait (INT_MAX ms, ~24.8
+    days) once crashed the fork server's loop (``OverflowError``), and with
+    it every run of the caller. The loop waits at most a day at a time."""
+    r = nanobox.run(["sh", "-c", "echo ok"], timeout=3e6)  # ~35 days
+    assert r.returncode == 0 and r.stdout == b"ok\n", r
+    box = nanobox.Sandbox(nanobox.Policy(limits=nanobox.Limits(wall_time="1000h")))
+    assert box.run(["true"]).returncode == 0
+    assert nanobox.run(["true"]).returncode == 0  # the same server, still there
+
+
+def test_argv_and_env_may_be_str_subclasses(workspace: Path) -> None:
+    """Strings of a ``str`` subclass (a ``StrEnum``, a YAML loader's) are
+    sent to the fork server as plain strings (its messages are ``marshal``,
+    which only writes the exact built-in types)."""
+
+    class Name(str):
+        def __str__(self) -> str:
+            return "not this"
+
+    r = nanobox.run(
+        [Name("sh"), Name("-c"), Name('printf %s "$X"')], env={Name("X"): Name("value")}
+    )
+    assert r.returncode == 0 and r.stdout == b"value", r

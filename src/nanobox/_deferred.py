@@ -27,7 +27,8 @@ class Deferred(_Module):
         me = str(self.__name__)
         if sys.modules.get(me) is self:
             sys.modules.pop(me, None)  # (another thread may be here too)
-        real = __import__(me)
+        __import__(me)
+        real = sys.modules[me]
         self.__dict__.update(real.__dict__)
         return getattr(real, name)
 
@@ -37,11 +38,14 @@ def provide_typing(namespace: dict[str, object]) -> None:
     is imported already, else a stand-in that imports it when a type hint
     is read.
 
-    For the public modules on the CLI's path, which write ``typing.Any``
-    in their annotations and import ``typing`` for the type checkers only
-    (an assignment would hide from them what the name is). Not put in
+    For the public modules on the CLI's path before its run is sent
+    (``policy``, ``errors``), which write ``typing.Any`` in their
+    annotations and import ``typing`` for the type checkers only (an
+    assignment would hide from them what the name is). Not put in
     ``sys.modules``: ``dataclasses`` looks there to tell whether ``typing``
-    is in use, and would load it at once."""
+    is in use, and would load it at once. So these modules must not use
+    ``typing.ClassVar`` in a dataclass: without ``typing`` loaded,
+    ``dataclasses`` would not recognise it and make it a field."""
     namespace["typing"] = sys.modules.get("typing") or Deferred(
         "typing", "loaded on first use (nanobox._deferred)"
     )
@@ -57,4 +61,4 @@ def defer_inspect() -> None:
     real module is loaded at the first one). A stand-in takes its place in
     ``sys.modules`` (only in the CLI's process)."""
     if "inspect" not in sys.modules:
-        sys.modules["inspect"] = Deferred("inspect", "loaded on first use (nanobox._entry)")
+        sys.modules["inspect"] = Deferred("inspect", "loaded on first use (nanobox._deferred)")

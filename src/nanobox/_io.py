@@ -110,8 +110,7 @@ class RunIO:
                 os.close(fd)
             self.chan_closed = True
             return False
-        msg = wire.loads(data)
-        if msg.get("t") == "listeners":
+        if data == wire.LISTENERS:  # (from stage A: never decoded)
             if self.on_listeners is not None and len(fds) == 2:
                 self.on_listeners(fds)
             else:
@@ -120,7 +119,7 @@ class RunIO:
             return True
         for fd in fds:
             os.close(fd)
-        self.message = msg
+        self.message = wire.loads(data)  # the server's reply
         return False
 
     def on_stdin(self) -> bool:

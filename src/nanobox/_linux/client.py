@@ -87,7 +87,7 @@ class ForkServer:
             return False
         try:
             self.ctrl.recv(1, socks.MSG_PEEK | socks.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
+        except BlockingIOError:
             return True
         except OSError:
             return False  # (await_hello says what went wrong)

@@ -411,7 +411,7 @@ class Server:
         return True
 
     def _decode(self, static: bytes) -> dict[str, Any]:
-        """The plan's JSON, decoded once for a run of runs alike."""
+        """The plan, decoded once for a run of runs alike."""
         if static != self.static[0]:
             self.static = (static, wire.loads(static))
         return self.static[1]
@@ -1163,7 +1163,11 @@ def main(ctrl_fd: int, refill: bool = True) -> None:
         server.last_key = _default_key(True)
         server.make_spare()
         ok, detail = probe_result(probe)
-        server.helpers.add(probe[0])  # reaped when it has exited (see probe_result)
+        # Reaped when it has exited (see probe_result), with the others on
+        # SIGCHLD; one that exited before the server's handler was set up
+        # sent its signal to no one: reaped here.
+        if os.waitpid(probe[0], os.WNOHANG)[0] == 0:
+            server.helpers.add(probe[0])
         ctrl.send(wire.dumps({"t": "hello", "userns": ok, "detail": detail}))
         server.serve()
     except BaseException:

@@ -34,7 +34,7 @@ def send_listeners(chan_fd: int, ports: list[int]) -> None:
             s.listen(1024)
         chan = socks.Socket(fileno=chan_fd)
         try:
-            socks.send_fds(chan, [wire.dumps({"t": "listeners"})], [s.fileno() for s in listeners])
+            socks.send_fds(chan, [wire.LISTENERS], [s.fileno() for s in listeners])
         finally:
             chan.close()
     finally:

@@ -411,8 +411,8 @@ RUN_KEYS = ("id", "argv", "env", "timeout")
 
 
 def encode(plan: dict[str, Any], policy: object = None) -> bytes:
-    """The message for the fork server: this run's own part (``RUN_KEYS``),
-    a newline, then the rest, which is byte-for-byte the same for every run
+    """The message for the fork server (``wire.join_run``): this run's own
+    part (``RUN_KEYS``), then the rest, which is byte-for-byte the same for every run
     of one policy in one directory (the server builds the next run's
     sandbox ahead from it, and uses it only for a run whose bytes match)."""
     global _last_rest

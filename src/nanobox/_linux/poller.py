@@ -16,6 +16,7 @@ import select
 
 EVENT_READ = 1
 EVENT_WRITE = 2
+MAX_WAIT_S = 86400.0  # the longest single wait (see ``select``)
 
 TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
 if TYPE_CHECKING:
@@ -84,7 +85,9 @@ class Poller:
     def select(self, timeout: float | None = None) -> list[tuple[Key, int]]:
         # Round up to whole milliseconds: a timer due in 0.3 ms must not
         # turn into a busy loop of zero-timeout polls.
-        wait = -1.0 if timeout is None else max(-(-timeout * 1e3 // 1) * 1e-3, 0.0)  # ceil, ms
+        # (At most a day: epoll takes no more than INT_MAX ms, ~24.8 days,
+        # and a caller's timer far off is looked at again on waking.)
+        wait = -1.0 if timeout is None else min(max(-(-timeout * 1e3 // 1) * 1e-3, 0.0), MAX_WAIT_S)
         ready = []
         for fd, ev in self._ep.poll(wait, max(len(self._keys), 1)):
             key = self._keys.get(fd)

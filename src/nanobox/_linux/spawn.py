@@ -105,7 +105,7 @@ class Starter:
         self.sid = sid  # the dedicated uid of a root caller's sandbox
 
     def start(self, plan: bytes, fds: list[int]) -> None:
-        """Hand the starter its plan (the JSON the caller sent, as is); it
+        """Hand the starter its plan (the bytes the caller sent, as is); it
         builds the sandbox and waits for ``go``."""
         socks.send_fds(self.sock, [plan], fds)
 
@@ -116,7 +116,7 @@ class Starter:
         self.sock.send(b"G" + ",".join(map(str, skipped)).encode())
 
     def send_run(self, run: bytes, stdio: list[int]) -> None:
-        """The run's argv and env (JSON) and stdio, straight to the command."""
+        """The run's argv and env (``wire``) and stdio, straight to the command."""
         socks.send_fds(self.csock, [run], stdio)
 
     def discard(self) -> None:

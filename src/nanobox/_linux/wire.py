@@ -25,8 +25,40 @@ if TYPE_CHECKING:
 _FORMAT = 2  # no back-references: equal values, equal bytes (see above)
 
 
+# The channel's one message from stage A (the proxy's listeners, with their
+# fds): fixed bytes, never decoded, as stage A sends it from inside the
+# sandbox's namespaces.
+LISTENERS = b"listeners"
+
+
 def dumps(value: Any) -> bytes:
-    return marshal.dumps(value, _FORMAT)
+    try:
+        return marshal.dumps(value, _FORMAT)
+    except ValueError:
+        # marshal writes only the exact built-in types: a caller's ``str``
+        # subclass (an argv or env entry from a ``StrEnum``, a YAML
+        # loader, ...) goes as the plain value, as JSON did.
+        return marshal.dumps(_plain(value), _FORMAT)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with subclasses of the built-in types made plain."""
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    if value is None or type(value) in (bool, int, float, str, bytes):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)  # (``str(x)`` would call the subclass's __str__)
+    if isinstance(value, bytes):
+        return bytes(value)
+    if isinstance(value, int):  # (an IntEnum member, ...; bool has no subclasses)
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    raise ValueError(f"cannot send a {type(value).__name__} to the fork server")
 
 
 def loads(data: bytes) -> Any:
