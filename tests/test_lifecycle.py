@@ -221,3 +221,25 @@ def test_argv_and_env_may_be_str_subclasses(workspace: Path) -> None:
         [Name("sh"), Name("-c"), Name('printf %s "$X"')], env={Name("X"): Name("value")}
     )
     assert r.returncode == 0 and r.stdout == b"value", r
+
+
+def test_the_largest_limits_a_policy_takes_are_enforceable(workspace: Path) -> None:
+    """Each limit's upper bound (``policy.MAX_*``) is one the kernel
+    accepts: a policy either refuses a value, naming its field, or runs."""
+    from conftest import cgroups_usable
+    from nanobox import policy
+
+    lim = nanobox.Limits(
+        wall_time=policy.MAX_SECONDS,
+        cpu_time=policy.MAX_SECONDS,
+        file_size=policy.MAX_SIZE,
+        open_files=policy.MAX_COUNT,
+        output=policy.MAX_SIZE,
+    )
+    r = nanobox.Sandbox(nanobox.Policy(limits=lim)).run(["sh", "-c", "ulimit -t"])
+    assert r.returncode == 0 and r.stdout == b"1000000000\n", r
+    fs = nanobox.Filesystem(tmp_size=policy.MAX_SIZE)
+    assert nanobox.Sandbox(nanobox.Policy(filesystem=fs)).run(["true"]).returncode == 0
+    if cgroups_usable():
+        lim = nanobox.Limits(memory=policy.MAX_SIZE, pids=policy.MAX_PIDS)
+        assert nanobox.Sandbox(nanobox.Policy(limits=lim)).run(["true"]).returncode == 0

@@ -58,7 +58,9 @@ def test_parse_duration(text: object, value: float) -> None:
     assert parse_duration(text) == value
 
 
-@pytest.mark.parametrize("bad", ["", "abc", "-1s", -2, float("inf"), float("nan"), "1d", True])
+@pytest.mark.parametrize(
+    "bad", ["", "abc", "-1s", -2, float("inf"), float("nan"), "1d", True, 10**400]
+)
 def test_parse_duration_rejects(bad: object) -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_duration(bad)
@@ -83,6 +85,15 @@ def test_policy_defaults_and_units() -> None:
         ({"open_files": "many"}, "limits.open_files"),
         ({"output": "lots"}, "limits.output"),
         ({"on_output_limit": "explode"}, "limits.on_output_limit"),
+        # Too large for the kernel: refused here, not at the sandbox's setup.
+        ({"wall_time": 10**400}, "limits.wall_time"),
+        ({"cpu_time": 1e300}, "limits.cpu_time"),
+        ({"cpu_time": "1000000000.5s"}, "limits.cpu_time"),
+        ({"memory": 2**63}, "limits.memory"),
+        ({"file_size": 2**70}, "limits.file_size"),
+        ({"output": 2**64}, "limits.output"),
+        ({"pids": 4194303}, "limits.pids"),
+        ({"open_files": 2**31}, "limits.open_files"),
     ],
 )
 def test_limits_errors_name_the_field(kwargs: dict[str, object], field: str) -> None:

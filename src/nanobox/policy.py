@@ -42,6 +42,14 @@ DurationLike = int | float | str
 DEFAULT_OUTPUT_LIMIT = 16 * 1024 * 1024
 DEFAULT_OPEN_FILES = 1024
 _ENV_NAME_FORBIDDEN = ("=", "\0")
+# Upper bounds, so that a value too large for the kernel is refused here,
+# naming its field, rather than failing the sandbox's setup.
+MAX_SECONDS = 1e9  # ~31.7 years (an rlimit of CPU seconds, a timer)
+MAX_SIZE = 2**63 - 1  # bytes: the kernel's limits are signed 64-bit
+MAX_COUNT = 2**31 - 1
+# pids.max takes less than the kernel's PID_MAX_LIMIT (4194304 on 64-bit),
+# and the server adds one for stage A's own task while it lives.
+MAX_PIDS = 4194302
 
 
 def _set(obj: object, name: str, value: object) -> None:
@@ -58,6 +66,10 @@ def _norm_duration(obj: object, prefix: str, name: str, *, allow_zero: bool = Fa
         raise PolicyError(f"{prefix}{name}", f"expected {DURATION_HELP}, got {value!r}") from None
     if seconds <= 0 and not allow_zero:
         raise PolicyError(f"{prefix}{name}", f"must be greater than 0, got {value!r}")
+    if seconds > MAX_SECONDS:
+        raise PolicyError(
+            f"{prefix}{name}", f"must be at most 1e9 seconds (~31 years), got {value!r}"
+        )
     _set(obj, name, seconds)
 
 
@@ -71,18 +83,23 @@ def _norm_size(obj: object, prefix: str, name: str, *, minimum: int = 0) -> None
         raise PolicyError(f"{prefix}{name}", f"expected {SIZE_HELP}, got {value!r}") from None
     if size < minimum:
         raise PolicyError(f"{prefix}{name}", f"must be at least {minimum}, got {value!r}")
+    if size > MAX_SIZE:
+        raise PolicyError(f"{prefix}{name}", f"must be at most 2**63 - 1 bytes, got {value!r}")
     _set(obj, name, size)
 
 
-def _norm_count(obj: object, prefix: str, name: str, *, minimum: int = 1) -> None:
+def _norm_count(
+    obj: object, prefix: str, name: str, *, minimum: int = 1, maximum: int = MAX_COUNT
+) -> None:
     value = getattr(obj, name)
     if value is None:
         return
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
         raise PolicyError(
-            f"{prefix}{name}", f"expected a whole number >= {minimum}, got {getattr(obj, name)!r}"
+            f"{prefix}{name}",
+            f"expected a whole number from {minimum} to {maximum}, got {getattr(obj, name)!r}",
         )
     _set(obj, name, value)
 
@@ -128,7 +145,7 @@ class Limits:
         _norm_duration(self, "limits.", "wall_time")
         _norm_duration(self, "limits.", "cpu_time")
         _norm_size(self, "limits.", "memory", minimum=1024 * 1024)
-        _norm_count(self, "limits.", "pids", minimum=1)
+        _norm_count(self, "limits.", "pids", minimum=1, maximum=MAX_PIDS)
         _norm_cpus(self)
         _norm_size(self, "limits.", "file_size")
         _norm_count(self, "limits.", "open_files", minimum=3)

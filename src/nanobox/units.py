@@ -46,7 +46,10 @@ def parse_duration(value: object) -> float:
     if isinstance(value, (int, float)):
         if value < 0 or value - value != 0:  # (negative, infinite or NaN; no ``math``)
             raise ValueError(f"expected {DURATION_HELP}, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # (an int beyond any float)
+            raise ValueError(f"expected {DURATION_HELP}, got {value!r}") from None
     if isinstance(value, str):
         m = _DUR_RE.match(value)
         if m:
