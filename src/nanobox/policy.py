@@ -68,7 +68,8 @@ def _norm_duration(obj: object, prefix: str, name: str, *, allow_zero: bool = Fa
         raise PolicyError(f"{prefix}{name}", f"must be greater than 0, got {value!r}")
     if seconds > MAX_SECONDS:
         raise PolicyError(
-            f"{prefix}{name}", f"must be at most 1e9 seconds (~31 years), got {value!r}"
+            f"{prefix}{name}",
+            f"must be at most {MAX_SECONDS:.0f} seconds (~31 years), got {value!r}",
         )
     _set(obj, name, seconds)
 
@@ -84,7 +85,7 @@ def _norm_size(obj: object, prefix: str, name: str, *, minimum: int = 0) -> None
     if size < minimum:
         raise PolicyError(f"{prefix}{name}", f"must be at least {minimum}, got {value!r}")
     if size > MAX_SIZE:
-        raise PolicyError(f"{prefix}{name}", f"must be at most 2**63 - 1 bytes, got {value!r}")
+        raise PolicyError(f"{prefix}{name}", f"must be at most {MAX_SIZE} bytes, got {value!r}")
     _set(obj, name, size)
 
 

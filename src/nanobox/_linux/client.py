@@ -70,7 +70,8 @@ class ForkServer:
             return
         self.ctrl.settimeout(30)
         try:
-            hello = wire.loads(self.ctrl.recv(65536) or wire.dumps({}))
+            data = self.ctrl.recv(65536)
+            hello = wire.loads(data) if data else {}
         except (OSError, ValueError):
             hello = {}
         self.ctrl.settimeout(None)
