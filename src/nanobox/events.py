@@ -13,8 +13,15 @@ import _thread
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import field
+from typing import TYPE_CHECKING, Any
+
+from ._valuetype import FACTORY
+
+if TYPE_CHECKING:
+    from dataclasses import dataclass as value_type  # what the class is
+else:
+    from ._valuetype import value_type  # the same, without generated code
 
 __all__ = ["Event", "subscribe", "unsubscribe"]
 
@@ -27,7 +34,10 @@ def _logger() -> Any:
     return None if logging is None else logging.getLogger("nanobox.events")
 
 
-@dataclass(frozen=True)
+_now = time.time  # (``Event.__init__``'s parameter ``time`` hides the module)
+
+
+@value_type(frozen=True)
 class Event:
     """One thing that happened in a run. ``kind`` is one of ``start``,
     ``setup``, ``violation``, ``limit``, ``exit``, ``error``."""
@@ -36,6 +46,16 @@ class Event:
     kind: str
     data: Mapping[str, Any] = field(default_factory=dict)
     time: float = field(default_factory=time.time)
+
+    def __init__(
+        self, run_id: str, kind: str, data: Mapping[str, Any] = FACTORY, time: float = FACTORY
+    ) -> None:
+        self.__dict__.update(
+            run_id=run_id,
+            kind=kind,
+            data={} if data is FACTORY else data,
+            time=_now() if time is FACTORY else time,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "kind": self.kind, "time": self.time, **self.data}

@@ -14,15 +14,19 @@ import dataclasses
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from ._deferred import provide_typing
+from ._valuetype import FACTORY
 from .errors import PolicyError
 from .units import DURATION_HELP, SIZE_HELP, parse_duration, parse_size
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import typing
+    from dataclasses import dataclass as value_type  # what the classes are
+else:
+    from ._valuetype import value_type  # the same, without generated code
 # The name ``typing`` in the annotations, for ``typing.get_type_hints``:
 # a stand-in that imports ``typing`` when it is read (see ``_deferred``).
 provide_typing(globals())
@@ -120,7 +124,7 @@ def _norm_cpus(obj: Limits) -> None:
     _set(obj, "cpus", cpus)
 
 
-@dataclass(frozen=True, kw_only=True)
+@value_type(frozen=True, kw_only=True)
 class Limits:
     """Resource limits of one run.
 
@@ -142,6 +146,32 @@ class Limits:
     output: SizeLike = DEFAULT_OUTPUT_LIMIT
     on_output_limit: typing.Literal["truncate", "kill"] = "truncate"
 
+    def __init__(
+        self,
+        *,
+        wall_time: DurationLike | None = None,
+        cpu_time: DurationLike | None = None,
+        memory: SizeLike | None = None,
+        pids: int | None = None,
+        cpus: float | int | str | None = None,
+        file_size: SizeLike | None = None,
+        open_files: int | None = DEFAULT_OPEN_FILES,
+        output: SizeLike = DEFAULT_OUTPUT_LIMIT,
+        on_output_limit: typing.Literal["truncate", "kill"] = "truncate",
+    ) -> None:
+        self.__dict__.update(
+            wall_time=wall_time,
+            cpu_time=cpu_time,
+            memory=memory,
+            pids=pids,
+            cpus=cpus,
+            file_size=file_size,
+            open_files=open_files,
+            output=output,
+            on_output_limit=on_output_limit,
+        )
+        self.__post_init__()
+
     def __post_init__(self) -> None:
         _norm_duration(self, "limits.", "wall_time")
         _norm_duration(self, "limits.", "cpu_time")
@@ -160,7 +190,7 @@ class Limits:
             )
 
 
-@dataclass(frozen=True, kw_only=True)
+@value_type(frozen=True, kw_only=True)
 class Network:
     """Network policy.
 
@@ -187,6 +217,30 @@ class Network:
     max_connections: int = 256
     check_sni: bool = True
     resolve: Mapping[str, str] = field(default_factory=dict)
+
+    def __init__(
+        self,
+        *,
+        mode: typing.Literal["none", "allowlist", "host"] = "none",
+        allowed: tuple[str, ...] = (),
+        denied: tuple[str, ...] = (),
+        connect_timeout: DurationLike = 30.0,
+        idle_timeout: DurationLike = 300.0,
+        max_connections: int = 256,
+        check_sni: bool = True,
+        resolve: Mapping[str, str] = FACTORY,
+    ) -> None:
+        self.__dict__.update(
+            mode=mode,
+            allowed=allowed,
+            denied=denied,
+            connect_timeout=connect_timeout,
+            idle_timeout=idle_timeout,
+            max_connections=max_connections,
+            check_sni=check_sni,
+            resolve={} if resolve is FACTORY else resolve,
+        )
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         if not isinstance(self.resolve, Mapping) or not all(
@@ -309,7 +363,7 @@ def _paths(obj: object, name: str, *, with_dest: bool, with_size: bool = False) 
     _set(obj, name, tuple(out))
 
 
-@dataclass(frozen=True, kw_only=True)
+@value_type(frozen=True, kw_only=True)
 class Filesystem:
     """The filesystem view. Default: the host root read-only, the working
     directory writable, private ``/tmp``, ``/run``, ``/dev``, ``/proc``,
@@ -333,6 +387,36 @@ class Filesystem:
     rootfs: typing.Literal["host", "minimal"] = "host"
     tmp_size: SizeLike = "512M"
     landlock: bool = True
+
+    def __init__(
+        self,
+        *,
+        read_only: tuple[str, ...] = (),
+        read_write: tuple[str, ...] = (),
+        tmpfs: tuple[str, ...] = (),
+        hide: tuple[str, ...] = (),
+        default_hides: bool = True,
+        workspace: bool = True,
+        protect: bool = True,
+        unprotect: tuple[str, ...] = (),
+        rootfs: typing.Literal["host", "minimal"] = "host",
+        tmp_size: SizeLike = "512M",
+        landlock: bool = True,
+    ) -> None:
+        self.__dict__.update(
+            read_only=read_only,
+            read_write=read_write,
+            tmpfs=tmpfs,
+            hide=hide,
+            default_hides=default_hides,
+            workspace=workspace,
+            protect=protect,
+            unprotect=unprotect,
+            rootfs=rootfs,
+            tmp_size=tmp_size,
+            landlock=landlock,
+        )
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         _paths(self, "read_only", with_dest=True)
@@ -366,7 +450,7 @@ class Filesystem:
         _norm_size(self, "filesystem.", "tmp_size", minimum=4096)
 
 
-@dataclass(frozen=True, kw_only=True)
+@value_type(frozen=True, kw_only=True)
 class Policy:
     """Everything a sandbox enforces. ``Policy()`` is the default policy."""
 
@@ -378,6 +462,30 @@ class Policy:
     inherit_env: bool = False
     allow_degraded: bool = False
     hostname: str = "nanobox"
+
+    def __init__(
+        self,
+        *,
+        limits: Limits = FACTORY,
+        network: Network = FACTORY,
+        filesystem: Filesystem = FACTORY,
+        syscalls: typing.Any = "default",
+        env: Mapping[str, str] = FACTORY,
+        inherit_env: bool = False,
+        allow_degraded: bool = False,
+        hostname: str = "nanobox",
+    ) -> None:
+        self.__dict__.update(
+            limits=Limits() if limits is FACTORY else limits,
+            network=Network() if network is FACTORY else network,
+            filesystem=Filesystem() if filesystem is FACTORY else filesystem,
+            syscalls=syscalls,
+            env={} if env is FACTORY else env,
+            inherit_env=inherit_env,
+            allow_degraded=allow_degraded,
+            hostname=hostname,
+        )
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         if not isinstance(self.limits, Limits):

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from dataclasses import field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from ._valuetype import FACTORY
+
+if TYPE_CHECKING:
+    from dataclasses import dataclass as value_type  # what the classes are
+else:
+    from ._valuetype import value_type  # the same, without generated code
 
 __all__ = ["Outcome", "Result", "Violation"]
 
@@ -24,7 +31,7 @@ class Outcome(str, enum.Enum):
     SETUP_FAILED = "setup_failed"
 
 
-@dataclass(frozen=True)
+@value_type(frozen=True)
 class Violation:
     """Something the sandbox refused or stopped (``kind`` plus a human ``detail``)."""
 
@@ -32,13 +39,16 @@ class Violation:
     detail: str
     data: Mapping[str, Any] = field(default_factory=dict)
 
+    def __init__(self, kind: str, detail: str, data: Mapping[str, Any] = FACTORY) -> None:
+        self.__dict__.update(kind=kind, detail=detail, data={} if data is FACTORY else data)
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "detail": self.detail}
         out.update(self.data)
         return out
 
 
-@dataclass(frozen=True, kw_only=True)
+@value_type(frozen=True, kw_only=True)
 class Result(Generic[T]):
     """What a run did and used. ``returncode`` follows ``subprocess``: the exit
     code, or ``-N`` when the command was killed by signal N."""
@@ -64,6 +74,55 @@ class Result(Generic[T]):
     violations: tuple[Violation, ...] = ()
     network: Mapping[str, Any] | None = None
     oom_killed: bool = False
+
+    def __init__(
+        self,
+        *,
+        id: str,
+        args: Sequence[str],
+        returncode: int,
+        stdout: T,
+        stderr: T,
+        outcome: Outcome,
+        exit_code: int | None,
+        signal: int | None,
+        wall_time_s: float,
+        cpu_time_s: float,
+        user_time_s: float,
+        system_time_s: float,
+        peak_memory_bytes: int,
+        stdout_bytes: int,
+        stderr_bytes: int,
+        stdout_truncated: bool,
+        stderr_truncated: bool,
+        degraded: tuple[str, ...] = (),
+        violations: tuple[Violation, ...] = (),
+        network: Mapping[str, Any] | None = None,
+        oom_killed: bool = False,
+    ) -> None:
+        self.__dict__.update(
+            id=id,
+            args=args,
+            returncode=returncode,
+            stdout=stdout,
+            stderr=stderr,
+            outcome=outcome,
+            exit_code=exit_code,
+            signal=signal,
+            wall_time_s=wall_time_s,
+            cpu_time_s=cpu_time_s,
+            user_time_s=user_time_s,
+            system_time_s=system_time_s,
+            peak_memory_bytes=peak_memory_bytes,
+            stdout_bytes=stdout_bytes,
+            stderr_bytes=stderr_bytes,
+            stdout_truncated=stdout_truncated,
+            stderr_truncated=stderr_truncated,
+            degraded=degraded,
+            violations=violations,
+            network=network,
+            oom_killed=oom_killed,
+        )
 
     @property
     def timed_out(self) -> bool:
