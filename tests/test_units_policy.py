@@ -29,13 +29,18 @@ from nanobox.units import parse_duration, parse_size
         ("1.5K", 1536),
         ("10MiB", 10 << 20),
         ("512 KB", 512 << 10),
+        (" 3m ", 3 << 20),
+        ("0g", 0),
+        ("\u0661\u0662M", 12 << 20),  # Arabic-Indic digits, as ``\\d`` and ``float`` take them
     ],
 )
 def test_parse_size(text: object, value: int) -> None:
     assert parse_size(text) == value
 
 
-@pytest.mark.parametrize("bad", ["", "-1", -1, "12Q", "1.3", "M", True, None, 1.5, "1e3"])
+@pytest.mark.parametrize(
+    "bad", ["", "-1", -1, "12Q", "1.3", "M", True, None, 1.5, "1e3", "\u00b2M", "1 2M", "+1M"]
+)
 def test_parse_size_rejects(bad: object) -> None:
     with pytest.raises(ValueError, match="size"):
         parse_size(bad)
