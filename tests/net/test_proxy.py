@@ -545,12 +545,13 @@ def expected_crc(size: int) -> int:
     return zlib.crc32(BLOCK[: size % len(BLOCK)], crc)
 
 
-def test_large_plain_http_body_is_copied_raw_then_closed(http_server):
+@pytest.mark.parametrize("splice", [False, True], ids=["copy", "splice"])
+def test_large_plain_http_body_is_copied_raw_then_closed(http_server, splice):
     """A response of at least RAW_BODY_MIN bytes with a Content-Length skips
     h11's re-framing: exactly that many bytes arrive, announced with
     ``Connection: close``, and the proxy then closes the connection."""
     size = 3 << 20
-    with proxy_harness() as h:
+    with proxy_harness(use_splice=splice) as h:
         sock = connect(h.http_port)
         url = f"http://allowed.test:{http_server.port}/bytes/{size}"
         sock.sendall(f"GET {url} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
@@ -584,9 +585,10 @@ def test_head_of_a_large_resource_keeps_the_connection(http_server):
         h.finish()
 
 
-def test_large_body_cut_short_by_the_upstream_is_not_completed(http_server):
+@pytest.mark.parametrize("splice", [False, True], ids=["copy", "splice"])
+def test_large_body_cut_short_by_the_upstream_is_not_completed(http_server, splice):
     claimed, sent = 4 << 20, 1 << 20
-    with proxy_harness() as h:
+    with proxy_harness(use_splice=splice) as h:
         sock = connect(h.http_port)
         url = f"http://allowed.test:{http_server.port}/short/{claimed}/{sent}"
         sock.sendall(f"GET {url} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
@@ -630,7 +632,8 @@ def live_bytes_down(harness) -> int:
 
 
 @pytest.mark.parametrize(
-    "mode", ["connect-splice", "connect-copy", "socks-splice", "socks-copy", "http"]
+    "mode",
+    ["connect-splice", "connect-copy", "socks-splice", "socks-copy", "http-splice", "http-copy"],
 )
 def test_slow_reader_bounds_buffering(mode, bulk_server, http_server):
     huge = 2_000_000_000
@@ -681,6 +684,51 @@ def test_an_upstream_reset_mid_stream_resets_the_client(splice):
         assert got <= 300_000
         sock.close()
         assert "reset" in (last_event(h).error or "")
+
+
+def test_a_client_gone_mid_body_is_recorded_and_the_proxy_goes_on(http_server):
+    """The spliced plain-HTTP body: a client that closes mid-body ends its
+    connection (recorded as such), and the next request is served."""
+    size = 200 << 20
+    with proxy_harness(use_splice=True) as h:
+        sock = connect(h.http_port)
+        url = f"http://allowed.test:{http_server.port}/bytes/{size}"
+        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        status, _, rest = read_head(sock)
+        assert status == 200
+        read_counting(sock, limit=4 << 20, start=rest)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset, so that the proxy's next write fails
+        event = last_event(h)
+        assert event.error and "client connection lost" in event.error, event
+        assert event.bytes_down < size
+        again = connect(h.http_port)
+        url = f"http://allowed.test:{http_server.port}/bytes/{3 << 20}"
+        again.sendall(f"GET {url} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        status, _, rest = read_head(again)
+        assert status == 200
+        assert read_counting(again, limit=3 << 20, start=rest) == (3 << 20, expected_crc(3 << 20))
+        again.close()
+        h.finish()
+
+
+def test_pipe_shortage_falls_back_to_copying_a_body(http_server, monkeypatch):
+    import nanobox.net.proxy as proxy_module
+
+    def no_pipes(flags: int) -> tuple[int, int]:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(proxy_module.os, "pipe2", no_pipes)
+    size = 3 << 20
+    with proxy_harness(use_splice=True) as h:
+        sock = connect(h.http_port)
+        url = f"http://allowed.test:{http_server.port}/bytes/{size}"
+        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        status, _, rest = read_head(sock)
+        assert status == 200
+        assert read_counting(sock, limit=size, start=rest) == (size, expected_crc(size))
+        sock.close()
+        h.finish()
 
 
 def test_pipe_shortage_falls_back_to_copying(echo_server, monkeypatch):
@@ -859,13 +907,12 @@ def test_200mb_through_connect_socks_and_http(bulk_server, http_server, capsys):
             assert reply == 0
             bulk_request(sock, size)
             timed(f"SOCKS5 ({mode})", sock)
-            if splice:
-                sock = connect(h.http_port)
-                url = f"http://allowed.test:{http_server.port}/bytes/{size}"
-                sock.sendall(f"GET {url} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
-                status, headers, rest = read_head(sock)
-                assert status == 200 and int(headers["content-length"]) == size
-                timed("plain HTTP (h11)", sock, start=rest)
+            sock = connect(h.http_port)
+            url = f"http://allowed.test:{http_server.port}/bytes/{size}"
+            sock.sendall(f"GET {url} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+            status, headers, rest = read_head(sock)
+            assert status == 200 and int(headers["content-length"]) == size
+            timed(f"plain HTTP ({mode})", sock, start=rest)
             summary = h.finish()
             assert summary["bytes_down"] >= 2 * size
     direct = connect(http_server.port)

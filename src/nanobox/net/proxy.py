@@ -12,14 +12,15 @@ and dials out from the supervisor's namespace after the allowlist checks of
 3. for tunnels to port 443 (HTTP CONNECT and SOCKS5) the TLS ClientHello's SNI
    must name the same host (``check_sni``), without decrypting anything.
 
-Raw tunnels are relayed by copying, with at most one buffer in flight per
-direction (a buffer that grows to 1 MiB while a transfer fills it), or, with
-``use_splice``, with ``os.splice`` through a pipe per direction; either way a
-slow reader stops the proxy from reading the other side (no unbounded
-buffering). When one side finishes sending, the proxy shuts down the write
-half of the other and keeps relaying the opposite direction until it ends
-too, so nothing is truncated; on a reset or an error the other side is
-reset as well, so failures are never silent.
+Raw tunnels and plain-HTTP bodies of a known length are relayed with
+``os.splice`` through a pipe per direction (``use_splice``, the default on
+Linux: the bytes never enter the proxy's memory), or by copying, with at
+most one buffer in flight per direction (a buffer that grows to 1 MiB while
+a transfer fills it); either way a slow reader stops the proxy from reading
+the other side (no unbounded buffering). When one side finishes sending,
+the proxy shuts down the write half of the other and keeps relaying the
+opposite direction until it ends too, so nothing is truncated; on a reset
+or an error the other side is reset as well, so failures are never silent.
 
 Plain HTTP is parsed and framed by h11 (imported on the first HTTP
 connection); each request gets its own upstream connection.
@@ -79,7 +80,7 @@ _CLOSE_DRAIN_BYTES = 1024 * 1024
 _TLS_ALERT_ACCESS_DENIED = b"\x15\x03\x03\x00\x02\x02\x31"
 _F_SETPIPE_SZ = 1031
 _F_GETPIPE_SZ = 1032
-_USE_SPLICE_DEFAULT = False  # copying outran splice on loopback (see _CopyRelay)
+_USE_SPLICE_DEFAULT = True  # faster than copying on loopback (docs/BENCHMARKS.md)
 
 # failure kind -> (HTTP status, SOCKS5 reply)
 _FAILURES: dict[str, tuple[int, int]] = {
@@ -282,6 +283,62 @@ def _set_once(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, *, writer: bool) -> None:
+    """Until ``fd`` is writable (``writer``) or readable."""
+    ready = loop.create_future()
+    if writer:
+        loop.add_writer(fd, _set_once, ready)
+    else:
+        loop.add_reader(fd, _set_once, ready)
+    try:
+        await ready
+    finally:
+        if writer:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+class _SplicePipe:
+    """A non-blocking pipe for ``os.splice``, enlarged to ``_PIPE_SIZE``
+    where the limits allow. Raises ``OSError`` when it cannot be made."""
+
+    __slots__ = ("cap", "r", "w")
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        import fcntl  # Linux only, like splice
+
+        with contextlib.suppress(OSError):  # (EPERM past the user's pipe quota)
+            fcntl.fcntl(self.w, _F_SETPIPE_SZ, _PIPE_SIZE)
+        try:
+            self.cap: int = fcntl.fcntl(self.w, _F_GETPIPE_SZ)
+        except OSError:
+            self.cap = 65536
+
+    def fill(self, src: int, size: int) -> int | None:
+        """Bytes moved from the socket ``src`` into the pipe (0 at its end),
+        or None when it has none now or the pipe has no room."""
+        try:
+            return os.splice(src, self.w, size, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+        except (BlockingIOError, InterruptedError):
+            return None
+
+    def drain(self, dst: int, size: int) -> int | None:
+        """Bytes moved from the pipe to the socket ``dst``, or None when
+        it has no room now."""
+        try:
+            return os.splice(self.r, dst, size, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+        except (BlockingIOError, InterruptedError):
+            return None
+
+    def close(self) -> None:
+        for fd in (self.r, self.w):
+            if fd >= 0:
+                os.close(fd)
+        self.r = self.w = -1
+
+
 class _Pump:
     """One direction of a spliced tunnel, driven by loop reader/writer
     callbacks: ``os.splice`` from the source socket into a pipe and from the
@@ -295,9 +352,8 @@ class _Pump:
         "eof",
         "loop",
         "pending",
+        "pipe",
         "pipe_full",
-        "pipe_r",
-        "pipe_w",
         "reading",
         "relay",
         "src",
@@ -323,15 +379,8 @@ class _Pump:
         self.writing = False
         self.pipe_full = False
         # (OSError, e.g. EMFILE, goes to the caller, which copies instead)
-        self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        import fcntl  # Linux only, like splice
-
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(self.pipe_w, _F_SETPIPE_SZ, _PIPE_SIZE)
-        try:
-            self.cap = fcntl.fcntl(self.pipe_w, _F_GETPIPE_SZ)
-        except OSError:
-            self.cap = 65536
+        self.pipe = _SplicePipe()
+        self.cap = self.pipe.cap
 
     # -- registration
 
@@ -366,38 +415,13 @@ class _Pump:
             self.loop.remove_writer(self.dst.fileno())
             self.writing = False
         self.done = True
-        for fd in (self.pipe_r, self.pipe_w):
-            if fd >= 0:
-                os.close(fd)
-        self.pipe_r = self.pipe_w = -1
+        self.pipe.close()
 
     # -- data movement
 
-    def _fill(self) -> int | None:
-        try:
-            return os.splice(
-                self.src.fileno(),
-                self.pipe_w,
-                self.cap - self.pending,
-                flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK,
-            )
-        except (BlockingIOError, InterruptedError):
-            return None
-
-    def _drain(self) -> int | None:
-        try:
-            return os.splice(
-                self.pipe_r,
-                self.dst.fileno(),
-                self.pending,
-                flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK,
-            )
-        except (BlockingIOError, InterruptedError):
-            return None
-
     def on_readable(self) -> None:
         try:
-            n = self._fill()
+            n = self.pipe.fill(self.src.fileno(), self.cap - self.pending)
         except OSError as exc:
             self.relay.fail(exc)
             return
@@ -419,7 +443,7 @@ class _Pump:
     def _flush(self) -> None:
         while self.pending:
             try:
-                n = self._drain()
+                n = self.pipe.drain(self.dst.fileno(), self.pending)
             except OSError as exc:
                 self.relay.fail(exc)
                 return
@@ -497,8 +521,8 @@ class _CopyRelay:
     (up to ``_BUFFER``) while reads fill it and goes back to its first size
     when they do not, so an idle or chatty tunnel holds little and a bulk
     transfer moves large chunks; after each chunk the other tunnels get
-    the event loop. On loopback this did as well as or better than the
-    splice relay (docs/BENCHMARKS.md), so it is the default."""
+    the event loop. Used without ``use_splice``, or when no pipe can be
+    made."""
 
     __slots__ = ("client", "error", "flow", "loop", "upstream", "watchdog")
 
@@ -602,8 +626,9 @@ class Proxy:
     proxy's event loop thread. With ``check_sni``, tunnels to ``tls_ports``
     must start with a TLS ClientHello whose SNI names the requested host
     (tunnels to IP literals are exempt: clients send no SNI for them).
-    ``use_splice`` relays tunnels with ``os.splice`` (Linux) instead of
-    copying them (the default: faster on loopback, see ``_CopyRelay``).
+    ``use_splice`` relays tunnels and plain-HTTP bodies of a known length
+    with ``os.splice`` (Linux; the default where it exists) instead of
+    copying them.
     All methods must be called on the loop's thread (see :class:`ProxyThread`
     for synchronous callers).
     """
@@ -1428,6 +1453,10 @@ class Proxy:
             data = event.data[:remaining]
             await self._send(conn, conn.sock, data)
             remaining -= len(data)
+        if remaining and self.use_splice:
+            spliced = await self._splice_raw(conn, upstream, flow, remaining)
+            if spliced is not None:
+                return spliced
         loop = asyncio.get_running_loop()
         buf = memoryview(bytearray(min(remaining, _RAW_BUF) or 1))
         try:
@@ -1443,6 +1472,59 @@ class Proxy:
                 remaining -= n
         except OSError as exc:
             return await self._bad_gateway(conn, flow, f"bad response from upstream: {exc}")
+        return True
+
+    async def _splice_raw(
+        self, conn: _Conn, upstream: socket.socket, flow: _Flow, remaining: int
+    ) -> bool | None:
+        """:meth:`_relay_raw`'s loop with ``os.splice`` through a pipe: fill
+        the pipe from the upstream, then drain it to the client, never more
+        than the pipe in flight. None if no pipe can be made (then the body
+        is copied)."""
+        try:
+            pipe = _SplicePipe()
+        except OSError as exc:  # e.g. EMFILE
+            _log.debug("no pipe for splice (%s); copying instead", exc)
+            return None
+        loop = asyncio.get_running_loop()
+        src, dst = upstream.fileno(), conn.sock.fileno()
+        pending = 0
+        ended = False  # the upstream closed before the end of the body
+        try:
+            while (remaining and not ended) or pending:
+                if remaining and not ended and pending < pipe.cap:
+                    try:
+                        n = pipe.fill(src, min(pipe.cap - pending, remaining))
+                    except OSError as exc:
+                        return await self._bad_gateway(
+                            conn, flow, f"bad response from upstream: {exc}"
+                        )
+                    if n == 0:
+                        ended = True  # deliver what came, then say so
+                    elif n is not None:
+                        remaining -= n
+                        pending += n
+                        flow.count_down(n)
+                        conn.watchdog.touch()
+                        continue  # fill while the upstream has data and the pipe room
+                if pending:
+                    try:
+                        m = pipe.drain(dst, pending)
+                    except OSError as exc:  # the client went away
+                        flow.error = f"client connection lost: {exc}"
+                        _reset_on_close(conn.sock)
+                        return False
+                    if m is None:
+                        await _wait_fd(loop, dst, writer=True)
+                    else:
+                        pending -= m
+                        conn.watchdog.touch()
+                    continue
+                await _wait_fd(loop, src, writer=False)  # the pipe is empty: wait for data
+        finally:
+            pipe.close()
+        if ended:
+            return await self._bad_gateway(conn, flow, "upstream closed the connection early")
         return True
 
     async def _bad_gateway(self, conn: _Conn, flow: _Flow, message: str) -> bool:
