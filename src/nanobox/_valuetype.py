@@ -23,7 +23,11 @@ same job with code written once:
   non-frozen one refused, as for any frozen dataclass.
 
 Type checkers see ``dataclasses.dataclass`` itself (see the modules that use
-this one), so they treat these classes as frozen dataclasses.
+this one), so they treat these classes as frozen dataclasses. (Python 3.13's
+generated ``__eq__`` compares field by field after an identity check; the
+tuple comparison here differs from it only for a value not equal to itself,
+such as a NaN: the policy types refuse one, and nanobox puts none in the
+others.)
 """
 
 from __future__ import annotations
