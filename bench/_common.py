@@ -36,7 +36,7 @@ VENV_NANOBOX = os.path.join(VENV, "bin", "nanobox")
 # both sides, so the comparison is of the sandbox, not of the interpreter).
 SYSTEM_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
-SRT_SETTINGS = {
+SRT_SETTINGS: dict[str, Any] = {
     "network": {"allowedDomains": [], "deniedDomains": []},
     "filesystem": {"denyRead": [], "allowRead": [], "allowWrite": [], "denyWrite": []},
 }
@@ -250,7 +250,7 @@ def nanobox_allowlist_support() -> tuple[bool, str]:
     extra = [f for f in fields if f != "mode"]
     modes = "none/host"
     try:
-        nanobox.Network(mode="allowlist")  # type: ignore[arg-type]
+        nanobox.Network(mode="allowlist")
         modes += "/allowlist"
     except Exception:  # noqa: BLE001 - any refusal means "no such mode"
         pass
@@ -273,10 +273,11 @@ def allowlist_network(rules: Sequence[str]) -> Any:
             return allow(*rules)
         except Exception as exc:  # noqa: BLE001
             errors.append(f"Network.allow: {exc}")
-    for kwargs in (
+    spellings: list[dict[str, Any]] = [
         {"mode": "allowlist", "allowed": tuple(rules)},
         {"mode": "allowlist", "allow": tuple(rules)},
-    ):
+    ]
+    for kwargs in spellings:
         try:
             return nanobox.Network(**kwargs)
         except Exception as exc:  # noqa: BLE001

@@ -23,6 +23,7 @@ R rounds, the variants in alternating order; median of the work times.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import time
@@ -112,10 +113,10 @@ def measure(rounds: int, quick: bool) -> dict[str, Any]:
         for wl, tmpl in WORKLOADS.items():
             code = _HARNESS.format(body=tmpl.format(n=sizes[wl]).strip("\n"))
             for v in variants:  # warm-up
-                c.guarded(errors, f"{wl} warm-up {v}", lambda v=v, code=code: run(v, code))
+                c.guarded(errors, f"{wl} warm-up {v}", functools.partial(run, v, code))
             for r in range(rounds):
                 for v in c.alternating(variants, r):
-                    got = c.guarded(errors, f"{wl} {v}", lambda v=v, code=code: run(v, code))
+                    got = c.guarded(errors, f"{wl} {v}", functools.partial(run, v, code))
                     if got is not None:
                         work[wl][v].append(got[0])
                         walls[wl][v].append(got[1])

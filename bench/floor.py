@@ -192,7 +192,7 @@ class Floor:
             req = ctypes.create_string_buffer(b"lo", 40)  # struct ifreq
             for request in (SIOCGIFFLAGS, SIOCSIFFLAGS):
                 if request == SIOCSIFFLAGS:
-                    req[16] = req[16][0] | IFF_UP
+                    req[16] = bytes([req[16][0] | IFF_UP])
                 if self.libc.ioctl(fd, ctypes.c_ulong(request), req) != 0:
                     raise OSError(ctypes.get_errno(), "ioctl lo")
         finally:

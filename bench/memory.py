@@ -20,6 +20,7 @@ sandbox (total ÷ N).
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import subprocess
 import sys
@@ -175,7 +176,7 @@ def measure(counts: list[int], repeats: int) -> dict[str, Any]:
                         )
                         continue
                     key = f"{name}@{n}"
-                    got = c.guarded(errors, key, lambda f=runners[name], n=n: f(n))
+                    got = c.guarded(errors, key, functools.partial(runners[name], n))
                     if got is not None:
                         variants.setdefault(name, {}).setdefault(str(n), []).append(got)
     table_rows: dict[str, Any] = {}

@@ -31,6 +31,7 @@ upstream connection per request).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -107,6 +108,11 @@ class _Upstream(asyncio.Protocol):
         self.t.close()
 
 
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 def upstream_main(directory: str) -> None:
     path = os.path.join(directory, "100M.bin")
     if not os.path.exists(path) or os.path.getsize(path) != BULK_BYTES:
@@ -125,7 +131,7 @@ def upstream_main(directory: str) -> None:
         port = srv.sockets[0].getsockname()[1]
         print(json.dumps({"port": port}), flush=True)
         stop = loop.create_future()
-        loop.add_reader(0, lambda: stop.done() or stop.set_result(None))
+        loop.add_reader(0, _set_once, stop)
         await stop
 
     asyncio.run(go())
@@ -152,7 +158,7 @@ def proxy_main() -> None:
         proxy.start_run("bench", socks[0], socks[1])
         print(json.dumps({"http": ports[0], "socks5": ports[1]}), flush=True)
         stop = loop.create_future()
-        loop.add_reader(0, lambda: stop.done() or stop.set_result(None))
+        loop.add_reader(0, _set_once, stop)
         await stop
         summary = await proxy.finish_run("bench")
         await proxy.aclose()
@@ -422,12 +428,12 @@ def measure(rounds: int, seconds: float) -> dict[str, Any]:
                 return speed, problem
 
             for name in paths:  # warm-up
-                c.guarded(errors, f"bulk warm-up {name}", lambda n=name: one_bulk(n))
+                c.guarded(errors, f"bulk warm-up {name}", functools.partial(one_bulk, name))
             speeds: dict[str, list[float]] = {n: [] for n in paths}
             fails: dict[str, list[str]] = {n: [] for n in paths}
             for r in range(rounds):
                 for name in c.alternating(list(paths), r):
-                    got = c.guarded(errors, f"bulk {name}", lambda n=name: one_bulk(n))
+                    got = c.guarded(errors, f"bulk {name}", functools.partial(one_bulk, name))
                     if got is None:
                         fails[name].append("exception")
                         continue
@@ -481,7 +487,7 @@ def measure(rounds: int, seconds: float) -> dict[str, Any]:
                 return data
 
             for name in c.alternating(list(loads), 0):
-                got = c.guarded(errors, f"rps {name}", lambda n=name: one_load(n))
+                got = c.guarded(errors, f"rps {name}", functools.partial(one_load, name))
                 if got is not None:
                     rps[name] = got
             for name, d in rps.items():

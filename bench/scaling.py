@@ -29,6 +29,7 @@ asyncio tasks, or K threads each spawning a peer), runs per second.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import subprocess
@@ -362,7 +363,7 @@ def measure(counts: list[int], tp_k: list[int], tp_m: int) -> dict[str, Any]:
                     continue
                 key = f"{name}@{n}"
                 args = ["--one", name, str(n), str(sleep_s), cfg]
-                got = c.guarded(errors, key, lambda a=args, n=n: _sub(a, 120 + n * 0.5))
+                got = c.guarded(errors, key, functools.partial(_sub, args, 120 + n * 0.5))
                 if got is not None:
                     got["sleep_s"] = sleep_s
                     start.setdefault(name, {})[str(n)] = got
@@ -374,7 +375,7 @@ def measure(counts: list[int], tp_k: list[int], tp_m: int) -> dict[str, Any]:
             for name in c.alternating(tp_variants, i):
                 key = f"throughput {name} k={k}"
                 args = ["--throughput", name, str(k), str(tp_m), cfg]
-                got = c.guarded(errors, key, lambda a=args: _sub(a, 300))
+                got = c.guarded(errors, key, functools.partial(_sub, args, 300))
                 if got is not None:
                     tput.setdefault(name, {})[str(k)] = got
     return {

@@ -171,7 +171,10 @@ def measure(rounds: int, runs: int, *, nobody: bool = True) -> dict[str, Any]:
             cold["python -S -c pass (venv)"] = [c.VENV_PYTHON, "-S", "-c", "pass"]
 
         workers: dict[str, Worker] = {}
-        warm_specs = [("nanobox warm", "default", None), ("nanobox warm +limits", "limits", None)]
+        warm_specs: list[tuple[str, str, str | None]] = [
+            ("nanobox warm", "default", None),
+            ("nanobox warm +limits", "limits", None),
+        ]
         ok, why = c.nanobox_allowlist_support()
         if ok:
             warm_specs.append(("nanobox warm +allowlist", "allowlist", None))
