@@ -686,11 +686,13 @@ def test_an_upstream_reset_mid_stream_resets_the_client(splice):
         assert "reset" in (last_event(h).error or "")
 
 
-def test_a_client_gone_mid_body_is_recorded_and_the_proxy_goes_on(http_server):
-    """The spliced plain-HTTP body: a client that closes mid-body ends its
-    connection (recorded as such), and the next request is served."""
+@pytest.mark.parametrize("splice", [False, True], ids=["copy", "splice"])
+def test_a_client_gone_mid_body_is_recorded_and_the_proxy_goes_on(http_server, splice):
+    """A plain-HTTP body: a client that resets mid-body ends its connection
+    (recorded as the client's doing, not the upstream's), and the next
+    request is served."""
     size = 200 << 20
-    with proxy_harness(use_splice=True) as h:
+    with proxy_harness(use_splice=splice) as h:
         sock = connect(h.http_port)
         url = f"http://allowed.test:{http_server.port}/bytes/{size}"
         sock.sendall(f"GET {url} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
@@ -729,6 +731,28 @@ def test_pipe_shortage_falls_back_to_copying_a_body(http_server, monkeypatch):
         assert read_counting(sock, limit=size, start=rest) == (size, expected_crc(size))
         sock.close()
         h.finish()
+
+
+def test_where_splice_is_refused_the_proxy_copies(echo_server, monkeypatch):
+    """A seccomp profile or a user-space kernel may refuse splice(): the
+    proxy finds out once, on a socket pair of its own, and copies."""
+    import errno
+
+    import nanobox.net.proxy as proxy_module
+
+    def refused(*args: object, **kwargs: object) -> int:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(proxy_module.os, "splice", refused)
+    monkeypatch.setattr(proxy_module, "_splice_usable", None)
+    with proxy_harness(use_splice=True) as h:
+        assert h.thread.proxy.use_splice is False
+        sock, status, _ = http_connect(h.http_port, f"allowed.test:{echo_server.port}")
+        assert status == 200
+        sock.sendall(b"copied")
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_all(sock) == b"copied"
+        sock.close()
 
 
 def test_pipe_shortage_falls_back_to_copying(echo_server, monkeypatch):

@@ -278,6 +278,41 @@ class _Conn:
 # --------------------------------------------------------------------------- relay
 
 
+def _client_lost(conn: _Conn, flow: _Flow, exc: OSError) -> bool:
+    """A client gone mid-body: say so (not the upstream's fault)."""
+    flow.error = f"client connection lost: {exc}"
+    _reset_on_close(conn.sock)
+    return False
+
+
+_splice_usable: bool | None = None
+
+
+def _splice_works() -> bool:
+    """Can this process splice from a socket into a pipe? (Not where a
+    seccomp profile or a user-space kernel refuses it: then copy.) Tried
+    once per process, on a socket pair of its own."""
+    global _splice_usable
+    if _splice_usable is None:
+        ok = False
+        try:
+            a, b = socket.socketpair()
+            try:
+                pipe = _SplicePipe()
+                try:
+                    a.send(b"x")
+                    ok = pipe.fill(b.fileno(), 1) == 1
+                finally:
+                    pipe.close()
+            finally:
+                a.close()
+                b.close()
+        except OSError as exc:
+            _log.debug("splice unusable here (%s): the proxy copies", exc)
+        _splice_usable = ok
+    return _splice_usable
+
+
 def _set_once(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -656,8 +691,10 @@ class Proxy:
         self.check_sni = check_sni
         self.tls_ports = frozenset(tls_ports)
         self.on_event = on_event
-        self.use_splice = (_USE_SPLICE_DEFAULT if use_splice is None else use_splice) and hasattr(
-            os, "splice"
+        self.use_splice = (
+            (_USE_SPLICE_DEFAULT if use_splice is None else use_splice)
+            and hasattr(os, "splice")
+            and _splice_works()
         )
         self._runs: dict[str, _Run] = {}
         self._active = 0
@@ -1459,19 +1496,20 @@ class Proxy:
                 return spliced
         loop = asyncio.get_running_loop()
         buf = memoryview(bytearray(min(remaining, _RAW_BUF) or 1))
-        try:
-            while remaining:
+        while remaining:
+            try:
                 n = await loop.sock_recv_into(upstream, buf[: min(len(buf), remaining)])
-                if not n:
-                    return await self._bad_gateway(
-                        conn, flow, "upstream closed the connection early"
-                    )
-                conn.watchdog.touch()
-                flow.count_down(n)
+            except OSError as exc:
+                return await self._bad_gateway(conn, flow, f"bad response from upstream: {exc}")
+            if not n:
+                return await self._bad_gateway(conn, flow, "upstream closed the connection early")
+            conn.watchdog.touch()
+            flow.count_down(n)
+            try:
                 await self._send(conn, conn.sock, buf[:n])
-                remaining -= n
-        except OSError as exc:
-            return await self._bad_gateway(conn, flow, f"bad response from upstream: {exc}")
+            except OSError as exc:
+                return _client_lost(conn, flow, exc)
+            remaining -= n
         return True
 
     async def _splice_raw(
@@ -1510,10 +1548,8 @@ class Proxy:
                 if pending:
                     try:
                         m = pipe.drain(dst, pending)
-                    except OSError as exc:  # the client went away
-                        flow.error = f"client connection lost: {exc}"
-                        _reset_on_close(conn.sock)
-                        return False
+                    except OSError as exc:
+                        return _client_lost(conn, flow, exc)
                     if m is None:
                         await _wait_fd(loop, dst, writer=True)
                     else:
