@@ -90,6 +90,15 @@ def bulk_server():
         yield server
 
 
+def get_via_proxy(h, http_server, path: str) -> tuple[socket.socket, int, dict[str, str], bytes]:
+    """GET ``path`` of the test's HTTP server through the proxy's HTTP port:
+    the socket, the status, the headers and what came after the head."""
+    sock = connect(h.http_port)
+    url = f"http://allowed.test:{http_server.port}{path}"
+    sock.sendall(f"GET {url} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+    return (sock, *read_head(sock))
+
+
 def last_event(harness, n=1):
     events = harness.wait_events(n)
     assert len(events) >= n, events
@@ -552,10 +561,7 @@ def test_large_plain_http_body_is_copied_raw_then_closed(http_server, splice):
     ``Connection: close``, and the proxy then closes the connection."""
     size = 3 << 20
     with proxy_harness(use_splice=splice) as h:
-        sock = connect(h.http_port)
-        url = f"http://allowed.test:{http_server.port}/bytes/{size}"
-        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
-        status, headers, rest = read_head(sock)
+        sock, status, headers, rest = get_via_proxy(h, http_server, f"/bytes/{size}")
         assert status == 200 and int(headers["content-length"]) == size
         assert headers.get("connection") == "close"
         assert read_counting(sock, limit=size, start=rest) == (size, expected_crc(size))
@@ -589,10 +595,7 @@ def test_head_of_a_large_resource_keeps_the_connection(http_server):
 def test_large_body_cut_short_by_the_upstream_is_not_completed(http_server, splice):
     claimed, sent = 4 << 20, 1 << 20
     with proxy_harness(use_splice=splice) as h:
-        sock = connect(h.http_port)
-        url = f"http://allowed.test:{http_server.port}/short/{claimed}/{sent}"
-        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
-        status, headers, rest = read_head(sock)
+        sock, status, headers, rest = get_via_proxy(h, http_server, f"/short/{claimed}/{sent}")
         assert status == 200 and int(headers["content-length"]) == claimed
         try:
             got, _crc = read_counting(sock, start=rest)
@@ -693,10 +696,7 @@ def test_a_client_gone_mid_body_is_recorded_and_the_proxy_goes_on(http_server, s
     request is served."""
     size = 200 << 20
     with proxy_harness(use_splice=splice) as h:
-        sock = connect(h.http_port)
-        url = f"http://allowed.test:{http_server.port}/bytes/{size}"
-        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
-        status, _, rest = read_head(sock)
+        sock, status, _, rest = get_via_proxy(h, http_server, f"/bytes/{size}")
         assert status == 200
         read_counting(sock, limit=4 << 20, start=rest)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -704,10 +704,7 @@ def test_a_client_gone_mid_body_is_recorded_and_the_proxy_goes_on(http_server, s
         event = last_event(h)
         assert event.error and "client connection lost" in event.error, event
         assert event.bytes_down < size
-        again = connect(h.http_port)
-        url = f"http://allowed.test:{http_server.port}/bytes/{3 << 20}"
-        again.sendall(f"GET {url} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
-        status, _, rest = read_head(again)
+        again, status, _, rest = get_via_proxy(h, http_server, f"/bytes/{3 << 20}")
         assert status == 200
         assert read_counting(again, limit=3 << 20, start=rest) == (3 << 20, expected_crc(3 << 20))
         again.close()
@@ -723,10 +720,7 @@ def test_pipe_shortage_falls_back_to_copying_a_body(http_server, monkeypatch):
     monkeypatch.setattr(proxy_module.os, "pipe2", no_pipes)
     size = 3 << 20
     with proxy_harness(use_splice=True) as h:
-        sock = connect(h.http_port)
-        url = f"http://allowed.test:{http_server.port}/bytes/{size}"
-        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
-        status, _, rest = read_head(sock)
+        sock, status, _, rest = get_via_proxy(h, http_server, f"/bytes/{size}")
         assert status == 200
         assert read_counting(sock, limit=size, start=rest) == (size, expected_crc(size))
         sock.close()
@@ -931,10 +925,7 @@ def test_200mb_through_connect_socks_and_http(bulk_server, http_server, capsys):
             assert reply == 0
             bulk_request(sock, size)
             timed(f"SOCKS5 ({mode})", sock)
-            sock = connect(h.http_port)
-            url = f"http://allowed.test:{http_server.port}/bytes/{size}"
-            sock.sendall(f"GET {url} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
-            status, headers, rest = read_head(sock)
+            sock, status, headers, rest = get_via_proxy(h, http_server, f"/bytes/{size}")
             assert status == 200 and int(headers["content-length"]) == size
             timed(f"plain HTTP ({mode})", sock, start=rest)
             summary = h.finish()
