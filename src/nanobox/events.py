@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import field
 from typing import TYPE_CHECKING, Any
 
-from ._valuetype import FACTORY
+from ._valuetype import FACTORY, fill
 
 if TYPE_CHECKING:
     from dataclasses import dataclass as value_type  # what the class is
@@ -34,9 +34,6 @@ def _logger() -> Any:
     return None if logging is None else logging.getLogger("nanobox.events")
 
 
-_now = time.time  # (``Event.__init__``'s parameter ``time`` hides the module)
-
-
 @value_type(frozen=True)
 class Event:
     """One thing that happened in a run. ``kind`` is one of ``start``,
@@ -50,11 +47,12 @@ class Event:
     def __init__(
         self, run_id: str, kind: str, data: Mapping[str, Any] = FACTORY, time: float = FACTORY
     ) -> None:
-        self.__dict__.update(
+        fill(
+            self,
             run_id=run_id,
             kind=kind,
-            data={} if data is FACTORY else data,
-            time=_now() if time is FACTORY else time,
+            data=data,
+            time=time,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import field
 
 from ._deferred import provide_typing
-from ._valuetype import FACTORY
+from ._valuetype import FACTORY, fill
 from .errors import PolicyError
 from .units import DURATION_HELP, SIZE_HELP, parse_duration, parse_size
 
@@ -159,7 +159,8 @@ class Limits:
         output: SizeLike = DEFAULT_OUTPUT_LIMIT,
         on_output_limit: typing.Literal["truncate", "kill"] = "truncate",
     ) -> None:
-        self.__dict__.update(
+        fill(
+            self,
             wall_time=wall_time,
             cpu_time=cpu_time,
             memory=memory,
@@ -170,7 +171,6 @@ class Limits:
             output=output,
             on_output_limit=on_output_limit,
         )
-        self.__post_init__()
 
     def __post_init__(self) -> None:
         _norm_duration(self, "limits.", "wall_time")
@@ -230,7 +230,8 @@ class Network:
         check_sni: bool = True,
         resolve: Mapping[str, str] = FACTORY,
     ) -> None:
-        self.__dict__.update(
+        fill(
+            self,
             mode=mode,
             allowed=allowed,
             denied=denied,
@@ -238,9 +239,8 @@ class Network:
             idle_timeout=idle_timeout,
             max_connections=max_connections,
             check_sni=check_sni,
-            resolve={} if resolve is FACTORY else resolve,
+            resolve=resolve,
         )
-        self.__post_init__()
 
     def __post_init__(self) -> None:
         if not isinstance(self.resolve, Mapping) or not all(
@@ -403,7 +403,8 @@ class Filesystem:
         tmp_size: SizeLike = "512M",
         landlock: bool = True,
     ) -> None:
-        self.__dict__.update(
+        fill(
+            self,
             read_only=read_only,
             read_write=read_write,
             tmpfs=tmpfs,
@@ -416,7 +417,6 @@ class Filesystem:
             tmp_size=tmp_size,
             landlock=landlock,
         )
-        self.__post_init__()
 
     def __post_init__(self) -> None:
         _paths(self, "read_only", with_dest=True)
@@ -475,17 +475,17 @@ class Policy:
         allow_degraded: bool = False,
         hostname: str = "nanobox",
     ) -> None:
-        self.__dict__.update(
-            limits=Limits() if limits is FACTORY else limits,
-            network=Network() if network is FACTORY else network,
-            filesystem=Filesystem() if filesystem is FACTORY else filesystem,
+        fill(
+            self,
+            limits=limits,
+            network=network,
+            filesystem=filesystem,
             syscalls=syscalls,
-            env={} if env is FACTORY else env,
+            env=env,
             inherit_env=inherit_env,
             allow_degraded=allow_degraded,
             hostname=hostname,
         )
-        self.__post_init__()
 
     def __post_init__(self) -> None:
         if not isinstance(self.limits, Limits):

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from ._valuetype import FACTORY
+from ._valuetype import FACTORY, fill
 
 if TYPE_CHECKING:
     from dataclasses import dataclass as value_type  # what the classes are
@@ -40,7 +40,7 @@ class Violation:
     data: Mapping[str, Any] = field(default_factory=dict)
 
     def __init__(self, kind: str, detail: str, data: Mapping[str, Any] = FACTORY) -> None:
-        self.__dict__.update(kind=kind, detail=detail, data={} if data is FACTORY else data)
+        fill(self, kind=kind, detail=detail, data=data)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "detail": self.detail}
@@ -100,7 +100,8 @@ class Result(Generic[T]):
         network: Mapping[str, Any] | None = None,
         oom_killed: bool = False,
     ) -> None:
-        self.__dict__.update(
+        fill(
+            self,
             id=id,
             args=args,
             returncode=returncode,
