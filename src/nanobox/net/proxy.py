@@ -620,13 +620,7 @@ class _CopyRelay:
                 count(n)
                 self.watchdog.touch()
                 continue
-            ready = self.loop.create_future()
-            fd = dst.fileno()
-            self.loop.add_writer(fd, _set_once, ready)
-            try:
-                await ready
-            finally:
-                self.loop.remove_writer(fd)
+            await _wait_fd(self.loop, dst.fileno(), writer=True)
 
     async def run(self) -> None:
         pumps = [
