@@ -20,7 +20,6 @@ supervising init without namespaces.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from collections.abc import Callable
 # Imported here, not lazily: in a minimal rootfs the package's files are no
 # longer reachable once the view is built.
 from .._seccomp import loader as seccomp_loader
-from . import DEFAULT_PATH, landlock, signals, socks
+from . import DEFAULT_PATH, landlock, signals, socks, wire
 from . import sys as k
 from .fds import close_all_except, write_all
 
@@ -44,7 +43,7 @@ def report(err_w: int, kind: bytes, step: str, exc: BaseException) -> None:
     payload = {"step": step, "errno": errno, "message": str(exc)}
     try:
         # One line: on the fork server's status pipe it follows stage A's.
-        write_all(err_w, kind + json.dumps(payload).encode() + b"\n")
+        write_all(err_w, kind + wire.status_dumps(payload) + b"\n")
     except OSError:
         pass
 
@@ -192,7 +191,7 @@ def seal_and_exec(
         notify = prog and notify_sock >= 0 and bool(plan.get("seccomp_notify"))
         sock = socks.Socket(fileno=notify_sock) if notify_sock >= 0 else None
         me = resource.getrusage(resource.RUSAGE_SELF)
-        msg = b"L" + json.dumps([me.ru_utime, me.ru_stime]).encode()
+        msg = b"L" + wire.status_dumps([me.ru_utime, me.ru_stime])
         if sock is not None and not notify:
             sock.send(msg)  # before the filter: nothing but the exec runs under it
         listener = None

@@ -24,7 +24,6 @@ from the server, so a dead server takes its sandboxes with it too.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import resource
 import sys
@@ -269,17 +268,17 @@ class Server:
     @staticmethod
     def _key(plan: dict[str, Any]) -> Any:
         spec = plan.get("cgroup")
-        placement = json.dumps(spec["placement"], sort_keys=True) if spec else None
+        placement = _placement_key(spec["placement"]) if spec else None
         return (placement, bool(plan.get("outer_uid") == 0 and plan.get("root_mapping")))
 
     def _new_starter(self, key: Any) -> spawn.Starter:
         """Fork a stage A for runs like ``key``: its cgroups are created now
         (limits come with the plan), its id mapping too."""
-        placement_json, root_mapping = key
+        placement_key, root_mapping = key
         self.counter += 1
         group: cgroups.RunGroup | None = None
-        if placement_json is not None:
-            placement = cgroups.Placement(**json.loads(placement_json))
+        if placement_key is not None:
+            placement = _placement(placement_key)
             every = [*placement.bases.values(), *placement.unused.values()]
             if not self.swept.issuperset(every):
                 self.swept.update(every)
@@ -709,7 +708,7 @@ class Server:
         """One line on a run's status pipe; False when the job is over."""
         if job.pid is None:
             if line.startswith(b"P{"):
-                info = json.loads(line[1:])
+                info = wire.status_loads(line[1:])
                 run = supervise.Run(info, job.plan)
                 run.prep_cpu = job.prep_cpu
                 job.run, job.pid = run, run.init_pid
@@ -748,7 +747,7 @@ class Server:
             return True
         if job.run is not None:
             if line.startswith(b"C{") and not job.run.cmd_pid:
-                self._command_started(job, json.loads(line[1:]))
+                self._command_started(job, wire.status_loads(line[1:]))
             else:
                 job.run.on_line(line)
         elif job.report is None:
@@ -806,7 +805,7 @@ class Server:
             return
         if msg.startswith(b"L"):
             try:
-                u, s = json.loads(msg[1:])
+                u, s = wire.status_loads(msg[1:])
                 job.prep_cpu = (float(u), float(s))
                 if job.run is not None:
                     job.run.prep_cpu = job.prep_cpu
@@ -856,9 +855,9 @@ class Server:
         pending = [p for p in job.pending if p[:1] == b"S"]
         if pending:
             # The command's process failed first (stage A's error follows from it).
-            msg: dict[str, Any] = {"t": "error", **json.loads(pending[0][1:])}
+            msg: dict[str, Any] = {"t": "error", **wire.status_loads(pending[0][1:])}
         elif line.startswith(b"E"):
-            msg = {"t": "error", **json.loads(line[1:])}
+            msg = {"t": "error", **wire.status_loads(line[1:])}
         else:
             msg = {"t": "error", "step": "spawn", "errno": None, "message": "setup process died"}
         self._close_job(job)
@@ -975,9 +974,9 @@ class Server:
     def _init_report(self, job: _Job) -> dict[str, Any]:
         line = job.report or b""
         if line.startswith(b"R"):
-            return {"t": "result", **json.loads(line[1:])}
+            return {"t": "result", **wire.status_loads(line[1:])}
         if line.startswith(b"E"):
-            return {"t": "error", **json.loads(line[1:])}
+            return {"t": "error", **wire.status_loads(line[1:])}
         msg: dict[str, Any] = {
             "t": "error",
             "step": "supervise",
@@ -1115,15 +1114,32 @@ def probe_result(probe: tuple[int, int]) -> tuple[bool, str]:
     return data == b"ok", data.decode(errors="replace")
 
 
+def _placement_key(where: dict[str, Any]) -> tuple[Any, ...]:
+    """A run's cgroup placement (``Placement.for_run``'s dict) as a value
+    that compares equal for equal placements, whatever the order of its
+    dicts' keys or the kind of its sequences (``_placement`` turns it back)."""
+    return (
+        int(where["version"]),
+        tuple(sorted(where["bases"].items())),
+        tuple(where["controllers"]),
+        tuple(sorted((where.get("unused") or {}).items())),
+    )
+
+
+def _placement(key: tuple[Any, ...]) -> cgroups.Placement:
+    version, bases, controllers, unused = key
+    return cgroups.Placement(version, dict(bases), controllers, dict(unused))
+
+
 def _default_key(userns_ok: bool) -> Any:
     """The starter key of a default-policy run from this server's caller:
     the spare made at start-up matches it (a wrong guess is just dropped)."""
     try:
         placement = cgroups.place(cgroups.detect())
         where = placement.for_run(pids=False, cpus=False)  # as plan.resources does
-        placement_json: str | None = json.dumps(where, sort_keys=True)
+        placement_key: Any = _placement_key(where)
     except Exception:  # noqa: BLE001 - no usable cgroups: runs have no group
-        placement_json = None
+        placement_key = None
     root = False
     if os.getuid() == 0 and userns_ok:
         try:
@@ -1131,7 +1147,7 @@ def _default_key(userns_ok: bool) -> Any:
                 root = fh.read().split() == ["0", "0", "4294967295"]
         except OSError:
             pass
-    return (placement_json, root)
+    return (placement_key, root)
 
 
 def main(ctrl_fd: int, refill: bool = True) -> None:

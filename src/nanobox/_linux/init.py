@@ -13,13 +13,12 @@ usage excluded). A setup failure is reported as ``E`` + JSON.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import select
 import time
 
-from . import child, notify, proctree, signals, socks
+from . import child, notify, proctree, signals, socks, wire
 from . import sys as k
 from .fds import write_all
 from .socks import recv_fds
@@ -38,7 +37,7 @@ def _error(status_w: int, step: str, exc: BaseException) -> NoReturn:
         "message": str(exc),
     }
     try:
-        write_all(status_w, b"E" + json.dumps(payload).encode() + b"\n")
+        write_all(status_w, b"E" + wire.status_dumps(payload) + b"\n")
     finally:
         os._exit(1)
 
@@ -192,7 +191,7 @@ def init_main(
         err += chunk
     exec_error = None
     if err:
-        exec_error = {"kind": err[:1].decode(), **json.loads(err[1:])}
+        exec_error = {"kind": err[:1].decode(), **wire.status_loads(err[1:])}
     report = {
         "status": status,
         "reason": reason,
@@ -213,5 +212,5 @@ def init_main(
         else [],
         "syscall_violation_count": listener.count if listener is not None else 0,
     }
-    write_all(status_w, b"R" + json.dumps(report).encode() + b"\n")
+    write_all(status_w, b"R" + wire.status_dumps(report) + b"\n")
     os._exit(0)

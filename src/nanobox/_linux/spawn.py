@@ -51,7 +51,6 @@ supervising init instead (``init``, ``P<pid>``), which writes its report
 from __future__ import annotations
 
 import gc
-import json
 import os
 import resource
 import select
@@ -157,7 +156,7 @@ def _set_name(name: bytes) -> None:
 def _fail(status_w: int, step: str, exc: BaseException) -> None:
     info = {"step": step, "errno": getattr(exc, "errno", None), "message": str(exc)}
     try:
-        write_all(status_w, b"E" + json.dumps(info).encode() + b"\n")
+        write_all(status_w, b"E" + wire.status_dumps(info) + b"\n")
     finally:
         os._exit(1)
 
@@ -399,7 +398,7 @@ def _build_sandbox(
             "self_utime": me.ru_utime,
             "self_stime": me.ru_stime,
         }
-        write_all(status_w, b"P" + json.dumps(info).encode() + b"\n")
+        write_all(status_w, b"P" + wire.status_dumps(info) + b"\n")
         os._exit(0)
     except BaseException as exc:  # noqa: BLE001 - never return into the server
         _end((cmd_pid, init_pid))
@@ -571,7 +570,7 @@ def _build_spawning(
             "self_utime": 0.0,
             "self_stime": 0.0,
         }
-        write_all(status_w, b"P" + json.dumps(info).encode() + b"\n")
+        write_all(status_w, b"P" + wire.status_dumps(info) + b"\n")
     except BaseException as exc:  # noqa: BLE001 - never return into the server
         _end((init_pid,))
         if isinstance(exc, mounts.MountStepError):
@@ -595,7 +594,7 @@ def _build_spawning(
         child.set_rlimits(plan)
         listener = None
         notify = bool(prog and plan.get("seccomp_notify"))
-        msg = b"L" + json.dumps([0.0, 0.0]).encode()  # no CPU of the command's before its exec
+        msg = b"L" + wire.status_dumps([0.0, 0.0])  # no CPU of the command's before its exec
         if prog:
             step = "seccomp"
             listener = seccomp_loader.install(prog, new_listener=notify)
@@ -643,7 +642,7 @@ def _build_spawning(
             "self_utime": me.ru_utime + kids.ru_utime,
             "self_stime": me.ru_stime + kids.ru_stime,
         }
-        write_all(status_w, b"C" + json.dumps(info).encode() + b"\n")
+        write_all(status_w, b"C" + wire.status_dumps(info) + b"\n")
     finally:
         os._exit(0)
 

@@ -20,11 +20,10 @@ children (it is a child subreaper). For each run the server then:
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
-from . import notify, proctree, signals, socks
+from . import notify, proctree, signals, socks, wire
 
 TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
 if TYPE_CHECKING:
@@ -151,13 +150,13 @@ class Run:
         failure (``S`` / ``X``), or stage A's own (``E``)."""
         if line[:1] == b"E" and self.exec_error is None:
             try:
-                self.exec_error = {"kind": "S", **json.loads(line[1:])}
+                self.exec_error = {"kind": "S", **wire.status_loads(line[1:])}
             except ValueError:
                 pass
             return
         if line[:1] in (b"S", b"X"):
             try:
-                self.exec_error = {"kind": line[:1].decode(), **json.loads(line[1:])}
+                self.exec_error = {"kind": line[:1].decode(), **wire.status_loads(line[1:])}
             except ValueError:
                 self.exec_error = {"kind": "S", "step": "exec", "message": "setup failed"}
 
@@ -297,6 +296,8 @@ class _Forwarder:
         self.run = run
 
     def handle(self, listener_fd: int, nid: int, pid: int, args: Any, respond: Any) -> None:
+        import json  # (network runs only: the server starts without it)
+
         run = self.run
         try:
             if run.helper is None:
@@ -330,6 +331,8 @@ class Helper:
         return cls(pid, mine)
 
     def drain(self) -> list[dict[str, Any]]:
+        import json
+
         out: list[dict[str, Any]] = []
         while True:
             try:
@@ -348,6 +351,8 @@ class Helper:
 
 
 def _helper_main(sock_fd: int, listener_fd: int, run: Run) -> None:
+    import json
+
     from . import sys as k
     from .fds import close_all_except
     from .unixconnect import ConnectBroker

@@ -11,7 +11,11 @@ values always encode to equal bytes (a plan's bytes decide whether a
 sandbox built ahead fits the next run). Tuples stay tuples (JSON made them
 lists): readers unpack them and never compare them with lists.
 The status lines stage A writes to the server stay JSON (they are
-newline-delimited, and a marshalled value may hold a newline).
+newline-delimited, and a marshalled value may hold a newline), but the
+usual ones (numbers only) are written and read here without the ``json``
+module (``status_dumps``, ``status_loads``): ``json`` imports ``re``, and
+with it ``enum``, ``functools`` and ``collections``, ~5-10 ms of the fork
+server's start, which is on a cold ``nanobox run``'s critical path.
 """
 
 from __future__ import annotations
@@ -67,6 +71,147 @@ def loads(data: bytes) -> Any:
         return marshal.loads(data)
     except (EOFError, TypeError) as exc:
         raise ValueError(f"bad message: {exc}") from None
+
+
+def status_dumps(value: Any) -> bytes:
+    """``value`` as JSON (as ``json.dumps`` writes it, ASCII only), for a
+    status line. Written here, without the ``json`` module: stage A and the
+    command's process write these lines from inside the sandbox, where a
+    module may not be importable any more (an error's line included)."""
+    out: list[str] = []
+    _write(value, out)
+    return "".join(out).encode("ascii")
+
+
+def _write(value: Any, out: list[str]) -> None:
+    kind = type(value)
+    if kind is str:
+        out.append(_string(value))
+    elif value is None:
+        out.append("null")
+    elif kind is bool:
+        out.append("true" if value else "false")
+    elif kind is int:
+        out.append(str(value))
+    elif kind is float:
+        out.append(_float(value))
+    elif kind is list or kind is tuple:
+        out.append("[")
+        for i, item in enumerate(value):
+            if i:
+                out.append(",")
+            _write(item, out)
+        out.append("]")
+    elif kind is dict:
+        out.append("{")
+        for i, (key, item) in enumerate(value.items()):
+            if type(key) is not str:
+                raise TypeError(f"keys must be str, not {type(key).__name__}")
+            if i:
+                out.append(",")
+            out.append(_string(key))
+            out.append(":")
+            _write(item, out)
+        out.append("}")
+    elif isinstance(value, str):  # (subclasses: as the plain value, as json does)
+        out.append(_string(str.__str__(value)))
+    elif isinstance(value, int):
+        out.append(int.__repr__(value))
+    elif isinstance(value, float):
+        out.append(_float(float(value)))
+    else:
+        raise TypeError(f"Object of type {kind.__name__} is not JSON serializable")
+
+
+_INF = float("inf")
+
+
+def _float(value: float) -> str:
+    if value != value:
+        return "NaN"
+    if value == _INF:
+        return "Infinity"
+    if value == -_INF:
+        return "-Infinity"
+    return repr(value)
+
+
+def _string(text: str) -> str:
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    out = ['"']
+    for ch in text:
+        code = ord(ch)
+        if ch == '"' or ch == "\\":
+            out.append("\\" + ch)
+        elif 0x20 <= code < 0x7F:
+            out.append(ch)
+        elif code > 0xFFFF:
+            code -= 0x10000
+            out.append(f"\\u{0xD800 | code >> 10:04x}\\u{0xDC00 | code & 0x3FF:04x}")
+        else:
+            out.append(_ESCAPES.get(ch) or f"\\u{code:04x}")
+    out.append('"')
+    return "".join(out)
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f"}
+
+
+def status_loads(data: bytes) -> Any:
+    """Decode ``status_dumps``'s JSON (or any JSON, with ``json``); raises
+    ``ValueError`` on a malformed line."""
+    text = data.decode("utf-8", "surrogateescape").strip()
+    try:
+        return _parse_simple(text)
+    except ValueError:
+        pass  # (a string, a nested value: not one of ours, or not simple)
+    import json
+
+    return json.loads(text)
+
+
+def _is_name(key: str) -> bool:
+    return key.isascii() and key.isidentifier()
+
+
+_CONSTANTS: dict[str, Any] = {"null": None, "true": True, "false": False}
+_NUMBER = frozenset("0123456789-+.eE")
+
+
+def _parse_simple(text: str) -> Any:
+    """``status_dumps``'s own output: a flat dict or list of scalars."""
+    if text.startswith("{") and text.endswith("}"):
+        body = text[1:-1]
+        out: dict[str, Any] = {}
+        for item in body.split(",") if body else ():
+            key, colon, value = item.partition(":")
+            if not colon or len(key) < 3 or key[0] != '"' or key[-1] != '"':
+                raise ValueError(item)
+            name = key[1:-1]
+            if not _is_name(name) or name in out:
+                raise ValueError(item)
+            out[name] = _parse_scalar(value)
+        return out
+    if text.startswith("[") and text.endswith("]"):
+        body = text[1:-1]
+        return [_parse_scalar(v) for v in body.split(",")] if body else []
+    raise ValueError(text)
+
+
+def _parse_scalar(text: str) -> Any:
+    if text in _CONSTANTS:
+        return _CONSTANTS[text]
+    if text == "[]":
+        return []
+    if not text or not _NUMBER.issuperset(text):
+        raise ValueError(text)
+    if text.lstrip("-").isdigit():
+        return int(text)
+    value = float(text)
+    if not -_INF < value < _INF:
+        raise ValueError(text)
+    return value
 
 
 def join_run(run: bytes, static: bytes) -> bytes:
