@@ -9,6 +9,8 @@ import typing
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import nanobox
 from nanobox.policy import policy_from_mapping
@@ -69,6 +71,52 @@ def test_parse_duration(text: object, value: float) -> None:
 def test_parse_duration_rejects(bad: object) -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_duration(bad)
+
+
+# The grammar of sizes and durations, as the regular expressions once used
+# (units.py parses by hand: the CLI starts without ``re``).
+_SIZE_RE = r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$"
+_DUR_RE = r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h|min)?\s*$"
+_SIZE_MULT = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_DUR_MULT = {"ms": 0.001, "s": 1.0, "": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+_PIECES = [*"0123456789.kKmMgGtTbBiIsShHe+-x", "in", "ms", "min", " ", "\t", "\n", "\xa0", "\u2003"]
+_PIECES += ["\u0663", "\u00b2", "\u212a", "\u017f"]  # a digit, not one, Kelvin, long s
+
+
+def _by_regex(text: str, kind: str) -> float | None:
+    import re
+
+    m = re.match(_SIZE_RE if kind == "size" else _DUR_RE, text, re.IGNORECASE)
+    if m is None:
+        return None
+    suffix = (m.group(2) or "").lower()
+    if not "".join(m.groups("")[1:]).isascii():
+        return None  # (re's case folding: Kelvin sign for k, long s for s; now refused)
+    if kind == "size":
+        value = float(m.group(1)) * _SIZE_MULT[suffix]
+        return int(value) if value - value == 0 and value == int(value) else None
+    return float(m.group(1)) * _DUR_MULT[suffix]
+
+
+@given(st.lists(st.sampled_from(_PIECES), max_size=7).map("".join))
+@settings(max_examples=3000)
+def test_sizes_and_durations_parse_as_the_old_expressions_did(text: str) -> None:
+    for kind, parse in (("size", parse_size), ("duration", parse_duration)):
+        expected = _by_regex(text, kind)
+        if expected is None:
+            with pytest.raises(ValueError, match=kind):
+                parse(text)
+        else:
+            assert parse(text) == expected, (kind, text)
+
+
+@pytest.mark.parametrize("bad", ["9" * 400, "9" * 400 + "T", "5\u017f", "1\u212a", "2\u212aB"])
+def test_huge_sizes_and_odd_letters_are_refused_clearly(bad: str) -> None:
+    with pytest.raises(ValueError, match="size"):
+        parse_size(bad)
+    if not bad.startswith("9"):
+        with pytest.raises(ValueError, match="duration"):
+            parse_duration(bad)
 
 
 def test_policy_defaults_and_units() -> None:
