@@ -285,6 +285,7 @@ def _setup_logging(ns: Any) -> None:
 
 
 def _policy_from_args(ns: Any) -> Any:
+    from ._valuetype import replace
     from .errors import PolicyError as _PolicyError
     from .policy import Limits, Policy, load_policy
 
@@ -309,12 +310,10 @@ def _policy_from_args(ns: Any) -> Any:
             limits[name] = value
     changes: dict[str, Any] = {}
     if limits:
-        import dataclasses
-
         from .errors import PolicyError
 
         try:
-            changes["limits"] = dataclasses.replace(base.limits, **limits)
+            changes["limits"] = replace(base.limits, **limits)
         except PolicyError as exc:
             flag = {"wall_time": "--timeout", "output": "--output-limit"}.get(
                 exc.field.split(".")[-1], "--" + exc.field.split(".")[-1].replace("_", "-")
@@ -338,12 +337,10 @@ def _policy_from_args(ns: Any) -> Any:
     if ns.rootfs is not None:
         fs_changes["rootfs"] = ns.rootfs
     if fs_changes:
-        import dataclasses
-
         from .errors import PolicyError
 
         try:
-            changes["filesystem"] = dataclasses.replace(base.filesystem, **fs_changes)
+            changes["filesystem"] = replace(base.filesystem, **fs_changes)
         except PolicyError as exc:
             raise _UsageError(_flag_message(exc)) from None
     if ns.seccomp is not None:
@@ -369,12 +366,10 @@ def _policy_from_args(ns: Any) -> Any:
     if ns.net_idle_timeout is not None:
         net_changes["idle_timeout"] = ns.net_idle_timeout
     if net_changes:
-        import dataclasses
-
         from .errors import PolicyError
 
         try:
-            changes["network"] = dataclasses.replace(base.network, **net_changes)
+            changes["network"] = replace(base.network, **net_changes)
         except PolicyError as exc:
             raise _UsageError(_flag_message(exc)) from None
     env = dict(base.env)

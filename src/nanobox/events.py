@@ -13,15 +13,15 @@ import _thread
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import field
 from typing import TYPE_CHECKING, Any
 
 from ._valuetype import FACTORY, fill
 
 if TYPE_CHECKING:
     from dataclasses import dataclass as value_type  # what the class is
+    from dataclasses import field
 else:
-    from ._valuetype import value_type  # the same, without generated code
+    from ._valuetype import field, value_type  # the same, without generated code
 
 __all__ = ["Event", "subscribe", "unsubscribe"]
 

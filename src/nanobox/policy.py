@@ -10,14 +10,12 @@ keys.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import field
 
 from ._deferred import provide_typing
-from ._valuetype import FACTORY, fill
+from ._valuetype import FACTORY, field_names, fill, replace
 from .errors import PolicyError
 from .units import DURATION_HELP, SIZE_HELP, parse_duration, parse_size
 
@@ -25,8 +23,9 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import typing
     from dataclasses import dataclass as value_type  # what the classes are
+    from dataclasses import field
 else:
-    from ._valuetype import value_type  # the same, without generated code
+    from ._valuetype import field, value_type  # the same, without generated code
 # The name ``typing`` in the annotations, for ``typing.get_type_hints``:
 # a stand-in that imports ``typing`` when it is read (see ``_deferred``).
 provide_typing(globals())
@@ -530,7 +529,7 @@ class Policy:
 
     def replace(self, **changes: typing.Any) -> Policy:
         """Return a copy with ``changes`` applied (validated again)."""
-        return dataclasses.replace(self, **changes)
+        return replace(self, **changes)
 
 
 def validate_env(env: object, field_name: str) -> dict[str, str]:
@@ -563,7 +562,7 @@ _SECTIONS: dict[str, type[typing.Any]] = {
 def _build(cls: type[typing.Any], data: Mapping[str, typing.Any], prefix: str) -> typing.Any:
     if not isinstance(data, Mapping):
         raise PolicyError(prefix.rstrip(".") or "policy", f"expected a table, got {data!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = set(field_names(cls))
     kwargs: dict[str, typing.Any] = {}
     for key, value in data.items():
         if key not in names:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._valuetype import FACTORY, fill
 
 if TYPE_CHECKING:
     from dataclasses import dataclass as value_type  # what the classes are
+    from dataclasses import field
 else:
-    from ._valuetype import value_type  # the same, without generated code
+    from ._valuetype import field, value_type  # the same, without generated code
 
 __all__ = ["Outcome", "Result", "Violation"]
 
