@@ -90,7 +90,7 @@ def test_the_server_counts_a_batch_as_received() -> None:
     server_end, forker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     handle = forker.Forker.__new__(forker.Forker)
     handle.pid, handle.sock, handle.counter, handle.outstanding = 0, server_end, 0, 0
-    handle.pending = forker.collections.deque()
+    handle.pending = []
     try:
         for _ in range(forker.MAX_OUTSTANDING + 3):
             r, w = os.pipe()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import resource
-from collections.abc import Callable
 
 # Imported here, not lazily: in a minimal rootfs the package's files are no
 # longer reachable once the view is built.
@@ -33,6 +32,7 @@ from .fds import close_all_except, write_all
 
 TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any, NoReturn, TypeVar
 
     T = TypeVar("T")

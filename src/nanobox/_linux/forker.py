@@ -27,7 +27,6 @@ go to the server, which supervises them. It dies with the server
 
 from __future__ import annotations
 
-import collections
 import gc
 import os
 import select
@@ -61,7 +60,8 @@ class Forker:
         self.pid = pid
         self.sock = mine
         self.counter = 0
-        self.pending: collections.deque[tuple[bytes, list[int]]] = collections.deque()
+        # (A list, not a deque: ``collections`` is not imported for it.)
+        self.pending: list[tuple[bytes, list[int]]] = []
         self.outstanding = 0  # sent, not yet acknowledged by the forker (``F<n>``)
 
     def fork(self, fds: list[int], join_files: list[str], sid: int | None) -> int:
@@ -88,7 +88,7 @@ class Forker:
                 pass  # the forker is gone (the server notices): the starters see EOF
             else:
                 self.outstanding += 1
-            self.pending.popleft()
+            del self.pending[0]
             for fd in fds:
                 os.close(fd)
 

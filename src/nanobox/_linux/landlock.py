@@ -65,10 +65,10 @@ import ctypes
 import errno as _errno
 import os
 import stat as _stat
-from collections.abc import Mapping
 
 TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from typing import Any
 
 __all__ = [

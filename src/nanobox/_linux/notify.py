@@ -16,7 +16,6 @@ from __future__ import annotations
 import fcntl
 import select
 import struct
-from collections.abc import Callable
 
 # Imported now (in the fork server), not lazily: inside the sandbox's view
 # the interpreter's library may be unreachable.
@@ -24,6 +23,7 @@ from .unixconnect import ConnectBroker
 
 TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100

@@ -26,9 +26,12 @@ import ctypes
 import fcntl
 import os
 import struct
-from collections.abc import Callable
 
 from . import socks
+
+TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.connect.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
