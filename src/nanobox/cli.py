@@ -560,11 +560,11 @@ def _cmd_run(argv: list[str]) -> int:
     return code
 
 
-# The modules ``nanobox run`` imports once its run is sent, in that order
-# (``typing`` alone is ~3 ms here).
-# One module at a time, its own imports first, each step only while the
-# server's hello is still to come: a step started just before the hello
-# delays the plan by its length (typing alone, with re and enum, ~10 ms here).
+# The modules ``nanobox run`` imports once its plan is made, in that order:
+# while its server's hello is still to come, one module at a time (its own
+# imports first: a step begun just before the hello delays the plan by its
+# length, and typing with re and enum is ~10 ms here), the rest after the
+# run is sent.
 _LATER_IMPORTS = (
     "collections",
     "functools",
