@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import nanobox
-from nanobox._valuetype import FACTORY, value_type
+from nanobox._valuetype import FACTORY, field, fill, value_type
 from nanobox.events import Event
 from nanobox.result import Outcome, Result, Violation
 
@@ -251,3 +251,64 @@ def test_the_cli_path_does_not_compile_dataclass_methods() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "0", out.stderr
+
+
+def _fresh_value_type(n: int) -> type:
+    def __init__(self: Any, a: int = 0, b: Any = FACTORY) -> None:
+        fill(self, a=a, b=b)
+
+    ns: dict[str, Any] = {
+        "__annotations__": {"a": "int", "b": "list[int]"},
+        "__doc__": "A fresh value type.",
+        "__init__": __init__,
+        "__module__": __name__,
+        "a": 0,
+        "b": field(default_factory=list),
+    }
+    return value_type(frozen=True)(type(f"Fresh{n}", (), ns))
+
+
+def test_made_a_dataclass_once_whatever_the_threads_see() -> None:
+    """Threads that read a fresh value type's fields at the same moment all
+    see a finished dataclass: none sees it without fields, or not frozen
+    (``dataclasses`` making a frozen subclass reads the params directly)."""
+    import threading
+
+    errors: list[str] = []
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for n in range(150):
+            cls = _fresh_value_type(n)
+            start = threading.Barrier(4)
+
+            def read(cls: type = cls, start: threading.Barrier = start) -> None:
+                start.wait()
+                try:
+                    if not dataclasses.is_dataclass(cls):
+                        errors.append("not a dataclass")
+                    if [f.name for f in dataclasses.fields(cls)] != ["a", "b"]:
+                        errors.append("fields")
+                    if not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+                        errors.append("not frozen")
+                except Exception as exc:
+                    errors.append(repr(exc))
+
+            threads = [threading.Thread(target=read) for _ in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert errors == []
+    made = _fresh_value_type(999)
+    assert made(a=2) == made(a=2) and made().b is not made().b
+    assert dataclasses.replace(made(a=1), a=3).a == 3
+
+
+@pytest.mark.parametrize("kind", ["ClassVar[int]", "typing.ClassVar[typing.Any]", " ClassVar"])
+def test_special_annotations_are_refused(kind: str) -> None:
+    ns = {"__annotations__": {"a": "int", "c": kind}, "__init__": lambda self, a: None}
+    with pytest.raises(TypeError, match="not supported"):
+        value_type(frozen=True)(type("T", (), ns))

@@ -145,10 +145,13 @@ def value_type(*, frozen: bool = True, kw_only: bool = False) -> Callable[[_T], 
         factories: dict[str, Callable[[], object]] = {}
         # (Not inspect.get_annotations: importing inspect is what this
         # module avoids; on 3.10-3.13 a class's own are in its __dict__.)
-        annotations = cls.__dict__.get("__annotations__", {})  # noqa: RUF063
-        for name, kind in annotations.items():
-            text = kind if isinstance(kind, str) else getattr(kind, "__name__", "")
-            if text.rpartition(".")[2].startswith(_NOT_FIELDS):
+        annotations = cls.__dict__.get("__annotations__")  # noqa: RUF063
+        if annotations is None and "__annotate__" in cls.__dict__:
+            # (Python 3.14 and later evaluate annotations lazily.)
+            raise TypeError(f"{cls.__qualname__}: use 'from __future__ import annotations'")
+        for name, kind in (annotations or {}).items():
+            text = kind if isinstance(kind, str) else repr(kind)
+            if any(special in text for special in _NOT_FIELDS):
                 raise TypeError(f"{cls.__qualname__}.{name}: {text} is not supported here")
             default = cls.__dict__.get(name, _MISSING)
             if isinstance(default, _FieldSpec):
@@ -205,36 +208,41 @@ class _Lazy:
 
 
 def _make_dataclass(cls: type) -> None:
+    """Give ``cls`` the ``__dataclass_fields__`` and ``__dataclass_params__``
+    that ``dataclasses`` makes for it, without a moment in which another
+    thread (one that reads them without going through ``_Lazy``, such as
+    ``dataclasses`` making a subclass) could see neither or half of them:
+    ``dataclasses`` works on a twin class with the same fields, and the
+    results are set on ``cls`` at the end, the fields last."""
     with _lock:
         if not isinstance(cls.__dict__.get("__dataclass_fields__"), _Lazy):
             return  # (made by another thread meanwhile)
         import dataclasses
 
         factories: dict[str, Callable[[], object]] = cls.__value_factories__  # type: ignore[attr-defined]
-        lazy = {
-            attr: cls.__dict__[attr] for attr in ("__dataclass_fields__", "__dataclass_params__")
+        ns: dict[str, object] = {
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__,
+            "__annotations__": dict(cls.__dict__["__annotations__"]),  # noqa: RUF063
         }
-        for attr in lazy:
-            delattr(cls, attr)
-        for name, make in factories.items():
-            setattr(cls, name, dataclasses.field(default_factory=make))
-        try:
-            dataclasses.dataclass(
-                cls,
-                init=False,
-                repr=False,
-                eq=False,
-                kw_only=cls.__value_kw_only__,  # type: ignore[attr-defined]
-            )
-        except BaseException:
-            for name in factories:
-                if name in cls.__dict__:
-                    delattr(cls, name)
-            for attr, value in lazy.items():
-                setattr(cls, attr, value)
-            raise
-        params = cls.__dataclass_params__  # type: ignore[attr-defined]
+        for name in cls.__value_fields__:  # type: ignore[attr-defined]
+            if name in factories:
+                ns[name] = dataclasses.field(default_factory=factories[name])
+            elif name in cls.__dict__:
+                ns[name] = cls.__dict__[name]
+        twin = type(cls.__name__, (), ns)
+        dataclasses.dataclass(
+            twin,
+            init=False,
+            repr=False,
+            eq=False,
+            kw_only=cls.__value_kw_only__,  # type: ignore[attr-defined]
+        )
+        params = twin.__dataclass_params__  # type: ignore[attr-defined]
         params.init = params.repr = params.eq = params.frozen = True
+        setattr(cls, "__dataclass_params__", params)  # noqa: B010
+        setattr(cls, "__dataclass_fields__", twin.__dataclass_fields__)  # type: ignore[attr-defined]  # noqa: B010
 
 
 def _frozen(message: str) -> BaseException:
