@@ -270,3 +270,19 @@ def test_degraded_runs_cannot_write_each_others_tmpdir(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     assert p.stdout.decode().strip().splitlines()[-1] == "refused", p
     assert (ws / "own").read_text() == "own-ok\n"  # control: a run writes its own
+
+
+def test_degraded_mode_says_why_a_command_never_ran(tmp_path: Path) -> None:
+    """The command's own line (not found, not executable) reaches the
+    caller through the supervising init's report, as with namespaces."""
+    result = tmp_path / "result.json"
+    p = in_scratch_userns(
+        nanobox_cmd(
+            "run", "--allow-degraded", "--result", str(result), "--", "no-such-command-xyz"
+        ),
+        tmp_path,
+    )
+    assert p.returncode == 127, p.stderr
+    assert b"no-such-command-xyz: command not found" in p.stderr, p.stderr
+    report = json.loads(result.read_text())
+    assert any(v["kind"] == "exec" for v in report["violations"]), report

@@ -83,16 +83,46 @@ def test_non_finite_numbers_go_as_json_writes_them() -> None:
     assert back["a"] == math.inf and math.isnan(back["b"])
 
 
-def test_odd_values_are_written_as_plain_ones_or_refused() -> None:
+def test_odd_values_are_written_as_json_writes_them() -> None:
+    import collections
     import enum
 
     class Name(str, enum.Enum):
         A = "a"
 
-    assert wire.status_dumps({"k": Name.A, "t": (1, 2)}) == b'{"k":"a","t":[1,2]}'
-    for bad in ({1: 2}, {"a": object()}, [b"x"]):  # (json would write {"1": 2})
+    Pair = collections.namedtuple("Pair", "x y")
+    odd = {
+        "k": Name.A,
+        "t": (1, 2),
+        "o": collections.OrderedDict(b=1),
+        "p": Pair(1, "z"),
+        7: None,
+        2.5: [],
+        True: 0,
+        None: 1,
+        Name.A: 3,
+    }
+    assert wire.status_dumps(odd) == json.dumps(odd, separators=(",", ":")).encode()
+    for bad in ({(1,): 2}, {"a": object()}, [b"x"]):
         with pytest.raises(TypeError):
             wire.status_dumps(bad)
+        with pytest.raises(TypeError):
+            json.dumps(bad)
+
+
+@given(st.text(alphabet="0123456789-+.eE_x \x1c", max_size=8))
+def test_numbers_are_read_as_json_reads_them(text: str) -> None:
+    """The simple reader takes exactly JSON's numbers (and leaves the rest
+    to ``json``, which refuses what is not JSON)."""
+    for line in (f"[{text}]", f'{{"a":{text}}}'):
+        try:
+            expected = json.loads(line)
+        except ValueError:
+            with pytest.raises(ValueError):
+                wire.status_loads(line.encode())
+        else:
+            got = wire.status_loads(line.encode())
+            assert got == expected and repr(got) == repr(expected), line
 
 
 def test_the_status_lines_need_no_json_module() -> None:

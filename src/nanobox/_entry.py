@@ -1,4 +1,5 @@
-"""The ``nanobox`` console script.
+"""What the ``nanobox`` command runs (``scripts/nanobox``, or ``python -m
+nanobox``).
 
 ``nanobox run`` forks its fork server before anything else is imported: the
 server's start-up (its imports, the first stage A and its cgroups) then runs

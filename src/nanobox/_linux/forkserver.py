@@ -974,7 +974,16 @@ class Server:
     def _init_report(self, job: _Job) -> dict[str, Any]:
         line = job.report or b""
         if line.startswith(b"R"):
-            return {"t": "result", **wire.status_loads(line[1:])}
+            report: dict[str, Any] = wire.status_loads(line[1:])
+            # The command's own line, passed on as is by the init (see init.py).
+            raw = report.pop("exec_error_line", None)
+            if raw:
+                try:
+                    detail = wire.status_loads(raw[1:].encode())
+                except ValueError:
+                    detail = {"step": "exec", "message": "setup failed"}
+                report["exec_error"] = {"kind": raw[:1], **detail}
+            return {"t": "result", **report}
         if line.startswith(b"E"):
             return {"t": "error", **wire.status_loads(line[1:])}
         msg: dict[str, Any] = {

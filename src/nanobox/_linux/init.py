@@ -189,9 +189,9 @@ def init_main(
         if not chunk:
             break
         err += chunk
-    exec_error = None
-    if err:
-        exec_error = {"kind": err[:1].decode(), **wire.status_loads(err[1:])}
+    # The command's process's line (why it never ran), passed on for the
+    # server to read: decoding it here would import ``json`` in the run.
+    exec_error_line = err.decode("ascii", "replace").strip() if err else None
     report = {
         "status": status,
         "reason": reason,
@@ -204,7 +204,8 @@ def init_main(
         "self_utime": me.ru_utime,
         "self_stime": me.ru_stime,
         "setup_s": setup_s,
-        "exec_error": exec_error,
+        "exec_error": None,
+        "exec_error_line": exec_error_line,
         "degraded": [],
         "syscall_violations": listener.recorded if listener is not None else [],
         "unix_denied": listener.broker.denied[:100]

@@ -11,11 +11,15 @@ values always encode to equal bytes (a plan's bytes decide whether a
 sandbox built ahead fits the next run). Tuples stay tuples (JSON made them
 lists): readers unpack them and never compare them with lists.
 The status lines stage A writes to the server stay JSON (they are
-newline-delimited, and a marshalled value may hold a newline), but the
-usual ones (numbers only) are written and read here without the ``json``
-module (``status_dumps``, ``status_loads``): ``json`` imports ``re``, and
-with it ``enum``, ``functools`` and ``collections``, ~5-10 ms of the fork
-server's start, which is on a cold ``nanobox run``'s critical path.
+newline-delimited, and a marshalled value may hold a newline), but they
+are written here without the ``json`` module (``status_dumps``: stage A
+and the command's process write them from inside the sandbox, where a
+module may not be importable), and the usual ones of a run with namespaces
+(numbers only) are read without it (``status_loads``; an error's line, or
+a run without namespaces, has ``json`` imported in the server): ``json``
+imports ``re``, and with it ``enum``, ``functools`` and ``collections``,
+~5-10 ms of the fork server's start, which is on a cold ``nanobox run``'s
+critical path.
 """
 
 from __future__ import annotations
@@ -102,17 +106,17 @@ def _write(value: Any, out: list[str]) -> None:
                 out.append(",")
             _write(item, out)
         out.append("]")
-    elif kind is dict:
+    elif kind is dict or isinstance(value, dict):
         out.append("{")
         for i, (key, item) in enumerate(value.items()):
-            if type(key) is not str:
-                raise TypeError(f"keys must be str, not {type(key).__name__}")
             if i:
                 out.append(",")
-            out.append(_string(key))
+            out.append(_string(_key(key)))
             out.append(":")
             _write(item, out)
         out.append("}")
+    elif isinstance(value, (list, tuple)):
+        _write(list(value), out)
     elif isinstance(value, str):  # (subclasses: as the plain value, as json does)
         out.append(_string(str.__str__(value)))
     elif isinstance(value, int):
@@ -124,6 +128,19 @@ def _write(value: Any, out: list[str]) -> None:
 
 
 _INF = float("inf")
+
+
+def _key(key: object) -> str:
+    """A dict key as ``json`` writes it."""
+    if isinstance(key, str):
+        return str.__str__(key)
+    if key is None or isinstance(key, bool):
+        return {None: "null", True: "true", False: "false"}[key]
+    if isinstance(key, int):
+        return int.__repr__(key)
+    if isinstance(key, float):
+        return _float(float(key))
+    raise TypeError(f"keys must be str, int, float, bool or None, not {type(key).__name__}")
 
 
 def _float(value: float) -> str:
@@ -161,7 +178,7 @@ _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f"}
 def status_loads(data: bytes) -> Any:
     """Decode ``status_dumps``'s JSON (or any JSON, with ``json``); raises
     ``ValueError`` on a malformed line."""
-    text = data.decode("utf-8", "surrogateescape").strip()
+    text = data.decode("utf-8", "surrogateescape").strip(" \t\n\r")  # (JSON's whitespace)
     try:
         return _parse_simple(text)
     except ValueError:
@@ -176,7 +193,7 @@ def _is_name(key: str) -> bool:
 
 
 _CONSTANTS: dict[str, Any] = {"null": None, "true": True, "false": False}
-_NUMBER = frozenset("0123456789-+.eE")
+_DIGITS = frozenset("0123456789")
 
 
 def _parse_simple(text: str) -> Any:
@@ -204,14 +221,45 @@ def _parse_scalar(text: str) -> Any:
         return _CONSTANTS[text]
     if text == "[]":
         return []
-    if not text or not _NUMBER.issuperset(text):
-        raise ValueError(text)
-    if text.lstrip("-").isdigit():
-        return int(text)
+    whole, fraction, exponent = _number_parts(text)
+    if not fraction and not exponent:
+        return int(whole)
     value = float(text)
     if not -_INF < value < _INF:
         raise ValueError(text)
     return value
+
+
+def _number_parts(text: str) -> tuple[str, str, str]:
+    """A JSON number's integer, fraction and exponent parts (``-12``,
+    ``.5``, ``e-3``); ``ValueError`` if ``text`` is not one."""
+    digits = text[1:] if text.startswith("-") else text
+    end = len(digits)
+    i = 0
+    while i < end and digits[i] in _DIGITS:
+        i += 1
+    if i == 0 or (i > 1 and digits[0] == "0"):
+        raise ValueError(text)  # (no digits, or a leading zero)
+    whole, rest = text[: len(text) - end + i], digits[i:]
+    fraction = exponent = ""
+    if rest.startswith("."):
+        j = 1
+        while j < len(rest) and rest[j] in _DIGITS:
+            j += 1
+        if j == 1:
+            raise ValueError(text)
+        fraction, rest = rest[:j], rest[j:]
+    if rest[:1] in ("e", "E"):
+        j = 2 if rest[1:2] in ("+", "-") else 1
+        k = j
+        while k < len(rest) and rest[k] in _DIGITS:
+            k += 1
+        if k == j:
+            raise ValueError(text)
+        exponent, rest = rest[:k], rest[k:]
+    if rest:
+        raise ValueError(text)
+    return whole, fraction, exponent
 
 
 def join_run(run: bytes, static: bytes) -> bytes:
