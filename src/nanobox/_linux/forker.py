@@ -109,6 +109,45 @@ class Forker:
                 self.flush()
 
 
+class Direct:
+    """What a one-shot server (the CLI's) has instead of a forker: it forks
+    its stage A itself. Such a server makes one stage A, at its start,
+    where the forker's own fork, its start-up, the request's round trip and,
+    at the end, its exit would all be on a cold start's critical path (the
+    copy-on-write faults the server takes after this fork are the cost
+    instead: it does little after it). The ident is the stage A's pid; the
+    server reaps it (it is the server's child)."""
+
+    sock = None  # (nothing to watch: exits come as SIGCHLD)
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[bytes, list[int]]] = []  # (never any)
+
+    def fork(self, fds: list[int], join_files: list[str], sid: int | None) -> int:
+        """Fork a stage A with ``fds`` (which this closes here); its pid."""
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        if pid == 0:
+            try:
+                k.set_name(b"nanobox-spare")
+                spawn.starter_main(fds[0], fds[1], fds[2], fds[3], join_files, sid)
+            finally:
+                os._exit(1)
+        for fd in fds:
+            os.close(fd)
+        return pid
+
+    def flush(self) -> None:
+        pass
+
+    def exited(self) -> list[int]:
+        return []
+
+
 def encode_request(ident: int, join_files: list[str], sid: int | None) -> bytes:
     """A request's bytes: fields separated by NUL (no path holds one), so
     that the forker decodes it with one ``split`` (see ``_main``). Paths

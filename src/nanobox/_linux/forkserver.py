@@ -182,9 +182,11 @@ class Server:
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signals.set_wakeup_fd(wake_w)
         signals.signal(signals.SIGCHLD, lambda _s, _f: None)
-        self.forker = forker.Forker()  # forks every stage A (see forker)
+        # Forks every stage A (see forker); a one-shot server forks its own.
+        self.forker: forker.Forker | forker.Direct = forker.Forker() if refill else forker.Direct()
         self.forker_events = poller.EVENT_READ
-        self.sel.register(self.forker.sock, poller.EVENT_READ, ("forker", None))
+        if self.forker.sock is not None:
+            self.sel.register(self.forker.sock, poller.EVENT_READ, ("forker", None))
         self.sel.register(ctrl, poller.EVENT_READ, ("ctrl", None))
         self.sel.register(self.wake_r, poller.EVENT_READ, ("wake", None))
 
@@ -247,6 +249,8 @@ class Server:
 
     def _watch_forker(self) -> None:
         """Wait for room on the forker's socket only while requests queue."""
+        if self.forker.sock is None:
+            return
         want = poller.EVENT_READ | (poller.EVENT_WRITE if self.forker.pending else 0)
         if want != self.forker_events:
             self.forker_events = want

@@ -135,13 +135,21 @@ def fork_starter(
 ) -> Starter:
     """Have ``forker`` fork a stage A that joins ``join_files`` (and makes a
     user namespace mapping root to ``sid``) at once, then waits for its
-    plan. The starter's ``pid`` is the forker's ident for it (negative)."""
+    plan. The starter's ``pid`` is the forker's ident for it (negative), or
+    its pid (``forker.Direct``)."""
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     cmd_r, cmd_w = os.pipe2(os.O_CLOEXEC)
     mine, theirs = socks.socketpair()
     cmine, ctheirs = socks.socketpair()
     # The forker takes the starter's ends over (and closes them once sent).
-    ident = forker.fork([theirs.detach(), ctheirs.detach(), status_w, cmd_r], join_files, sid)
+    try:
+        ident = forker.fork([theirs.detach(), ctheirs.detach(), status_w, cmd_r], join_files, sid)
+    except BaseException:
+        for sock in (mine, cmine):
+            sock.close()
+        for fd in (status_r, cmd_w):
+            os.close(fd)
+        raise
     return Starter(ident, mine, cmine, status_r, cmd_w, key, group, sid)
 
 
