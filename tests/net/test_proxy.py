@@ -99,6 +99,18 @@ def get_via_proxy(h, http_server, path: str) -> tuple[socket.socket, int, dict[s
     return (sock, *read_head(sock))
 
 
+def echo_through_tunnel(h, echo_server, data: bytes) -> bytes:
+    """``data`` through a CONNECT tunnel to the echo server (200 asserted),
+    sent then half-closed: what came back."""
+    sock, status, _ = http_connect(h.http_port, f"allowed.test:{echo_server.port}")
+    assert status == 200
+    sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+    reply = recv_all(sock)
+    sock.close()
+    return reply
+
+
 def last_event(harness, n=1):
     events = harness.wait_events(n)
     assert len(events) >= n, events
@@ -741,12 +753,7 @@ def test_where_splice_is_refused_the_proxy_copies(echo_server, monkeypatch):
     monkeypatch.setattr(proxy_module, "_splice_usable", None)
     with proxy_harness(use_splice=True) as h:
         assert h.thread.proxy.use_splice is False
-        sock, status, _ = http_connect(h.http_port, f"allowed.test:{echo_server.port}")
-        assert status == 200
-        sock.sendall(b"copied")
-        sock.shutdown(socket.SHUT_WR)
-        assert recv_all(sock) == b"copied"
-        sock.close()
+        assert echo_through_tunnel(h, echo_server, b"copied") == b"copied"
 
 
 def test_pipe_shortage_falls_back_to_copying(echo_server, monkeypatch):
@@ -757,12 +764,7 @@ def test_pipe_shortage_falls_back_to_copying(echo_server, monkeypatch):
 
     monkeypatch.setattr(proxy_module.os, "pipe2", no_pipes)
     with proxy_harness(use_splice=True) as h:
-        sock, status, _ = http_connect(h.http_port, f"allowed.test:{echo_server.port}")
-        assert status == 200
-        sock.sendall(b"still works")
-        sock.shutdown(socket.SHUT_WR)
-        assert recv_all(sock) == b"still works"
-        sock.close()
+        assert echo_through_tunnel(h, echo_server, b"still works") == b"still works"
 
 
 def test_200_parallel_connections(echo_server):
