@@ -183,9 +183,7 @@ def value_type(*, frozen: bool = True, kw_only: bool = False) -> Callable[[_T], 
 
 def _replace_method(self: _V, /, **changes: Any) -> _V:
     """``copy.replace`` (Python 3.13) calls this, as on any dataclass."""
-    import dataclasses
-
-    return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+    return replace(self, **changes)
 
 
 _replace_method.__name__ = _replace_method.__qualname__ = "__replace__"
