@@ -139,16 +139,22 @@ def test_back_to_back_runs_get_the_next_sandbox_built_during_the_run(
     workspace: Path, marker: str
 ) -> None:
     """Runs back to back (no idle time to build in): the next sandbox is
-    built while the run goes on, as soon as it starts."""
+    built while the run goes on, as soon as it starts, and kept while the
+    run lasts, however long (the server keeps a sandbox built ahead for a
+    second after the last run *ended*): the next run claims it."""
+    from nanobox._linux.forkserver import SPARE_LINGER_S
+
     assert wait_until(lambda: not _warm_sandboxes(), timeout=5)  # earlier tests' servers
     box = nanobox.Sandbox()
     last = threading.Event()
+    took: list[int] = []
 
     def runs() -> None:
         for _ in range(3):
             box.run(["true"])
         last.set()
-        box.run([SPY, "-c", "import time; time.sleep(2)", marker])
+        box.run([SPY, "-c", f"import time; time.sleep({SPARE_LINGER_S + 2})", marker])
+        took.append(box.run(["readlink", "/proc/self/ns/pid"]).stdout)
 
     t = threading.Thread(target=runs)
     gc.disable()  # a long collection between two runs is a pause (see the next test)
@@ -158,15 +164,21 @@ def test_back_to_back_runs_get_the_next_sandbox_built_during_the_run(
         # (and make them look like runs after a pause).
         assert last.wait(30)
         time.sleep(0.2)
-        seen = False
+        seen: list[int] = []
         while not seen and pids_with(marker):
-            seen = _warm_ready()
+            seen = _warm_sandboxes()
             time.sleep(0.02)
         assert seen, "no sandbox built during the run"
+        warm_ns = _pidns_of_children(seen[0])
+        assert wait_until(lambda: not pids_with(marker), timeout=30)
     finally:
         gc.enable()
         t.join(30)
         box.close()
+    # The last run ran in it (PID namespace and all), not in a fresh one.
+    assert took == [f"{warm_ns}\n".encode()], (
+        "the sandbox built during the long run was not kept for the next"
+    )
 
 
 def test_when_the_next_sandbox_is_built() -> None:

@@ -56,7 +56,8 @@ ROOT_UID_BASE = 0x60000000
 ROOT_UID_SPAN = 0x0FFFFFFF
 
 
-# A spare starter is kept this long after a run, waiting for the next.
+# A spare starter (and a sandbox built ahead) is kept this long after the
+# last run ended (and not while a run is in progress), waiting for the next.
 SPARE_LINGER_S = 1.0
 # A sandbox built ahead is not used after this long (whatever happened).
 WARM_MAX_AGE_S = 10.0
@@ -210,7 +211,7 @@ class Server:
             events = self.sel.select(self._timeout())
             now = time.monotonic()
             if now >= self.spare_until:
-                self._drop_spare()
+                self._linger_over(now)
             for key, mask in events:
                 what, job = key.data
                 if what == "ctrl":
@@ -312,6 +313,30 @@ class Server:
     def _discard(self, starter: spawn.Starter) -> None:
         starter.discard()
         self.discarded[starter.pid] = starter.group
+
+    def _busy(self) -> bool:
+        """Is a run in progress (claimed, not ended)?"""
+        return any(j.chan is not None and not j.finished for j in self.jobs)
+
+    def _linger_over(self, now: float) -> None:
+        """The spare starter and the sandbox built ahead go once no run has
+        come for ``SPARE_LINGER_S`` after the last one ended, never while a
+        run is in progress: a sandbox built during a run that lasts longer
+        than that is the next run's (back to back), not waste."""
+        if not self._busy():
+            self._drop_spare()
+            return
+        self.spare_until = now + SPARE_LINGER_S  # (looked at again then)
+        warm = self.warm
+        if warm is not None and now - warm.started >= WARM_MAX_AGE_S:
+            # Too old for any run to take (``_take_warm``): built anew
+            # when a run ends.
+            self.warm = None
+            if self.watcher is not None:
+                self.watcher.stop()
+            self._abandon(warm)
+            if self.deferred is None:
+                self.deferred = (warm.static, self._decode(warm.static))
 
     def _drop_spare(self) -> None:
         self.refill_when_ready = False
@@ -496,7 +521,8 @@ class Server:
     def _prewarm(self, static: bytes, base: dict[str, Any]) -> None:
         """Build the next run's sandbox now, from this run's plan: the next
         run with the same plan bytes only has to claim it. Kept while the
-        spare is (``SPARE_LINGER_S`` after the last run)."""
+        spare is (``_linger_over``), and at least ``SPARE_LINGER_S`` once
+        built."""
         if self.warm is not None:
             return
         self.spare_until = time.monotonic() + SPARE_LINGER_S
@@ -797,7 +823,10 @@ class Server:
         if msg == b"R":
             job.ready = True
             if job.prewarmed:
-                self.build_s = time.monotonic() - job.created
+                now = time.monotonic()
+                self.build_s = now - job.created
+                # Kept for a while once built, however long that took.
+                self.spare_until = max(self.spare_until, now + SPARE_LINGER_S)
                 if self.refill_when_ready:
                     self.refill_when_ready = False
                     self._refill()
