@@ -153,7 +153,7 @@ def test_back_to_back_runs_get_the_next_sandbox_built_during_the_run(
     assert wait_until(lambda: not _warm_sandboxes(), timeout=5)  # earlier tests' servers
     box = nanobox.Sandbox()
     last = threading.Event()
-    took: list[int] = []
+    took: list[bytes] = []
 
     def runs() -> None:
         for _ in range(3):
@@ -170,11 +170,13 @@ def test_back_to_back_runs_get_the_next_sandbox_built_during_the_run(
         # (and make them look like runs after a pause).
         assert last.wait(30)
         time.sleep(0.2)
+        # (In the VM lane's emulated guests the run may take longer to start.)
+        assert wait_until(lambda: bool(pids_with(marker)), timeout=30)
         seen: list[int] = []
         while not seen and pids_with(marker):
             seen = _warm_sandboxes()
             time.sleep(0.02)
-        assert seen, "no sandbox built during the run"
+        assert seen, f"no sandbox built during the run: {descendants(os.getpid())}"
         warm_ns = _pidns_of_children(seen[0])
         assert wait_until(lambda: not pids_with(marker), timeout=30)
     finally:
