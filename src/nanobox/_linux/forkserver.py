@@ -83,6 +83,7 @@ def defer_build(gap: float, previous_gap: float, build_s: float, *, busy: bool) 
 
 class _Job:
     __slots__ = (
+        "abandoned",
         "buffer",
         "chan",
         "client_gone",
@@ -133,6 +134,7 @@ class _Job:
         self.prep_cpu = (0.0, 0.0)  # the command process's own CPU before its exec
         self.ready = False  # the command's process waits for its run
         self.prewarmed = False  # built ahead, before any run asked for it
+        self.abandoned = False  # let go unclaimed (``_abandon``): its news counts for nothing
         self.run_msg: tuple[bytes, list[int]] | None = None  # its run, until it is ready
         self.placeholders: list[str] = []
         self.tmpdir: str | None = None
@@ -591,6 +593,7 @@ class Server:
         """Let an unclaimed (or failed-to-start) sandbox go: its stage A
         sees EOF instead of ``go`` and kills what it built."""
         job.client_gone = True
+        job.abandoned = True
         job.starter.sock.close()
         if job.pid is not None:
             self._kill(job)
@@ -822,7 +825,7 @@ class Server:
             msg = b""
         if msg == b"R":
             job.ready = True
-            if job.prewarmed:
+            if job.prewarmed and not job.abandoned:
                 now = time.monotonic()
                 self.build_s = now - job.created
                 # Kept for a while once built, however long that took.
@@ -882,7 +885,7 @@ class Server:
         """Stage A failed (or died) before an init existed."""
         job.finished = True
         self.jobs.discard(job)
-        if job.prewarmed and not job.ready and self.refill_when_ready:
+        if job.prewarmed and not job.ready and not job.abandoned and self.refill_when_ready:
             self.refill_when_ready = False  # that build will not be ready: the spare now
             self._refill()
         pending = [p for p in job.pending if p[:1] == b"S"]
