@@ -333,23 +333,23 @@ class Server:
         if warm is not None and now - warm.started >= WARM_MAX_AGE_S:
             # Too old for any run to take (``_take_warm``): built anew
             # when a run ends.
+            self._drop_warm()
+            if self.deferred is None:
+                self.deferred = (warm.static, self._decode(warm.static))
+
+    def _drop_warm(self) -> None:
+        if self.warm is not None:
+            self._abandon(self.warm)
             self.warm = None
             if self.watcher is not None:
                 self.watcher.stop()
-            self._abandon(warm)
-            if self.deferred is None:
-                self.deferred = (warm.static, self._decode(warm.static))
 
     def _drop_spare(self) -> None:
         self.refill_when_ready = False
         if self.spare is not None:
             self._discard(self.spare)
             self.spare = None
-        if self.warm is not None:
-            self._abandon(self.warm)
-            self.warm = None
-            if self.watcher is not None:
-                self.watcher.stop()
+        self._drop_warm()
 
     def _refill(self) -> None:
         """After a run: have the next run's stage A ready (for a while)."""
@@ -559,8 +559,8 @@ class Server:
         overlaps it with the run."""
         gap = job.started - self.last_reply
         previous, self.last_gap = self.last_gap, gap
-        busy = any(j.chan is not None and not j.finished for j in self.jobs if j is not job)
-        return defer_build(gap, previous, self.build_s, busy=busy)
+        # (``job`` itself has no channel yet: it is not counted.)
+        return defer_build(gap, previous, self.build_s, busy=self._busy())
 
     def _on_watch(self) -> None:
         if self.watcher is not None and self.watcher.changed() and self.warm is not None:
