@@ -4,7 +4,10 @@ idle process (``cat``) that the kernel reaps orphans for."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -52,3 +55,95 @@ def test_output_of_an_orphan_after_the_command_exits_is_cut(workspace: Path) -> 
     the namespace, and nothing it would print later arrives."""
     r = nanobox.run(["sh", "-c", "( sleep 1; echo late ) & echo now"])
     assert r.stdout == b"now\n" and r.wall_time_s < 1.0, r
+
+
+BURN = """
+import sys, time
+t = time.process_time()
+while time.process_time() - t < float(sys.argv[1]):
+    pass
+print("burnt", flush=True)
+sys.stdin.read()
+"""
+
+
+def _cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/schedstat") as fh:
+        return int(fh.read().split()[0]) / 1e9
+
+
+def test_a_cpu_limit_poll_leaves_out_what_nanobox_used_before_its_report() -> None:
+    """The run's cgroup holds stage A's build and the command process's
+    steps before its exec. A CPU-limit poll that comes before their figures
+    are read ("C" line, "L" message) must not count them as the command's:
+    in the VM lane a run was stopped at 0.17 s of a 1 s limit that way.
+    Real processes stand in for stage A and the command's process; the
+    group's figure is theirs plus what the "command" used."""
+    from nanobox._linux import supervise
+
+    def burner(seconds: float) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(
+            [sys.executable, "-c", BURN, str(seconds)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert p.stdout is not None and p.stdout.readline() == b"burnt\n"
+        return p
+
+    stage_a, init, cmd = burner(0.4), burner(0.0), burner(0.3)
+    try:
+        user = [0.05]
+        now = time.monotonic()
+        # Spawned by stage A after its "P" line: the command's pid and
+        # stage A's CPU come on its "C" line. Before it is read, stage A's
+        # 0.4 s are in the group beside the command's: not judged yet.
+        spawned = supervise.Run(
+            {"init": init.pid, "cmd": 0, "start": now, "self_utime": 0.0, "self_stime": 0.0},
+            {"cpu_time": 0.2, "uid": 0, "gid": 0},
+        )
+        group = lambda: _cpu(stage_a.pid) + _cpu(init.pid) + user[0]  # noqa: E731
+        assert group() - _cpu(init.pid) >= 0.4  # (the old poll: twice the limit)
+        assert spawned.tree_cpu(group) == 0.0
+        spawned.next_poll = now
+        assert not spawned.check_timers(time.monotonic(), group)
+        spawned.set_command(
+            {
+                "cmd": cmd.pid,
+                "start": now,
+                "setup_s": 0.0,
+                "self_utime": _cpu(stage_a.pid),
+                "self_stime": 0.0,
+            }
+        )
+        spawned.prep_known = True  # ("L" with 0, 0: the spawned command ran nothing before)
+        assert abs(spawned.tree_cpu(group) - 0.05) < 0.03
+        user[0] = 0.3
+        assert spawned.tree_cpu(group) >= 0.2
+        spawned.next_poll = now
+        assert spawned.check_timers(time.monotonic(), group) and spawned.reason == "cpu_limit"
+        # Built ahead: the command's process (its pid on the "P" line, with
+        # stage A's CPU) ran nanobox's steps before its exec, and says how
+        # much in its "L" message.
+        user[0] = 0.05
+        a_cpu = _cpu(stage_a.pid)
+        ahead = supervise.Run(
+            {
+                "init": init.pid,
+                "cmd": cmd.pid,
+                "start": now,
+                "self_utime": a_cpu,
+                "self_stime": 0.0,
+            },
+            {"cpu_time": 0.2, "uid": 0, "gid": 0},
+        )
+        group = lambda: a_cpu + _cpu(init.pid) + _cpu(cmd.pid) + user[0]  # noqa: E731
+        assert group() - a_cpu - _cpu(init.pid) >= 0.3  # (the old poll)
+        assert ahead.tree_cpu(group) < 0.2  # "L" not read: low, never high
+        ahead.prep_cpu, ahead.prep_known = (_cpu(cmd.pid), 0.0), True
+        assert abs(ahead.tree_cpu(group) - 0.05) < 0.03
+        user[0] = 0.3
+        assert ahead.tree_cpu(group) >= 0.2
+    finally:
+        for p in (stage_a, init, cmd):
+            p.kill()
+            p.wait()

@@ -99,6 +99,7 @@ class _Job:
         "placeholders",
         "plan",
         "prep_cpu",
+        "prep_known",
         "prewarmed",
         "ready",
         "report",
@@ -132,6 +133,7 @@ class _Job:
         self.pending: list[bytes] = []  # the command's lines that came before "P"
         self.pending_listener: int | None = None  # its seccomp listener, likewise
         self.prep_cpu = (0.0, 0.0)  # the command process's own CPU before its exec
+        self.prep_known = False  # (its "L" message was read)
         self.ready = False  # the command's process waits for its run
         self.prewarmed = False  # built ahead, before any run asked for it
         self.abandoned = False  # let go unclaimed (``_abandon``): its news counts for nothing
@@ -743,7 +745,7 @@ class Server:
             if line.startswith(b"P{"):
                 info = wire.status_loads(line[1:])
                 run = supervise.Run(info, job.plan)
-                run.prep_cpu = job.prep_cpu
+                run.prep_cpu, run.prep_known = job.prep_cpu, job.prep_known
                 job.run, job.pid = run, run.init_pid
                 run.hold_namespaces()
                 if run.next_timer() is not None:
@@ -843,10 +845,11 @@ class Server:
             try:
                 u, s = wire.status_loads(msg[1:])
                 job.prep_cpu = (float(u), float(s))
-                if job.run is not None:
-                    job.run.prep_cpu = job.prep_cpu
             except ValueError:
                 pass
+            job.prep_known = True
+            if job.run is not None:
+                job.run.prep_cpu, job.run.prep_known = job.prep_cpu, True
         if fds:
             if job.run is None:
                 job.pending_listener = fds[0]  # taken with stage A's "P" line
@@ -967,6 +970,8 @@ class Server:
             # whole pid namespace is gone), and its last line was read.
             if not run.done() or job.status_r != -1:
                 return
+            if not run.prep_known and job.sock is not None:
+                self._on_sock(job)  # its "L" if sent (what is nanobox's in the group)
             msg: dict[str, Any] = {"t": "result", **run.report()}
             stats = job.group.stats() if job.group is not None else None
             if run.init_lost and not (stats or {}).get("oom_kills"):

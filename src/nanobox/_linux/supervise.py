@@ -61,6 +61,7 @@ class Run:
         self.init_children_cpu = (0.0, 0.0)  # in orphans_cpu: not PID 1's own
         # The command's process ran nanobox's Python before its exec.
         self.prep_cpu = (0.0, 0.0)
+        self.prep_known = False  # its "L" message (with prep_cpu) was read
         self.listener: notify.Listener | None = None
         self.helper: Helper | None = None
         self.denied: list[dict[str, Any]] = []
@@ -108,11 +109,26 @@ class Run:
 
     def tree_cpu(self, group_cpu: Any) -> float:
         """CPU seconds of the sandbox so far (stage A's own and the command
-        process's before its exec excluded)."""
+        process's before its exec excluded).
+
+        Where a figure nanobox leaves out is not known yet, the estimate is
+        low, never high: a run stopped at its CPU limit must have used it.
+        (Counted high, a run in the VM lane was stopped at 0.17 s of a 1 s
+        limit: the poll came after the command started and before stage A's
+        "C" line, with all of stage A's build in the group.)"""
+        if not self.cmd_pid:
+            # Stage A spawns the command after its "P" line and then writes
+            # its "C" line, with its own CPU (in the group): nothing to
+            # judge before that line is read, microseconds later.
+            return 0.0
         # PID 1's own CPU (`cat` starting) is left out of the report (it is
         # in init_rusage); leave it out here too, or a run could be stopped
         # at its CPU limit and report less than the limit.
         ours = sum(self.prep_cpu) + _cpu_of(self.init_pid)
+        if not self.prep_known:
+            # Its "L" (sent right before the exec) is not read yet: all of
+            # the command process's own CPU counts as nanobox's for now.
+            ours += _cpu_of(self.cmd_pid)
         if group_cpu is not None:
             used = group_cpu()
             if used is not None:
