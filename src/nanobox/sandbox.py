@@ -340,6 +340,14 @@ class Sandbox:
             cpu = max(0.0, cg["cpu_s"] - su - ss)
         if "peak_bytes" in cg:
             peak = cg["peak_bytes"]
+        lost: tuple[str, ...] = ()
+        if "error" in cg:
+            # Never a silent fallback: the rusage figures miss whatever the
+            # command's own process did not wait for (a judge must know).
+            lost = (
+                f"cgroup accounting could not be read at the end of the run ({cg['error']}): "
+                "CPU time and peak memory are the waited-for processes' own and may be low",
+            )
         oom_killed = cg.get("oom_kills", 0) > 0
         if cg.get("pids_max_events", 0) > 0:
             violations.append(
@@ -439,7 +447,7 @@ class Sandbox:
             stderr_bytes=io.err.total,
             stdout_truncated=io.out.truncated,
             stderr_truncated=io.err.truncated,
-            degraded=prep.degraded + tuple(msg.get("degraded", ())),
+            degraded=prep.degraded + tuple(msg.get("degraded", ())) + lost,
             violations=tuple(violations),
             network=network,
             oom_killed=oom_killed,
