@@ -9,13 +9,14 @@ second."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from pathlib import Path
 
 import pytest
 
 import nanobox
-from conftest import SPY, userns_usable
+from conftest import SLOW, SPY, userns_usable
 from nanobox._linux import plan
 from nanobox._seccomp import bpf, default_program, interp
 from nanobox._seccomp.policy import arch_info, native_arch
@@ -193,6 +194,24 @@ def test_both_ways_start_the_command_alike(workspace: Path, policy: nanobox.Poli
     assert f"zero bar {sub}" in lines and "in" in lines, lines
     _word, sid, pid = lines[-1].split()
     assert sid == pid, lines  # a session of its own
+
+
+@pytest.mark.parametrize("policy", [None, NO_SETSID], ids=["spawned", "forked-ahead"])
+def test_both_ways_stop_a_cpu_bound_command_at_its_limit(
+    workspace: Path, cbin: Path, policy: nanobox.Policy | None
+) -> None:
+    """One CPU-bound process under ``cpu_time=1s``: the run ends once the
+    command has used its second, not before. ``RLIMIT_CPU``, the per-process
+    backstop, counts a process's CPU from its start: what nanobox did in it
+    before the exec (the forked-ahead command process's steps; stage A's
+    build, whose limits a spawned command inherits) must not come off the
+    command's second (it did: stopped by SIGXCPU at 0.99 s here, and at
+    1 s minus the steps' 0.2-0.5 s in the emulated VM lane)."""
+    lim = nanobox.Limits(cpu_time="1s")
+    pol = dataclasses.replace(policy or nanobox.Policy(), limits=lim)
+    r = nanobox.run([str(cbin / "spin_cpu"), "5"], policy=pol, timeout=30)
+    assert r.outcome is nanobox.Outcome.CPU_LIMIT, r
+    assert 1.0 <= r.cpu_time_s <= (2.0 if SLOW else 1.3), (r.cpu_time_s, r.signal)
 
 
 @pytest.mark.parametrize("policy", [None, NO_FORK], ids=["spawned", "forked-ahead"])

@@ -85,7 +85,24 @@ def path_search(argv: list[str], env: dict[str, str], start: Callable[[str], T])
 
 def set_rlimits(plan: dict[str, Any]) -> None:
     for res, soft, hard in plan["rlimits"]:
+        if res == resource.RLIMIT_CPU and plan.get("cpu_time") is not None:
+            soft, hard = cpu_rlimit(
+                float(plan["cpu_time"]), resource.getrusage(resource.RUSAGE_SELF)
+            )
         resource.setrlimit(res, _clamp(soft, hard, resource.getrlimit(res)[1]))
+
+
+def cpu_rlimit(limit: float, me: Any) -> tuple[int, int]:
+    """``RLIMIT_CPU`` (the per-process backstop of a CPU-time limit, whole
+    seconds) for a process that has used ``me`` so far: the CPU it counts
+    includes nanobox's before the command (a forked-ahead command process's
+    steps before its exec, carried across it; stage A's build, where it
+    spawns the command, which inherits the limit), which the command must
+    not lose from its limit. The fork server's poll is what stops a run at
+    the limit; this only stops a process the poll missed."""
+    used = me.ru_utime + me.ru_stime
+    soft = max(1, -int(-(limit + used) // 1))  # ceil
+    return soft, soft + 1
 
 
 def _clamp(soft: int, hard: int, cur_hard: int) -> tuple[int, int]:
