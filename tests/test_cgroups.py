@@ -298,22 +298,31 @@ def test_accounting_lost_at_the_end_is_reported_as_degraded(workspace: Path, mar
     """If the run's group cannot be read once it ends, the result must not
     pass the command's rusage off as the group's figure: ``degraded`` says
     so. Made to happen by renaming the run's group(s) while it runs (v1
-    lets a group be renamed; v2 does not, so the test skips there)."""
+    lets a group be renamed; v2 does not, so the test skips there). The
+    command waits on its stdin until the renames are done."""
     box = nanobox.Sandbox(limits(memory="64M"))
-    out: list[nanobox.Result[bytes]] = []
-    t = threading.Thread(
-        target=lambda: out.append(box.run([SPY, "-c", "import time; time.sleep(2)", marker]))
-    )
+    out: list[object] = []
+    r_fd, w_fd = os.pipe()
+
+    def target() -> None:
+        try:
+            out.append(box.run([SPY, "-c", "import sys; sys.stdin.read()", marker], stdin=r_fd))
+        except Exception as exc:  # (reported by the assertion below)
+            out.append(exc)
+
+    t = threading.Thread(target=target)
     t.start()
     renamed: list[str] = []
     try:
         assert wait_until(lambda: bool(pids_with(marker)), timeout=20)
-        pid = pids_with(marker)[0]
-        mine = [
-            g
-            for g in nanobox_groups()  # (its group may be older than the run: built ahead)
-            if str(pid) in Path(g, "cgroup.procs").read_text().split()
-        ]
+        pid = str(pids_with(marker)[0])
+        mine = []
+        for g in nanobox_groups():  # (its group may be older than the run: built ahead)
+            try:
+                if pid in Path(g, "cgroup.procs").read_text().split():
+                    mine.append(g)
+            except OSError:
+                continue  # another sandbox's, removed meanwhile
         assert mine, "the run has no group"
         for g in mine:
             try:
@@ -322,11 +331,13 @@ def test_accounting_lost_at_the_end_is_reported_as_degraded(workspace: Path, mar
                 pytest.skip(f"this hierarchy cannot rename a group ({exc})")
             renamed.append(g + ".moved")
     finally:
+        os.close(w_fd)
         t.join(30)
-        for g in renamed:
-            assert wait_until(lambda g=g: _rmdir(g), timeout=10), g
+        os.close(r_fd)
+        left = [g for g in renamed if not wait_until(lambda g=g: _rmdir(g), timeout=10)]
+    assert not left, left
     (r,) = out
-    assert r.returncode == 0, r
+    assert isinstance(r, nanobox.Result) and r.returncode == 0, r
     assert any("cgroup accounting could not be read" in d for d in r.degraded), r.degraded
     # The same run without the rename: nothing degraded.
     assert box.run(["true"]).degraded == ()

@@ -346,7 +346,8 @@ class Sandbox:
             # command's own process did not wait for (a judge must know).
             lost = (
                 f"cgroup accounting could not be read at the end of the run ({cg['error']}): "
-                "CPU time and peak memory are the waited-for processes' own and may be low",
+                "CPU time, peak memory and limit events (OOM kill, pids limit) not read from "
+                "the group are the waited-for processes' rusage, or missing, and may be low",
             )
         oom_killed = cg.get("oom_kills", 0) > 0
         if cg.get("pids_max_events", 0) > 0:

@@ -846,7 +846,7 @@ class Server:
                 u, s = wire.status_loads(msg[1:])
                 job.prep_cpu = (float(u), float(s))
             except ValueError:
-                pass
+                pass  # (nanobox's own message: never malformed in practice)
             job.prep_known = True
             if job.run is not None:
                 job.run.prep_cpu, job.run.prep_known = job.prep_cpu, True
@@ -862,6 +862,11 @@ class Server:
             self.sel.unregister(job.sock)
             job.sock.close()
             job.sock = None
+            # No "L" can come now: the CPU limit is judged as if it had said
+            # (0, 0) rather than not at all (``Run.tree_cpu``).
+            job.prep_known = True
+            if job.run is not None:
+                job.run.prep_known = True
 
     def _take_listener(self, job: _Job, fd: int) -> None:
         assert job.run is not None
