@@ -94,12 +94,15 @@ def set_rlimits(plan: dict[str, Any]) -> None:
 
 def cpu_rlimit(limit: float, me: Any) -> tuple[int, int]:
     """``RLIMIT_CPU`` (the per-process backstop of a CPU-time limit, whole
-    seconds) for a process that has used ``me`` so far: the CPU it counts
-    includes nanobox's before the command (a forked-ahead command process's
-    steps before its exec, carried across it; stage A's build, where it
-    spawns the command, which inherits the limit), which the command must
-    not lose from its limit. The fork server's poll is what stops a run at
-    the limit; this only stops a process the poll missed."""
+    seconds) for a process that has used ``me`` so far: the limit plus
+    that, rounded up. The CPU it counts includes nanobox's before the
+    command: a forked-ahead command process's steps before its exec, carried
+    across it, which the command must not lose from its limit; stage A's
+    build, where A sets the limits on itself before it spawns the command
+    (A must not be stopped by it; the spawned command, whose count starts
+    at 0, inherits a backstop looser by up to a second). The fork server's
+    poll is what stops a run at the limit; this only stops a process the
+    poll missed."""
     used = me.ru_utime + me.ru_stime
     soft = max(1, -int(-(limit + used) // 1))  # ceil
     return soft, soft + 1
