@@ -84,11 +84,11 @@ def path_search(argv: list[str], env: dict[str, str], start: Callable[[str], T])
 
 
 def set_rlimits(plan: dict[str, Any]) -> None:
-    for res, soft, hard in plan["rlimits"]:
-        if res == resource.RLIMIT_CPU and plan.get("cpu_time") is not None:
-            soft, hard = cpu_rlimit(
-                float(plan["cpu_time"]), resource.getrusage(resource.RUSAGE_SELF)
-            )
+    limits = list(plan["rlimits"])
+    if plan.get("cpu_time") is not None:
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        limits.append((resource.RLIMIT_CPU, *cpu_rlimit(float(plan["cpu_time"]), me)))
+    for res, soft, hard in limits:
         resource.setrlimit(res, _clamp(soft, hard, resource.getrlimit(res)[1]))
 
 

@@ -104,10 +104,8 @@ def rlimits(policy: Policy) -> list[tuple[int, int, int]]:
     if lim.file_size is not None:
         n = int(lim.file_size)
         out.append((resource.RLIMIT_FSIZE, n, n))
-    if lim.cpu_time is not None:
-        # Per-process backstop; the init enforces the whole tree's total.
-        soft = max(1, -int(-float(lim.cpu_time) // 1))  # ceil (no ``math`` on the CLI's path)
-        out.append((resource.RLIMIT_CPU, soft, soft + 1))
+    # RLIMIT_CPU, the per-process backstop of ``cpu_time``, depends on what
+    # the process has used when it is set: ``child.set_rlimits`` makes it.
     return out
 
 
