@@ -115,7 +115,7 @@ def test_a_cpu_limit_poll_leaves_out_what_nanobox_used_before_its_report() -> No
                 "self_stime": 0.0,
             }
         )
-        spawned.prep_known = True  # ("L" with 0, 0: the spawned command ran nothing before)
+        spawned.prep_cpu = (0.0, 0.0)  # ("L": the spawned command ran nothing before)
         assert abs(spawned.tree_cpu(group) - 0.05) < 0.03
         user[0] = 0.3
         assert spawned.tree_cpu(group) >= 0.2
@@ -139,7 +139,7 @@ def test_a_cpu_limit_poll_leaves_out_what_nanobox_used_before_its_report() -> No
         group = lambda: a_cpu + _cpu(init.pid) + _cpu(cmd.pid) + user[0]  # noqa: E731
         assert group() - a_cpu - _cpu(init.pid) >= 0.3  # (the old poll)
         assert ahead.tree_cpu(group) < 0.2  # "L" not read: low, never high
-        ahead.prep_cpu, ahead.prep_known = (_cpu(cmd.pid), 0.0), True
+        ahead.prep_cpu = (_cpu(cmd.pid), 0.0)
         assert abs(ahead.tree_cpu(group) - 0.05) < 0.03
         user[0] = 0.3
         assert ahead.tree_cpu(group) >= 0.2

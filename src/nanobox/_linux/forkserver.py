@@ -99,7 +99,6 @@ class _Job:
         "placeholders",
         "plan",
         "prep_cpu",
-        "prep_known",
         "prewarmed",
         "ready",
         "report",
@@ -132,8 +131,8 @@ class _Job:
         self.report: bytes | None = None  # the init's own report (no-namespace mode)
         self.pending: list[bytes] = []  # the command's lines that came before "P"
         self.pending_listener: int | None = None  # its seccomp listener, likewise
-        self.prep_cpu = (0.0, 0.0)  # the command process's own CPU before its exec
-        self.prep_known = False  # (its "L" message was read)
+        # The command process's own CPU before its exec, once its "L" says.
+        self.prep_cpu: tuple[float, float] | None = None
         self.ready = False  # the command's process waits for its run
         self.prewarmed = False  # built ahead, before any run asked for it
         self.abandoned = False  # let go unclaimed (``_abandon``): its news counts for nothing
@@ -745,7 +744,7 @@ class Server:
             if line.startswith(b"P{"):
                 info = wire.status_loads(line[1:])
                 run = supervise.Run(info, job.plan)
-                run.prep_cpu, run.prep_known = job.prep_cpu, job.prep_known
+                run.prep_cpu = job.prep_cpu
                 job.run, job.pid = run, run.init_pid
                 run.hold_namespaces()
                 if run.next_timer() is not None:
@@ -844,12 +843,9 @@ class Server:
         if msg.startswith(b"L"):
             try:
                 u, s = wire.status_loads(msg[1:])
-                job.prep_cpu = (float(u), float(s))
+                self._prep_cpu(job, (float(u), float(s)))
             except ValueError:
-                pass  # (nanobox's own message: never malformed in practice)
-            job.prep_known = True
-            if job.run is not None:
-                job.run.prep_cpu, job.run.prep_known = job.prep_cpu, True
+                self._prep_cpu(job, (0.0, 0.0))  # (nanobox's own: never malformed in practice)
         if fds:
             if job.run is None:
                 job.pending_listener = fds[0]  # taken with stage A's "P" line
@@ -862,11 +858,16 @@ class Server:
             self.sel.unregister(job.sock)
             job.sock.close()
             job.sock = None
-            # No "L" can come now: the CPU limit is judged as if it had said
-            # (0, 0) rather than not at all (``Run.tree_cpu``).
-            job.prep_known = True
-            if job.run is not None:
-                job.run.prep_known = True
+            if job.prep_cpu is None:
+                # No "L" can come now: the CPU limit is judged as if it had
+                # said (0, 0) rather than not at all (``Run.tree_cpu``).
+                self._prep_cpu(job, (0.0, 0.0))
+
+    @staticmethod
+    def _prep_cpu(job: _Job, cpu: tuple[float, float]) -> None:
+        job.prep_cpu = cpu
+        if job.run is not None:
+            job.run.prep_cpu = cpu
 
     def _take_listener(self, job: _Job, fd: int) -> None:
         assert job.run is not None
@@ -975,7 +976,7 @@ class Server:
             # whole pid namespace is gone), and its last line was read.
             if not run.done() or job.status_r != -1:
                 return
-            if not run.prep_known and job.sock is not None:
+            if run.prep_cpu is None and job.sock is not None:
                 self._on_sock(job)  # its "L" if sent (what is nanobox's in the group)
             msg: dict[str, Any] = {"t": "result", **run.report()}
             stats = job.group.stats() if job.group is not None else None

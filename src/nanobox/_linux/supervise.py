@@ -59,9 +59,9 @@ class Run:
         self.exec_error: dict[str, Any] | None = None
         self.orphans_cpu = (0.0, 0.0)
         self.init_children_cpu = (0.0, 0.0)  # in orphans_cpu: not PID 1's own
-        # The command's process ran nanobox's Python before its exec.
-        self.prep_cpu = (0.0, 0.0)
-        self.prep_known = False  # its "L" message (with prep_cpu) was read
+        # The command's process ran nanobox's Python before its exec: what
+        # it used, once its "L" message is read.
+        self.prep_cpu: tuple[float, float] | None = None
         self.listener: notify.Listener | None = None
         self.helper: Helper | None = None
         self.denied: list[dict[str, Any]] = []
@@ -124,8 +124,10 @@ class Run:
         # PID 1's own CPU (`cat` starting) is left out of the report (it is
         # in init_rusage); leave it out here too, or a run could be stopped
         # at its CPU limit and report less than the limit.
-        ours = sum(self.prep_cpu) + _cpu_of(self.init_pid)
-        if not self.prep_known:
+        ours = _cpu_of(self.init_pid)
+        if self.prep_cpu is not None:
+            ours += sum(self.prep_cpu)
+        else:
             # Its "L" (sent right before the exec) is not read yet: all of
             # the command process's own CPU counts as nanobox's for now.
             ours += _cpu_of(self.cmd_pid)
@@ -218,7 +220,7 @@ class Run:
     def report(self) -> dict[str, Any]:
         ru = self.cmd_rusage
         end = self.end if self.end is not None else time.monotonic()
-        pu, ps = self.prep_cpu
+        pu, ps = self.prep_cpu or (0.0, 0.0)
         me_u, me_s = self.info["self_utime"] + pu, self.info["self_stime"] + ps
         if self.init_rusage is not None:
             me_u += max(0.0, self.init_rusage.ru_utime - self.init_children_cpu[0])
