@@ -19,6 +19,10 @@ SPY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executab
 # Under the VM lane's software emulation everything is ~20x slower: timing
 # tolerances widen and long repetitions shrink.
 SLOW = os.environ.get("NANOBOX_VM_LANE") == "1"
+# wait_until's timeouts stretch by this much there: they bound how long a
+# state may take to come (never that it does not), and a CI host's emulated
+# guest ran up to ~2x slower than this machine's.
+WAIT_SCALE = 5.0 if SLOW else 1.0
 IS_ROOT = os.geteuid() == 0
 
 
@@ -78,7 +82,9 @@ def pids_with(marker: str) -> list[int]:
 
 
 def wait_until(pred: object, timeout: float = 10.0, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
+    """Poll ``pred`` until it is true, for up to ``timeout`` seconds
+    (``WAIT_SCALE`` times that in the VM lane)."""
+    deadline = time.monotonic() + timeout * WAIT_SCALE
     while time.monotonic() < deadline:
         if pred():  # type: ignore[operator]
             return True

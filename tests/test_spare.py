@@ -48,7 +48,9 @@ def test_spare_is_ready_after_a_run_and_goes_away(workspace: Path) -> None:
     try:
         groups_before = nanobox_groups()
         assert box.run(["true"]).returncode == 0
-        assert wait_until(lambda: _the_spare() is not None, timeout=3), "no spare after a run"
+        assert wait_until(lambda: _the_spare() is not None, timeout=3), (
+            f"no spare after a run; processes below the test: {descendants(os.getpid())}"
+        )
         spare = _spares()[0]
         # The next sandbox is built from the spare: during this run, or right
         # after it when runs come with a pause (as here: waiting for the spare).

@@ -83,6 +83,11 @@ def _warm_ready() -> bool:
     return len(_warm_sandboxes()) == 1
 
 
+def _wait_warm(what: str = "no (single) sandbox built ahead") -> None:
+    if not wait_until(_warm_ready, timeout=BUILD_WAIT_S):
+        pytest.fail(f"{what}; processes below the test: {descendants(os.getpid())}")
+
+
 def _pidns_of_children(pid: int) -> str:
     return os.readlink(f"/proc/{pid}/ns/pid_for_children")
 
@@ -91,7 +96,7 @@ def test_next_run_claims_the_sandbox_built_ahead(workspace: Path, marker: str) -
     box = nanobox.Sandbox()
     try:
         assert box.run(["true"]).returncode == 0
-        assert wait_until(_warm_ready, timeout=BUILD_WAIT_S), "no sandbox built ahead after a run"
+        _wait_warm("no sandbox built ahead after a run")
         warm_ns = _pidns_of_children(_warm_sandboxes()[0])
         t = threading.Thread(
             target=box.run, args=([SPY, "-c", "import time; time.sleep(2)", marker],)
@@ -121,7 +126,7 @@ def test_after_a_pause_the_next_sandbox_is_built_once_the_run_ends(
     try:
         for _ in range(2):
             assert box.run(["true"]).returncode == 0
-            assert wait_until(_warm_ready, timeout=BUILD_WAIT_S)
+            _wait_warm()
             # Idle: longer than a build takes (the server compares the two
             # last gaps with the last build, which a loaded host can make
             # a few hundred ms longer than the one before).
@@ -136,7 +141,7 @@ def test_after_a_pause_the_next_sandbox_is_built_once_the_run_ends(
                 time.sleep(0.05)
         finally:
             t.join(30)
-        assert wait_until(_warm_ready, timeout=BUILD_WAIT_S), "no sandbox built after the run"
+        _wait_warm("no sandbox built after the run")
     finally:
         box.close()
 
@@ -228,7 +233,7 @@ def test_a_different_plan_gets_a_fresh_sandbox(workspace: Path, marker: str) -> 
     other = nanobox.Sandbox(nanobox.Policy(hostname="other"))
     try:
         assert box.run(["true"]).returncode == 0
-        assert wait_until(_warm_ready, timeout=BUILD_WAIT_S)
+        _wait_warm()
         warm = _warm_sandboxes()[0]
         r = other.run(["hostname"])
         assert r.stdout == b"other\n", r
@@ -245,17 +250,17 @@ def test_per_run_arguments_reach_a_claimed_sandbox(workspace: Path) -> None:
     box = nanobox.Sandbox()
     try:
         box.run(["true"])
-        assert wait_until(_warm_ready, timeout=BUILD_WAIT_S)
+        _wait_warm()
         r = box.run(
             ["sh", "-c", 'echo "$FOO $0"; cat; echo err >&2', "arg0"],
             env={"FOO": "bar"},
             input=b"in",
         )
         assert (r.returncode, r.stdout, r.stderr) == (0, b"bar arg0\nin", b"err\n"), r
-        assert wait_until(_warm_ready, timeout=BUILD_WAIT_S)
+        _wait_warm()
         r = box.run(["sleep", "10"], timeout=0.5)  # the wall limit is the run's own
         assert r.outcome is nanobox.Outcome.TIMEOUT and r.wall_time_s < 5, r
-        assert wait_until(_warm_ready, timeout=BUILD_WAIT_S)
+        _wait_warm()
         r = box.run(["/no/such/program"])
         assert r.returncode == 127, r
     finally:
@@ -270,7 +275,7 @@ def test_a_path_hidden_after_the_sandbox_was_built_is_hidden(workspace: Path) ->
     box = nanobox.Sandbox(policy)
     try:
         assert box.run(["true"]).returncode == 0
-        assert wait_until(_warm_ready, timeout=BUILD_WAIT_S)
+        _wait_warm()
         (workspace / "secret").write_text("s3cr3t")
         (workspace / "secretdir").mkdir()
         (workspace / "secretdir" / "key").write_text("k3y")
@@ -292,7 +297,7 @@ def test_protected_names_in_a_claimed_sandbox(workspace: Path) -> None:
     try:
         before = sorted(os.listdir(workspace))
         assert box.run(["true"]).returncode == 0
-        assert wait_until(_warm_ready, timeout=BUILD_WAIT_S)
+        _wait_warm()
         assert sorted(os.listdir(workspace)) == before  # nothing while it waits
         script = "echo evil > .bashrc || echo no1; mkdir .vscode/x || echo no2; echo ok > f"
         r = box.run(["sh", "-c", script])
@@ -315,7 +320,7 @@ def test_an_unclaimed_sandbox_goes_with_its_groups(workspace: Path) -> None:
     box = nanobox.Sandbox()
     try:
         assert box.run(["true"]).returncode == 0
-        assert wait_until(_warm_ready, timeout=BUILD_WAIT_S)
+        _wait_warm()
         stage_a = _warm_sandboxes()[0]
         built = {stage_a, *descendants(stage_a)}  # stage A and PID 1
         assert len(built) == 2, built
@@ -332,7 +337,7 @@ def test_closing_the_server_takes_the_sandbox_built_ahead(workspace: Path) -> No
 
     groups_before = nanobox_groups() if cgroups_usable() else set()
     nanobox.run(["true"])
-    assert wait_until(_warm_ready, timeout=BUILD_WAIT_S)
+    _wait_warm()
     warm = _warm_sandboxes()[0]
     client.shutdown()
     assert wait_until(lambda: not os.path.exists(f"/proc/{warm}"), timeout=5)
@@ -404,7 +409,7 @@ def test_a_protected_file_replaced_on_the_host_stays_protected(workspace: Path) 
     try:
         for _ in range(3):  # from the second on, the server keeps its watches
             assert box.run(["true"]).returncode == 0
-            assert wait_until(_warm_ready, timeout=BUILD_WAIT_S)
+            _wait_warm()
         lock = git / "config.lock"
         lock.write_text("[core]\n\tbare = false\n")
         os.replace(lock, git / "config")  # as git does
@@ -428,7 +433,7 @@ def test_a_hidden_file_replaced_on_the_host_stays_hidden(workspace: Path) -> Non
     box = nanobox.Sandbox(nanobox.Policy(filesystem=nanobox.Filesystem(hide=(str(secret),))))
     try:
         assert box.run(["true"]).returncode == 0
-        assert wait_until(_warm_ready, timeout=BUILD_WAIT_S)
+        _wait_warm()
         new = workspace / "creds.new"
         new.write_text("rotated")
         os.replace(new, secret)  # as credential tools do
@@ -447,7 +452,7 @@ def test_low_open_files_limit_in_a_claimed_sandbox(workspace: Path) -> None:
         for _ in range(2):  # a fresh sandbox, then one built ahead
             r = box.run(["sh", "-c", "ulimit -n"])
             assert (r.returncode, r.stdout) == (0, b"5\n"), r
-            assert wait_until(_warm_ready, timeout=BUILD_WAIT_S)
+            _wait_warm()
     finally:
         box.close()
 
@@ -460,7 +465,7 @@ def test_a_sandbox_built_ahead_whose_init_died_is_not_used(workspace: Path) -> N
     box = nanobox.Sandbox()
     try:
         assert box.run(["true"]).returncode == 0
-        assert wait_until(_warm_ready, timeout=BUILD_WAIT_S)
+        _wait_warm()
         stage_a = _warm_sandboxes()[0]
         (init,) = descendants(stage_a)
         os.kill(init, signal.SIGKILL)
@@ -495,7 +500,7 @@ def test_a_file_with_its_own_landlock_rule_replaced_on_the_host(
         try:
             r = box.run(["cat", str(base / "home" / ".gitconfig")])
             assert r.stdout == b"old", r
-            assert wait_until(_warm_ready, timeout=BUILD_WAIT_S)
+            _wait_warm()
             new = real / ".gitconfig.lock"
             new.write_text("new")
             new.chmod(0o644)
