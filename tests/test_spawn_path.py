@@ -21,10 +21,9 @@ from nanobox._linux import plan
 from nanobox._seccomp import bpf, default_program, interp
 from nanobox._seccomp.policy import arch_info, native_arch
 
-pytestmark = [
-    pytest.mark.vm,
-    pytest.mark.skipif(not userns_usable(), reason="no user namespaces"),
-]
+# The tests that run sandboxes (marked here one by one: the pure ones, which
+# only interpret BPF programs, have nothing to learn from the VM lane's kernels).
+_USERNS = pytest.mark.skipif(not userns_usable(), reason="no user namespaces")
 
 NO_FORK = nanobox.Policy(
     syscalls=nanobox.Syscalls(deny=("clone", "clone3", "fork", "vfork")),
@@ -140,6 +139,8 @@ def test_which_plans_spawn() -> None:
     assert plan.spawn_allowed(None, [(resource.RLIMIT_CORE, 0, 0)], default=True)
 
 
+@pytest.mark.vm
+@_USERNS
 def test_a_filter_refusing_what_a_spawn_needs_does_not_stop_the_start(
     workspace: Path,
 ) -> None:
@@ -157,6 +158,8 @@ def test_a_filter_refusing_what_a_spawn_needs_does_not_stop_the_start(
     assert not r.violations, r.violations
 
 
+@pytest.mark.vm
+@_USERNS
 def test_a_policy_that_denies_forking_gets_a_command_process_forked_ahead(
     workspace: Path,
 ) -> None:
@@ -170,6 +173,8 @@ def test_a_policy_that_denies_forking_gets_a_command_process_forked_ahead(
     assert out.stdout == "forked\n"
 
 
+@pytest.mark.vm
+@_USERNS
 @pytest.mark.parametrize("policy", [None, NO_SETSID], ids=["spawned", "forked-ahead"])
 def test_both_ways_start_the_command_alike(workspace: Path, policy: nanobox.Policy) -> None:
     """No capabilities, no_new_privs, a seccomp filter, default signal
@@ -196,6 +201,8 @@ def test_both_ways_start_the_command_alike(workspace: Path, policy: nanobox.Poli
     assert sid == pid, lines  # a session of its own
 
 
+@pytest.mark.vm
+@_USERNS
 @pytest.mark.parametrize("policy", [None, NO_SETSID], ids=["spawned", "forked-ahead"])
 def test_both_ways_stop_a_cpu_bound_command_at_its_limit(
     workspace: Path, cbin: Path, policy: nanobox.Policy | None
@@ -212,6 +219,8 @@ def test_both_ways_stop_a_cpu_bound_command_at_its_limit(
     assert 1.0 <= r.cpu_time_s <= (2.0 if SLOW else 1.3), (r.cpu_time_s, r.signal)
 
 
+@pytest.mark.vm
+@_USERNS
 @pytest.mark.parametrize("policy", [None, NO_FORK], ids=["spawned", "forked-ahead"])
 def test_both_ways_report_a_missing_program(workspace: Path, policy: nanobox.Policy) -> None:
     r = nanobox.run(["no-such-program-xyz"], policy=policy)
