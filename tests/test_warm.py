@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -79,6 +80,17 @@ def _forkers() -> list[int]:
     ]
 
 
+def _forker_above(pid: int) -> int:
+    """The forker of the server that ``pid`` (a command) runs under."""
+    below = descendants(os.getpid())
+    while pid in below:
+        pid = _ppid(pid)
+        forkers = [c for c in below if below[c] == "nanobox-forker" and _ppid(c) == pid]
+        if forkers:
+            return forkers[0]
+    raise AssertionError("no forker above the command")
+
+
 def _warm_ready() -> bool:
     return len(_warm_sandboxes()) == 1
 
@@ -143,6 +155,38 @@ def test_after_a_pause_the_next_sandbox_is_built_once_the_run_ends(
             t.join(30)
         _wait_warm("no sandbox built after the run")
     finally:
+        box.close()
+
+
+def test_a_build_slower_than_the_linger_is_kept(workspace: Path, marker: str) -> None:
+    """A sandbox built after a run goes if no run comes within a second of
+    it being ready, but not while it is still being built: on a slow host
+    (an emulated CI guest under load) a build took longer than that second,
+    and dropping it left no sandbox built ahead, and no spare, ever. Here
+    the forker is stopped for 2.5 s, so the build waits for it."""
+    assert wait_until(lambda: not _warm_sandboxes(), timeout=5)  # earlier tests' servers
+    box = nanobox.Sandbox()
+    forker = 0
+    try:
+        argv = [SPY, "-c", "import time; time.sleep(1.5)", marker]
+        t = threading.Thread(target=box.run, args=(argv,))
+        t.start()
+        try:
+            assert wait_until(lambda: bool(pids_with(marker)), timeout=10)
+            forker = _forker_above(pids_with(marker)[0])
+            os.kill(forker, signal.SIGSTOP)
+            # After a pause (the server's start), the build waits for the run's end.
+            assert _warm_sandboxes() == []
+        finally:
+            t.join(30)
+        time.sleep(2.5)  # the build has waited for the forker longer than the linger
+        os.kill(forker, signal.SIGCONT)
+        forker = 0
+        _wait_warm("the sandbox being built was dropped")
+        assert box.run(["true"]).returncode == 0
+    finally:
+        if forker:
+            os.kill(forker, signal.SIGCONT)
         box.close()
 
 
@@ -322,8 +366,11 @@ def test_an_unclaimed_sandbox_goes_with_its_groups(workspace: Path) -> None:
         assert box.run(["true"]).returncode == 0
         _wait_warm()
         stage_a = _warm_sandboxes()[0]
-        built = {stage_a, *descendants(stage_a)}  # stage A and PID 1
-        assert len(built) == 2, built
+        # Stage A and PID 1 (which may be going already: a sandbox built
+        # ahead is kept for only a second, and this scan can take most of
+        # that under the VM lane's emulation on a loaded host).
+        built = {stage_a, *descendants(stage_a)}
+        assert 1 <= len(built) <= 2, built
         # No run comes: the sandbox built ahead goes within a few seconds.
         assert wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in built), timeout=5)
         if cgroups_usable():

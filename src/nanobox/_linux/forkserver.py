@@ -321,12 +321,26 @@ class Server:
         """Is a run in progress (claimed, not ended)?"""
         return any(j.chan is not None and not j.finished for j in self.jobs)
 
+    def _building(self, now: float) -> bool:
+        """Is a sandbox being built ahead, and not too old to be used?"""
+        warm = self.warm
+        return (
+            warm is not None
+            and not warm.ready
+            and not warm.finished
+            and now - warm.created < WARM_MAX_AGE_S
+        )
+
     def _linger_over(self, now: float) -> None:
         """The spare starter and the sandbox built ahead go once no run has
         come for ``SPARE_LINGER_S`` after the last one ended, never while a
         run is in progress: a sandbox built during a run that lasts longer
-        than that is the next run's (back to back), not waste."""
-        if not self._busy():
+        than that is the next run's (back to back), not waste. Nor while
+        the sandbox is still being built (up to ``WARM_MAX_AGE_S``): on a
+        host where a build takes longer than the linger, dropping it then
+        left no run a sandbox built ahead, nor a spare (made once the build
+        is ready), ever."""
+        if not self._busy() and not self._building(now):
             self._drop_spare()
             return
         self.spare_until = now + SPARE_LINGER_S  # (looked at again then)
@@ -524,8 +538,8 @@ class Server:
     def _prewarm(self, static: bytes, base: dict[str, Any]) -> None:
         """Build the next run's sandbox now, from this run's plan: the next
         run with the same plan bytes only has to claim it. Kept while the
-        spare is (``_linger_over``), and at least ``SPARE_LINGER_S`` once
-        built."""
+        spare is (``_linger_over``), while it is being built, and at least
+        ``SPARE_LINGER_S`` once built."""
         if self.warm is not None:
             return
         self.spare_until = time.monotonic() + SPARE_LINGER_S
