@@ -91,13 +91,18 @@ def _forker_above(pid: int) -> int:
     raise AssertionError("no forker above the command")
 
 
-def _warm_ready() -> bool:
-    return len(_warm_sandboxes()) == 1
+def _wait_warm(what: str = "no (single) sandbox built ahead") -> int:
+    """Stage A of the one sandbox built ahead, once there is one (it may be
+    gone by the time this returns: an unclaimed one stays only a second)."""
+    found: list[int] = []
 
+    def ready() -> bool:
+        found[:] = _warm_sandboxes()
+        return len(found) == 1
 
-def _wait_warm(what: str = "no (single) sandbox built ahead") -> None:
-    if not wait_until(_warm_ready, timeout=BUILD_WAIT_S):
+    if not wait_until(ready, timeout=BUILD_WAIT_S):
         pytest.fail(f"{what}; processes below the test: {descendants(os.getpid())}")
+    return found[0]
 
 
 def _pidns_of_children(pid: int) -> str:
@@ -108,8 +113,7 @@ def test_next_run_claims_the_sandbox_built_ahead(workspace: Path, marker: str) -
     box = nanobox.Sandbox()
     try:
         assert box.run(["true"]).returncode == 0
-        _wait_warm("no sandbox built ahead after a run")
-        warm_ns = _pidns_of_children(_warm_sandboxes()[0])
+        warm_ns = _pidns_of_children(_wait_warm("no sandbox built ahead after a run"))
         t = threading.Thread(
             target=box.run, args=([SPY, "-c", "import time; time.sleep(2)", marker],)
         )
@@ -277,8 +281,7 @@ def test_a_different_plan_gets_a_fresh_sandbox(workspace: Path, marker: str) -> 
     other = nanobox.Sandbox(nanobox.Policy(hostname="other"))
     try:
         assert box.run(["true"]).returncode == 0
-        _wait_warm()
-        warm = _warm_sandboxes()[0]
+        warm = _wait_warm()
         r = other.run(["hostname"])
         assert r.stdout == b"other\n", r
         # The sandbox built for the first policy was not used, and is gone.
@@ -364,8 +367,7 @@ def test_an_unclaimed_sandbox_goes_with_its_groups(workspace: Path) -> None:
     box = nanobox.Sandbox()
     try:
         assert box.run(["true"]).returncode == 0
-        _wait_warm()
-        stage_a = _warm_sandboxes()[0]
+        stage_a = _wait_warm()
         # Stage A and PID 1 (which may be going already: a sandbox built
         # ahead is kept for only a second, and this scan can take most of
         # that under the VM lane's emulation on a loaded host).
@@ -384,8 +386,7 @@ def test_closing_the_server_takes_the_sandbox_built_ahead(workspace: Path) -> No
 
     groups_before = nanobox_groups() if cgroups_usable() else set()
     nanobox.run(["true"])
-    _wait_warm()
-    warm = _warm_sandboxes()[0]
+    warm = _wait_warm()
     client.shutdown()
     assert wait_until(lambda: not os.path.exists(f"/proc/{warm}"), timeout=5)
     if cgroups_usable():
@@ -512,8 +513,7 @@ def test_a_sandbox_built_ahead_whose_init_died_is_not_used(workspace: Path) -> N
     box = nanobox.Sandbox()
     try:
         assert box.run(["true"]).returncode == 0
-        _wait_warm()
-        stage_a = _warm_sandboxes()[0]
+        stage_a = _wait_warm()
         (init,) = descendants(stage_a)
         os.kill(init, signal.SIGKILL)
         assert wait_until(lambda: _state(stage_a) in ("Z", "gone"), timeout=5)
