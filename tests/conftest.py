@@ -7,10 +7,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+
+T = TypeVar("T")
 
 PY = sys.executable
 # The interpreter to run *inside* sandboxes: a root caller's sandbox runs as
@@ -90,6 +93,22 @@ def wait_until(pred: object, timeout: float = 10.0, interval: float = 0.02) -> b
             return True
         time.sleep(interval)
     return bool(pred())  # type: ignore[operator]
+
+
+def wait_for(
+    get: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.02
+) -> T | None:
+    """Poll ``get`` until it returns something (not None), for up to
+    ``timeout`` seconds (``WAIT_SCALE`` times that in the VM lane); return
+    what it returned, or None. For a state that may last only a moment
+    (a spare, an unclaimed sandbox built ahead): what was seen is kept,
+    not looked for again."""
+    deadline = time.monotonic() + timeout * WAIT_SCALE
+    while True:
+        value = get()
+        if value is not None or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
 
 
 REPO = Path(__file__).resolve().parent.parent

@@ -18,6 +18,7 @@ from conftest import (
     nanobox_cli,
     nanobox_groups,
     userns_usable,
+    wait_for,
     wait_until,
 )
 
@@ -49,16 +50,10 @@ def test_spare_is_ready_after_a_run_and_goes_away(workspace: Path) -> None:
     try:
         groups_before = nanobox_groups()
         assert box.run(["true"]).returncode == 0
-        found: list[int] = []
-
-        def seen() -> bool:
-            found.append(_the_spare() or 0)
-            return found[-1] != 0
-
-        assert wait_until(seen, timeout=3), (
+        spare = wait_for(_the_spare, timeout=3)  # (it may be gone already: it stays a second)
+        assert spare is not None, (
             f"no spare after a run; processes below the test: {descendants(os.getpid())}"
         )
-        spare = found[-1]  # (it may be gone already: a spare stays a second)
         # The next sandbox is built from the spare: during this run, or right
         # after it when runs come with a pause (as here: waiting for the spare).
         assert box.run(["true"]).returncode == 0

@@ -26,6 +26,7 @@ from conftest import (
     nanobox_groups,
     pids_with,
     userns_usable,
+    wait_for,
     wait_until,
 )
 
@@ -94,15 +95,15 @@ def _forker_above(pid: int) -> int:
 def _wait_warm(what: str = "no (single) sandbox built ahead") -> int:
     """Stage A of the one sandbox built ahead, once there is one (it may be
     gone by the time this returns: an unclaimed one stays only a second)."""
-    found: list[int] = []
 
-    def ready() -> bool:
-        found[:] = _warm_sandboxes()
-        return len(found) == 1
+    def the_one() -> int | None:
+        found = _warm_sandboxes()
+        return found[0] if len(found) == 1 else None
 
-    if not wait_until(ready, timeout=BUILD_WAIT_S):
+    stage_a = wait_for(the_one, timeout=BUILD_WAIT_S)
+    if stage_a is None:
         pytest.fail(f"{what}; processes below the test: {descendants(os.getpid())}")
-    return found[0]
+    return stage_a
 
 
 def _pidns_of_children(pid: int) -> str:
@@ -573,9 +574,9 @@ def test_the_watcher_keeps_its_watches_until_a_watched_name_changes(tmp_path: Pa
     added: list[str] = []
     add = w._add
 
-    def counting_add(path: str) -> None:
+    def counting_add(path: str, hops: int = 0) -> None:
         added.append(path)
-        add(path)
+        add(path, hops)
 
     w._add = counting_add  # type: ignore[method-assign]
     try:

@@ -74,7 +74,7 @@ def render() -> str:
             )
         ),
         "def table(arch: str) -> dict[str, Any]:",
-        "    result: dict[str, Any] = globals()[f\"_{arch}\"]()",
+        '    result: dict[str, Any] = globals()[f"_{arch}"]()',
         "    return result",
         "",
     ]

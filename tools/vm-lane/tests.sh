@@ -62,11 +62,13 @@ mapfile -t files < <(grep -l 'pytest.mark.vm' tests/test_*.py)
 # Byte-code for the guest, compiled here in a second: the guest's writes go
 # to a throw-away overlay (and PYTHONDONTWRITEBYTECODE may be set), so every
 # interpreter there, the fork servers' included, would compile the sources
-# it imports again. pytest's assertion-rewritten test modules are cached by
-# a collection here. (Hypothesis's pytest plugin is off in the guest: no VM
-# test uses it, and it imports all of Hypothesis at the end of the run.)
-env -u PYTHONDONTWRITEBYTECODE "$PY" -m compileall -q src tests >/dev/null \
-  || { err "cannot compile src and tests"; exit 1; }
+# it imports again. The test modules and conftest.py are loaded from
+# pytest's assertion-rewritten byte-code, cached by a collection here (plain
+# compileall output of them would go unused). (Hypothesis's pytest plugin is
+# off in the guest: no VM test uses it, and it imports all of Hypothesis at
+# the end of the run.)
+env -u PYTHONDONTWRITEBYTECODE "$PY" -m compileall -q src >/dev/null \
+  || { err "cannot compile src"; exit 1; }
 pytest_args=(-m vm -q -p no:cacheprovider -p no:hypothesispytest)
 env -u PYTHONDONTWRITEBYTECODE "$PY" -m pytest --collect-only "${pytest_args[@]}" "${files[@]}" >/dev/null \
   || { err "the VM-marked tests do not collect on the host"; exit 1; }
