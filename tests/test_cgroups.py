@@ -122,6 +122,24 @@ def test_two_thread_cpu_time(workspace: Path, cbin: Path) -> None:
     assert abs((r.user_time_s + r.system_time_s) - r.cpu_time_s) <= 0.05
 
 
+def test_user_and_system_time_add_up_to_the_cpu_time(workspace: Path, cbin: Path) -> None:
+    """cgroup v1 counts user and system time in 10-ms ticks (a short run
+    got 0 and 0 beside a CPU time of milliseconds); v2's cpu.stat adds
+    them up to the exact total. Either way the result's two parts make up
+    its CPU time (how a short run splits is the kernel's sampling), and a
+    longer loop in user mode is mostly user time."""
+    box = nanobox.Sandbox()
+    try:
+        for secs in ("0.013", "0.033", "0.3"):
+            r = box.run([str(cbin / "spin_cpu"), secs])
+            assert r.returncode == 0, r
+            assert r.cpu_time_s > 0, r
+            assert r.user_time_s + r.system_time_s == pytest.approx(r.cpu_time_s, abs=2e-6), r
+        assert r.user_time_s >= r.cpu_time_s / 2, r
+    finally:
+        box.close()
+
+
 def test_cpus_half_slows_a_cpu_bound_job(workspace: Path, cbin: Path) -> None:
     r = nanobox.run([str(cbin / "spin_cpu"), "1"], policy=limits(cpus=0.5), timeout=30)
     assert r.returncode == 0

@@ -129,6 +129,19 @@ def test_cli_refuses_and_degrades(workspace: Path) -> None:
     assert p.returncode == 0 and b"RLIMIT_AS" in p.stderr
 
 
+def test_split_cpu_makes_user_and_system_add_up() -> None:
+    from nanobox.sandbox import _split_cpu
+
+    # cgroup v1 ticks (10 ms steps) scaled to the exact total
+    assert _split_cpu(0.033, 0.03, 0.01, (0.0, 0.0)) == pytest.approx((0.02475, 0.00825))
+    # no ticks yet: the rusage split
+    assert _split_cpu(0.004, 0.0, 0.0, (0.003, 0.001)) == pytest.approx((0.003, 0.001))
+    # stage A's own CPU, taken off, may exceed a tick count: never negative
+    assert _split_cpu(0.002, -0.001, 0.01, (0.0, 0.0)) == pytest.approx((0.0, 0.002))
+    assert _split_cpu(0.002, 0.0, 0.0, (0.0, 0.0)) == (0.002, 0.0)  # as the kernel's rusage
+    assert _split_cpu(0.0, 0.01, 0.0, (0.0, 0.0)) == (0.0, 0.0)
+
+
 def test_co_mounted_v1_controllers_share_one_group(tmp_path: Path) -> None:
     """systemd's v1 layout mounts cpu and cpuacct together: a run with a
     cpus limit makes, joins and removes that one directory once (a second

@@ -335,9 +335,10 @@ class Sandbox:
         cg = msg.get("cgroup") or {}
         if "cpu_s" in cg:
             su, ss = msg.get("self_utime", 0.0), msg.get("self_stime", 0.0)
-            user_s = max(0.0, cg["user_s"] - su)
-            system_s = max(0.0, cg["system_s"] - ss)
             cpu = max(0.0, cg["cpu_s"] - su - ss)
+            user_s, system_s = _split_cpu(
+                cpu, cg["user_s"] - su, cg["system_s"] - ss, (user_s, system_s)
+            )
         if "peak_bytes" in cg:
             peak = cg["peak_bytes"]
         lost: tuple[str, ...] = ()
@@ -493,6 +494,24 @@ class Sandbox:
             errno=err,
         )
         return exc
+
+
+def _split_cpu(
+    cpu: float, user: float, system: float, fallback: tuple[float, float]
+) -> tuple[float, float]:
+    """``cpu`` (the group's exact CPU time) as user and system time, in the
+    ratio of ``user`` to ``system`` (the group's own split, which cgroup v1
+    counts in scheduler ticks: 10 ms steps that need not add up to ``cpu``),
+    or, where that has nothing, of ``fallback`` (the waited-for processes'
+    rusage); so that user + system = cpu, as cgroup v2's ``cpu.stat`` gives
+    them. With no split known at all, it is user time (as the kernel's own
+    rusage has it for a task that no tick has sampled)."""
+    for u, s in ((user, system), fallback):
+        u, s = max(0.0, u), max(0.0, s)
+        if u + s > 0:
+            user_s = cpu * u / (u + s)
+            return user_s, cpu - user_s
+    return cpu, 0.0
 
 
 def run(
