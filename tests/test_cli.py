@@ -107,6 +107,34 @@ def test_result_json_describes_the_run(workspace: Path, tmp_path: Path) -> None:
     assert "network" not in data
 
 
+@pytest.mark.parametrize("where", ["missing", "directory", "empty"])
+def test_an_unwritable_result_path_is_refused_before_the_run(
+    workspace: Path, tmp_path: Path, where: str
+) -> None:
+    """Before, the command ran and then the CLI failed with "internal error:
+    FileNotFoundError", its record lost."""
+    path = {"missing": str(tmp_path / "no-dir" / "r.json"), "directory": str(tmp_path), "empty": ""}
+    p = nanobox_cli("run", "--result", path[where], "--", "touch", "ran")
+    assert p.returncode == 125, p
+    assert p.stderr.startswith(b"nanobox: error: --result: "), p.stderr
+    assert b"Traceback" not in p.stderr and b"internal error" not in p.stderr
+    assert not (workspace / "ran").exists()
+
+
+def test_a_result_that_cannot_be_written_after_the_run_says_so(
+    workspace: Path, tmp_path: Path
+) -> None:
+    """The command removes the result's directory (in its workspace): the
+    run happened, the record cannot be written: exit 125, one clear line,
+    no temporary file left."""
+    (workspace / "out").mkdir()
+    p = nanobox_cli("run", "--result", "out/r.json", "--", "rmdir", "out")
+    assert p.returncode == 125, p
+    assert p.stderr.startswith(b"nanobox: error: --result: cannot write 'out/r.json'"), p.stderr
+    assert b"Traceback" not in p.stderr
+    assert list(workspace.iterdir()) == []
+
+
 def test_stdin_passes_through(workspace: Path) -> None:
     p = nanobox_cli("run", "cat", input=b"piped")
     assert p.stdout == b"piped"

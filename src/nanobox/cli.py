@@ -415,17 +415,46 @@ def _flag_message(exc: Any) -> str:
     return f"{flag}: {str(exc.message).split(': ', 1)[-1]}"
 
 
-def _write_result(path: str, data: dict[str, Any]) -> None:
+def _check_result_path(path: str) -> None:
+    """``--result``'s file must be one this process can write before the
+    command runs: a judge's record of a run should not be lost after it."""
+    if path == "-":
+        return
+    if not path:
+        raise _UsageError("--result: expected a file path, or '-' for stderr, got ''")
+    where = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise _UsageError(f"--result: {path!r} is a directory; name a file in it")
+    if not os.path.isdir(where):
+        raise _UsageError(f"--result: cannot write {path!r}: {where!r} is not a directory")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise _UsageError(
+            f"--result: cannot write {path!r}: no permission to create files in {where!r}"
+        )
+
+
+def _write_result(path: str, data: dict[str, Any]) -> bool:
+    """Write the result (atomically: a reader never sees half of it);
+    False, said on stderr, if it could not be written."""
     import json
 
     text = json.dumps(data, indent=2) + "\n"
     if path == "-":
         sys.stderr.write(text)
-        return
+        return True
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        sys.stderr.write(f"nanobox: error: --result: cannot write {path!r}: {exc.strerror}\n")
+        return False
+    return True
 
 
 def _failure_result(command: list[str], message: str) -> dict[str, Any]:
@@ -479,6 +508,8 @@ def _cmd_run(argv: list[str]) -> int:
         raise _UsageError(
             "run: no command given (usage: nanobox run [options] [--] COMMAND [ARG...])"
         )
+    if ns.result is not None:
+        _check_result_path(ns.result)
     from . import _prepare
     from .errors import PolicyError, SandboxError
 
@@ -536,7 +567,7 @@ def _cmd_run(argv: list[str]) -> int:
     except PolicyError as exc:
         raise _UsageError(_flag_message(exc)) from None
     except SandboxError as exc:
-        if ns.result:
+        if ns.result is not None:
             _write_result(ns.result, _failure_result(command, str(exc)))
         _fail(str(exc))
     code = _exit_status(result)
@@ -555,8 +586,8 @@ def _cmd_run(argv: list[str]) -> int:
         ):
             if flag:
                 sys.stderr.write(f"nanobox: {what} truncated at {policy.limits.output} bytes\n")
-    if ns.result:
-        _write_result(ns.result, result.to_dict())
+    if ns.result is not None and not _write_result(ns.result, result.to_dict()):
+        return EXIT_NANOBOX
     return code
 
 
