@@ -57,6 +57,68 @@ def test_fds_travel_and_arrive_close_on_exec() -> None:
     os.close(w)
 
 
+def _open_fds() -> set[int]:
+    """This process's open fds (looked up one by one: listing /proc/self/fd
+    would open one of its own)."""
+    found = set()
+    for fd in range(1024):
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        found.add(fd)
+    return found
+
+
+@pytest.mark.parametrize("size", [0, 1, socks.MSG_MAX, socks.MSG_MAX + 1, 300_000, 5 << 20])
+def test_messages_of_any_size_travel_whole_with_their_fds(size: int) -> None:
+    """A SOCK_SEQPACKET message must fit the sender's socket buffer (~208
+    KiB here): the same send with plain ``sendmsg`` fails (the control);
+    ``send_msg`` passes a longer one in a memfd. Nothing stays open."""
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    r, w = os.pipe()
+    a, b = socks.socketpair()
+    before = _open_fds()
+    with a, b:
+        if size > 300_000:
+            with pytest.raises(OSError) as exc:
+                socks.send_fds(a, [data], [r])
+            assert exc.value.errno == 90  # EMSGSIZE
+        socks.send_msg(a, data, [r, w])
+        msg, fds = socks.recv_msg(b, 2)
+        assert msg == data and len(fds) == 2
+        try:
+            assert all(_cloexec(fd) for fd in fds)
+            os.write(fds[1], b"y")
+            assert os.read(r, 1) == b"y"
+        finally:
+            for fd in fds:
+                os.close(fd)
+        socks.send_msg(a, data)  # without fds
+        assert socks.recv_msg(b, 2) == (data, [])
+        assert _open_fds() == before
+        a.close()
+        assert socks.recv_msg(b, 2) == (b"", [])  # EOF
+    os.close(r)
+    os.close(w)
+
+
+def test_fds_beyond_those_expected_are_closed() -> None:
+    a, b = socks.socketpair()
+    pipes = [os.pipe() for _ in range(3)]
+    with a, b:
+        socks.send_msg(a, b"m", [fd for pair in pipes for fd in pair])
+        before = _open_fds()
+        msg, fds = socks.recv_msg(b, 2)
+        assert msg == b"m" and len(fds) == 2
+        assert _open_fds() - before == set(fds)  # the kernel or recv_msg closed the rest
+        for fd in fds:
+            os.close(fd)
+    for pair in pipes:
+        for fd in pair:
+            os.close(fd)
+
+
 def test_socket_takes_over_an_fd_with_its_family() -> None:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with socks.Socket(fileno=s.detach()) as t:

@@ -4,6 +4,7 @@ Landlock, read-only view): python, pip, gcc, node, git, make, bash, sqlite."""
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,29 @@ def test_pip_offline_install_of_a_local_wheel(workspace: Path) -> None:
     # (pip against a local index through the proxy: test_network.py)
     r = sh(f"{SPY} -m venv --without-pip v && v/bin/python -c 'import sys; print(sys.prefix)'")
     assert r.returncode == 0 and r.stdout.strip().endswith(b"/v"), r.stderr
+
+
+def test_a_command_line_as_long_as_the_kernel_allows(workspace: Path) -> None:
+    """argv and environment of ~1.5 MiB, far beyond one message on the fork
+    chain's sockets (~208 KiB): they failed with "Message too long" where
+    the same command runs outside; one past the kernel's own limit fails
+    as it does outside (E2BIG), as a command that cannot be executed."""
+    import subprocess
+
+    args = ["sh", "-c", 'echo "$# ${#V7}"', "sh", *["a" * 1000] * 1200]
+    env = {f"V{i}": "v" * 1000 for i in range(300)}
+    outside = subprocess.run(args, env=env, capture_output=True, check=True).stdout
+    assert outside == b"1200 1000\n"
+    r = nanobox.run(args, env=env)
+    assert (r.returncode, r.stdout) == (0, outside), r
+    cli = subprocess.run(
+        [sys.executable, "-m", "nanobox", "run", "--", *args], capture_output=True, timeout=60
+    )
+    assert (cli.returncode, cli.stdout, cli.stderr) == (0, b"1200 0\n", b"")
+    too_long = ["true", *["a" * 100_000] * 40]  # 4 MB: over the exec limit here
+    with pytest.raises(OSError) as exc:
+        subprocess.run(too_long)
+    assert exc.value.errno == 7  # E2BIG
+    r = nanobox.run(too_long)
+    assert r.returncode == 126 and r.violations[0].kind == "exec", r
+    assert "Argument list too long" in r.violations[0].detail

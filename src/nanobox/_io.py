@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._linux import socks, wire
-from ._linux.socks import recv_fds
+from ._linux.socks import recv_msg
 
 READ_CHUNK = 1 << 16
 Sink = Callable[[bytes], None]
@@ -100,7 +100,7 @@ class RunIO:
     def on_chan(self) -> bool:
         """Read one message; return False once the final one (or EOF) came."""
         try:
-            data, fds = recv_fds(self.chan, 1 << 20, 4)
+            data, fds = recv_msg(self.chan, 4)
         except BlockingIOError:
             return True
         except OSError:

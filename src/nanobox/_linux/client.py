@@ -109,7 +109,7 @@ class ForkServer:
 
     def submit(self, plan: bytes, fds: list[int]) -> None:
         try:
-            socks.send_fds(self.ctrl, [plan], fds)
+            socks.send_msg(self.ctrl, plan, fds)
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise ServerGone(exc.errno, "the nanobox fork server is gone") from None
 

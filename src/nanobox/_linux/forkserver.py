@@ -43,14 +43,13 @@ from . import (
     wire,
 )
 from . import sys as k
-from .socks import recv_fds
+from .socks import recv_fds, recv_msg, send_msg
 
 LINGER_RETRY_S = 0.5  # a placeholder another server still holds: removed when it lets go
 TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
 if TYPE_CHECKING:
     from typing import Any
 
-MAX_PLAN = 1 << 20
 # Root callers' sandboxes run as a dedicated uid from this range.
 ROOT_UID_BASE = 0x60000000
 ROOT_UID_SPAN = 0x0FFFFFFF
@@ -385,7 +384,7 @@ class Server:
     # -- requests ----------------------------------------------------------
     def _on_ctrl(self) -> bool:
         try:
-            msg, fds = recv_fds(self.ctrl, MAX_PLAN, 8)
+            msg, fds = recv_msg(self.ctrl, 8)
         except InterruptedError:  # pragma: no cover
             return True
         except ConnectionResetError:
@@ -1076,7 +1075,7 @@ class Server:
         try:
             chan.setblocking(True)
             chan.settimeout(5.0)
-            chan.send(wire.dumps(msg))
+            send_msg(chan, wire.dumps(msg))
         except OSError:
             pass
 

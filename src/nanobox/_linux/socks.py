@@ -12,6 +12,7 @@ constants, which ``_socket`` has. (``nanobox.net``, the proxy, uses
 from __future__ import annotations
 
 import _socket
+import os
 import sys
 
 AF_INET = _socket.AF_INET
@@ -25,6 +26,8 @@ SCM_RIGHTS = _socket.SCM_RIGHTS
 MSG_DONTWAIT = _socket.MSG_DONTWAIT
 MSG_PEEK = _socket.MSG_PEEK
 MSG_CMSG_CLOEXEC = _socket.MSG_CMSG_CLOEXEC
+MSG_TRUNC = _socket.MSG_TRUNC
+MSG_CTRUNC = _socket.MSG_CTRUNC
 CMSG_LEN = _socket.CMSG_LEN
 sethostname = _socket.sethostname
 
@@ -67,4 +70,85 @@ def recv_fds(sock: _socket.socket, bufsize: int, maxfds: int) -> tuple[bytes, li
         if level == SOL_SOCKET and kind == SCM_RIGHTS:
             for i in range(0, len(data) - _INT + 1, _INT):
                 fds.append(int.from_bytes(data[i : i + _INT], sys.byteorder, signed=True))
+    return msg, fds
+
+
+# The fork chain's messages (a run and its plan, a run's argv and
+# environment, a reply) go over SOCK_SEQPACKET sockets, where one message
+# must fit the sender's socket buffer (~208 KiB by default, less where an
+# administrator says so): a run whose argv and environment were larger
+# (the kernel lets a command have 2 MiB and more) failed with EMSGSIZE. And
+# glibc serves a receive buffer of 128 KiB or more with mmap, mremap and
+# munmap, ~20 us for every message received. So every such message is
+# received into MSG_MAX bytes, and one longer than that travels in a memfd
+# passed with it, the message itself being BIG.
+MSG_MAX = 1 << 16
+BIG = b"\xff\xffBIG"  # never a marshalled value (0xff is no type) nor a join_run'd run
+BIG_MAX = 1 << 28  # what a receiver reads from a memfd at most (trusted peers only)
+_EMSGSIZE = 90
+
+
+def send_msg(sock: _socket.socket, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
+    """Send ``data`` (any length) and ``fds`` as one message for
+    ``recv_msg``."""
+    if len(data) <= MSG_MAX:
+        try:
+            if fds:
+                send_fds(sock, [data], list(fds))
+            else:
+                sock.send(data)
+            return
+        except OSError as exc:
+            if exc.errno != _EMSGSIZE:
+                raise
+    big = os.memfd_create("nanobox-message", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(big, view) :]
+        send_fds(sock, [BIG], [*fds, big])
+    finally:
+        os.close(big)
+
+
+def recv_msg(sock: _socket.socket, maxfds: int) -> tuple[bytes, list[int]]:
+    """One message of ``send_msg``'s and the fds passed with it (at most
+    ``maxfds``; those beyond are closed). ``b""`` at EOF."""
+    fds: list[int] = []
+    msg, ancdata, flags, _addr = sock.recvmsg(
+        MSG_MAX, CMSG_LEN((maxfds + 1) * _INT), MSG_CMSG_CLOEXEC
+    )
+    for level, kind, data in ancdata:
+        if level == SOL_SOCKET and kind == SCM_RIGHTS:
+            for i in range(0, len(data) - _INT + 1, _INT):
+                fds.append(int.from_bytes(data[i : i + _INT], sys.byteorder, signed=True))
+    try:
+        # (More fds than expected: the kernel closed those that did not fit.)
+        if flags & MSG_TRUNC or (msg == BIG and flags & MSG_CTRUNC):
+            raise OSError(_EMSGSIZE, "a message of the fork chain was cut short")
+        if msg == BIG and fds:
+            big = fds.pop()
+            try:
+                size = os.fstat(big).st_size
+                if size > BIG_MAX:
+                    raise OSError(_EMSGSIZE, f"a message of {size} bytes is too long")
+                parts = []
+                offset = 0
+                while offset < size:
+                    part = os.pread(big, size - offset, offset)
+                    if not part:
+                        break
+                    parts.append(part)
+                    offset += len(part)
+                msg = b"".join(parts)
+            finally:
+                os.close(big)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    if len(fds) > maxfds:
+        for fd in fds[maxfds:]:
+            os.close(fd)
+        del fds[maxfds:]
     return msg, fds

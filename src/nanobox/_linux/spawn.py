@@ -60,7 +60,7 @@ from .._seccomp import loader as seccomp_loader
 from . import cgroups, child, init, landlock, mounts, netns, pid1, signals, socks, userns, wire
 from . import sys as k
 from .fds import close_all_except, write_all
-from .socks import recv_fds
+from .socks import recv_fds, recv_msg
 
 TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
 if TYPE_CHECKING:
@@ -74,7 +74,6 @@ BASE_FLAGS = (
     | k.CLONE_NEWUTS
     | k.CLONE_NEWCGROUP
 )
-MAX_PLAN = 1 << 20
 PROC_ATTRS = k.MOUNT_ATTR_NOSUID | k.MOUNT_ATTR_NODEV | k.MOUNT_ATTR_NOEXEC
 
 
@@ -106,7 +105,7 @@ class Starter:
     def start(self, plan: bytes, fds: list[int]) -> None:
         """Hand the starter its plan (the bytes the caller sent, as is); it
         builds the sandbox and waits for ``go``."""
-        socks.send_fds(self.sock, [plan], fds)
+        socks.send_msg(self.sock, plan, fds)
 
     def go(self, skipped: list[int]) -> None:
         """The run starts: stage A finishes the view and releases the
@@ -116,7 +115,7 @@ class Starter:
 
     def send_run(self, run: bytes, stdio: list[int]) -> None:
         """The run's argv and env (``wire``) and stdio, straight to the command."""
-        socks.send_fds(self.csock, [run], stdio)
+        socks.send_msg(self.csock, run, stdio)
 
     def discard(self) -> None:
         """Let a starter go: it sees EOF on its socket (before its plan, or
@@ -210,7 +209,7 @@ def starter_main(
         early = (step, exc)
     try:
         sock = socks.Socket(fileno=sock_fd)
-        msg, fds = recv_fds(sock, MAX_PLAN, 8)
+        msg, fds = recv_msg(sock, 8)
     except BaseException:  # noqa: BLE001
         os._exit(0)
     signals.signal(signals.SIGCHLD, signals.SIG_DFL)  # before PID 1 and the command
@@ -557,7 +556,7 @@ def _build_spawning(
         if skip is None:  # EOF: not needed after all
             _end((init_pid,))
             os._exit(0)
-        msg, fds = recv_fds(csock, MAX_PLAN, 3)
+        msg, fds = recv_msg(csock, 3)
         if not msg or len(fds) != 3:
             raise OSError(32, "the run did not come")  # EPIPE
         t1 = time.monotonic()
@@ -689,7 +688,7 @@ def _command(
         # not wait in socket queues (they count against the user's limit of
         # fds in flight) while sandboxes are being built.
         csock.send(b"R")
-        msg, fds = recv_fds(csock, MAX_PLAN, 3)
+        msg, fds = recv_msg(csock, 3)
         csock.detach()
         if not msg or len(fds) != 3:
             os._exit(125)  # the run never came: stage A reports why
