@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import nanobox
 
 PY = sys.executable
@@ -20,6 +22,14 @@ def test_stdin_bytes_str_file_and_none(workspace: Path) -> None:
         assert nanobox.run(["cat"], stdin=fh).stdout == b"from a file"
     r = nanobox.run(["cat"], timeout=10)  # stdin is /dev/null: EOF at once
     assert r.stdout == b"" and r.returncode == 0
+
+
+def test_a_bad_stdin_is_a_clear_error(workspace: Path) -> None:
+    import io
+
+    for bad in (1_000_000, -1, io.BytesIO(b"x"), "in.txt", True):  # (no fd 1000000 here)
+        with pytest.raises(nanobox.PolicyError, match=r"^stdin: expected an open file descriptor"):
+            nanobox.run(["cat"], stdin=bad)  # type: ignore[arg-type]
 
 
 def test_large_input_and_output_roundtrip(workspace: Path) -> None:

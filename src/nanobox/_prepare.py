@@ -126,7 +126,16 @@ def prepare(
         raise PolicyError("input", f"expected bytes or str, got {type(input).__name__}")
     stdin_fd: int | None = None
     if stdin is not None:
-        stdin_fd = stdin if isinstance(stdin, int) else stdin.fileno()
+        try:
+            if isinstance(stdin, bool):
+                raise TypeError
+            stdin_fd = stdin if isinstance(stdin, int) else stdin.fileno()
+            os.fstat(stdin_fd)  # open (else EBADF at the submit, naming nothing)
+        except (AttributeError, TypeError, ValueError, OSError):
+            # (io.UnsupportedOperation, a BytesIO's, is both of the last two)
+            raise PolicyError(
+                "stdin", f"expected an open file descriptor or a file with one, got {stdin!r}"
+            ) from None
     run_id = os.urandom(8).hex()
     from ._linux import client
 
