@@ -245,13 +245,14 @@ def test_an_unreachable_cwd_is_named_with_the_reason(tmp_path: Path) -> None:
         ("[limits\n", "not valid TOML"),
         ('[network]\nmode = "everywhere"\n', "network.mode"),
         ("inherit_env = 3\n", "inherit_env"),
+        ("# caf\xe9 in Latin-1\n", "not UTF-8 text (byte 0xe9 at offset 5)"),
     ],
 )
 def test_bad_policy_files_exit_125(
     workspace: Path, tmp_path: Path, content: str, named: str
 ) -> None:
     pol = tmp_path / "bad.toml"
-    pol.write_text(content)
+    pol.write_bytes(content.encode("latin-1"))
     p = nanobox_cli("run", "--policy", str(pol), "true")
     assert p.returncode == 125
     lines = p.stderr.decode().splitlines()

@@ -206,6 +206,11 @@ def test_load_policy_errors(tmp_path: Path) -> None:
     bad.write_text("[limits\n")
     with pytest.raises(nanobox.PolicyError, match=r"not valid TOML"):
         nanobox.load_policy(bad)
+    bad.write_bytes(b"\xff\xfe[limits]\n")  # (UTF-16's byte order mark)
+    with pytest.raises(nanobox.PolicyError, match=r"^policy: .* not UTF-8 text \(byte 0xff"):
+        nanobox.load_policy(bad)
+    with pytest.raises(nanobox.PolicyError, match=r"^seccomp: .* not UTF-8 text \(byte 0xff"):
+        nanobox.load_syscalls(bad)
 
 
 def test_public_type_hints_resolve_at_runtime() -> None:

@@ -602,4 +602,10 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
         raise PolicyError("policy", f"cannot read {os.fspath(path)!r}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError("policy", f"{os.fspath(path)!r} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise PolicyError(
+            "policy",
+            f"{os.fspath(path)!r} is not valid TOML: not UTF-8 text (byte "
+            f"0x{exc.object[exc.start]:02x} at offset {exc.start})",
+        ) from None
     return policy_from_mapping(data)

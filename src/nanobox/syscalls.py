@@ -271,4 +271,10 @@ def load_syscalls(path: str | os.PathLike[str]) -> Syscalls:
         raise PolicyError("seccomp", f"cannot read {os.fspath(path)!r}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError("seccomp", f"{os.fspath(path)!r} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise PolicyError(
+            "seccomp",
+            f"{os.fspath(path)!r} is not valid TOML: not UTF-8 text (byte "
+            f"0x{exc.object[exc.start]:02x} at offset {exc.start})",
+        ) from None
     return syscalls_from_mapping(data, "seccomp")
