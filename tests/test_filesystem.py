@@ -700,6 +700,31 @@ def test_dest_is_created_under_read_only_directories(workspace: Path, tmp_path: 
     assert r.stdout.startswith(b"here") and int(r.stdout[4:]) > 10  # siblings still visible
 
 
+def test_destinations_below_a_new_top_level_directory(workspace: Path, tmp_path: Path) -> None:
+    """``--ro SRC:/data/a/b`` with no ``/data`` on the host failed at setup
+    ("create mount point /data/a/b: File exists": the root, read-only, was
+    shadowed in place); only a destination directly under ``/`` got the
+    rebuilt root it needs. The host's own top-level entries stay."""
+    top = f"/nanobox-test-{uuid.uuid4().hex[:8]}"
+    assert not os.path.lexists(top)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("here")
+    fs = nanobox.Filesystem(
+        read_only=(f"{src}:{top}/ro/a",),
+        read_write=(f"{src}:{top}-w/rw",),
+        tmpfs=(f"{top}-t/scratch",),
+    )
+    r = sh(
+        f"cat {top}/ro/a/f && echo new > {top}-w/rw/new && echo s > {top}-t/scratch/s"
+        " && ls / | grep -cx -e usr -e etc",
+        policy=nanobox.Policy(filesystem=fs),
+    )
+    assert (r.returncode, r.stdout) == (0, b"here2\n"), r
+    assert (src / "new").read_text() == "new\n"
+    assert not os.path.lexists(top) and not os.path.lexists(f"{top}-w")
+
+
 def test_most_specific_path_wins(workspace: Path, tmp_path: Path) -> None:
     outer = tmp_path / "outer"
     (outer / "inner").mkdir(parents=True)

@@ -50,10 +50,12 @@ class View:
         self.notes: list[str] = []
 
     def to_json(self, rootfs: str, tmp_size: int) -> dict[str, Any]:
-        # A destination missing directly under "/" needs a rebuilt root (a
-        # mount point cannot be created in the read-only host root itself).
+        # A destination whose top-level directory is missing ("/data", or
+        # "/data/a/b" with no "/data") needs a rebuilt root: a mount point
+        # cannot be created in the read-only host root itself.
         mirror = rootfs == "host" and any(
-            os.path.dirname(op["dst"].rstrip("/")) == "/" and not os.path.lexists(op["dst"])
+            op["t"] in ("tmpfs", "bind", "robind")  # (the ops that make mount points)
+            and not os.path.lexists("/" + op["dst"].lstrip("/").split("/", 1)[0])
             for op in self.ops
         )
         return {
