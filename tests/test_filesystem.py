@@ -725,6 +725,32 @@ def test_destinations_below_a_new_top_level_directory(workspace: Path, tmp_path:
     assert not os.path.lexists(top) and not os.path.lexists(f"{top}-w")
 
 
+def test_a_writable_file(workspace: Path, tmp_path: Path) -> None:
+    """``--rw FILE[:DEST]``: the file is writable, nothing beside it. It was
+    refused ("protected path: cannot check FILE/.gitmodules: Not a
+    directory": a writable root was searched for protected names as if it
+    were a directory)."""
+    # Not under /tmp (the sandbox's own there) and reachable by a root
+    # caller's sandbox uid: its directory is the host's, read-only, inside.
+    d = Path(f"/var/tmp/nanobox-test-{uuid.uuid4().hex}")
+    d.mkdir(mode=0o755)
+    try:
+        f = d / "log.txt"
+        f.write_text("a\n")
+        f.chmod(0o666)
+        for spec, inside in ((f"{f}:{d}-elsewhere/log", f"{d}-elsewhere/log"), (str(f), str(f))):
+            r = sh(
+                f"echo b >> {inside} && (echo c > {os.path.dirname(inside)}/beside || echo no)",
+                policy=nanobox.Policy(filesystem=nanobox.Filesystem(read_write=(spec,))),
+            )
+            assert (r.returncode, r.stdout) == (0, b"no\n"), r
+        assert f.read_text() == "a\nb\nb\n"
+        assert sorted(p.name for p in d.iterdir()) == ["log.txt"]
+        assert not os.path.lexists(f"{d}-elsewhere")
+    finally:
+        shutil.rmtree(d)
+
+
 def test_most_specific_path_wins(workspace: Path, tmp_path: Path) -> None:
     outer = tmp_path / "outer"
     (outer / "inner").mkdir(parents=True)

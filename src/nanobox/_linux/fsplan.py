@@ -261,8 +261,8 @@ def build(fs: Filesystem, cwd: str, home: str) -> View:
                 nested = other != dst and _is_under(other, dst)
                 if nested or (other == dst and j > i):
                     covered.append(other)
-            if dst in covered:
-                continue
+            if dst in covered or not os.path.isdir(root):
+                continue  # (a writable file has no protected names below it)
             ops += protect_ops(root, unprotect, unprotect_names, view, dst=dst, covered=covered)
 
     # Most specific wins: shallower first; at equal depth the stricter last.
