@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -749,6 +750,19 @@ def test_a_writable_file(workspace: Path, tmp_path: Path) -> None:
         assert not os.path.lexists(f"{d}-elsewhere")
     finally:
         shutil.rmtree(d)
+
+
+def test_a_file_onto_a_directory_says_so(workspace: Path, tmp_path: Path) -> None:
+    """The kernel's answer was a bare EINVAL from move_mount."""
+    f = tmp_path / "f"
+    f.write_text("x")
+    for entry, message in (
+        (f"{f}:/etc", f"{f} is a file but /etc is a directory"),
+        ("/usr/share:/etc/hostname", "/usr/share is a directory but /etc/hostname is a file"),
+    ):
+        fs = nanobox.Filesystem(read_only=(entry,))
+        with pytest.raises(nanobox.SetupError, match=re.escape(message)):
+            sh("true", policy=nanobox.Policy(filesystem=fs))
 
 
 def test_most_specific_path_wins(workspace: Path, tmp_path: Path) -> None:

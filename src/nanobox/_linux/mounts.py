@@ -337,6 +337,14 @@ def build(
             fd = sources[i]
             is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
             _step(f"create mount point {dst}", b.ensure, dst, is_dir)
+            if os.path.isdir(dst) != is_dir:  # (else move_mount's bare EINVAL)
+                kinds = ("a directory", "a file") if is_dir else ("a file", "a directory")
+                raise MountStepError(
+                    f"mount {op['src']} at {dst}",
+                    OSError(
+                        20 if is_dir else 21, f"{op['src']} is {kinds[0]} but {dst} is {kinds[1]}"
+                    ),
+                )
             b.attach(fd, dst, f"mount {op['src']} at {dst}")
             for rel, sub in view.get("premade_below", {}).get(str(i), ()):
                 _attach_below(b, sub, os.path.join(dst, rel))
