@@ -54,6 +54,14 @@ def test_memory_bomb_is_oom_killed(workspace: Path, cbin: Path, tmp_path: Path) 
     assert ctl.stdout == b"ok\n"
 
 
+def test_a_memory_limit_too_small_for_the_setup_says_so(workspace: Path) -> None:
+    """1 MiB (the smallest limit taken) does not hold stage A, which is in
+    the run's groups from its start: the run failed as "setup process died"."""
+    with pytest.raises(nanobox.SetupError, match="memory limit was reached while the sandbox"):
+        nanobox.run(["true"], policy=limits(memory="1M"))
+    assert nanobox.run(["true"], policy=limits(memory="16M")).returncode == 0
+
+
 def test_python_memory_bomb(workspace: Path) -> None:
     r = nanobox.run([SPY, "-c", "b = bytearray(1 << 30)"], policy=limits(memory="64M"))
     assert r.outcome is nanobox.Outcome.MEMORY_LIMIT and r.oom_killed and r.returncode == -9

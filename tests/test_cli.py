@@ -107,13 +107,19 @@ def test_result_json_describes_the_run(workspace: Path, tmp_path: Path) -> None:
     assert "network" not in data
 
 
-@pytest.mark.parametrize("where", ["missing", "directory", "empty"])
+@pytest.mark.parametrize("where", ["missing", "directory", "new-directory", "too-long", "empty"])
 def test_an_unwritable_result_path_is_refused_before_the_run(
     workspace: Path, tmp_path: Path, where: str
 ) -> None:
     """Before, the command ran and then the CLI failed with "internal error:
     FileNotFoundError", its record lost."""
-    path = {"missing": str(tmp_path / "no-dir" / "r.json"), "directory": str(tmp_path), "empty": ""}
+    path = {
+        "missing": str(tmp_path / "no-dir" / "r.json"),
+        "directory": str(tmp_path),
+        "new-directory": str(tmp_path / "new") + "/",
+        "too-long": str(tmp_path / ("r" * 250)),  # (its temporary file's name is longer still)
+        "empty": "",
+    }
     p = nanobox_cli("run", "--result", path[where], "--", "touch", "ran")
     assert p.returncode == 125, p
     assert p.stderr.startswith(b"nanobox: error: --result: "), p.stderr

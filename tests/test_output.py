@@ -27,7 +27,7 @@ def test_stdin_bytes_str_file_and_none(workspace: Path) -> None:
 def test_a_bad_stdin_is_a_clear_error(workspace: Path) -> None:
     import io
 
-    for bad in (1_000_000, -1, io.BytesIO(b"x"), "in.txt", True):  # (no fd 1000000 here)
+    for bad in (1_000_000, -1, 2**70, io.BytesIO(b"x"), "in.txt", True):  # (no fd 1000000 here)
         with pytest.raises(nanobox.PolicyError, match=r"^stdin: expected an open file descriptor"):
             nanobox.run(["cat"], stdin=bad)  # type: ignore[arg-type]
 

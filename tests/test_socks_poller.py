@@ -103,6 +103,20 @@ def test_messages_of_any_size_travel_whole_with_their_fds(size: int) -> None:
     os.close(w)
 
 
+def test_a_message_longer_than_the_socket_buffer_goes_in_a_memfd() -> None:
+    """Under MSG_MAX, but more than the sender's socket buffer allows (an
+    administrator's smaller default): EMSGSIZE, then the memfd."""
+    a, b = socks.socketpair()
+    with a, b:
+        a.setsockopt(socks.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        data = b"z" * 32768
+        with pytest.raises(OSError) as exc:
+            a.send(data)  # the control
+        assert exc.value.errno == 90  # EMSGSIZE
+        socks.send_msg(a, data)
+        assert socks.recv_msg(b, 0) == (data, [])
+
+
 def test_fds_beyond_those_expected_are_closed() -> None:
     a, b = socks.socketpair()
     pipes = [os.pipe() for _ in range(3)]

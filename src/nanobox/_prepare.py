@@ -131,7 +131,7 @@ def prepare(
                 raise TypeError
             stdin_fd = stdin if isinstance(stdin, int) else stdin.fileno()
             os.fstat(stdin_fd)  # open (else EBADF at the submit, naming nothing)
-        except (AttributeError, TypeError, ValueError, OSError):
+        except (AttributeError, TypeError, ValueError, OSError, OverflowError):
             # (io.UnsupportedOperation, a BytesIO's, is both of the last two)
             raise PolicyError(
                 "stdin", f"expected an open file descriptor or a file with one, got {stdin!r}"

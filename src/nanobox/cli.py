@@ -417,20 +417,25 @@ def _flag_message(exc: Any) -> str:
 
 def _check_result_path(path: str) -> None:
     """``--result``'s file must be one this process can write before the
-    command runs: a judge's record of a run should not be lost after it."""
+    command runs: a judge's record of a run should not be lost after it.
+    Its temporary file is made and removed here, as the write will make
+    it (so a missing or read-only directory, a name too long, are found)."""
     if path == "-":
         return
     if not path:
         raise _UsageError("--result: expected a file path, or '-' for stderr, got ''")
-    where = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise _UsageError(f"--result: {path!r} is a directory; name a file in it")
-    if not os.path.isdir(where):
-        raise _UsageError(f"--result: cannot write {path!r}: {where!r} is not a directory")
-    if not os.access(where, os.W_OK | os.X_OK):
-        raise _UsageError(
-            f"--result: cannot write {path!r}: no permission to create files in {where!r}"
-        )
+    if path.endswith("/") or os.path.isdir(path):
+        raise _UsageError(f"--result: {path!r} names a directory; name a file in it")
+    tmp = _result_tmp(path)
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        os.unlink(tmp)
+    except OSError as exc:
+        raise _UsageError(f"--result: cannot write {path!r}: {exc.strerror}") from None
+
+
+def _result_tmp(path: str) -> str:
+    return f"{path}.tmp{os.getpid()}"
 
 
 def _write_result(path: str, data: dict[str, Any]) -> bool:
@@ -442,7 +447,7 @@ def _write_result(path: str, data: dict[str, Any]) -> bool:
     if path == "-":
         sys.stderr.write(text)
         return True
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = _result_tmp(path)
     try:
         with open(tmp, "w") as fh:
             fh.write(text)

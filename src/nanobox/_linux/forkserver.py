@@ -389,6 +389,10 @@ class Server:
             return True
         except ConnectionResetError:
             return False  # the caller is gone
+        except OSError:
+            # A message cut short or too long (its fds are closed: that run's
+            # caller sees its channel close). Keep serving the others.
+            return True
         if not msg and not fds:
             return False
         if len(fds) != 4:
@@ -851,7 +855,11 @@ class Server:
                 try:
                     self._send_run(job)
                 except OSError:
-                    pass  # its process died: its status says why
+                    # Its process died (its status says why), or the run could
+                    # not be sent (no memfd for a long one): EOF tells the
+                    # command's side that no run comes, rather than leave it
+                    # waiting.
+                    self._close_sock(job)
             return
         if msg.startswith(b"L"):
             try:
@@ -868,13 +876,17 @@ class Server:
                 os.close(fd)
             return
         if not msg and not fds:
+            self._close_sock(job)
+
+    def _close_sock(self, job: _Job) -> None:
+        if job.sock is not None:
             self.sel.unregister(job.sock)
             job.sock.close()
             job.sock = None
-            if job.prep_cpu is None:
-                # No "L" can come now: the CPU limit is judged as if it had
-                # said (0, 0) rather than not at all (``Run.tree_cpu``).
-                self._prep_cpu(job, (0.0, 0.0))
+        if job.prep_cpu is None:
+            # No "L" can come now: the CPU limit is judged as if it had
+            # said (0, 0) rather than not at all (``Run.tree_cpu``).
+            self._prep_cpu(job, (0.0, 0.0))
 
     @staticmethod
     def _prep_cpu(job: _Job, cpu: tuple[float, float]) -> None:
@@ -917,7 +929,15 @@ class Server:
         elif line.startswith(b"E"):
             msg = {"t": "error", **wire.status_loads(line[1:])}
         else:
-            msg = {"t": "error", "step": "spawn", "errno": None, "message": "setup process died"}
+            message = "setup process died"
+            if job.group is not None and job.group.stats().get("oom_kills", 0) > 0:
+                # (Stage A is in the run's groups from its start: what it
+                # copies of the server's memory is charged there.)
+                message += (
+                    ": the memory limit was reached while the sandbox was being set up, "
+                    "which is charged to it too; raise the memory limit"
+                )
+            msg = {"t": "error", "step": "spawn", "errno": None, "message": message}
         self._close_job(job)
         # The starter exits by itself; its group goes when it is reaped.
         if self.starting.pop(job.starter_pid, None) is not None:

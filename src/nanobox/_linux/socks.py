@@ -86,11 +86,13 @@ MSG_MAX = 1 << 16
 BIG = b"\xff\xffBIG"  # never a marshalled value (0xff is no type) nor a join_run'd run
 BIG_MAX = 1 << 28  # what a receiver reads from a memfd at most (trusted peers only)
 _EMSGSIZE = 90
+_EINVAL = 22
+_MFD_NOEXEC_SEAL = 0x0008
 
 
 def send_msg(sock: _socket.socket, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
-    """Send ``data`` (any length) and ``fds`` as one message for
-    ``recv_msg``."""
+    """Send ``data`` (any length, but not empty: an empty message reads as
+    EOF) and ``fds`` as one message for ``recv_msg``."""
     if len(data) <= MSG_MAX:
         try:
             if fds:
@@ -101,7 +103,14 @@ def send_msg(sock: _socket.socket, data: bytes, fds: list[int] | tuple[int, ...]
         except OSError as exc:
             if exc.errno != _EMSGSIZE:
                 raise
-    big = os.memfd_create("nanobox-message", os.MFD_CLOEXEC)
+    try:
+        # Never executable (where vm.memfd_noexec=2, Linux 6.3+, a memfd
+        # without this flag is refused); older kernels do not know it.
+        big = os.memfd_create("nanobox-message", os.MFD_CLOEXEC | _MFD_NOEXEC_SEAL)
+    except OSError as exc:
+        if exc.errno != _EINVAL:
+            raise
+        big = os.memfd_create("nanobox-message", os.MFD_CLOEXEC)
     try:
         view = memoryview(data)
         while view:

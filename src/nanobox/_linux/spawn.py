@@ -111,7 +111,7 @@ class Starter:
         """The run starts: stage A finishes the view and releases the
         command. ``skipped``: the plan's placeholders the server did not
         make (names the sandbox cannot create: nothing to protect)."""
-        self.sock.send(b"G" + ",".join(map(str, skipped)).encode())
+        socks.send_msg(self.sock, b"G" + ",".join(map(str, skipped)).encode())
 
     def send_run(self, run: bytes, stdio: list[int]) -> None:
         """The run's argv and env (``wire``) and stdio, straight to the command."""
@@ -466,7 +466,7 @@ def _recv_procfs(sock: socks.Socket) -> int | OSError | None:
 def _recv_go(sock: socks.Socket, plan: dict[str, Any]) -> frozenset[str] | None:
     """Wait for "go"; None on EOF. What it carries: the sandbox paths of
     placeholders the server did not make (see ``Starter.go``)."""
-    msg = sock.recv(65536)
+    msg = recv_msg(sock, 0)[0]  # (a long list of skipped names must not be cut short)
     if not msg.startswith(b"G"):
         return None
     if len(msg) == 1:
