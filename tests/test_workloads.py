@@ -112,7 +112,9 @@ def test_a_command_line_as_long_as_the_kernel_allows(workspace: Path) -> None:
         [sys.executable, "-m", "nanobox", "run", "--", *args], capture_output=True, timeout=60
     )
     assert (cli.returncode, cli.stdout, cli.stderr) == (0, b"1200 0\n", b"")
-    too_long = ["true", *["a" * 100_000] * 70]  # 7 MB: over the kernel's cap (6 MiB) anywhere
+    # 7 MB: over the kernel's cap (6 MiB) anywhere. (A path, not a PATH
+    # search: an unsearchable PATH entry would be the error reported.)
+    too_long = ["/bin/true", *["a" * 100_000] * 70]
     with pytest.raises(OSError) as exc:
         subprocess.run(too_long)
     assert exc.value.errno == 7  # E2BIG

@@ -389,7 +389,9 @@ class Server:
             return True
         except ConnectionResetError:
             return False  # the caller is gone
-        except OSError:
+        except OSError as exc:
+            if exc.errno != 90:  # EMSGSIZE (recv_msg's own): anything else is not ours to skip
+                raise
             # A message cut short or too long (its fds are closed: that run's
             # caller sees its channel close). Keep serving the others.
             return True
