@@ -135,7 +135,9 @@ def test_user_and_system_time_add_up_to_the_cpu_time(workspace: Path, cbin: Path
     got 0 and 0 beside a CPU time of milliseconds); v2's cpu.stat adds
     them up to the exact total. Either way the result's two parts make up
     its CPU time (how a short run splits is the kernel's sampling), and a
-    longer loop in user mode is mostly user time."""
+    longer loop in user mode is mostly user time (natively: under the VM
+    lane's emulation the exec's system time is as long as the loop, and a
+    0.3-s loop came out 49.6 % user)."""
     box = nanobox.Sandbox()
     try:
         for secs in ("0.013", "0.033", "0.3"):
@@ -143,7 +145,7 @@ def test_user_and_system_time_add_up_to_the_cpu_time(workspace: Path, cbin: Path
             assert r.returncode == 0, r
             assert r.cpu_time_s > 0, r
             assert r.user_time_s + r.system_time_s == pytest.approx(r.cpu_time_s, abs=2e-6), r
-        assert r.user_time_s >= r.cpu_time_s / 2, r
+        assert r.user_time_s >= r.cpu_time_s / (4 if SLOW else 2), r
     finally:
         box.close()
 

@@ -428,7 +428,9 @@ def _check_result_path(path: str) -> None:
         raise _UsageError(f"--result: {path!r} names a directory; name a file in it")
     tmp = _result_tmp(path)
     try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        # (Not O_EXCL: one left by a killed run whose pid this is would be
+        # overwritten by the write as well.)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
         os.unlink(tmp)
     except OSError as exc:
         raise _UsageError(f"--result: cannot write {path!r}: {exc.strerror}") from None
