@@ -389,9 +389,7 @@ class Server:
             return True
         except ConnectionResetError:
             return False  # the caller is gone
-        except OSError as exc:
-            if exc.errno != 90:  # EMSGSIZE (recv_msg's own): anything else is not ours to skip
-                raise
+        except socks.BadMessage:
             # A message cut short or too long (its fds are closed: that run's
             # caller sees its channel close). Keep serving the others.
             return True

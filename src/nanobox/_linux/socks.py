@@ -64,13 +64,18 @@ def recv_fds(sock: _socket.socket, bufsize: int, maxfds: int) -> tuple[bytes, li
     """One message and the fds passed with it, received close-on-exec
     (``socket.recv_fds`` ignores its ``flags`` before Python 3.12, and an
     fd received without the flag would leak into every exec'd program)."""
-    fds: list[int] = []
     msg, ancdata, _flags, _addr = sock.recvmsg(bufsize, CMSG_LEN(maxfds * _INT), MSG_CMSG_CLOEXEC)
+    return msg, _fds(ancdata)
+
+
+def _fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds of a message's SCM_RIGHTS data."""
+    fds: list[int] = []
     for level, kind, data in ancdata:
         if level == SOL_SOCKET and kind == SCM_RIGHTS:
             for i in range(0, len(data) - _INT + 1, _INT):
                 fds.append(int.from_bytes(data[i : i + _INT], sys.byteorder, signed=True))
-    return msg, fds
+    return fds
 
 
 # The fork chain's messages (a run and its plan, a run's argv and
@@ -86,6 +91,13 @@ MSG_MAX = 1 << 16
 BIG = b"\xff\xffBIG"  # never a marshalled value (0xff is no type) nor a join_run'd run
 BIG_MAX = 1 << 28  # what a receiver reads from a memfd at most (trusted peers only)
 _EMSGSIZE = 90
+
+
+class BadMessage(OSError):
+    """``recv_msg``'s refusal of a message cut short or too long (its fds
+    are closed): that message is lost, the socket is still good."""
+
+
 _EINVAL = 22
 _MFD_NOEXEC_SEAL = 0x0008
 
@@ -122,25 +134,22 @@ def send_msg(sock: _socket.socket, data: bytes, fds: list[int] | tuple[int, ...]
 
 def recv_msg(sock: _socket.socket, maxfds: int) -> tuple[bytes, list[int]]:
     """One message of ``send_msg``'s and the fds passed with it (at most
-    ``maxfds``; those beyond are closed). ``b""`` at EOF."""
-    fds: list[int] = []
+    ``maxfds``; those beyond are closed). ``b""`` at EOF; ``BadMessage``
+    for one cut short or too long."""
     msg, ancdata, flags, _addr = sock.recvmsg(
         MSG_MAX, CMSG_LEN((maxfds + 1) * _INT), MSG_CMSG_CLOEXEC
     )
-    for level, kind, data in ancdata:
-        if level == SOL_SOCKET and kind == SCM_RIGHTS:
-            for i in range(0, len(data) - _INT + 1, _INT):
-                fds.append(int.from_bytes(data[i : i + _INT], sys.byteorder, signed=True))
+    fds = _fds(ancdata)
     try:
         # (More fds than expected: the kernel closed those that did not fit.)
         if flags & MSG_TRUNC or (msg == BIG and flags & MSG_CTRUNC):
-            raise OSError(_EMSGSIZE, "a message of the fork chain was cut short")
+            raise BadMessage(_EMSGSIZE, "a message of the fork chain was cut short")
         if msg == BIG and fds:
             big = fds.pop()
             try:
                 size = os.fstat(big).st_size
                 if size > BIG_MAX:
-                    raise OSError(_EMSGSIZE, f"a message of {size} bytes is too long")
+                    raise BadMessage(_EMSGSIZE, f"a message of {size} bytes is too long")
                 parts = []
                 offset = 0
                 while offset < size:
