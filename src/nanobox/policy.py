@@ -11,7 +11,6 @@ keys.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Mapping
 
 from ._deferred import provide_typing
@@ -591,21 +590,7 @@ def policy_from_mapping(data: Mapping[str, typing.Any]) -> Policy:
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:
     """Read a TOML policy file. Unknown keys are an error."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - Python 3.10
-        import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except OSError as exc:
-        raise PolicyError("policy", f"cannot read {os.fspath(path)!r}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PolicyError("policy", f"{os.fspath(path)!r} is not valid TOML: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise PolicyError(
-            "policy",
-            f"{os.fspath(path)!r} is not valid TOML: not UTF-8 text (byte "
-            f"0x{exc.object[exc.start]:02x} at offset {exc.start})",
-        ) from None
+    from ._toml import read_toml
+
+    data = read_toml(path, "policy")
     return policy_from_mapping(data)

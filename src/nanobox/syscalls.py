@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -260,21 +259,7 @@ def syscalls_from_mapping(data: Mapping[str, Any], where: str = "syscalls") -> S
 
 def load_syscalls(path: str | os.PathLike[str]) -> Syscalls:
     """Read a seccomp policy TOML file (the format of ``--seccomp FILE``)."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except OSError as exc:
-        raise PolicyError("seccomp", f"cannot read {os.fspath(path)!r}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PolicyError("seccomp", f"{os.fspath(path)!r} is not valid TOML: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise PolicyError(
-            "seccomp",
-            f"{os.fspath(path)!r} is not valid TOML: not UTF-8 text (byte "
-            f"0x{exc.object[exc.start]:02x} at offset {exc.start})",
-        ) from None
+    from ._toml import read_toml
+
+    data = read_toml(path, "seccomp")
     return syscalls_from_mapping(data, "seccomp")
