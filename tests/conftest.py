@@ -87,12 +87,11 @@ def pids_with(marker: str) -> list[int]:
 def wait_until(pred: object, timeout: float = 10.0, interval: float = 0.02) -> bool:
     """Poll ``pred`` until it is true, for up to ``timeout`` seconds
     (``WAIT_SCALE`` times that in the VM lane)."""
-    deadline = time.monotonic() + timeout * WAIT_SCALE
-    while time.monotonic() < deadline:
-        if pred():  # type: ignore[operator]
-            return True
-        time.sleep(interval)
-    return bool(pred())  # type: ignore[operator]
+
+    def seen() -> bool | None:
+        return True if pred() else None  # type: ignore[operator]
+
+    return wait_for(seen, timeout, interval) is not None
 
 
 def wait_for(
