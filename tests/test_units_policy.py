@@ -252,3 +252,12 @@ def test_errors_survive_pickling_and_copying() -> None:
             assert (back.step, back.syscall, back.errno) == (exc.step, exc.syscall, exc.errno)
     back = pickle.loads(pickle.dumps(errors[0]))
     assert isinstance(back, nanobox.PolicyError) and back.field == "limits.memory"
+
+
+@pytest.mark.parametrize("entry", ["/x:0", "/x:4095", "/x:9223372036854775808"])
+def test_a_tmpfs_size_out_of_range_is_refused(entry: str) -> None:
+    """The kernel reads a tmpfs ``size=0`` as no limit at all: ``/x:0`` once
+    gave the command an unlimited tmpfs (100 MB written to it)."""
+    with pytest.raises(nanobox.PolicyError, match=r"filesystem\.tmpfs.*SIZE must be from 4096"):
+        nanobox.Filesystem(tmpfs=(entry,))
+    assert nanobox.Filesystem(tmpfs=("/x:4K",)).tmpfs == ("/x:4K",)

@@ -48,6 +48,7 @@ _ENV_NAME_FORBIDDEN = ("=", "\0")
 # naming its field, rather than failing the sandbox's setup.
 MAX_SECONDS = 1e9  # ~31.7 years (an rlimit of CPU seconds, a timer)
 MAX_SIZE = 2**63 - 1  # bytes: the kernel's limits are signed 64-bit
+MIN_TMPFS_SIZE = 4096  # one page: a tmpfs of size 0 would have no limit
 MAX_COUNT = 2**31 - 1
 # pids.max takes less than the kernel's PID_MAX_LIMIT (4194304 on 64-bit),
 # and the server adds one for stage A's own task while it lives.
@@ -352,11 +353,18 @@ def _paths(obj: object, name: str, *, with_dest: bool, with_size: bool = False) 
             raise PolicyError(f"filesystem.{name}", f"{item!r}: DEST must be an absolute path")
         if len(parts) == 2 and with_size:
             try:
-                parse_size(parts[1])
+                size = parse_size(parts[1])
             except ValueError:
                 raise PolicyError(
                     f"filesystem.{name}", f"{item!r}: expected DEST[:SIZE] with {SIZE_HELP}"
                 ) from None
+            # (The kernel takes a tmpfs size of 0 as no limit at all.)
+            if not MIN_TMPFS_SIZE <= size <= MAX_SIZE:
+                raise PolicyError(
+                    f"filesystem.{name}",
+                    f"{item!r}: SIZE must be from {MIN_TMPFS_SIZE} bytes (4K) to "
+                    f"{MAX_SIZE} bytes, got {parts[1]!r}",
+                )
         out.append(item)
     _set(obj, name, tuple(out))
 
@@ -445,7 +453,7 @@ class Filesystem:
             raise PolicyError(
                 "filesystem.rootfs", f"expected 'host' or 'minimal', got {self.rootfs!r}"
             )
-        _norm_size(self, "filesystem.", "tmp_size", minimum=4096)
+        _norm_size(self, "filesystem.", "tmp_size", minimum=MIN_TMPFS_SIZE)
 
 
 @value_type(frozen=True, kw_only=True)
