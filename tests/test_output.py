@@ -32,6 +32,13 @@ def test_a_bad_stdin_is_a_clear_error(workspace: Path) -> None:
             nanobox.run(["cat"], stdin=bad)  # type: ignore[arg-type]
 
 
+def test_a_bad_cwd_is_a_clear_error(workspace: Path) -> None:
+    # (An int was a TypeError from os.fspath, a NUL a ValueError from stat.)
+    for bad in (3, b"/tmp", "a\0b", ""):
+        with pytest.raises(nanobox.PolicyError, match=r"^cwd: expected a non-empty path string"):
+            nanobox.run(["true"], cwd=bad)  # type: ignore[arg-type]
+
+
 def test_large_input_and_output_roundtrip(workspace: Path) -> None:
     data = bytes(range(256)) * 40000  # ~10 MB, more than any pipe buffer
     r = nanobox.run(["cat"], input=data, timeout=60)

@@ -54,7 +54,14 @@ def resolve_cwd(cwd: str | os.PathLike[str] | None) -> str:
             why = f"the current directory cannot be used: {exc.strerror}"
             raise PolicyError("cwd", why) from None
     else:
-        raw = os.fspath(cwd)
+        given: object = cwd
+        try:
+            given = os.fspath(cwd)
+        except TypeError:
+            pass
+        if not isinstance(given, str) or not given or "\0" in given:
+            raise PolicyError("cwd", f"expected a non-empty path string without NUL, got {cwd!r}")
+        raw = given
     path = os.path.realpath(os.path.expanduser(raw))
     try:
         is_dir = stat.S_ISDIR(os.stat(path).st_mode)
