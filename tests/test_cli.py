@@ -265,6 +265,26 @@ def test_bad_policy_files_exit_125(
     assert len(lines) == 1 and named in lines[0], lines
 
 
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [
+        ('deny = ["nosuchcall"]\n', "deny: unknown syscall 'nosuchcall'"),
+        ("[syscalls]\n", "syscalls: unknown key"),
+        ("x = \n", "is not valid TOML"),
+    ],
+)
+def test_bad_seccomp_files_name_the_option_and_the_file(
+    workspace: Path, tmp_path: Path, content: str, named: str
+) -> None:
+    rules = tmp_path / "bad.toml"
+    rules.write_text(content)
+    p = nanobox_cli("run", "--seccomp", str(rules), "true")
+    assert p.returncode == 125
+    lines = p.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"nanobox: error: --seccomp {rules}: "), lines
+    assert named in lines[0], lines
+
+
 def test_check_json(workspace: Path) -> None:
     p = nanobox_cli("check", "--json")
     data = json.loads(p.stdout)

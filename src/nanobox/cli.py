@@ -347,9 +347,16 @@ def _policy_from_args(ns: Any) -> Any:
         if ns.seccomp in ("default", "none"):
             changes["syscalls"] = ns.seccomp
         else:
+            from .errors import PolicyError
             from .syscalls import load_syscalls
 
-            changes["syscalls"] = load_syscalls(ns.seccomp)
+            try:
+                changes["syscalls"] = load_syscalls(ns.seccomp)
+            except PolicyError as exc:
+                # As --policy's: the option and its file, then the key in it.
+                where = exc.field.partition(".")[2]
+                reason = f"{where}: {exc._reason}" if where else exc._reason
+                raise _UsageError(f"--seccomp {ns.seccomp}: {reason}") from None
     net_changes: dict[str, Any] = {}
     if ns.network is not None:
         if ns.network not in ("none", "allowlist", "host"):
