@@ -40,7 +40,7 @@ def _recv(sock: socket.socket, timeout: float) -> bytes | None:
 def test_the_forker_acknowledges_in_batches_and_reports_every_exit() -> None:
     """Eight requests get one ``F8`` (each notice wakes the server); every
     starter that exits (here: its plan socket closed, as for a discarded
-    spare) is reported by its ident."""
+    spare) is reported by its ident, with the CPU time it used."""
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     code = (
         "import os, sys; from nanobox._linux import forker; "
@@ -76,7 +76,9 @@ def test_the_forker_acknowledges_in_batches_and_reports_every_exit() -> None:
         while len(gone) < forker.ACK_EVERY:
             msg = _recv(mine, 10)
             assert msg is not None and msg.startswith(b"X"), msg
-            gone.add(int(msg[1:]))
+            ident, user, system = msg[1:].split()  # its CPU time, in microseconds
+            assert int(user) >= 0 and int(system) >= 0 and int(user) + int(system) > 0, msg
+            gone.add(int(ident))
         assert gone == {-i for i in range(1, forker.ACK_EVERY + 1)}
     finally:
         mine.close()  # EOF: the forker exits

@@ -147,3 +147,30 @@ def test_a_cpu_limit_poll_leaves_out_what_nanobox_used_before_its_report() -> No
         for p in (stage_a, init, cmd):
             p.kill()
             p.wait()
+
+
+def test_the_report_leaves_all_of_stage_a_out_of_the_command_s_cpu() -> None:
+    """Stage A's lines give its CPU up to its last line, from its join on;
+    its exit (a forked Python's, ~0.5 ms) comes after, and is in the
+    group's total too. Once it is reaped, the report counts as nanobox's
+    own all of its CPU from the join to the reap (the server then has it)."""
+    from nanobox._linux import supervise
+
+    info = {"init": 0, "cmd": 0, "start": 0.0, "self_utime": 0.0, "self_stime": 0.0}
+    run = supervise.Run(info, {"uid": 0, "gid": 0})
+    run.set_command(
+        {
+            "cmd": 0,
+            "start": 0.0,
+            "setup_s": 0.0,
+            "self_utime": 0.004,  # at its "C" line, since the join
+            "self_stime": 0.001,
+            "joined_cpu": [0.0006, 0.0001],  # before the join: not the group's
+        }
+    )
+    run.prep_cpu = (0.0, 0.0)
+    assert (run.report()["self_utime"], run.report()["self_stime"]) == (0.004, 0.001)
+    run.starter_cpu = (0.0052, 0.0013)  # reaped: its exit included
+    report = run.report()
+    assert report["self_utime"] == pytest.approx(0.0046, abs=1e-9)
+    assert report["self_stime"] == pytest.approx(0.0012, abs=1e-9)

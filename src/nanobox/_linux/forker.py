@@ -16,9 +16,10 @@ Protocol over a ``SOCK_SEQPACKET`` pair:
   ``[sock, csock, status_w, cmd_r]`` of the new stage A (``spawn``);
 - forker -> server: ``F<n>`` when it has received ``n`` more requests
   (their fds are out of the socket: the server has at most 16 unacknowledged
-  ones out, and the forker acknowledges every ``ACK_EVERY``), and ``X<ident>`` once
-  that stage A has exited (and been reaped here), ``ident`` being a
-  negative number chosen by the server.
+  ones out, and the forker acknowledges every ``ACK_EVERY``), and
+  ``X<ident> <user> <system>`` once that stage A has exited (and been reaped
+  here), ``ident`` being a negative number chosen by the server, ``user``
+  and ``system`` its CPU time in microseconds, its exit included.
 
 The forker is not a subreaper: when a stage A exits, PID 1 and the command
 go to the server, which supervises them. It dies with the server
@@ -92,9 +93,10 @@ class Forker:
             for fd in fds:
                 os.close(fd)
 
-    def exited(self) -> list[int]:
-        """Idents of stage A processes that have exited since last asked."""
-        out: list[int] = []
+    def exited(self) -> list[tuple[int, tuple[float, float]]]:
+        """Stage A processes that have exited since last asked: their
+        idents, with the user and system CPU time each used."""
+        out: list[tuple[int, tuple[float, float]]] = []
         while True:
             try:
                 msg = self.sock.recv(64, socks.MSG_DONTWAIT)
@@ -103,7 +105,8 @@ class Forker:
             if not msg:
                 raise ConnectionError("the forker is gone")
             if msg.startswith(b"X"):
-                out.append(int(msg[1:]))
+                ident, user, system = msg[1:].split()
+                out.append((int(ident), (int(user) / 1e6, int(system) / 1e6)))
             elif msg.startswith(b"F"):
                 self.outstanding = max(0, self.outstanding - int(msg[1:]))
                 self.flush()
@@ -144,7 +147,7 @@ class Direct:
     def flush(self) -> None:
         pass
 
-    def exited(self) -> list[int]:
+    def exited(self) -> list[tuple[int, tuple[float, float]]]:
         return []
 
 
@@ -237,11 +240,12 @@ def _loop(sock: socks.Socket, wake_r: int, wake_w: int) -> None:
                     pass
                 while True:
                     try:
-                        pid, _status = os.waitpid(-1, os.WNOHANG)
+                        pid, _status, ru = os.wait4(-1, os.WNOHANG)
                     except ChildProcessError:
                         break
                     if pid == 0:
                         break
                     gone = idents.pop(pid, None)
                     if gone is not None:
-                        sock.send(b"X%d" % gone)
+                        used = (round(ru.ru_utime * 1e6), round(ru.ru_stime * 1e6))
+                        sock.send(b"X%d %d %d" % (gone, *used))

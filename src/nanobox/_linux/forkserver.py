@@ -107,6 +107,7 @@ class _Job:
         "stale",
         "started",
         "starter",
+        "starter_cpu",
         "starter_pid",
         "static",
         "status_r",
@@ -117,6 +118,9 @@ class _Job:
         self.chan: socks.Socket | None = None  # the caller's, once a run claims the job
         self.starter = starter
         self.starter_pid = starter.pid
+        # Stage A's CPU time, user and system, once it is reaped: all of it,
+        # its exit included (what its own lines said stops before that).
+        self.starter_cpu: tuple[float, float] | None = None
         self.status_r = starter.status_r
         self.cmd_w = starter.cmd_w
         self.sock: socks.Socket | None = starter.csock  # the command's listener comes here
@@ -231,8 +235,8 @@ class Server:
                     except ConnectionError:
                         self.shutdown()  # no more sandboxes: the caller starts a new server
                         return
-                    for ident in gone:
-                        self._reaped(ident, 0, None)  # a stage A exited
+                    for ident, cpu in gone:
+                        self._reaped(ident, 0, cpu)  # a stage A exited
                 elif what == "watch":
                     self._on_watch()
                 elif job.finished:
@@ -665,7 +669,15 @@ class Server:
                 job.run.init_rusage = rusage
             self._maybe_finish(job)
         elif (started := self.starting.pop(pid, None)) is not None:
-            self._settle_pids(started)  # a stage A exited
+            # A stage A exited: ``rusage`` is its CPU time as the forker
+            # sent it, or this process's own child's rusage.
+            cpu = rusage
+            if rusage is not None and not isinstance(rusage, tuple):
+                cpu = (rusage.ru_utime, rusage.ru_stime)
+            started.starter_cpu = cpu
+            self._settle_pids(started)
+            if started.run is not None:
+                self._maybe_finish(started)  # (it waits for this exit)
         elif pid > 0:
             # An init or command whose stage A's "P" line is not read yet
             # (or a child of a stage A that died: kept for a while only).
@@ -1006,9 +1018,12 @@ class Server:
         run = job.run
         if run is not None:
             # Supervised here: the command was reaped, the init too (so the
-            # whole pid namespace is gone), and its last line was read.
-            if not run.done() or job.status_r != -1:
+            # whole pid namespace is gone), its last line was read, and its
+            # stage A reaped (its exit is in the group's CPU time: nanobox's
+            # own, which the report leaves out of the command's).
+            if not run.done() or job.status_r != -1 or job.starter_pid in self.starting:
                 return
+            run.starter_cpu = job.starter_cpu
             if run.prep_cpu is None and job.sock is not None:
                 self._on_sock(job)  # its "L" if sent (what is nanobox's in the group)
             msg: dict[str, Any] = {"t": "result", **run.report()}
