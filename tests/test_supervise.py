@@ -165,7 +165,8 @@ def test_the_report_leaves_all_of_stage_a_out_of_the_command_s_cpu() -> None:
             "setup_s": 0.0,
             "self_utime": 0.004,  # at its "C" line, since the join
             "self_stime": 0.001,
-            "joined_cpu": [0.0006, 0.0001],  # before the join: not the group's
+            "joined_utime": 0.0006,  # before the join: not the group's
+            "joined_stime": 0.0001,
         }
     )
     run.prep_cpu = (0.0, 0.0)

@@ -416,7 +416,9 @@ def _build_sandbox(
             "degraded": degraded,
             "self_utime": me.ru_utime - plan["joined_cpu"][0],
             "self_stime": me.ru_stime - plan["joined_cpu"][1],
-            "joined_cpu": plan["joined_cpu"],
+            # (Flat: the server parses a flat line without ``json``.)
+            "joined_utime": plan["joined_cpu"][0],
+            "joined_stime": plan["joined_cpu"][1],
         }
         write_all(status_w, b"P" + wire.status_dumps(info) + b"\n")
         os._exit(0)
@@ -661,7 +663,9 @@ def _build_spawning(
             "setup_s": (built - t0) + (start - t1),
             "self_utime": me.ru_utime - plan["joined_cpu"][0] + kids.ru_utime,
             "self_stime": me.ru_stime - plan["joined_cpu"][1] + kids.ru_stime,
-            "joined_cpu": plan["joined_cpu"],
+            # (Flat: the server parses a flat line without ``json``.)
+            "joined_utime": plan["joined_cpu"][0],
+            "joined_stime": plan["joined_cpu"][1],
         }
         write_all(status_w, b"C" + wire.status_dumps(info) + b"\n")
     finally:

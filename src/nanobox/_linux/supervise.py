@@ -150,7 +150,7 @@ class Run:
         timeout = self.deadline is not None and self.deadline - float(self.info["start"])
         if timeout:
             self.deadline = self.start + timeout
-        for key in ("setup_s", "self_utime", "self_stime", "joined_cpu"):
+        for key in ("setup_s", "self_utime", "self_stime", "joined_utime", "joined_stime"):
             if key in info:
                 self.info[key] = info[key]
 
@@ -225,12 +225,11 @@ class Run:
         end = self.end if self.end is not None else time.monotonic()
         pu, ps = self.prep_cpu or (0.0, 0.0)
         me_u, me_s = self.info["self_utime"], self.info["self_stime"]
-        joined = self.info.get("joined_cpu")
-        if self.starter_cpu is not None and joined is not None:
+        if self.starter_cpu is not None and "joined_utime" in self.info:
             # Stage A's CPU in the group: from its join to its exit (its own
             # lines stop short of its exit, ~0.5 ms of a forked Python's).
-            me_u = max(0.0, self.starter_cpu[0] - joined[0])
-            me_s = max(0.0, self.starter_cpu[1] - joined[1])
+            me_u = max(0.0, self.starter_cpu[0] - self.info["joined_utime"])
+            me_s = max(0.0, self.starter_cpu[1] - self.info["joined_stime"])
         me_u, me_s = me_u + pu, me_s + ps
         if self.init_rusage is not None:
             me_u += max(0.0, self.init_rusage.ru_utime - self.init_children_cpu[0])
