@@ -109,6 +109,11 @@ def test_the_server_counts_a_batch_as_received() -> None:
         while _recv(forker_end, 0) is not None:
             received += 1
         assert received == forker.MAX_OUTSTANDING + 3
+        # Exits, with the CPU each stage A used (in microseconds; "0 0" for
+        # one never forked): all of a batch read, in order.
+        for notice in (b"X-1 1500 250", b"X-2 0 0", b"X-3"):
+            forker_end.send(notice)
+        assert handle.exited() == [(-1, (0.0015, 0.00025)), (-2, (0.0, 0.0)), (-3, None)]
     finally:
         server_end.close()
         forker_end.close()

@@ -113,9 +113,14 @@ def test_a_cpu_limit_poll_leaves_out_what_nanobox_used_before_its_report() -> No
                 "setup_s": 0.0,
                 "self_utime": _cpu(stage_a.pid),
                 "self_stime": 0.0,
+                "joined_utime": 0.0,
+                "joined_stime": 0.0,
             }
         )
         spawned.prep_cpu = (0.0, 0.0)  # ("L": the spawned command ran nothing before)
+        # Stage A's exit is in the group too: nothing judged until it is reaped.
+        assert spawned.tree_cpu(group) == 0.0
+        spawned.starter_cpu = (_cpu(stage_a.pid), 0.0)
         assert abs(spawned.tree_cpu(group) - 0.05) < 0.03
         user[0] = 0.3
         assert spawned.tree_cpu(group) >= 0.2
@@ -133,9 +138,12 @@ def test_a_cpu_limit_poll_leaves_out_what_nanobox_used_before_its_report() -> No
                 "start": now,
                 "self_utime": a_cpu,
                 "self_stime": 0.0,
+                "joined_utime": 0.0,
+                "joined_stime": 0.0,
             },
             {"cpu_time": 0.2, "uid": 0, "gid": 0},
         )
+        ahead.starter_cpu = (a_cpu, 0.0)
         group = lambda: a_cpu + _cpu(init.pid) + _cpu(cmd.pid) + user[0]  # noqa: E731
         assert group() - a_cpu - _cpu(init.pid) >= 0.3  # (the old poll)
         assert ahead.tree_cpu(group) < 0.2  # "L" not read: low, never high

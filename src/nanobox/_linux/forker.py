@@ -93,10 +93,11 @@ class Forker:
             for fd in fds:
                 os.close(fd)
 
-    def exited(self) -> list[tuple[int, tuple[float, float]]]:
+    def exited(self) -> list[tuple[int, tuple[float, float] | None]]:
         """Stage A processes that have exited since last asked: their
-        idents, with the user and system CPU time each used."""
-        out: list[tuple[int, tuple[float, float]]] = []
+        idents, with the user and system CPU time each used (None if the
+        notice has none)."""
+        out: list[tuple[int, tuple[float, float] | None]] = []
         while True:
             try:
                 msg = self.sock.recv(64, socks.MSG_DONTWAIT)
@@ -105,8 +106,9 @@ class Forker:
             if not msg:
                 raise ConnectionError("the forker is gone")
             if msg.startswith(b"X"):
-                ident, user, system = msg[1:].split()
-                out.append((int(ident), (int(user) / 1e6, int(system) / 1e6)))
+                ident, *used = msg[1:].split()
+                cpu = (int(used[0]) / 1e6, int(used[1]) / 1e6) if len(used) == 2 else None
+                out.append((int(ident), cpu))
             elif msg.startswith(b"F"):
                 self.outstanding = max(0, self.outstanding - int(msg[1:]))
                 self.flush()
@@ -147,7 +149,7 @@ class Direct:
     def flush(self) -> None:
         pass
 
-    def exited(self) -> list[tuple[int, tuple[float, float]]]:
+    def exited(self) -> list[tuple[int, tuple[float, float] | None]]:
         return []
 
 
@@ -229,7 +231,7 @@ def _loop(sock: socks.Socket, wake_r: int, wake_w: int) -> None:
                 for rfd in fds:
                     os.close(rfd)
                 if pid < 0:
-                    sock.send(b"X%d" % ident)  # never started: its fds are closed
+                    sock.send(b"X%d 0 0" % ident)  # never started: its fds are closed
                 else:
                     idents[pid] = ident
             else:

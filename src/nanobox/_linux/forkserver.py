@@ -671,10 +671,13 @@ class Server:
         elif (started := self.starting.pop(pid, None)) is not None:
             # A stage A exited: ``rusage`` is its CPU time as the forker
             # sent it, or this process's own child's rusage.
+            # (A struct_rusage is a tuple too: told apart by its fields.)
             cpu = rusage
-            if rusage is not None and not isinstance(rusage, tuple):
+            if hasattr(rusage, "ru_utime"):
                 cpu = (rusage.ru_utime, rusage.ru_stime)
             started.starter_cpu = cpu
+            if started.run is not None:
+                started.run.starter_cpu = cpu
             self._settle_pids(started)
             if started.run is not None:
                 self._maybe_finish(started)  # (it waits for this exit)
@@ -774,6 +777,7 @@ class Server:
                 info = wire.status_loads(line[1:])
                 run = supervise.Run(info, job.plan)
                 run.prep_cpu = job.prep_cpu
+                run.starter_cpu = job.starter_cpu  # (if stage A was reaped already)
                 job.run, job.pid = run, run.init_pid
                 run.hold_namespaces()
                 if run.next_timer() is not None:
@@ -1023,7 +1027,6 @@ class Server:
             # own, which the report leaves out of the command's).
             if not run.done() or job.status_r != -1 or job.starter_pid in self.starting:
                 return
-            run.starter_cpu = job.starter_cpu
             if run.prep_cpu is None and job.sock is not None:
                 self._on_sock(job)  # its "L" if sent (what is nanobox's in the group)
             msg: dict[str, Any] = {"t": "result", **run.report()}

@@ -134,11 +134,27 @@ class Run:
             # the command process's own CPU counts as nanobox's for now.
             ours += _cpu_of(self.cmd_pid)
         if group_cpu is not None:
+            starter = self.starter_own()
+            if starter is None:
+                # Stage A's exit (in the group too) is counted once it is
+                # reaped, right after its last line: nothing judged before.
+                return 0.0
             used = group_cpu()
             if used is not None:
-                return float(used) - float(self.info["self_utime"] + self.info["self_stime"]) - ours
+                return float(used) - sum(starter) - ours
         u, s = tree_times([p for p in (self.init_pid, self.cmd_pid) if p], include_roots=True)
         return u + s - ours
+
+    def starter_own(self) -> tuple[float, float] | None:
+        """Stage A's CPU in the group, user and system: from its join to
+        its exit, once it is reaped (its own lines stop short of its exit,
+        ~0.5 ms of a forked Python's); None before."""
+        if self.starter_cpu is None or "joined_utime" not in self.info:
+            return None
+        return (
+            max(0.0, self.starter_cpu[0] - self.info["joined_utime"]),
+            max(0.0, self.starter_cpu[1] - self.info["joined_stime"]),
+        )
 
     # -- events ----------------------------------------------------------------
     def set_command(self, info: dict[str, Any]) -> None:
@@ -224,12 +240,7 @@ class Run:
         ru = self.cmd_rusage
         end = self.end if self.end is not None else time.monotonic()
         pu, ps = self.prep_cpu or (0.0, 0.0)
-        me_u, me_s = self.info["self_utime"], self.info["self_stime"]
-        if self.starter_cpu is not None and "joined_utime" in self.info:
-            # Stage A's CPU in the group: from its join to its exit (its own
-            # lines stop short of its exit, ~0.5 ms of a forked Python's).
-            me_u = max(0.0, self.starter_cpu[0] - self.info["joined_utime"])
-            me_s = max(0.0, self.starter_cpu[1] - self.info["joined_stime"])
+        me_u, me_s = self.starter_own() or (self.info["self_utime"], self.info["self_stime"])
         me_u, me_s = me_u + pu, me_s + ps
         if self.init_rusage is not None:
             me_u += max(0.0, self.init_rusage.ru_utime - self.init_children_cpu[0])
