@@ -286,3 +286,23 @@ def test_degraded_mode_says_why_a_command_never_ran(tmp_path: Path) -> None:
     assert b"no-such-command-xyz: command not found" in p.stderr, p.stderr
     report = json.loads(result.read_text())
     assert any(v["kind"] == "exec" for v in report["violations"]), report
+
+
+def test_degraded_mode_cpu_time_is_the_commands(tmp_path: Path, cbin: Path) -> None:
+    """The command's CPU time is at least what it counted itself: of the
+    group's total (where there is one, as in the VM lane) nanobox leaves
+    out only its own, the supervising init's and its stage A's (from its
+    join to its exit)."""
+    result = tmp_path / "result.json"
+    p = in_scratch_userns(
+        nanobox_cmd(
+            "run", "--allow-degraded", "--result", str(result), "--", str(cbin / "spin_cpu"), "0.05"
+        ),
+        tmp_path,
+    )
+    assert p.returncode == 0, p.stderr
+    report = json.loads(result.read_text())
+    assert report["cpu_time_s"] >= 0.05, report
+    assert report["user_time_s"] + report["system_time_s"] == pytest.approx(
+        report["cpu_time_s"], abs=2e-6
+    ), report

@@ -91,6 +91,7 @@ class _Job:
         "exit_status",
         "finished",
         "group",
+        "joined_cpu",
         "kill_asked",
         "pending",
         "pending_listener",
@@ -121,6 +122,7 @@ class _Job:
         # Stage A's CPU time, user and system, once it is reaped: all of it,
         # its exit included (what its own lines said stops before that).
         self.starter_cpu: tuple[float, float] | None = None
+        self.joined_cpu: tuple[float, float] | None = None  # at its join (no-namespace mode)
         self.status_r = starter.status_r
         self.cmd_w = starter.cmd_w
         self.sock: socks.Socket | None = starter.csock  # the command's listener comes here
@@ -679,8 +681,7 @@ class Server:
             if started.run is not None:
                 started.run.starter_cpu = cpu
             self._settle_pids(started)
-            if started.run is not None:
-                self._maybe_finish(started)  # (it waits for this exit)
+            self._maybe_finish(started)  # (a run's result waits for this exit)
         elif pid > 0:
             # An init or command whose stage A's "P" line is not read yet
             # (or a child of a stage A that died: kept for a while only).
@@ -794,8 +795,11 @@ class Server:
                     early = self._take_early(pid, job) if pid else None
                     if early is not None:
                         self._reaped(pid, *early)
-            elif line.startswith(b"P") and line[1:].isdigit():
-                job.pid = int(line[1:])  # no namespaces: the init supervises
+            elif line.startswith(b"P") and _nons_started(line):
+                # No namespaces: the init supervises; "P<pid> <user> <system>".
+                pid, *joined = (int(f) for f in line[1:].split())
+                job.pid = pid
+                job.joined_cpu = (joined[0] / 1e6, joined[1] / 1e6)
                 self.jobs_by_pid[job.pid] = job
                 early = self._take_early(job.pid, job)
                 if early is not None:
@@ -1045,6 +1049,8 @@ class Server:
             reported = job.report is not None
             if not reported and (job.exit_status is None or job.status_r != -1):
                 return  # running, or the report may still be in flight
+            if job.starter_pid in self.starting:
+                return  # its stage A's CPU (in the group) is still to come
             # The init writes its report after every other process of the
             # sandbox is dead and reaped; it exits right after. Reply now,
             # and remove the groups once it is reaped (busy until then).
@@ -1081,6 +1087,11 @@ class Server:
                 except ValueError:
                     detail = {"step": "exec", "message": "setup failed"}
                 report["exec_error"] = {"kind": raw[:1], **detail}
+            if job.starter_cpu is not None and job.joined_cpu is not None:
+                # Stage A's CPU in the group (forking the init, its exit) is
+                # nanobox's too, beside the init's own.
+                report["self_utime"] += max(0.0, job.starter_cpu[0] - job.joined_cpu[0])
+                report["self_stime"] += max(0.0, job.starter_cpu[1] - job.joined_cpu[1])
             return {"t": "result", **report}
         if line.startswith(b"E"):
             return {"t": "error", **wire.status_loads(line[1:])}
@@ -1219,6 +1230,12 @@ def probe_result(probe: tuple[int, int]) -> tuple[bool, str]:
     finally:
         os.close(r)
     return data == b"ok", data.decode(errors="replace")
+
+
+def _nons_started(line: bytes) -> bool:
+    """Whether ``line`` is a no-namespace stage A's ``P<pid> <user> <system>``."""
+    fields = line[1:].split()
+    return len(fields) == 3 and all(f.isdigit() for f in fields)
 
 
 def _placement_key(where: dict[str, Any]) -> tuple[Any, ...]:

@@ -232,11 +232,11 @@ def starter_main(
     _set_name(b"nanobox-init")  # B inherits it
     try:
         plan = wire.loads(msg)
+        plan["joined_cpu"] = joined_cpu
         if plan.get("mode") == "nons":
             sock.close()
             os.close(csock_fd)
             _stage_a_nons(plan, (fds[0], fds[1], fds[2]), status_w, cmd_r)
-        plan["joined_cpu"] = joined_cpu
         if fds:
             plan["chan_fd"] = fds[0]
         if userns_fd is not None:
@@ -282,12 +282,15 @@ def _premade(
 def _stage_a_nons(
     plan: dict[str, Any], stdio: tuple[int, int, int], status_w: int, cmd_r: int
 ) -> None:
-    """No namespaces: fork the supervising init (``init``), report its pid."""
+    """No namespaces: fork the supervising init (``init``), report its pid
+    and this process's CPU at its join (microseconds, user and system: the
+    server counts what it used since as nanobox's own once it is reaped)."""
     try:
         pid = os.fork()
         if pid == 0:
             init.init_main(plan, stdio, status_w, cmd_r)
-        write_all(status_w, b"P%d\n" % pid)
+        joined = [round(t * 1e6) for t in plan["joined_cpu"]]
+        write_all(status_w, b"P%d %d %d\n" % (pid, *joined))
     except BaseException as exc:  # noqa: BLE001 - never return into the server
         _fail(status_w, "fork init", exc)
     os._exit(0)
