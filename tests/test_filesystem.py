@@ -116,6 +116,42 @@ def test_default_secrets_are_hidden(workspace: Path, home: Path) -> None:
     assert outside(f"cat {home}/.ssh/secret").stdout == b"TOPSECRET"
 
 
+@pytest.mark.parametrize("how", ["ro home", "rw home", "ro root"])
+def test_secrets_stay_hidden_where_a_bind_shows_them_elsewhere(
+    workspace: Path, home: Path, how: str
+) -> None:
+    """A bind that shows a host directory somewhere else (``~:/h``,
+    ``/:/host``) shows what is hidden below it there too, unless that is
+    hidden as well: before, ``--ro /var/tmp:/host`` read ~/.ssh at
+    ``/host/...``."""
+    kind, what = how.split()
+    shown = "/h" if what == "home" else f"/host{home}"
+    entry = f"{home}:/h" if what == "home" else "/:/host"
+    binds = {"read_write" if kind == "rw" else "read_only": (entry,)}
+    script = (
+        f"cd {shown}; for f in .ssh/secret .aws/secret .config/gcloud/secret .netrc .npmrc; do "
+        "cat $f 2>/dev/null; done; ls -A .ssh; cat notes.txt"
+    )
+    if kind == "rw":
+        script += "; echo evil > .netrc; echo evil > .ssh/new; true"
+    r = sh(script, policy=nanobox.Policy(filesystem=nanobox.Filesystem(**binds)))
+    assert b"TOPSECRET" not in r.stdout and b"secret" not in r.stdout, r.stdout
+    assert r.stdout.endswith(b"public"), (r.stdout, r.stderr)
+    assert (home / ".netrc").read_text() == "TOPSECRET" and not (home / ".ssh/new").exists()
+    # The same bind without the default hides shows them (the test can fail).
+    fs = nanobox.Filesystem(default_hides=False, **binds)
+    assert (
+        b"TOPSECRET" in sh(f"cat {shown}/.ssh/secret", policy=nanobox.Policy(filesystem=fs)).stdout
+    )
+
+
+def test_a_hidden_path_bound_by_name_is_shown(workspace: Path, home: Path) -> None:
+    """Binding a hidden directory itself elsewhere asks for it by name."""
+    fs = nanobox.Filesystem(read_only=(f"{home}/.ssh:/keys",))
+    r = sh("cat /keys/secret; cat ~/.ssh/secret", policy=nanobox.Policy(filesystem=fs))
+    assert r.stdout == b"TOPSECRET", (r.stdout, r.stderr)
+
+
 def test_hide_option_and_no_default_hides(workspace: Path, home: Path) -> None:
     fs = nanobox.Filesystem(hide=("~/notes.txt", "/nonexistent/path"), default_hides=False)
     r = sh("cat ~/notes.txt; echo; cat ~/.ssh/secret", policy=nanobox.Policy(filesystem=fs))

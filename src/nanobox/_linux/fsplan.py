@@ -241,11 +241,26 @@ def build(fs: Filesystem, cwd: str, home: str) -> View:
     hides = list(DEFAULT_HIDES) if fs.default_hides else []
     hides += list(fs.hide)
     realpath = Realpath()
+    # Binds that show a host directory somewhere else (``~:/home/me``,
+    # ``/:/host``): what is hidden below their source is hidden where they
+    # show it too, or a secret would be one relocated bind away.
+    moved = [
+        (op["src"], op["dst"])
+        for op in ops
+        if op["t"] in ("bind", "robind") and op["src"] != op["dst"]
+    ]
     for entry in hides:
         path, real = _hidden(entry, home, realpath)
-        if realpath.lexists(path):
-            ops.append({"t": "hide", "dst": path})
-            view.hidden.append(real)
+        if not realpath.lexists(path):
+            continue
+        ops.append({"t": "hide", "dst": path})
+        view.hidden.append(real)
+        for src, dst in moved:
+            rel = os.path.relpath(real, src)
+            # (The hidden path itself bound elsewhere is asked for by name.)
+            if rel != "." and not rel.startswith("../") and rel != "..":
+                relocated = _norm(os.path.join(dst, rel))
+                ops.append({"t": "hide", "dst": relocated, "host": real})
 
     if fs.protect:
         # Names ('.vscode', or '.git/hooks' in every repository) and paths.

@@ -269,7 +269,11 @@ def build(
     # One /dev/null clone per file to hide now (``hide`` below: a missing
     # path is left for later, a directory gets a tmpfs): a clone closed
     # unused is dissolved, which waits for an RCU grace period (~0.4 ms).
-    hides = sum(1 for op in view["ops"] if op["t"] == "hide" and _is_file(op["dst"]))
+    # (A hide where a bind shows a host directory elsewhere names the host
+    # path too: its destination is not there yet.)
+    hides = sum(
+        1 for op in view["ops"] if op["t"] == "hide" and _is_file(op.get("host", op["dst"]))
+    )
     if hides and os.path.exists("/dev/null"):
         b.null_fds = [
             _step("clone /dev/null", _clone, "/dev/null", recursive=False) for _ in range(hides)
