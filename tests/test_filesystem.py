@@ -116,6 +116,28 @@ def test_default_secrets_are_hidden(workspace: Path, home: Path) -> None:
     assert outside(f"cat {home}/.ssh/secret").stdout == b"TOPSECRET"
 
 
+def test_default_secrets_are_hidden_in_the_accounts_home_too(
+    workspace: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``$HOME`` pointing elsewhere (a service, a CI job), the secrets
+    in the account's own home (the user database's, here stood in for by
+    ``home``) are hidden too."""
+    from nanobox._linux import plan as planmod
+
+    other = Path(f"/var/tmp/nanobox-test-otherhome-{uuid.uuid4().hex}")
+    other.mkdir()
+    try:
+        monkeypatch.setenv("HOME", str(other))
+        monkeypatch.setattr(planmod, "_ACCOUNT_HOME", [str(home)])
+        script = f"cat {home}/.ssh/secret {home}/.netrc {home}/.aws/secret; cat {home}/notes.txt"
+        r = sh(script)
+        assert b"TOPSECRET" not in r.stdout and r.stdout.endswith(b"public"), r.stdout
+        fs = nanobox.Filesystem(default_hides=False)
+        assert b"TOPSECRET" in sh(script, policy=nanobox.Policy(filesystem=fs)).stdout
+    finally:
+        other.rmdir()
+
+
 @pytest.mark.parametrize("how", ["ro home", "rw home", "ro root"])
 def test_secrets_stay_hidden_where_a_bind_shows_them_elsewhere(
     workspace: Path, home: Path, how: str

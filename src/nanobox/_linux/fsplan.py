@@ -186,7 +186,21 @@ def _is_under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def build(fs: Filesystem, cwd: str, home: str) -> View:
+def _hide_entries(fs: Filesystem, home: str, account_home: str | None) -> list[tuple[str, str]]:
+    """The paths to hide, as (entry, the home its ``~`` means): the
+    default secrets under ``$HOME`` and under the account's home from the
+    user database where ``$HOME`` points elsewhere (a service or CI job
+    with ``HOME=/tmp/x`` keeps its keys in ``/home/me/.ssh``), then the
+    policy's own (``~`` = ``$HOME``)."""
+    out: list[tuple[str, str]] = []
+    if fs.default_hides:
+        out += [(entry, home) for entry in DEFAULT_HIDES]
+        if account_home and os.path.realpath(account_home) != os.path.realpath(home):
+            out += [(entry, account_home) for entry in DEFAULT_HIDES]
+    return out + [(entry, home) for entry in fs.hide]
+
+
+def build(fs: Filesystem, cwd: str, home: str, account_home: str | None = None) -> View:
     view = View()
     ops: list[dict[str, Any]] = []
     tmp_size = int(fs.tmp_size)
@@ -238,8 +252,6 @@ def build(fs: Filesystem, cwd: str, home: str) -> View:
         view.readable_extra.append(dst)
     view.writable += [dst for _host, dst in writable_roots]
 
-    hides = list(DEFAULT_HIDES) if fs.default_hides else []
-    hides += list(fs.hide)
     realpath = Realpath()
     # Binds that show a host directory somewhere else (``~:/home/me``,
     # ``/:/host``): what is hidden below their source is hidden where they
@@ -249,8 +261,8 @@ def build(fs: Filesystem, cwd: str, home: str) -> View:
         for op in ops
         if op["t"] in ("bind", "robind") and op["src"] != op["dst"]
     ]
-    for entry in hides:
-        path, real = _hidden(entry, home, realpath)
+    for entry, its_home in _hide_entries(fs, home, account_home):
+        path, real = _hidden(entry, its_home, realpath)
         if not realpath.lexists(path):
             continue
         ops.append({"t": "hide", "dst": path})
@@ -299,7 +311,7 @@ DEV_WRITABLE = (
 )
 
 
-def build_nons(fs: Filesystem, cwd: str, home: str) -> View:
+def build_nons(fs: Filesystem, cwd: str, home: str, account_home: str | None = None) -> View:
     """The view without a mount namespace: nothing is mounted, so every
     path stays where it is and Landlock alone decides."""
     view = View()
@@ -326,10 +338,9 @@ def build_nons(fs: Filesystem, cwd: str, home: str) -> View:
                     "(user namespaces are off)",
                 )
             (view.writable if field_name == "read_write" else view.readable_extra).append(real)
-    hides = (list(DEFAULT_HIDES) if fs.default_hides else []) + list(fs.hide)
     realpath = Realpath()
-    for entry in hides:
-        path, real = _hidden(entry, home, realpath)
+    for entry, its_home in _hide_entries(fs, home, account_home):
+        path, real = _hidden(entry, its_home, realpath)
         if realpath.lexists(path):
             view.hidden.append(real)
     return view

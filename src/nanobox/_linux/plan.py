@@ -46,6 +46,22 @@ def check_args(args: object) -> list[str]:
     return out
 
 
+_ACCOUNT_HOME: list[str | None] = []
+
+
+def account_home() -> str | None:
+    """This user's home in the user database (``$HOME`` may point
+    elsewhere), looked up once per process; None if there is none."""
+    if not _ACCOUNT_HOME:
+        try:
+            import pwd
+
+            _ACCOUNT_HOME.append(pwd.getpwuid(os.getuid()).pw_dir or None)
+        except (ImportError, KeyError):
+            _ACCOUNT_HOME.append(None)
+    return _ACCOUNT_HOME[0]
+
+
 def resolve_cwd(cwd: str | os.PathLike[str] | None) -> str:
     if cwd is None:
         try:
@@ -342,11 +358,11 @@ def build_plan(
                 "namespace to give it an unprivileged one); Landlock still limits writes"
             )
         program, notify_table = seccomp_program(policy, no_network=policy.network.mode != "host")
-        view = fsplan.build_nons(fs, cwd, home)
+        view = fsplan.build_nons(fs, cwd, home, account_home())
         degraded += fsplan.unenforced_hides(view)
     else:
         program, notify_table = seccomp_program(policy)
-        view = fsplan.build(fs, cwd, home)
+        view = fsplan.build(fs, cwd, home, account_home())
     view_json = view.to_json(fs.rootfs, int(fs.tmp_size))
     view_json["sys"] = policy.network.mode != "host"
     view_json["proc_fallback"] = policy.allow_degraded
