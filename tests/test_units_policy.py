@@ -135,6 +135,7 @@ def test_policy_defaults_and_units() -> None:
         ({"cpu_time": -1}, "limits.cpu_time"),
         ({"file_size": "big"}, "limits.file_size"),
         ({"open_files": 0}, "limits.open_files"),
+        ({"open_files": 3}, "limits.open_files"),  # (nothing dynamic could start)
         ({"open_files": "many"}, "limits.open_files"),
         ({"output": "lots"}, "limits.output"),
         ({"on_output_limit": "explode"}, "limits.on_output_limit"),

@@ -93,7 +93,13 @@ def _norm_size(obj: object, prefix: str, name: str, *, minimum: int = 0) -> None
 
 
 def _norm_count(
-    obj: object, prefix: str, name: str, *, minimum: int = 1, maximum: int = MAX_COUNT
+    obj: object,
+    prefix: str,
+    name: str,
+    *,
+    minimum: int = 1,
+    maximum: int = MAX_COUNT,
+    why: str = "",
 ) -> None:
     value = getattr(obj, name)
     if value is None:
@@ -103,7 +109,7 @@ def _norm_count(
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
         raise PolicyError(
             f"{prefix}{name}",
-            f"expected a whole number from {minimum} to {maximum}, got {getattr(obj, name)!r}",
+            f"expected a whole number from {minimum} to {maximum}{why}, got {getattr(obj, name)!r}",
         )
     _set(obj, name, value)
 
@@ -178,7 +184,16 @@ class Limits:
         _norm_count(self, "limits.", "pids", minimum=1, maximum=MAX_PIDS)
         _norm_cpus(self)
         _norm_size(self, "limits.", "file_size")
-        _norm_count(self, "limits.", "open_files", minimum=3)
+        # With 3 (stdin, stdout, stderr) no dynamically linked program can
+        # open its libraries, and the sandbox's setup cannot take the one
+        # more fd its seccomp listener needs before the command starts.
+        _norm_count(
+            self,
+            "limits.",
+            "open_files",
+            minimum=4,
+            why=" (stdin, stdout, stderr and at least one more)",
+        )
         if self.output is None:
             raise PolicyError("limits.output", f"expected {SIZE_HELP}, got None")
         _norm_size(self, "limits.", "output")
