@@ -243,6 +243,81 @@ def test_protected_attacks_work_outside(repo: Path, attack: str) -> None:
     assert _snapshot(repo) != before, attack
 
 
+@pytest.fixture
+def hooked(repo: Path) -> Path:
+    """The workspace's repository with its hooks and part of its
+    configuration in the worktree, where git's configuration says: husky's
+    ``.husky/_`` (whose hooks run ``.husky/<hook>``), an included file, and
+    in the nested repository a ``.githooks`` that does not exist yet."""
+    _git("config", "core.hooksPath", ".husky/_", cwd=repo)
+    _git("config", "include.path", "../shared.gitconfig", cwd=repo)
+    (repo / ".husky" / "_").mkdir(parents=True)
+    (repo / ".husky" / "pre-commit").write_text("npm test\n")
+    (repo / "shared.gitconfig").write_text("[user]\n\tname = me\n")
+    _git("config", "core.hooksPath", ".githooks", cwd=repo / "a" / "b")
+    return repo
+
+
+HOOK_ATTACKS = [
+    "echo evil >> .husky/pre-commit",
+    "echo evil > .husky/_/pre-commit",
+    "mv .husky husky.old",
+    "printf '[core]\\n\\tfsmonitor = evil\\n' >> shared.gitconfig",
+    "rm -f shared.gitconfig",
+    "mkdir -p a/b/.githooks && echo evil > a/b/.githooks/post-checkout",
+    "mv a/b/.git/config a/b/.git/config.old",
+]
+
+
+@pytest.mark.parametrize("attack", HOOK_ATTACKS)
+def test_hooks_and_configs_git_takes_from_the_worktree_resist(hooked: Path, attack: str) -> None:
+    """What git runs or reads because its configuration says so (a
+    ``core.hooksPath``, an ``include.path``) is protected like
+    ``.git/hooks`` and ``.git/config`` where it is in the workspace: the
+    command must not leave a hook that runs on the user's next commit."""
+    before = _snapshot(hooked)
+    sh(attack)
+    assert _snapshot(hooked) == before, attack
+    assert not (hooked / "a" / "b" / ".githooks").exists()  # (its placeholder is gone)
+
+
+@pytest.mark.parametrize("attack", HOOK_ATTACKS[:2] + HOOK_ATTACKS[3:6])
+def test_hook_attacks_work_outside(hooked: Path, attack: str) -> None:
+    before = _snapshot(hooked)
+    outside(attack, cwd=hooked)
+    assert _snapshot(hooked) != before, attack
+
+
+def test_a_global_git_config_in_the_workspace_is_protected(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A workspace that is $HOME holds git's global configuration: an
+    ``fsmonitor`` or ``hooksPath`` set there would run in every repository
+    the user opens. Protected, and kept from being created where missing."""
+    monkeypatch.setenv("HOME", str(workspace))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    monkeypatch.delenv("GIT_CONFIG_GLOBAL", raising=False)
+    attack = (
+        "echo '[core] fsmonitor = evil' > .gitconfig;"
+        "mkdir -p .config/git && echo '[core] fsmonitor = evil' > .config/git/config; true"
+    )
+    sh(attack)
+    assert not (workspace / ".gitconfig").exists() and not (workspace / ".config").exists()
+    (workspace / ".gitconfig").write_text("[user]\n\tname = me\n")
+    sh("echo '[core] fsmonitor = evil' >> .gitconfig")
+    assert (workspace / ".gitconfig").read_text() == "[user]\n\tname = me\n"
+    outside("echo '[core] fsmonitor = evil' >> .gitconfig", cwd=workspace)
+    assert "fsmonitor" in (workspace / ".gitconfig").read_text()  # (the test can fail)
+    # A dotfiles link cannot be protected (the command could replace it):
+    # refused, as a linked .bashrc is, unless unprotected by path.
+    (workspace / ".gitconfig").unlink()
+    (workspace / ".gitconfig").symlink_to("/nonexistent/gitconfig")
+    with pytest.raises(nanobox.PolicyError, match=r"\.gitconfig is a symlink"):
+        sh("true")
+    fs = nanobox.Filesystem(unprotect=(str(workspace / ".gitconfig"),))
+    assert sh("true", policy=nanobox.Policy(filesystem=fs)).returncode == 0
+
+
 def _snapshot(root: Path) -> dict[str, bytes]:
     out = {}
     for p in sorted(root.rglob("*")):

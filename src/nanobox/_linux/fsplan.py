@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Sequence
 
 from ..errors import PolicyError
 from ..policy import DEFAULT_HIDES, PROTECTED_GIT, PROTECTED_TOP, Filesystem, unprotect_by_name
 from ..units import parse_size
-from .gitscan import find_repos
+from .gitscan import RACY_NS, find_repos
 
 TYPE_CHECKING = False  # not ``typing``'s: on the CLI's start-up path
 if TYPE_CHECKING:
@@ -290,7 +291,9 @@ def build(fs: Filesystem, cwd: str, home: str, account_home: str | None = None) 
                     covered.append(other)
             if dst in covered or not os.path.isdir(root):
                 continue  # (a writable file has no protected names below it)
-            ops += protect_ops(root, unprotect, unprotect_names, view, dst=dst, covered=covered)
+            ops += protect_ops(
+                root, unprotect, unprotect_names, view, dst=dst, covered=covered, home=home
+            )
 
     # Most specific wins: shallower first; at equal depth the stricter last.
     ops.sort(key=lambda op: (_depth(op["dst"]), _ORDER[op["t"]]))
@@ -458,13 +461,22 @@ def protect_ops(
     *,
     dst: str | None = None,
     covered: Sequence[str] = (),
+    home: str = "",
 ) -> list[dict[str, Any]]:
     """Read-only binds for protected paths under the writable ``root``, a
     host directory the sandbox sees at ``dst`` (default: the same path),
     but under the sandbox paths in ``covered`` (other roots bound there).
     What to protect is found in ``root``; the operations name the paths in
     the sandbox, and where those differ, the host path too (``host``: the
-    placeholders and the watch of a sandbox built ahead are on the host)."""
+    placeholders and the watch of a sandbox built ahead are on the host).
+
+    Besides the names (``PROTECTED_TOP``) and each repository's hooks and
+    config, what git's configuration makes it run or read, where that is
+    inside ``root`` (``_git_config_targets``): a ``core.hooksPath``
+    directory (husky's ``.husky/_``), files a configuration includes, and
+    the user's global configuration files themselves (a workspace that is
+    ``$HOME``). Those may be missing: the first missing name on the way
+    gets a placeholder."""
     shown = root if dst is None else dst
 
     def protect(path: str, **extra: Any) -> dict[str, Any]:
@@ -478,33 +490,50 @@ def protect_ops(
         inside = inside_path(path, root, shown)
         return not any(_is_under(inside, other) for other in covered)
 
-    targets: list[tuple[str, bool]] = []  # (path, must_exist)
+    # (path, kind): "top" a name at the top (a placeholder if missing),
+    # "exists" protected if there, "maybe" a path below that may be missing.
+    targets: list[tuple[str, str]] = []
     for name in PROTECTED_TOP:
         if name not in unprotect_names:
-            targets.append((os.path.join(root, name), False))
+            targets.append((os.path.join(root, name), "top"))
     wanted = [
         rel.split("/")[-1]
         for rel in PROTECTED_GIT
         if rel.split("/")[-1] not in unprotect_names and rel not in unprotect_names
     ]
+    configs = _GitConfigs(home or os.path.expanduser("~"), wanted)
+    targets += [(path, "maybe") for path in configs.global_targets(root)]
     for repo in find_repos(root):
         if visible(repo):
-            targets += [(path, True) for path in _git_targets(repo, root, wanted)]
+            targets += [(path, "exists") for path in _git_targets(repo, root, wanted)]
+            targets += [(path, "maybe") for path in configs.repo_targets(repo, root)]
     ops: list[dict[str, Any]] = []
-    for path, must_exist in targets:
+    done: set[str] = set()
+    for path, kind in targets:
+        if path in done:
+            continue
+        done.add(path)
         if path in unprotect or inside_path(path, root, shown) in unprotect:
             continue
         if not visible(path):
             continue
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            st = None
-        except OSError as exc:  # e.g. EACCES: fail closed, not unprotected
-            raise PolicyError(
-                "filesystem.protect", f"cannot check {path}: {exc.strerror}"
-            ) from None
-        if not must_exist:
+        st = _lstat(path)
+        if kind == "maybe":
+            found, st, kind = _first_missing(path, root, st)
+            if found != path:
+                if found in done:
+                    continue  # (a name on the way, already protected)
+                path = found
+                done.add(path)
+            if st is not None and stat.S_ISLNK(st.st_mode) and os.path.dirname(path) == root:
+                # (Its directory is the root: as for a name at the top.)
+                raise PolicyError(
+                    "filesystem.protect",
+                    f"{path} is a symlink, which cannot be protected (git runs or reads what "
+                    f"it leads to); remove it, or list {path!r} in filesystem.unprotect",
+                )
+        if kind == "top":
+            chain = os.path.dirname(path)
             # Top-level names: the fork server makes a placeholder when the
             # name is missing (shared by concurrent runs), the init binds
             # whatever is there read-only onto itself.
@@ -523,6 +552,11 @@ def protect_ops(
                 kind = "dir" if stat.S_ISDIR(st.st_mode) else "file"
             view.placeholders.append((path, kind))
             ops.append(protect(path))
+            # Below the top, the directories on the way become mount points
+            # (they cannot be renamed away and made again without it).
+            while _is_under(chain, root) and chain != root:
+                ops.append(protect(chain, rw=True))
+                chain = os.path.dirname(chain)
             continue
         if st is None:
             continue
@@ -541,6 +575,186 @@ def protect_ops(
             ops.append(protect(parent, rw=True))
             parent = os.path.dirname(parent)
     return ops
+
+
+def _lstat(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # e.g. EACCES: fail closed, not unprotected
+        raise PolicyError("filesystem.protect", f"cannot check {path}: {exc.strerror}") from None
+
+
+def _first_missing(
+    path: str, root: str, st: os.stat_result | None
+) -> tuple[str, os.stat_result | None, str]:
+    """A path below ``root`` that may be missing, as a target: itself if it
+    is there ("exists"); else the first missing name on the way down, for a
+    placeholder ("top"), unless a symbolic link comes first (that link,
+    "exists": its directory is protected)."""
+    if st is not None:
+        return path, st, "exists"
+    missing = path
+    parent = os.path.dirname(path)
+    while _is_under(parent, root) and parent != root:
+        pst = _lstat(parent)
+        if pst is not None:
+            if stat.S_ISLNK(pst.st_mode):
+                return parent, pst, "exists"
+            break
+        missing, parent = parent, os.path.dirname(parent)
+    return missing, None, "top"
+
+
+class _GitConfigs:
+    """What git's configuration makes it run or read (``gitconfig``), for
+    ``protect_ops``: read once per plan, the global files' for every root
+    and repository."""
+
+    def __init__(self, home: str, wanted: list[str]) -> None:
+        self.home = home
+        self.hooks = "hooks" in wanted
+        self.config = "config" in wanted
+        self.global_files: list[str] = []
+        self.global_hooks: list[str] = []
+        if not (self.hooks or self.config):
+            return
+        for path in _global_config_files(home):
+            hooks, included = _hooks_and_includes(path, home)
+            self.global_files += [path, *included]
+            self.global_hooks += hooks
+
+    def global_targets(self, root: str) -> list[str]:
+        """The global configuration files (and what they include) inside
+        ``root``: the command must not set a hook path or fsmonitor there."""
+        if not self.config:
+            return []
+        return [p for p in self.global_files if _is_under(p, root)]
+
+    def repo_targets(self, repo: str, root: str) -> list[str]:
+        """The hooks directory and included configuration files of the
+        repository at ``repo`` that are inside ``root``."""
+        if not (self.hooks or self.config):
+            return []
+        hooks = list(self.global_hooks)
+        included: list[str] = []
+        for path in _repo_config_files(repo):
+            its_hooks, its_includes = _hooks_and_includes(path, self.home)
+            hooks += its_hooks
+            included += its_includes
+        out = included if self.config else []
+        if self.hooks:
+            for h in hooks:
+                # A relative hook path is relative to the worktree's top.
+                path = os.path.normpath(os.path.join(repo, h))
+                # A hooks directory named "_" is husky's (9+): its hooks
+                # run the scripts in the directory above it (.husky/).
+                out.append(os.path.dirname(path) if os.path.basename(path) == "_" else path)
+        return [p for p in out if _is_under(p, root)]
+
+
+def _hooks_and_includes(path: str, home: str) -> tuple[list[str], list[str]]:
+    """``gitconfig.hooks_and_includes`` of the file at ``path``, or nothing
+    where there is no such file (without importing ``gitconfig``: the cold
+    CLI in a directory that is no repository reads no configuration)."""
+    if _config_entries(path) is None:
+        return [], []
+    from . import gitconfig
+
+    return gitconfig.hooks_and_includes(path, _config_entries, home)
+
+
+def _global_config_files(home: str) -> list[str]:
+    """The files git reads as its system and global configuration (as the
+    caller's environment has them)."""
+    env = os.environ
+    out = []
+    if not env.get("GIT_CONFIG_NOSYSTEM"):
+        out.append(env.get("GIT_CONFIG_SYSTEM") or "/etc/gitconfig")
+    if env.get("GIT_CONFIG_GLOBAL"):
+        out.append(env["GIT_CONFIG_GLOBAL"])
+    else:
+        xdg = env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+        out += [os.path.join(xdg, "git", "config"), os.path.join(home, ".gitconfig")]
+    return [os.path.normpath(p) for p in out if os.path.isabs(p)]
+
+
+def _repo_config_files(repo: str) -> list[str]:
+    """The configuration files of the repository at ``repo``: its git
+    directory's ``config`` and ``config.worktree``, and its common
+    directory's ``config`` (a worktree's is the main repository's)."""
+    dirs = _git_dirs(repo)
+    if not dirs:
+        return []
+    out = [os.path.join(dirs[0], "config"), os.path.join(dirs[0], "config.worktree")]
+    return out + [os.path.join(d, "config") for d in dirs[1:]]
+
+
+# path -> (its stat key, its entries): a process that runs many sandboxes
+# parses a configuration file again only when it changed (a stat tells, as
+# in gitscan; not a file changed less than gitscan.RACY_NS ago).
+_parsed: dict[str, tuple[tuple[int, ...], list[tuple[str, str]]]] = {}
+_MAX_PARSED = 256
+
+
+def _config_entries(path: str) -> list[tuple[str, str]] | None:
+    """``gitconfig.parse`` of the file at ``path``, None if unreadable."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    cached = _parsed.get(path)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    text = _read_config(path)
+    if text is None:
+        return None
+    from . import gitconfig
+
+    entries = gitconfig.parse(text)
+    if time.time_ns() - st.st_ctime_ns > RACY_NS:
+        if len(_parsed) >= _MAX_PARSED:
+            _parsed.clear()
+        _parsed[path] = (key, entries)
+    return entries
+
+
+def _read_config(path: str) -> str | None:
+    """A configuration file's text (its first 1 MiB), None if unreadable."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(1 << 20).decode("utf-8", "surrogateescape")
+    except OSError:
+        return None
+
+
+def _git_dirs(repo: str) -> list[str]:
+    """The git directory of the repository at ``repo`` and, for a worktree,
+    its common directory; [] where ``.git`` is not a directory nor a git
+    link ("gitdir: PATH": a submodule's or a worktree's)."""
+    dotgit = os.path.join(repo, ".git")
+    if os.path.isdir(dotgit) and not os.path.islink(dotgit):
+        return [dotgit]
+    first = _first_line(dotgit)
+    if not first.startswith("gitdir:") or not first[7:].strip():
+        return []
+    gitdir = os.path.normpath(os.path.join(repo, first[7:].strip()))
+    # (A submodule's git directory is its own common directory.)
+    common = _first_line(os.path.join(gitdir, "commondir"))
+    if common:
+        return [gitdir, os.path.normpath(os.path.join(gitdir, common))]
+    return [gitdir]
+
+
+def _first_line(path: str) -> str:
+    """The first line of the file at ``path``, stripped ("" if unreadable)."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+            return fh.readline(4096).strip()
+    except OSError:
+        return ""
 
 
 def inside_path(path: str, root: str, shown: str) -> str:
@@ -566,23 +780,17 @@ def _git_targets(repo: str, root: str, names: list[str]) -> list[str]:
     if not os.path.isfile(dotgit) or os.path.islink(dotgit):
         return [os.path.join(dotgit, name) for name in names]
     try:
-        with open(dotgit, encoding="utf-8", errors="surrogateescape") as fh:
-            first = fh.readline(4096).strip()
+        with open(dotgit, "rb"):
+            pass
     except OSError as exc:
         raise PolicyError("filesystem.protect", f"cannot read {dotgit}: {exc.strerror}") from None
-    if not first.startswith("gitdir:") or not first[7:].strip():
+    dirs = _git_dirs(repo)
+    if not dirs:
         raise PolicyError(
             "filesystem.protect",
             f"{dotgit} is a file but not a git link ('gitdir: PATH'); remove it, or list "
             "'.git/hooks' and '.git/config' in filesystem.unprotect",
         )
-    gitdir = os.path.normpath(os.path.join(repo, first[7:].strip()))
-    dirs = [gitdir]
-    try:
-        with open(os.path.join(gitdir, "commondir"), encoding="utf-8") as fh:
-            dirs.append(os.path.normpath(os.path.join(gitdir, fh.readline(4096).strip())))
-    except OSError:
-        pass  # a submodule's git directory is its own common directory
     out = [dotgit]
     for i, d in enumerate(dirs):
         extra = ["config.worktree"] if i == 0 and "config" in names else []
