@@ -128,7 +128,7 @@ def test_default_secrets_are_hidden_in_the_accounts_home_too(
     other.mkdir()
     try:
         monkeypatch.setenv("HOME", str(other))
-        monkeypatch.setattr(planmod, "_ACCOUNT_HOME", [str(home)])
+        monkeypatch.setattr(planmod, "_ACCOUNT_HOME", {os.getuid(): str(home)})
         script = f"cat {home}/.ssh/secret {home}/.netrc {home}/.aws/secret; cat {home}/notes.txt"
         r = sh(script)
         assert b"TOPSECRET" not in r.stdout and r.stdout.endswith(b"public"), r.stdout
@@ -165,6 +165,27 @@ def test_secrets_stay_hidden_where_a_bind_shows_them_elsewhere(
     assert (
         b"TOPSECRET" in sh(f"cat {shown}/.ssh/secret", policy=nanobox.Policy(filesystem=fs)).stdout
     )
+
+
+def test_secrets_stay_hidden_behind_symlinks(
+    workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A $HOME reached through a symlink (the workspace is the real home),
+    and a hidden name that is itself a symlink (``~/.ssh -> keys/ssh``):
+    hidden where they really are too. Before, the workspace's bind (of the
+    real directory, mounted after a hide made through the link) covered the
+    first, and the second was hidden only by name."""
+    (workspace / ".aws").mkdir()
+    (workspace / ".aws" / "secret").write_text("TOPSECRET")
+    (workspace / "keys" / "ssh").mkdir(parents=True)
+    (workspace / "keys" / "ssh" / "id").write_text("TOPSECRET")
+    (workspace / ".ssh").symlink_to("keys/ssh")
+    link = tmp_path / "home-link"
+    link.symlink_to(workspace)
+    monkeypatch.setenv("HOME", str(link))
+    r = sh("cat .aws/secret keys/ssh/id .ssh/id; echo end")
+    assert r.stdout == b"end\n", r
+    assert outside("cat .aws/secret keys/ssh/id", cwd=workspace).stdout == b"TOPSECRETTOPSECRET"
 
 
 def test_a_hidden_path_bound_by_name_is_shown(workspace: Path, home: Path) -> None:
@@ -316,6 +337,84 @@ def test_a_global_git_config_in_the_workspace_is_protected(
         sh("true")
     fs = nanobox.Filesystem(unprotect=(str(workspace / ".gitconfig"),))
     assert sh("true", policy=nanobox.Policy(filesystem=fs)).returncode == 0
+
+
+def test_git_config_paths_through_links_are_followed_not_created_elsewhere(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A configured path that leads through a link: the link's directory is
+    protected and, inside the workspace, what it leads to; nothing is made
+    where it leads outside (an include through ``d/lnk -> elsewhere`` once
+    had the server create a placeholder there). A linked global
+    configuration (dotfiles) is protected at its target."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (repo / "d").mkdir()
+    (repo / "d" / "lnk").symlink_to(elsewhere)
+    _git("config", "include.path", str(repo / "d" / "lnk" / "outside" / "cfg"), cwd=repo)
+    monkeypatch.setenv("HOME", str(repo))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    monkeypatch.delenv("GIT_CONFIG_GLOBAL", raising=False)
+    (repo / "dotfiles").mkdir()
+    (repo / "dotfiles" / "gitconfig").write_text("[user]\n\tname = me\n")
+    (repo / ".config" / "git").mkdir(parents=True)
+    (repo / ".config" / "git" / "config").symlink_to("../../dotfiles/gitconfig")
+    r = sh(
+        "echo '[core] fsmonitor = evil' >> .config/git/config;"
+        "rm -f .config/git/config; echo evil > d/new; echo ok"
+    )
+    assert r.stdout == b"ok\n", r
+    assert (repo / "dotfiles" / "gitconfig").read_text() == "[user]\n\tname = me\n"
+    assert (repo / ".config" / "git" / "config").is_symlink()
+    assert not (repo / "d" / "new").exists()  # (the link's directory)
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_global_absolute_hooks_path_in_a_writable_root_is_protected(
+    workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``core.hooksPath = ~/.config/git/hooks`` in the global configuration
+    applies to every repository: a writable root holding it has it
+    protected, with no repository of its own."""
+    home = tmp_path / "home"
+    (home / ".config" / "git").mkdir(parents=True)
+    (home / ".gitconfig").write_text("[core]\n\thooksPath = ~/.config/git/hooks\n")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    monkeypatch.delenv("GIT_CONFIG_GLOBAL", raising=False)
+    fs = nanobox.Filesystem(read_write=(str(home / ".config"),))
+    attack = f"mkdir -p {home}/.config/git/hooks && echo evil > {home}/.config/git/hooks/pre-commit"
+    sh(attack, policy=nanobox.Policy(filesystem=fs))
+    assert not (home / ".config" / "git" / "hooks").exists()
+    outside(attack)
+    assert (home / ".config" / "git" / "hooks" / "pre-commit").exists()  # (the test can fail)
+
+
+def test_odd_git_configurations_neither_hang_nor_crash_the_plan(repo: Path, tmp_path: Path) -> None:
+    """A command can leave any configuration in a repository it makes: a
+    FIFO where a file is included (read without waiting), a NUL, a hook
+    path through a file or of the root itself, a FIFO named ``.git``."""
+    from nanobox._linux import fsplan
+
+    os.mkfifo(repo / "fifo")
+    (repo / "README").write_text("x")
+    # (Written as a command would: git itself waits on such an include.)
+    with open(repo / ".git" / "config", "a") as fh:
+        fh.write(
+            "[include]\n\tpath = ../fifo\n\tpath = ../README/x\n\tpath = a\\0b\n"
+            "[core]\n\thooksPath = README/hooks\n"
+        )
+    with open(repo / "a" / "b" / ".git" / "config", "a") as fh:
+        fh.write("[core]\n\thooksPath = ../..\n")  # (the workspace itself)
+    view = fsplan.build(nanobox.Filesystem(), str(repo), str(tmp_path))
+    assert any("runs hooks from the root itself" in n for n in view.notes), view.notes
+    assert sh("echo ok").stdout == b"ok\n"
+    # A FIFO named .git is no repository git could use: refused, as any
+    # .git that cannot be read is, without waiting on it.
+    (repo / "s").mkdir()
+    os.mkfifo(repo / "s" / ".git")
+    with pytest.raises(nanobox.PolicyError, match=r"filesystem\.protect"):
+        sh("true")
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:

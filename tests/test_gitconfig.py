@@ -93,3 +93,59 @@ def test_includes_stop_at_gits_depth() -> None:
 def test_parse_never_raises(text: str) -> None:
     for name, value in gitconfig.parse(text):
         assert isinstance(name, str) and isinstance(value, str)
+
+
+_TOKENS = [
+    "[core]",
+    '[core "Sub"]',
+    "[a.B]",
+    "[include]",
+    "\n",
+    "\n",
+    "\t",
+    " ",
+    "hooksPath",
+    "path",
+    "k-2",
+    " = ",
+    "=",
+    '"',
+    "\\",
+    "\\t",
+    "\\n",
+    "#",
+    ";",
+    "x",
+    "y z",
+    "\u00a0",
+    "\ufeff",
+    "\r",
+    "[core]\n",
+    "\thooksPath = ",
+    '"a b"',
+    "\\\n",
+    "[include]\n",
+    "path=~/p",
+    '[includeIf "gitdir:~/w/"]\n',
+    '\\"',
+    "k\n",
+]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="compared with git's own reading")
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(_TOKENS), max_size=30))
+def test_parse_agrees_with_git(tmp_path_factory: pytest.TempPathFactory, tokens: list[str]) -> None:
+    """Where git reads a file without an error, ``parse`` reads the same
+    names and values (``git config --list -z``)."""
+    text = "".join(tokens)
+    cfg = tmp_path_factory.mktemp("cfg") / "config"
+    cfg.write_text(text, encoding="utf-8")
+    p = subprocess.run(["git", "config", "--file", str(cfg), "--list", "-z"], capture_output=True)
+    if p.returncode != 0:
+        return  # (git refuses the file: what parse makes of it does not matter)
+    listed = []
+    for item in p.stdout.decode("utf-8", "surrogateescape").split("\0")[:-1]:
+        name, _, value = item.partition("\n")  # (no newline: a boolean, "" here)
+        listed.append((name, value))
+    assert gitconfig.parse(text) == listed, text

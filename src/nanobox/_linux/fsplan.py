@@ -18,6 +18,7 @@ Rules:
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
@@ -254,26 +255,32 @@ def build(fs: Filesystem, cwd: str, home: str, account_home: str | None = None) 
     view.writable += [dst for _host, dst in writable_roots]
 
     realpath = Realpath()
-    # Binds that show a host directory somewhere else (``~:/home/me``,
-    # ``/:/host``): what is hidden below their source is hidden where they
-    # show it too, or a secret would be one relocated bind away.
-    moved = [
-        (op["src"], op["dst"])
-        for op in ops
-        if op["t"] in ("bind", "robind") and op["src"] != op["dst"]
-    ]
+    # A hidden path is hidden where it is written, where it really is (a
+    # $HOME or a name behind a symlink: a bind of the real directory,
+    # mounted later, would cover a hide made through the link), and where a
+    # bind shows a directory above it elsewhere (``~:/home/me``,
+    # ``/:/host``), or a secret would be one relocated bind away.
+    binds = [(op["src"], op["dst"]) for op in ops if op["t"] in ("bind", "robind")]
+    hidden_at: set[str] = set()
+
+    def hide(dst: str, host: str) -> None:
+        if dst not in hidden_at:
+            hidden_at.add(dst)
+            ops.append({"t": "hide", "dst": dst, **({"host": host} if host != dst else {})})
+
     for entry, its_home in _hide_entries(fs, home, account_home):
         path, real = _hidden(entry, its_home, realpath)
         if not realpath.lexists(path):
             continue
-        ops.append({"t": "hide", "dst": path})
+        hide(path, path)
         view.hidden.append(real)
-        for src, dst in moved:
+        if real != path and realpath.lexists(real):
+            hide(real, real)
+        for src, dst in binds:
             rel = os.path.relpath(real, src)
             # (The hidden path itself bound elsewhere is asked for by name.)
             if rel != "." and not rel.startswith("../") and rel != "..":
-                relocated = _norm(os.path.join(dst, rel))
-                ops.append({"t": "hide", "dst": relocated, "host": real})
+                hide(_norm(os.path.join(dst, rel)), real)
 
     if fs.protect:
         # Names ('.vscode', or '.git/hooks' in every repository) and paths.
@@ -502,11 +509,14 @@ def protect_ops(
         if rel.split("/")[-1] not in unprotect_names and rel not in unprotect_names
     ]
     configs = _GitConfigs(home or os.path.expanduser("~"), wanted)
-    targets += [(path, "maybe") for path in configs.global_targets(root)]
+    maybe = configs.global_targets(root)
     for repo in find_repos(root):
         if visible(repo):
             targets += [(path, "exists") for path in _git_targets(repo, root, wanted)]
-            targets += [(path, "maybe") for path in configs.repo_targets(repo, root)]
+            maybe += configs.repo_targets(repo, root)
+    for path in maybe:
+        if path not in unprotect and inside_path(path, root, shown) not in unprotect:
+            targets += _resolve_maybe(path, root, view)
     ops: list[dict[str, Any]] = []
     done: set[str] = set()
     for path, kind in targets:
@@ -517,21 +527,18 @@ def protect_ops(
             continue
         if not visible(path):
             continue
-        st = _lstat(path)
-        if kind == "maybe":
-            found, st, kind = _first_missing(path, root, st)
-            if found != path:
-                if found in done:
-                    continue  # (a name on the way, already protected)
-                path = found
-                done.add(path)
-            if st is not None and stat.S_ISLNK(st.st_mode) and os.path.dirname(path) == root:
-                # (Its directory is the root: as for a name at the top.)
+        st = _lstat(path) if kind != "link" else None
+        if kind == "link":
+            # A link git follows on the way to what it runs or reads: the
+            # command could replace it unless its directory is protected,
+            # and the root cannot be (as for a name at the top).
+            if os.path.dirname(path) == root:
                 raise PolicyError(
                     "filesystem.protect",
                     f"{path} is a symlink, which cannot be protected (git runs or reads what "
                     f"it leads to); remove it, or list {path!r} in filesystem.unprotect",
                 )
+            st, kind = _lstat(path), "exists"
         if kind == "top":
             chain = os.path.dirname(path)
             # Top-level names: the fork server makes a placeholder when the
@@ -586,25 +593,41 @@ def _lstat(path: str) -> os.stat_result | None:
         raise PolicyError("filesystem.protect", f"cannot check {path}: {exc.strerror}") from None
 
 
-def _first_missing(
-    path: str, root: str, st: os.stat_result | None
-) -> tuple[str, os.stat_result | None, str]:
-    """A path below ``root`` that may be missing, as a target: itself if it
-    is there ("exists"); else the first missing name on the way down, for a
-    placeholder ("top"), unless a symbolic link comes first (that link,
-    "exists": its directory is protected)."""
-    if st is not None:
-        return path, st, "exists"
-    missing = path
-    parent = os.path.dirname(path)
-    while _is_under(parent, root) and parent != root:
-        pst = _lstat(parent)
-        if pst is not None:
-            if stat.S_ISLNK(pst.st_mode):
-                return parent, pst, "exists"
-            break
-        missing, parent = parent, os.path.dirname(parent)
-    return missing, None, "top"
+def _resolve_maybe(path: str, root: str, view: View, hops: int = 0) -> list[tuple[str, str]]:
+    """What to protect for ``path``, below ``root``, which git runs or reads
+    and which may be missing: walked down name by name from the root, the
+    path itself if it is there ("exists"); else the first missing name, for
+    a placeholder ("top"); a symbolic link on the way ("link": its
+    directory is protected) and, if it leads back into the root, what it
+    leads to. A name that cannot exist (a file on the way, a name too
+    long) needs nothing; a path that is the root itself cannot be
+    protected without the whole root (left, with a note)."""
+    if path == root or not _is_under(path, root):
+        if path == root:
+            view.notes.append(f"{root}: git runs hooks from the root itself: not protected")
+        return []
+    cur = root
+    parts = os.path.relpath(path, root).split("/")
+    for i, part in enumerate(parts):
+        nxt = os.path.join(cur, part)
+        try:
+            st = os.lstat(nxt)
+        except FileNotFoundError:
+            return [(nxt, "top")]
+        except (NotADirectoryError, ValueError):
+            return []
+        except OSError as exc:
+            if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP):
+                return []
+            raise PolicyError("filesystem.protect", f"cannot check {nxt}: {exc.strerror}") from None
+        if stat.S_ISLNK(st.st_mode):
+            out = [(nxt, "link")]
+            rest = os.path.join(os.path.realpath(nxt), *parts[i + 1 :])
+            if hops < 8:
+                out += _resolve_maybe(os.path.normpath(rest), root, view, hops + 1)
+            return out
+        cur = nxt
+    return [(path, "exists")]
 
 
 class _GitConfigs:
@@ -627,10 +650,13 @@ class _GitConfigs:
 
     def global_targets(self, root: str) -> list[str]:
         """The global configuration files (and what they include) inside
-        ``root``: the command must not set a hook path or fsmonitor there."""
-        if not self.config:
-            return []
-        return [p for p in self.global_files if _is_under(p, root)]
+        ``root``: the command must not set a hook path or fsmonitor there;
+        and a global hook path given as an absolute one (it applies to
+        every repository, wherever it is)."""
+        out = list(self.global_files) if self.config else []
+        if self.hooks:
+            out += [_hooks_dir(h, "/") for h in self.global_hooks if os.path.isabs(h)]
+        return [p for p in out if _is_under(p, root)]
 
     def repo_targets(self, repo: str, root: str) -> list[str]:
         """The hooks directory and included configuration files of the
@@ -645,13 +671,19 @@ class _GitConfigs:
             included += its_includes
         out = included if self.config else []
         if self.hooks:
-            for h in hooks:
-                # A relative hook path is relative to the worktree's top.
-                path = os.path.normpath(os.path.join(repo, h))
-                # A hooks directory named "_" is husky's (9+): its hooks
-                # run the scripts in the directory above it (.husky/).
-                out.append(os.path.dirname(path) if os.path.basename(path) == "_" else path)
+            out += [_hooks_dir(h, repo) for h in hooks]
         return [p for p in out if _is_under(p, root)]
+
+
+def _hooks_dir(value: str, repo: str) -> str:
+    """The directory to protect for a ``core.hooksPath`` of ``value`` in the
+    repository at ``repo`` (a relative one is relative to its worktree's
+    top). For husky's ``.husky/_`` (9+), whose hooks run the scripts in the
+    directory above it, that directory (unless it is the worktree's top)."""
+    path = os.path.normpath(os.path.join(repo, value))
+    if os.path.basename(path) == "_" and os.path.dirname(path) != repo:
+        return os.path.dirname(path)
+    return path
 
 
 def _hooks_and_includes(path: str, home: str) -> tuple[list[str], list[str]]:
@@ -702,8 +734,10 @@ def _config_entries(path: str) -> list[tuple[str, str]] | None:
     """``gitconfig.parse`` of the file at ``path``, None if unreadable."""
     try:
         st = os.stat(path)
-    except OSError:
+    except (OSError, ValueError):  # (a NUL in a name from a configuration)
         return None
+    if not stat.S_ISREG(st.st_mode):
+        return None  # (git reads no FIFO, device or directory either)
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     cached = _parsed.get(path)
     if cached is not None and cached[0] == key:
@@ -722,12 +756,22 @@ def _config_entries(path: str) -> list[tuple[str, str]] | None:
 
 
 def _read_config(path: str) -> str | None:
-    """A configuration file's text (its first 1 MiB), None if unreadable."""
+    """A regular file's text (its first 1 MiB), None if there is none: a
+    FIFO or a device (which a command could leave where a configuration
+    or ``.git`` file is looked for) is not opened to wait on."""
     try:
-        with open(path, "rb") as fh:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with open(fd, "rb", closefd=False) as fh:
             return fh.read(1 << 20).decode("utf-8", "surrogateescape")
     except OSError:
         return None
+    finally:
+        os.close(fd)
 
 
 def _git_dirs(repo: str) -> list[str]:
@@ -749,12 +793,9 @@ def _git_dirs(repo: str) -> list[str]:
 
 
 def _first_line(path: str) -> str:
-    """The first line of the file at ``path``, stripped ("" if unreadable)."""
-    try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as fh:
-            return fh.readline(4096).strip()
-    except OSError:
-        return ""
+    """The first line of the regular file at ``path``, stripped ("" if
+    there is none)."""
+    return (_read_config(path) or "")[:4096].split("\n", 1)[0].strip()
 
 
 def inside_path(path: str, root: str, shown: str) -> str:

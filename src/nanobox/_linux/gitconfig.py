@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 MAX_INCLUDE_DEPTH = 10  # git's own limit
 _ESCAPES = {"n": "\n", "t": "\t", "b": "\b", '"': '"', "\\": "\\"}
+_WS = " \t\n\v\f\r"  # git's whitespace (ASCII only: not a no-break space)
 
 
 def parse(text: str) -> list[tuple[str, str]]:
@@ -30,24 +31,23 @@ def parse(text: str) -> list[tuple[str, str]]:
     here: no path). Malformed lines are skipped."""
     out: list[tuple[str, str]] = []
     section = ""
-    lines = text.split("\n")
+    lines = text.removeprefix("\ufeff").split("\n")  # (git skips a UTF-8 BOM)
     i = 0
     while i < len(lines):
-        line = lines[i].strip()
+        line = lines[i].strip(_WS)
         i += 1
-        if line.startswith("["):
+        while line.startswith("["):  # (a header may follow another on its line)
             section, rest = _section(line)
-            line = rest.strip()
-            if not line:
-                continue
-        if not line or line[0] in "#;" or not section:
+            line = rest.strip(_WS)
+        if not line or line[0] in "#;":
             continue
         name, sep, raw = line.partition("=")
-        name = name.strip().lower()
-        if not name or not (name[0].isalpha() and all(c.isalnum() or c == "-" for c in name)):
+        name = name.strip(_WS).lower()
+        if not (name.isascii() and name[:1].isalpha() and name.replace("-", "").isalnum()):
             continue
+        full = f"{section}.{name}" if section else name  # (before any section: as git)
         if not sep:
-            out.append((f"{section}.{name}", ""))
+            out.append((full, ""))
             continue
         # A value may go on over lines that end in a backslash.
         value, more = _value(raw)
@@ -55,7 +55,7 @@ def parse(text: str) -> list[tuple[str, str]]:
             extra, more = _value(lines[i])
             value += extra
             i += 1
-        out.append((f"{section}.{name}", value))
+        out.append((full, value))
     return out
 
 
@@ -65,13 +65,13 @@ def _section(line: str) -> tuple[str, str]:
     end = line.find("]")
     if end < 0:
         return "", ""
-    inner = line[1:end].strip()
+    inner = line[1:end].strip(_WS)
     rest = line[end + 1 :]
     if '"' in inner:
         head, _, sub = inner.partition('"')
         sub = sub[:-1] if sub.endswith('"') else sub
         sub = sub.replace('\\"', '"').replace("\\\\", "\\")
-        return f"{head.strip().lower()}.{sub}", rest
+        return f"{head.strip(_WS).lower()}.{sub}", rest
     head, dot, sub = inner.partition(".")
     return (f"{head.lower()}.{sub.lower()}" if dot else head.lower()), rest
 
@@ -87,7 +87,7 @@ def _value(raw: str) -> tuple[str, bool]:
         c = raw[i]
         i += 1
         if c == "\\":
-            if i >= len(raw) or raw[i:].strip() == "":
+            if i >= len(raw) or raw[i:].strip(_WS) == "":
                 return "".join(out) + pending_space, True
             out.append(pending_space + _ESCAPES.get(raw[i], raw[i]))
             pending_space = ""
@@ -96,9 +96,9 @@ def _value(raw: str) -> tuple[str, bool]:
             quoted = not quoted
         elif not quoted and c in "#;":
             break
-        elif not quoted and c.isspace():
+        elif not quoted and c in _WS:
             if out:
-                pending_space += c
+                pending_space += " "  # (git makes each one a space)
         else:
             out.append(pending_space + c)
             pending_space = ""
@@ -125,8 +125,8 @@ def hooks_and_includes(
         if found is None:
             return
         for name, value in found:
-            if not value:
-                continue
+            if not value or "\0" in value:
+                continue  # (no path: git refuses a NUL too)
             if name == "core.hookspath":
                 hooks.append(expand(value, home))
             elif name == "include.path" or (

@@ -132,7 +132,7 @@ class Placeholders:
                             exc.errno,
                             f"cannot create {path}, the empty stand-in that keeps the sandbox "
                             f"from creating the protected name {name!r}: {exc.strerror}; make "
-                            f"its directory writable, or list {name!r} in filesystem.unprotect",
+                            f"its directory writable, or list {path!r} in filesystem.unprotect",
                         ) from None
                     skipped.append(index)
                     continue
@@ -176,8 +176,7 @@ class Placeholders:
                         exc.errno,
                         f"cannot hold {path} for the run ({exc.strerror}): an empty name "
                         "that another user's nanobox may remove while this sandbox protects "
-                        f"it; remove it, or list {os.path.basename(path)!r} in "
-                        "filesystem.unprotect",
+                        f"it; remove it, or list {path!r} in filesystem.unprotect",
                     ) from None
                 return None  # not empty: no placeholder, so nanobox never removes it
             try:
@@ -186,7 +185,7 @@ class Placeholders:
                         errno.EWOULDBLOCK,
                         f"cannot hold {path} for the run: another process keeps it locked "
                         f"(a sandbox of another nanobox in this workspace?); retry, or list "
-                        f"{os.path.basename(path)!r} in filesystem.unprotect",
+                        f"{path!r} in filesystem.unprotect",
                     )
                 ino = os.fstat(fd).st_ino
                 if os.lstat(path).st_ino != ino:
@@ -256,22 +255,31 @@ def _open_flags(directory: bool) -> int:
 
 
 def _make(path: str, kind: str) -> _Held | None:
-    """A new placeholder, held; None where the name exists."""
+    """A new placeholder, held; None where the name exists. Made in its
+    directory as reached without following a symbolic link (the plan's
+    paths are canonical; a directory on the way swapped for a link since,
+    by a sandbox writing there, would make this create the name elsewhere):
+    such a path fails (ELOOP)."""
+    parent, name = os.path.split(path)
+    dirfd = k.open_path_nofollow(parent)
     try:
         if kind == "dir":
-            os.mkdir(path, 0o700)
+            os.mkdir(name, 0o700, dir_fd=dirfd)
             try:
-                fd = os.open(path, _open_flags(True))
+                fd = os.open(name, _open_flags(True), dir_fd=dirfd)
             except OSError:
                 try:
-                    os.rmdir(path)
+                    os.rmdir(name, dir_fd=dirfd)
                 except OSError:
                     pass
                 raise
         else:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+            flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+            fd = os.open(name, flags, 0o600, dir_fd=dirfd)
     except FileExistsError:
         return None
+    finally:
+        os.close(dirfd)
     try:
         # A new inode: nobody else can hold it exclusively yet (but anyone
         # could open it and try: the same bounded wait as for a name found).
@@ -313,8 +321,7 @@ def _lock(fd: int, op: int, deadline: float, path: str) -> bool:
                 exc.errno,
                 f"cannot lock {path} ({exc.strerror}): without the lock another nanobox "
                 "in this workspace could remove the name while this sandbox protects it; "
-                f"list {os.path.basename(path)!r} in filesystem.unprotect to run without "
-                "its protection",
+                f"list {path!r} in filesystem.unprotect to run without its protection",
             ) from None
 
 

@@ -46,20 +46,23 @@ def check_args(args: object) -> list[str]:
     return out
 
 
-_ACCOUNT_HOME: list[str | None] = []
+_ACCOUNT_HOME: dict[int, str | None] = {}  # uid -> home
 
 
 def account_home() -> str | None:
     """This user's home in the user database (``$HOME`` may point
-    elsewhere), looked up once per process; None if there is none."""
-    if not _ACCOUNT_HOME:
+    elsewhere), looked up once per process and uid; None if there is none
+    (or it is not an absolute path)."""
+    uid = os.getuid()
+    if uid not in _ACCOUNT_HOME:
         try:
             import pwd
 
-            _ACCOUNT_HOME.append(pwd.getpwuid(os.getuid()).pw_dir or None)
+            home = pwd.getpwuid(uid).pw_dir
         except (ImportError, KeyError):
-            _ACCOUNT_HOME.append(None)
-    return _ACCOUNT_HOME[0]
+            home = ""
+        _ACCOUNT_HOME[uid] = home if os.path.isabs(home) else None
+    return _ACCOUNT_HOME[uid]
 
 
 def resolve_cwd(cwd: str | os.PathLike[str] | None) -> str:
@@ -358,11 +361,11 @@ def build_plan(
                 "namespace to give it an unprivileged one); Landlock still limits writes"
             )
         program, notify_table = seccomp_program(policy, no_network=policy.network.mode != "host")
-        view = fsplan.build_nons(fs, cwd, home, account_home())
+        view = fsplan.build_nons(fs, cwd, home, account_home() if fs.default_hides else None)
         degraded += fsplan.unenforced_hides(view)
     else:
         program, notify_table = seccomp_program(policy)
-        view = fsplan.build(fs, cwd, home, account_home())
+        view = fsplan.build(fs, cwd, home, account_home() if fs.default_hides else None)
     view_json = view.to_json(fs.rootfs, int(fs.tmp_size))
     view_json["sys"] = policy.network.mode != "host"
     view_json["proc_fallback"] = policy.allow_degraded
