@@ -370,6 +370,27 @@ def test_git_config_paths_through_links_are_followed_not_created_elsewhere(
     assert list(elsewhere.iterdir()) == []
 
 
+def test_a_missing_hooks_directory_and_a_read_worktree_config_are_protected(
+    workspace: Path,
+) -> None:
+    """``git init --template=`` makes no ``.git/hooks``: the command could
+    make it and leave a hook. ``extensions.worktreeConfig`` (``git
+    sparse-checkout init`` sets it) has git read ``.git/config.worktree``,
+    which is the repository's configuration as much as ``.git/config``."""
+    subprocess.run(["git", "init", "-q", "--template=", str(workspace)], check=True)
+    _git("config", "extensions.worktreeConfig", "true", cwd=workspace)
+    attack = (
+        "mkdir -p .git/hooks && echo evil > .git/hooks/pre-commit;"
+        "printf '[core]\\n\\tfsmonitor = evil\\n' >> .git/config.worktree; true"
+    )
+    sh(attack)
+    assert not (workspace / ".git" / "hooks").exists()
+    assert not (workspace / ".git" / "config.worktree").exists()
+    outside(attack, cwd=workspace)
+    assert (workspace / ".git" / "hooks" / "pre-commit").exists()  # (the test can fail)
+    assert "fsmonitor" in (workspace / ".git" / "config.worktree").read_text()
+
+
 def test_a_global_absolute_hooks_path_in_a_writable_root_is_protected(
     workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -528,6 +528,9 @@ def protect_ops(
         if not visible(path):
             continue
         st = _lstat(path) if kind != "link" else None
+        if kind == "exists" and st is None:
+            done.discard(path)  # (missing: a later "maybe" of it makes a placeholder)
+            continue
         if kind == "link":
             # A link git follows on the way to what it runs or reads: the
             # command could replace it unless its directory is protected,
@@ -660,18 +663,34 @@ class _GitConfigs:
 
     def repo_targets(self, repo: str, root: str) -> list[str]:
         """The hooks directory and included configuration files of the
-        repository at ``repo`` that are inside ``root``."""
+        repository at ``repo`` that are inside ``root``; its own hooks
+        directory where it is missing (``git init --template=``: a command
+        could make it), and ``config.worktree`` where the configuration
+        reads it (``extensions.worktreeConfig``, as ``git sparse-checkout``
+        sets)."""
         if not (self.hooks or self.config):
             return []
         hooks = list(self.global_hooks)
         included: list[str] = []
+        worktree_config = False
         for path in _repo_config_files(repo):
             its_hooks, its_includes = _hooks_and_includes(path, self.home)
             hooks += its_hooks
             included += its_includes
+            entries = _config_entries(path) or []
+            worktree_config = worktree_config or any(
+                name == "extensions.worktreeconfig"
+                and value.lower() in ("", "true", "yes", "on", "1")
+                for name, value in entries
+            )
+        dirs = _git_dirs(repo)
         out = included if self.config else []
+        if self.config and dirs and worktree_config:
+            out.append(os.path.join(dirs[0], "config.worktree"))
         if self.hooks:
             out += [_hooks_dir(h, repo) for h in hooks]
+            if dirs:
+                out.append(os.path.join(dirs[-1], "hooks"))  # (a worktree's: its main one's)
         return [p for p in out if _is_under(p, root)]
 
 
