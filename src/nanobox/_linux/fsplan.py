@@ -21,13 +21,13 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import time
 from collections.abc import Sequence
 
 from ..errors import PolicyError
 from ..policy import DEFAULT_HIDES, PROTECTED_GIT, PROTECTED_TOP, Filesystem, unprotect_by_name
 from ..units import parse_size
-from .gitscan import RACY_NS, find_repos
+from . import gitfiles
+from .gitscan import find_repos
 
 TYPE_CHECKING = False  # not ``typing``'s: on the CLI's start-up path
 if TYPE_CHECKING:
@@ -508,12 +508,12 @@ def protect_ops(
         for rel in PROTECTED_GIT
         if rel.split("/")[-1] not in unprotect_names and rel not in unprotect_names
     ]
-    configs = _GitConfigs(home or os.path.expanduser("~"), wanted)
-    maybe = configs.global_targets(root)
+    configs = gitfiles.GitConfigs(home or os.path.expanduser("~"), wanted)
+    maybe = [p for p in configs.global_paths() if _is_under(p, root)]
     for repo in find_repos(root):
         if visible(repo):
             targets += [(path, "exists") for path in _git_targets(repo, root, wanted)]
-            maybe += configs.repo_targets(repo, root)
+            maybe += [p for p in configs.repo_paths(repo) if _is_under(p, root)]
     for path in maybe:
         if path not in unprotect and inside_path(path, root, shown) not in unprotect:
             targets += _resolve_maybe(path, root, view)
@@ -633,190 +633,6 @@ def _resolve_maybe(path: str, root: str, view: View, hops: int = 0) -> list[tupl
     return [(path, "exists")]
 
 
-class _GitConfigs:
-    """What git's configuration makes it run or read (``gitconfig``), for
-    ``protect_ops``: read once per plan, the global files' for every root
-    and repository."""
-
-    def __init__(self, home: str, wanted: list[str]) -> None:
-        self.home = home
-        self.hooks = "hooks" in wanted
-        self.config = "config" in wanted
-        self.global_files: list[str] = []
-        self.global_hooks: list[str] = []
-        if not (self.hooks or self.config):
-            return
-        for path in _global_config_files(home):
-            hooks, included = _hooks_and_includes(path, home)
-            self.global_files += [path, *included]
-            self.global_hooks += hooks
-
-    def global_targets(self, root: str) -> list[str]:
-        """The global configuration files (and what they include) inside
-        ``root``: the command must not set a hook path or fsmonitor there;
-        and a global hook path given as an absolute one (it applies to
-        every repository, wherever it is)."""
-        out = list(self.global_files) if self.config else []
-        if self.hooks:
-            out += [_hooks_dir(h, "/") for h in self.global_hooks if os.path.isabs(h)]
-        return [p for p in out if _is_under(p, root)]
-
-    def repo_targets(self, repo: str, root: str) -> list[str]:
-        """The hooks directory and included configuration files of the
-        repository at ``repo`` that are inside ``root``; its own hooks
-        directory where it is missing (``git init --template=``: a command
-        could make it), and ``config.worktree`` where the configuration
-        reads it (``extensions.worktreeConfig``, as ``git sparse-checkout``
-        sets)."""
-        if not (self.hooks or self.config):
-            return []
-        hooks = list(self.global_hooks)
-        included: list[str] = []
-        worktree_config = False
-        for path in _repo_config_files(repo):
-            its_hooks, its_includes = _hooks_and_includes(path, self.home)
-            hooks += its_hooks
-            included += its_includes
-            entries = _config_entries(path) or []
-            worktree_config = worktree_config or any(
-                name == "extensions.worktreeconfig"
-                and value.lower() in ("", "true", "yes", "on", "1")
-                for name, value in entries
-            )
-        dirs = _git_dirs(repo)
-        out = included if self.config else []
-        if self.config and dirs and worktree_config:
-            out.append(os.path.join(dirs[0], "config.worktree"))
-        if self.hooks:
-            out += [_hooks_dir(h, repo) for h in hooks]
-            if dirs:
-                out.append(os.path.join(dirs[-1], "hooks"))  # (a worktree's: its main one's)
-        return [p for p in out if _is_under(p, root)]
-
-
-def _hooks_dir(value: str, repo: str) -> str:
-    """The directory to protect for a ``core.hooksPath`` of ``value`` in the
-    repository at ``repo`` (a relative one is relative to its worktree's
-    top). For husky's ``.husky/_`` (9+), whose hooks run the scripts in the
-    directory above it, that directory (unless it is the worktree's top)."""
-    path = os.path.normpath(os.path.join(repo, value))
-    if os.path.basename(path) == "_" and os.path.dirname(path) != repo:
-        return os.path.dirname(path)
-    return path
-
-
-def _hooks_and_includes(path: str, home: str) -> tuple[list[str], list[str]]:
-    """``gitconfig.hooks_and_includes`` of the file at ``path``, or nothing
-    where there is no such file (without importing ``gitconfig``: the cold
-    CLI in a directory that is no repository reads no configuration)."""
-    if _config_entries(path) is None:
-        return [], []
-    from . import gitconfig
-
-    return gitconfig.hooks_and_includes(path, _config_entries, home)
-
-
-def _global_config_files(home: str) -> list[str]:
-    """The files git reads as its system and global configuration (as the
-    caller's environment has them)."""
-    env = os.environ
-    out = []
-    if not env.get("GIT_CONFIG_NOSYSTEM"):
-        out.append(env.get("GIT_CONFIG_SYSTEM") or "/etc/gitconfig")
-    if env.get("GIT_CONFIG_GLOBAL"):
-        out.append(env["GIT_CONFIG_GLOBAL"])
-    else:
-        xdg = env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
-        out += [os.path.join(xdg, "git", "config"), os.path.join(home, ".gitconfig")]
-    return [os.path.normpath(p) for p in out if os.path.isabs(p)]
-
-
-def _repo_config_files(repo: str) -> list[str]:
-    """The configuration files of the repository at ``repo``: its git
-    directory's ``config`` and ``config.worktree``, and its common
-    directory's ``config`` (a worktree's is the main repository's)."""
-    dirs = _git_dirs(repo)
-    if not dirs:
-        return []
-    out = [os.path.join(dirs[0], "config"), os.path.join(dirs[0], "config.worktree")]
-    return out + [os.path.join(d, "config") for d in dirs[1:]]
-
-
-# path -> (its stat key, its entries): a process that runs many sandboxes
-# parses a configuration file again only when it changed (a stat tells, as
-# in gitscan; not a file changed less than gitscan.RACY_NS ago).
-_parsed: dict[str, tuple[tuple[int, ...], list[tuple[str, str]]]] = {}
-_MAX_PARSED = 256
-
-
-def _config_entries(path: str) -> list[tuple[str, str]] | None:
-    """``gitconfig.parse`` of the file at ``path``, None if unreadable."""
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):  # (a NUL in a name from a configuration)
-        return None
-    if not stat.S_ISREG(st.st_mode):
-        return None  # (git reads no FIFO, device or directory either)
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    cached = _parsed.get(path)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    text = _read_config(path)
-    if text is None:
-        return None
-    from . import gitconfig
-
-    entries = gitconfig.parse(text)
-    if time.time_ns() - st.st_ctime_ns > RACY_NS:
-        if len(_parsed) >= _MAX_PARSED:
-            _parsed.clear()
-        _parsed[path] = (key, entries)
-    return entries
-
-
-def _read_config(path: str) -> str | None:
-    """A regular file's text (its first 1 MiB), None if there is none: a
-    FIFO or a device (which a command could leave where a configuration
-    or ``.git`` file is looked for) is not opened to wait on."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except (OSError, ValueError):
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        with open(fd, "rb", closefd=False) as fh:
-            return fh.read(1 << 20).decode("utf-8", "surrogateescape")
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
-def _git_dirs(repo: str) -> list[str]:
-    """The git directory of the repository at ``repo`` and, for a worktree,
-    its common directory; [] where ``.git`` is not a directory nor a git
-    link ("gitdir: PATH": a submodule's or a worktree's)."""
-    dotgit = os.path.join(repo, ".git")
-    if os.path.isdir(dotgit) and not os.path.islink(dotgit):
-        return [dotgit]
-    first = _first_line(dotgit)
-    if not first.startswith("gitdir:") or not first[7:].strip():
-        return []
-    gitdir = os.path.normpath(os.path.join(repo, first[7:].strip()))
-    # (A submodule's git directory is its own common directory.)
-    common = _first_line(os.path.join(gitdir, "commondir"))
-    if common:
-        return [gitdir, os.path.normpath(os.path.join(gitdir, common))]
-    return [gitdir]
-
-
-def _first_line(path: str) -> str:
-    """The first line of the regular file at ``path``, stripped ("" if
-    there is none)."""
-    return (_read_config(path) or "")[:4096].split("\n", 1)[0].strip()
-
-
 def inside_path(path: str, root: str, shown: str) -> str:
     """Where the sandbox sees host ``path`` (at or below ``root``), with
     ``root`` bound at ``shown``."""
@@ -844,7 +660,7 @@ def _git_targets(repo: str, root: str, names: list[str]) -> list[str]:
             pass
     except OSError as exc:
         raise PolicyError("filesystem.protect", f"cannot read {dotgit}: {exc.strerror}") from None
-    dirs = _git_dirs(repo)
+    dirs = gitfiles.git_dirs(repo)
     if not dirs:
         raise PolicyError(
             "filesystem.protect",
