@@ -391,6 +391,28 @@ def test_a_missing_hooks_directory_and_a_read_worktree_config_are_protected(
     assert "fsmonitor" in (workspace / ".git" / "config.worktree").read_text()
 
 
+def test_a_commondir_made_in_a_run_is_removed_after_it(repo: Path) -> None:
+    """``.git/commondir`` redirects git to another directory's config and
+    hooks (here one the command wrote, with an fsmonitor): it cannot be kept
+    from being made, so the run's end removes it and says so."""
+    evil = (
+        "mkdir -p .evil && cp -r .git/objects .git/refs .git/HEAD .evil/ && "
+        "printf '[core]\\n\\trepositoryformatversion = 0\\n\\tfsmonitor = evil\\n' "
+        "> .evil/config && echo ../.evil > .git/commondir"
+    )
+    r = sh(evil + "; echo ok")
+    assert r.stdout == b"ok\n", r
+    assert not (repo / ".git" / "commondir").exists()
+    assert [v.kind for v in r.violations] == ["protect"], r.violations
+    assert ".git/commondir" in r.violations[0].detail
+    # Outside, the same makes git read the command's configuration.
+    outside(evil, cwd=repo)
+    common = subprocess.run(
+        ["git", "rev-parse", "--git-common-dir"], cwd=repo, capture_output=True, text=True
+    ).stdout.strip()
+    assert common.endswith(".evil"), common
+
+
 def test_a_global_absolute_hooks_path_in_a_writable_root_is_protected(
     workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

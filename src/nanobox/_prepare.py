@@ -36,7 +36,17 @@ class Prepared:
     """One run, ready to go to the server. (A plain class, not a dataclass:
     making one costs the CLI's start ~0.5 ms of generated code.)"""
 
-    __slots__ = ("args", "check", "degraded", "plan", "run_id", "stdin_data", "stdin_fd", "text")
+    __slots__ = (
+        "args",
+        "check",
+        "degraded",
+        "git_dirs",
+        "plan",
+        "run_id",
+        "stdin_data",
+        "stdin_fd",
+        "text",
+    )
 
     def __init__(
         self,
@@ -49,6 +59,7 @@ class Prepared:
         text: bool,
         check: bool,
         degraded: tuple[str, ...],
+        git_dirs: tuple[str, ...] = (),
     ) -> None:
         self.run_id = run_id
         self.args = args
@@ -58,6 +69,7 @@ class Prepared:
         self.text = text
         self.check = check
         self.degraded = degraded
+        self.git_dirs = git_dirs  # (see fsplan.View.git_dirs)
 
 
 class Submitted:
@@ -184,6 +196,7 @@ def prepare(
         args=tuple(argv),
         plan=encoded,
         degraded=tuple(plan["degraded"]),
+        git_dirs=tuple(plan.get("git_dirs", ())),
         stdin_fd=stdin_fd,
         stdin_data=None if input is None else bytes(input),
         text=text,

@@ -425,6 +425,11 @@ class Sandbox:
                         {"destination": dest, "count": count},
                     )
                 )
+        if prep.git_dirs:
+            from ._linux import gitfiles
+
+            for detail in gitfiles.undo_redirects(prep.git_dirs):
+                violations.append(Violation("protect", detail))
         extra = msg.get("syscall_violation_count", 0) - len(msg.get("syscall_violations", ()))
         if extra > 0:
             violations.append(Violation("syscall", f"{extra} more refused syscalls not listed"))

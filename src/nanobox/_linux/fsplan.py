@@ -41,7 +41,15 @@ class View:
     """The planned filesystem view: mount ops, and what Landlock grants.
     (A plain class: a dataclass's generated code costs the CLI ~1 ms.)"""
 
-    __slots__ = ("hidden", "notes", "ops", "placeholders", "readable_extra", "writable")
+    __slots__ = (
+        "git_dirs",
+        "hidden",
+        "notes",
+        "ops",
+        "placeholders",
+        "readable_extra",
+        "writable",
+    )
 
     def __init__(self) -> None:
         self.ops: list[dict[str, Any]] = []
@@ -50,6 +58,9 @@ class View:
         self.hidden: list[str] = []  # where they really are (resolved)
         self.placeholders: list[tuple[str, str]] = []  # (host path, kind)
         self.notes: list[str] = []
+        # Git directories (host paths) in a writable root without a
+        # "commondir": one made during a run is removed after it.
+        self.git_dirs: list[str] = []
 
     def to_json(self, rootfs: str, tmp_size: int) -> dict[str, Any]:
         # A destination whose top-level directory is missing ("/data", or
@@ -514,6 +525,10 @@ def protect_ops(
         if visible(repo):
             targets += [(path, "exists") for path in _git_targets(repo, root, wanted)]
             maybe += [p for p in configs.repo_paths(repo) if _is_under(p, root)]
+            dirs = gitfiles.git_dirs(repo)
+            if "config" in wanted and len(dirs) == 1 and _is_under(dirs[0], root):
+                if not os.path.lexists(os.path.join(dirs[0], "commondir")):
+                    view.git_dirs.append(dirs[0])
     for path in maybe:
         if path not in unprotect and inside_path(path, root, shown) not in unprotect:
             targets += _resolve_maybe(path, root, view)

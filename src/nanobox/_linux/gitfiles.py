@@ -201,3 +201,34 @@ def first_line(path: str) -> str:
     """The first line of the regular file at ``path``, stripped ("" if
     there is none)."""
     return (read_config(path) or "")[:4096].split("\n", 1)[0].strip()
+
+
+def undo_redirects(git_dirs: tuple[str, ...] | list[str]) -> list[str]:
+    """After a run: a ``commondir`` made in one of ``git_dirs`` (git
+    directories that had none when the run was planned) would have git read
+    another directory's configuration and hooks, which the command could
+    write (no git makes one in a repository's own git directory: only in a
+    linked worktree's). It cannot be kept from being made without breaking
+    git meanwhile (git fails on an empty one), so it is removed when the run
+    ends. What was removed (or, for a directory, which git fails on and
+    reads nothing from, found), one line each."""
+    out = []
+    for gitdir in git_dirs:
+        path = os.path.join(gitdir, "commondir")
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            out.append(f"{path} was made during the run (a directory: git cannot use it)")
+            continue
+        try:
+            os.unlink(path)
+        except OSError as exc:
+            out.append(f"{path} was made during the run and could not be removed: {exc.strerror}")
+        else:
+            out.append(
+                f"{path} was made during the run (it would have had git read another "
+                "directory's configuration and hooks): removed"
+            )
+    return out

@@ -398,6 +398,7 @@ def build_plan(
         "newnet": policy.network.mode != "host",
         "view": view_json,
         "placeholders": view.placeholders,
+        "git_dirs": view.git_dirs,
         "connect_allowed": [*view.writable, "/run", "/var/run", "/dev/shm"]
         if mode == "full"
         else list(view.writable),
