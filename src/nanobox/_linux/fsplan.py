@@ -490,7 +490,7 @@ def protect_ops(
 
     Besides the names (``PROTECTED_TOP``) and each repository's hooks and
     config, what git's configuration makes it run or read, where that is
-    inside ``root`` (``_git_config_targets``): a ``core.hooksPath``
+    inside ``root`` (``gitfiles.GitConfigs``): a ``core.hooksPath``
     directory (husky's ``.husky/_``), files a configuration includes, and
     the user's global configuration files themselves (a workspace that is
     ``$HOME``). Those may be missing: the first missing name on the way
@@ -523,9 +523,9 @@ def protect_ops(
     maybe = [p for p in configs.global_paths() if _is_under(p, root)]
     for repo in find_repos(root):
         if visible(repo):
-            targets += [(path, "exists") for path in _git_targets(repo, root, wanted)]
-            maybe += [p for p in configs.repo_paths(repo) if _is_under(p, root)]
-            dirs = gitfiles.git_dirs(repo)
+            dirs = gitfiles.git_dirs(repo)  # (its git directories, looked up once)
+            targets += [(path, "exists") for path in _git_targets(repo, dirs, root, wanted)]
+            maybe += [p for p in configs.repo_paths(repo, dirs) if _is_under(p, root)]
             if "config" in wanted and len(dirs) == 1 and _is_under(dirs[0], root):
                 if not os.path.lexists(os.path.join(dirs[0], "commondir")):
                     view.git_dirs.append(dirs[0])
@@ -657,8 +657,9 @@ def inside_path(path: str, root: str, shown: str) -> str:
     return shown if rel == "." else os.path.join(shown, rel)
 
 
-def _git_targets(repo: str, root: str, names: list[str]) -> list[str]:
-    """What to protect of the repository at ``repo``: ``names`` (hooks,
+def _git_targets(repo: str, dirs: list[str], root: str, names: list[str]) -> list[str]:
+    """What to protect of the repository at ``repo`` (``dirs``: its
+    ``gitfiles.git_dirs``): ``names`` (hooks,
     config) in its git directory. Where ``.git`` is a file (a submodule or a
     worktree: "gitdir: PATH"), also that file (redirected, it would make git
     use a git directory the command wrote) and ``config.worktree`` in the
@@ -675,7 +676,6 @@ def _git_targets(repo: str, root: str, names: list[str]) -> list[str]:
             pass
     except OSError as exc:
         raise PolicyError("filesystem.protect", f"cannot read {dotgit}: {exc.strerror}") from None
-    dirs = gitfiles.git_dirs(repo)
     if not dirs:
         raise PolicyError(
             "filesystem.protect",

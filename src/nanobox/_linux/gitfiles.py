@@ -47,9 +47,9 @@ class GitConfigs:
             out += [hooks_dir(h, "/") for h in self.global_hooks if os.path.isabs(h)]
         return out
 
-    def repo_paths(self, repo: str) -> list[str]:
+    def repo_paths(self, repo: str, dirs: list[str]) -> list[str]:
         """The hooks directory and included configuration files of the
-        repository at ``repo``; its own hooks
+        repository at ``repo`` (``dirs``: its ``git_dirs``); its own hooks
         directory where it is missing (``git init --template=``: a command
         could make it), and ``config.worktree`` where the configuration
         reads it (``extensions.worktreeConfig``, as ``git sparse-checkout``
@@ -59,7 +59,6 @@ class GitConfigs:
         hooks = list(self.global_hooks)
         included: list[str] = []
         worktree_config = False
-        dirs = git_dirs(repo)
         for path in repo_config_files(dirs):
             its_hooks, its_includes = hooks_and_includes(path, self.home)
             hooks += its_hooks
