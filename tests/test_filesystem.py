@@ -546,6 +546,24 @@ def test_a_submodule_checkout_in_the_workspace(repo: Path, tmp_path: Path, attac
     _refused_inside_done_outside(repo, "cd sub", attack)
 
 
+def test_a_git_file_that_is_not_a_git_link(workspace: Path, tmp_path: Path) -> None:
+    """A ``.git`` file without "gitdir: PATH" (a test's fixture, a file left
+    by a tool) makes git refuse the directory, so a run there goes ahead
+    (it was refused), and the file is kept as it is: the command cannot
+    turn it into a link to a git directory with hooks it wrote."""
+    junk = workspace / "f"
+    junk.mkdir()
+    (junk / ".git").write_text("not a link\n")
+    r = outside("git status", cwd=junk)
+    assert r.returncode != 0 and b"invalid gitfile format" in r.stderr, r
+    evil = tmp_path / "evil"  # a git directory the command could have made
+    subprocess.run(["git", "init", "-q", "--bare", str(evil)], check=True)
+    attack = f"echo 'gitdir: {evil}' > .git"
+    _refused_inside_done_outside(workspace, "cd f", attack)
+    r = outside("git rev-parse --git-dir", cwd=junk)  # now a link git follows
+    assert r.stdout.strip() == str(evil).encode(), r
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any .git")
 def test_an_unreadable_git_directory_fails_closed(repo: Path) -> None:
     """A command can chmod 000 its own .git; the next run must refuse (the

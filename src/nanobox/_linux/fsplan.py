@@ -665,7 +665,9 @@ def _git_targets(repo: str, dirs: list[str], root: str, names: list[str]) -> lis
     use a git directory the command wrote) and ``config.worktree`` in the
     git directory it names, plus ``names`` in that directory's common
     directory (a worktree's hooks and config are the main repository's);
-    those inside ``root`` (elsewhere this root cannot write them)."""
+    those inside ``root`` (elsewhere this root cannot write them). A
+    ``.git`` file that is not a git link, which git refuses, is protected
+    as it is."""
     if not names:
         return []
     dotgit = os.path.join(repo, ".git")
@@ -676,13 +678,12 @@ def _git_targets(repo: str, dirs: list[str], root: str, names: list[str]) -> lis
             pass
     except OSError as exc:
         raise PolicyError("filesystem.protect", f"cannot read {dotgit}: {exc.strerror}") from None
-    if not dirs:
-        raise PolicyError(
-            "filesystem.protect",
-            f"{dotgit} is a file but not a git link ('gitdir: PATH'); remove it, or list "
-            "'.git/hooks' and '.git/config' in filesystem.unprotect",
-        )
     out = [dotgit]
+    if not dirs:
+        # Not a git link: git refuses the directory ("invalid gitfile
+        # format") and runs nothing of it. Only the file itself is kept as
+        # it is, so that the command cannot make it one.
+        return out if _is_under(dotgit, root) else []
     for i, d in enumerate(dirs):
         extra = ["config.worktree"] if i == 0 and "config" in names else []
         out += [os.path.join(d, n) for n in [*names, *extra]]
