@@ -141,6 +141,53 @@ def test_a_result_that_cannot_be_written_after_the_run_says_so(
     assert list(workspace.iterdir()) == []
 
 
+def test_a_result_into_a_fifo_is_written_through_it(workspace: Path, tmp_path: Path) -> None:
+    """An existing file that is not a regular one (``/dev/stdout``, a FIFO,
+    a terminal) is written through, as a shell's ``>`` does. The result was
+    written beside it and renamed over it: the FIFO was replaced by a file
+    (and, as root, ``--result /dev/full`` replaced that device)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # (so the CLI's open does not wait)
+    try:
+        p = nanobox_cli("run", "--result", str(fifo), "--", "true")
+        assert p.returncode == 0, p
+        data = json.loads(os.read(reader, 1 << 16))
+    finally:
+        os.close(reader)
+    assert data["outcome"] == "exited" and RESULT_KEYS <= set(data)
+    assert fifo.is_fifo()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mknod needs root")
+def test_a_result_into_a_full_device_fails_and_keeps_it(workspace: Path, tmp_path: Path) -> None:
+    """A copy of ``/dev/full`` (made here: the test must not risk the
+    real one): the write fails with ENOSPC, said in one line, exit 125,
+    and the device stays a device."""
+    full = tmp_path / "full"
+    os.mknod(full, 0o666 | 0o020000, os.makedev(1, 7))  # S_IFCHR, as /dev/full
+    p = nanobox_cli("run", "--result", str(full), "--", "true")
+    assert p.returncode == 125, p
+    said = f"nanobox: error: --result: cannot write {str(full)!r}: No space left on device\n"
+    assert p.stderr == said.encode()
+    assert full.is_char_device()
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["full", "ws"]  # (no temporary file)
+
+
+def test_a_result_through_a_symlink_keeps_the_link(workspace: Path, tmp_path: Path) -> None:
+    """The file a link leads to gets the result (renamed over it there);
+    the link stays a link. It was replaced by a regular file."""
+    real = tmp_path / "real.json"
+    real.write_text("old\n")
+    link = tmp_path / "latest.json"
+    link.symlink_to(real)
+    p = nanobox_cli("run", "--result", str(link), "--", "true")
+    assert p.returncode == 0, p
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert _result(real)["outcome"] == "exited"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["latest.json", "real.json", "ws"]
+
+
 def test_stdin_passes_through(workspace: Path) -> None:
     p = nanobox_cli("run", "cat", input=b"piped")
     assert p.stdout == b"piped"

@@ -433,7 +433,12 @@ def _check_result_path(path: str) -> None:
         raise _UsageError("--result: expected a file path, or '-' for stderr, got ''")
     if path.endswith("/") or os.path.isdir(path):
         raise _UsageError(f"--result: {path!r} names a directory; name a file in it")
-    tmp = _result_tmp(path)
+    target, atomic = _result_target(path)
+    if not atomic:
+        if not os.access(path, os.W_OK):
+            raise _UsageError(f"--result: cannot write {path!r}: Permission denied")
+        return
+    tmp = _result_tmp(target)
     try:
         # (Not O_EXCL: one left by a killed run whose pid this is would be
         # overwritten by the write as well.)
@@ -441,6 +446,24 @@ def _check_result_path(path: str) -> None:
         os.unlink(tmp)
     except OSError as exc:
         raise _UsageError(f"--result: cannot write {path!r}: {exc.strerror}") from None
+
+
+def _result_target(path: str) -> tuple[str, bool]:
+    """Where ``--result`` writes, and whether by a rename: an existing file
+    that is not a regular one (``/dev/stdout``, a terminal, a FIFO, a
+    device) is written through its name, as a shell's ``>`` does; it was
+    replaced by a regular file (as root, ``--result /dev/full`` replaced
+    the device). A regular file, or a new one, is written beside where its
+    name leads (through symbolic links, which stay links) and renamed over
+    it, so that a reader never sees half of it."""
+    import stat
+
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return path, False
+    except OSError:
+        pass  # (missing, or a dangling link: made where it leads, as '>' does)
+    return os.path.realpath(path), True
 
 
 def _result_tmp(path: str) -> str:
@@ -456,16 +479,22 @@ def _write_result(path: str, data: dict[str, Any]) -> bool:
     if path == "-":
         sys.stderr.write(text)
         return True
-    tmp = _result_tmp(path)
+    target, atomic = _result_target(path)
+    tmp = _result_tmp(target)
     try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
+        if not atomic:
+            with open(path, "w") as fh:
+                fh.write(text)
+        else:
+            with open(tmp, "w") as fh:
+                fh.write(text)
+            os.replace(tmp, target)
     except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        if atomic:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         sys.stderr.write(f"nanobox: error: --result: cannot write {path!r}: {exc.strerror}\n")
         return False
     return True
