@@ -262,3 +262,38 @@ def test_a_tmpfs_size_out_of_range_is_refused(entry: str) -> None:
     with pytest.raises(nanobox.PolicyError, match=r"filesystem\.tmpfs.*SIZE must be from 4096"):
         nanobox.Filesystem(tmpfs=(entry,))
     assert nanobox.Filesystem(tmpfs=("/x:4K",)).tmpfs == ("/x:4K",)
+
+
+@pytest.mark.parametrize(
+    ("message", "shown", "syscall"),
+    [
+        (
+            "[Errno 1] clone(CLONE_NEWUSER): Operation not permitted",
+            "clone(CLONE_NEWUSER): Operation not permitted"
+            " [clone: EPERM (Operation not permitted)]",
+            "clone",
+        ),
+        (
+            "[Errno 22] cannot shift ownership of the writable roots for a root caller "
+            "(idmapped mounts): /dev/null cannot be idmapped",
+            "cannot shift ownership of the writable roots for a root caller "
+            "(idmapped mounts): /dev/null cannot be idmapped",
+            None,
+        ),
+    ],
+)
+def test_a_setup_error_names_the_call_only_when_there_is_one(
+    message: str, shown: str, syscall: str | None
+) -> None:
+    """Stage A reports an OSError as its ``str()``: the "[Errno N]" went into
+    the message and into ``syscall``, and a message with a parenthesis
+    that named no call was repeated in brackets as if it were one."""
+    import types
+
+    errno_ = 1 if syscall else 22
+    exc = nanobox.Sandbox()._setup_error(
+        types.SimpleNamespace(run_id="x"),  # type: ignore[arg-type]
+        {"step": "prepare", "errno": errno_, "message": message},
+    )
+    assert str(exc) == f"sandbox setup failed at step 'prepare': {shown}"
+    assert (exc.syscall, exc.errno) == (syscall, errno_)

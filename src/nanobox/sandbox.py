@@ -483,7 +483,11 @@ class Sandbox:
         step = info.get("step") or "setup"
         err = info.get("errno")
         message = info.get("message") or "setup failed"
-        syscall = message.split("(")[0].split(":")[0] if "(" in message else None
+        if message.startswith("[Errno ") and "] " in message:
+            message = message.split("] ", 1)[1]  # (an OSError's str(): errno is a field)
+        # "mount(...): ..." names the call that failed; other text does not.
+        head = message.split("(")[0].split(":")[0] if "(" in message else ""
+        syscall = head if head.isidentifier() else None
         self._emit(prep.run_id, "error", {"step": step, "errno": err, "message": message})
         if step == "create namespaces" and err in (_errno.EPERM, _errno.ENOSPC, _errno.EINVAL):
             return UnsupportedError(
