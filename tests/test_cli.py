@@ -332,6 +332,20 @@ def test_bad_seccomp_files_name_the_option_and_the_file(
     assert named in lines[0], lines
 
 
+@pytest.mark.parametrize("option", ["--policy", "--seccomp"])
+def test_a_policy_file_that_never_ends_is_refused(workspace: Path, option: str) -> None:
+    """``/dev/zero`` (or any wrong name for a huge file) was read until memory
+    ran out; a policy file is read up to 1 MiB. A pipe (``<(...)``) still
+    works."""
+    p = nanobox_cli("run", option, "/dev/zero", "true")
+    assert p.returncode == 125, p
+    assert p.stderr.startswith(f"nanobox: error: {option} /dev/zero: ".encode()), p.stderr
+    assert b"'/dev/zero' is larger than 1 MiB" in p.stderr, p.stderr
+    policy = b'[limits]\nwall_time = "0.1s"\n'
+    p = nanobox_cli("run", "--policy", "/dev/stdin", "sleep", "5", input=policy)
+    assert p.returncode == 124 and b"wall-clock limit of 0.1" in p.stderr, p
+
+
 def test_check_json(workspace: Path) -> None:
     p = nanobox_cli("check", "--json")
     data = json.loads(p.stdout)
