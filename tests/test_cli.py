@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -186,6 +188,67 @@ def test_a_result_through_a_symlink_keeps_the_link(workspace: Path, tmp_path: Pa
     assert link.is_symlink() and os.readlink(link) == str(real)
     assert _result(real)["outcome"] == "exited"
     assert sorted(x.name for x in tmp_path.iterdir()) == ["latest.json", "real.json", "ws"]
+
+
+def _started(*args: str, **kw: Any) -> subprocess.Popen[bytes]:
+    """``nanobox run ARGS -- sh`` that prints "started" and sleeps: returned
+    once the line is read (the run is going on)."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "nanobox", "run", *args, "--", "sh", "-c", INTERRUPTED],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kw,
+    )
+    assert p.stdout is not None and p.stdout.readline() == b"started\n"
+    return p
+
+
+INTERRUPTED = "echo started; exec sleep 31.25"
+
+
+def _leftovers() -> str:
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return "\n".join(line for line in ps.splitlines() if line == "sleep 31.25")
+
+
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name
+)
+def test_an_interrupted_cli_kills_the_run_and_reports_it(
+    workspace: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """Ctrl-C, an outer ``timeout`` or a closed terminal: the run is killed
+    (nothing left behind), ``--result`` says what happened, and the exit
+    status is 128+N. Before, the CLI died at once and wrote no result."""
+    res = tmp_path / "r.json"
+    p = _started("--result", str(res))
+    p.send_signal(sig)
+    _out, err = p.communicate(timeout=30)
+    assert p.returncode == 128 + sig, (p.returncode, err)
+    assert err == f"nanobox: {sig.name}: the run was killed\n".encode(), err
+    data = _result(res)
+    assert (data["outcome"], data["signal"], data["exit_code"]) == ("signaled", 9, None)
+    assert data["violations"] == [
+        {
+            "kind": "interrupted",
+            "detail": f"nanobox received {sig.name}: the run was killed",
+            "signal": sig.name,
+        }
+    ]
+    assert _leftovers() == ""
+
+
+def test_a_signal_the_cli_was_started_ignoring_stays_ignored(workspace: Path) -> None:
+    """``nohup nanobox run ...``: SIGHUP is ignored (the run goes on); the
+    next SIGTERM still ends it."""
+    p = _started(preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    p.send_signal(signal.SIGHUP)
+    with pytest.raises(subprocess.TimeoutExpired):
+        p.wait(timeout=0.5)
+    p.send_signal(signal.SIGTERM)
+    _out, err = p.communicate(timeout=30)
+    assert p.returncode == 128 + signal.SIGTERM and b"SIGTERM" in err, err
+    assert _leftovers() == ""
 
 
 def test_stdin_passes_through(workspace: Path) -> None:

@@ -76,6 +76,7 @@ class RunIO:
         self.output_killed = False
         self.on_listeners: Callable[[list[int]], None] | None = None
         self.proxy_run: str | None = None
+        self.interrupted: str | None = None  # the CLI's signal that killed the run
 
     @property
     def done(self) -> bool:
@@ -141,6 +142,13 @@ class RunIO:
         if self.stdin_fd is not None:
             os.close(self.stdin_fd)
             self.stdin_fd = None
+
+    def interrupt(self, signame: str) -> None:
+        """The caller was told to stop (the CLI got ``signame``): kill the
+        run, whose result then says so."""
+        if self.interrupted is None:
+            self.interrupted = signame
+            self.kill()
 
     def kill(self) -> None:
         try:

@@ -606,7 +606,8 @@ def _cmd_run(argv: list[str]) -> int:
             sent.close()
             raise
         box._fork_server = True
-        result = box._run_submitted(prep, sent, to_stdout, to_stderr)
+        with _Interrupts() as stop:
+            result = box._run_submitted(prep, sent, to_stdout, to_stderr, on_io=stop.watch)
     except PolicyError as exc:
         raise _UsageError(_flag_message(exc)) from None
     except SandboxError as exc:
@@ -614,7 +615,11 @@ def _cmd_run(argv: list[str]) -> int:
             _write_result(ns.result, _failure_result(command, str(exc)))
         _fail(str(exc))
     code = _exit_status(result)
-    if not ns.quiet:
+    if stop.signo:
+        code = 128 + stop.signo
+        if not ns.quiet and any(v.kind == "interrupted" for v in result.violations):
+            sys.stderr.write(f"nanobox: {stop.names[stop.signo]}: the run was killed\n")
+    elif not ns.quiet:
         if result.exit_code == 127 and result.violations:
             sys.stderr.write(f"nanobox: {command[0]}: command not found\n")
         elif result.exit_code == 126 and result.violations:
@@ -632,6 +637,57 @@ def _cmd_run(argv: list[str]) -> int:
     if ns.result is not None and not _write_result(ns.result, result.to_dict()):
         return EXIT_NANOBOX
     return code
+
+
+class _Interrupts:
+    """While a run goes on, SIGINT, SIGTERM and SIGHUP (Ctrl-C, an outer
+    ``timeout``, a closed terminal) have the server kill the run, as a
+    limit would; the CLI then reports it like any run, ``--result``
+    included (a violation of kind ``interrupted``), and exits 128+N. Before,
+    it died with no record of what the command did. A second signal acts
+    at once; a signal the CLI was started with ignored (``nohup``) stays
+    ignored."""
+
+    def __init__(self) -> None:
+        from ._linux import signals
+
+        self.signals = signals
+        self.names = {
+            signals.SIGINT: "SIGINT",
+            signals.SIGTERM: "SIGTERM",
+            signals.SIGHUP: "SIGHUP",
+        }
+        self.signo = 0
+        self.io: Any = None
+        self.old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Interrupts:
+        for num in self.names:
+            if self.signals.getsignal(num) != self.signals.SIG_IGN:
+                self.old[num] = self.signals.signal(num, self._on_signal)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        while self.old:
+            num, handler = self.old.popitem()
+            self.signals.signal(num, handler)
+
+    def watch(self, io: Any) -> None:
+        """The run's I/O (``Sandbox._run_submitted``'s ``on_io``)."""
+        self.io = io
+        if self.signo:
+            io.interrupt(self.names[self.signo])
+
+    def _on_signal(self, signo: int, _frame: object) -> None:
+        if self.signo:  # the second: what it does without this
+            self.__exit__()
+            if signo == self.signals.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signo)
+            return
+        self.signo = signo
+        if self.io is not None:
+            self.io.interrupt(self.names[signo])
 
 
 # The modules ``nanobox run`` imports once its plan is made, in that order:

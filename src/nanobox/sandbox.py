@@ -184,10 +184,19 @@ class Sandbox:
         return self._wait(prep, self._start(prep, on_stdout, on_stderr))
 
     def _run_submitted(
-        self, prep: Prepared, sent: Submitted, on_stdout: Sink | None, on_stderr: Sink | None
+        self,
+        prep: Prepared,
+        sent: Submitted,
+        on_stdout: Sink | None,
+        on_stderr: Sink | None,
+        on_io: Callable[[RunIO], None] | None = None,
     ) -> Result[Any]:
-        """``run`` for a run prepared and submitted already (the CLI's)."""
-        return self._wait(prep, self._take(prep, sent, on_stdout, on_stderr))
+        """``run`` for a run prepared and submitted already (the CLI's);
+        ``on_io`` gets the run's I/O state first (to interrupt it)."""
+        io = self._take(prep, sent, on_stdout, on_stderr)
+        if on_io is not None:
+            on_io(io)
+        return self._wait(prep, io)
 
     def _wait(self, prep: Prepared, io: RunIO) -> Result[Any]:
         """Relay the run's I/O until it has ended; its Result."""
@@ -387,6 +396,14 @@ class Sandbox:
             outcome = Outcome.EXITED
         if exec_error:
             violations.append(Violation("exec", exec_error.get("message", "exec failed")))
+        if io.interrupted is not None:
+            violations.append(
+                Violation(
+                    "interrupted",
+                    f"nanobox received {io.interrupted}: the run was killed",
+                    {"signal": io.interrupted},
+                )
+            )
         for sv in msg.get("syscall_violations", ()):
             err_name = _errno.errorcode.get(sv["errno"], str(sv["errno"]))
             violations.append(

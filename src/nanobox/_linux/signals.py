@@ -23,6 +23,8 @@ SIG_SETMASK: int = _signal.SIG_SETMASK
 NSIG: int = _signal.NSIG
 SIGCHLD: int = _signal.SIGCHLD
 SIGINT: int = _signal.SIGINT
+SIGTERM: int = _signal.SIGTERM
+SIGHUP: int = _signal.SIGHUP
 SIGKILL: int = _signal.SIGKILL
 SIGXCPU: int = _signal.SIGXCPU
 
