@@ -161,6 +161,35 @@ def test_a_result_into_a_fifo_is_written_through_it(workspace: Path, tmp_path: P
     assert fifo.is_fifo()
 
 
+def test_a_result_to_dev_stdout_follows_the_commands_output(
+    workspace: Path, tmp_path: Path
+) -> None:
+    """``/dev/stdout`` (and ``/dev/fd/N``) is the CLI's own file descriptor:
+    the result goes after what the command wrote there. With stdout a
+    file, it was renamed over that file (the command's output gone); as
+    another user, a pipe of root's was "not writable"."""
+    out = tmp_path / "out.txt"
+    with out.open("wb") as fh:
+        p = subprocess.run(
+            [sys.executable, "-m", "nanobox", "run", "--result", "/dev/stdout", "echo", "hi"],
+            stdout=fh,
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
+    assert p.returncode == 0, p.stderr
+    first, rest = out.read_bytes().split(b"\n", 1)
+    assert first == b"hi" and json.loads(rest)["outcome"] == "exited"
+    fd3 = tmp_path / "fd3.json"
+    cli = f"exec {sys.executable} -m nanobox run --result /dev/fd/3 true 3>{fd3}"
+    p = subprocess.run(["sh", "-c", cli], capture_output=True, timeout=60)
+    assert p.returncode == 0 and p.stdout == b"", p
+    assert json.loads(fd3.read_bytes())["outcome"] == "exited"
+    p = nanobox_cli("run", "--result", "/dev/fd/97", "--", "touch", "ran")
+    assert p.returncode == 125, p
+    assert p.stderr == b"nanobox: error: --result: '/dev/fd/97': file descriptor 97 is not open\n"
+    assert not (workspace / "ran").exists()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mknod needs root")
 def test_a_result_into_a_full_device_fails_and_keeps_it(workspace: Path, tmp_path: Path) -> None:
     """A copy of ``/dev/full`` (made here: the test must not risk the

@@ -433,12 +433,22 @@ def _check_result_path(path: str) -> None:
         raise _UsageError("--result: expected a file path, or '-' for stderr, got ''")
     if path.endswith("/") or os.path.isdir(path):
         raise _UsageError(f"--result: {path!r} names a directory; name a file in it")
-    target, atomic = _result_target(path)
-    if not atomic:
+    how, where = _result_target(path)
+    if isinstance(where, int):  # (how == "fd")
+        import fcntl
+
+        try:
+            mode = fcntl.fcntl(where, fcntl.F_GETFL) & os.O_ACCMODE
+        except OSError:
+            raise _UsageError(f"--result: {path!r}: file descriptor {where} is not open") from None
+        if mode == os.O_RDONLY:
+            raise _UsageError(f"--result: {path!r}: file descriptor {where} is read-only")
+        return
+    if how == "through":
         if not os.access(path, os.W_OK):
             raise _UsageError(f"--result: cannot write {path!r}: Permission denied")
         return
-    tmp = _result_tmp(target)
+    tmp = _result_tmp(str(where))
     try:
         # (Not O_EXCL: one left by a killed run whose pid this is would be
         # overwritten by the write as well.)
@@ -448,22 +458,39 @@ def _check_result_path(path: str) -> None:
         raise _UsageError(f"--result: cannot write {path!r}: {exc.strerror}") from None
 
 
-def _result_target(path: str) -> tuple[str, bool]:
-    """Where ``--result`` writes, and whether by a rename: an existing file
-    that is not a regular one (``/dev/stdout``, a terminal, a FIFO, a
-    device) is written through its name, as a shell's ``>`` does; it was
-    replaced by a regular file (as root, ``--result /dev/full`` replaced
-    the device). A regular file, or a new one, is written beside where its
-    name leads (through symbolic links, which stay links) and renamed over
-    it, so that a reader never sees half of it."""
+_FD_NAMES = {"/dev/stdout": 1, "/dev/stderr": 2}
+
+
+def _result_target(path: str) -> tuple[str, str | int]:
+    """How ``--result`` writes, and where:
+
+    - ``("fd", N)``: ``/dev/stdout``, ``/dev/stderr``, ``/dev/fd/N`` and
+      ``/proc/self/fd/N`` name this process's file descriptor N, and the
+      result is written to it, after what the command wrote there
+      (reopening the name would start a new offset, and replacing what it
+      leads to would replace the file the caller's shell opened);
+    - ``("through", path)``: an existing file that is not a regular one (a
+      terminal, a FIFO, a device) is written through its name, as a
+      shell's ``>`` does. It was replaced by a regular file (as root,
+      ``--result /dev/full`` replaced the device);
+    - ``("rename", target)``: a regular file, or a new one, is written
+      beside where its name leads (through symbolic links, which stay
+      links) and renamed over it, so that a reader never sees half of it.
+    """
     import stat
 
+    fd = _FD_NAMES.get(path)
+    for prefix in ("/dev/fd/", "/proc/self/fd/"):
+        if fd is None and path.startswith(prefix) and path[len(prefix) :].isdigit():
+            fd = int(path[len(prefix) :])
+    if fd is not None:
+        return "fd", fd
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
-            return path, False
+            return "through", path
     except OSError:
         pass  # (missing, or a dangling link: made where it leads, as '>' does)
-    return os.path.realpath(path), True
+    return "rename", os.path.realpath(path)
 
 
 def _result_tmp(path: str) -> str:
@@ -479,18 +506,24 @@ def _write_result(path: str, data: dict[str, Any]) -> bool:
     if path == "-":
         sys.stderr.write(text)
         return True
-    target, atomic = _result_target(path)
-    tmp = _result_tmp(target)
+    how, where = _result_target(path)
+    tmp = _result_tmp(str(where))
     try:
-        if not atomic:
+        if isinstance(where, int):  # (how == "fd")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            view = memoryview(text.encode())
+            while view:
+                view = view[os.write(where, view) :]
+        elif how == "through":
             with open(path, "w") as fh:
                 fh.write(text)
         else:
             with open(tmp, "w") as fh:
                 fh.write(text)
-            os.replace(tmp, target)
+            os.replace(tmp, str(where))
     except OSError as exc:
-        if atomic:
+        if how == "rename":
             try:
                 os.unlink(tmp)
             except OSError:
