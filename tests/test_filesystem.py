@@ -564,6 +564,56 @@ def test_a_git_file_that_is_not_a_git_link(workspace: Path, tmp_path: Path) -> N
     assert r.stdout.strip() == str(evil).encode(), r
 
 
+# .git files, and the directory name git takes from each (None: git refuses).
+GIT_FILES = [
+    ("gitdir: d\n", "d"),
+    ("gitdir: d\r\n", "d"),
+    ("gitdir: \nd\n", "\nd"),  # the path is all that follows, newlines within kept
+    ("gitdir: d \n", "d "),  # and its spaces
+    ("gitdir:d\n", None),  # "gitdir: " with its space, or no link
+    ("gitdir: \n", None),
+    ("not a link\n", None),
+]
+
+
+@pytest.mark.parametrize(("content", "name"), GIT_FILES)
+def test_git_files_are_read_as_git_reads_them(
+    tmp_path: Path, content: str, name: str | None
+) -> None:
+    """``gitfiles.git_dirs`` against git itself: which directory a ``.git``
+    file leads to decides what is protected. It took the first line,
+    stripped, so for the third and fourth git used a directory nanobox did
+    not protect."""
+    from nanobox._linux import gitfiles
+
+    repo = tmp_path / "r"
+    repo.mkdir()
+    (repo / ".git").write_text(content, newline="")
+    if name is not None:
+        subprocess.run(["git", "init", "-q", "--bare", str(repo / name)], check=True)
+    r = subprocess.run(
+        ["git", "rev-parse", "--absolute-git-dir"], cwd=repo, capture_output=True, text=True
+    )
+    if name is None:
+        assert r.returncode != 0 and gitfiles.git_dirs(str(repo)) == [], r
+    else:
+        assert r.stdout[:-1] == str(repo / name), r  # (git's own answer: the test can fail)
+        assert gitfiles.git_dirs(str(repo)) == [str(repo / name)]
+
+
+@pytest.mark.parametrize("name", ["\nd", "d "])
+def test_a_git_link_git_reads_differently_is_protected(workspace: Path, name: str) -> None:
+    """A ``.git`` link to a git directory not made yet, named the way only
+    git's own reading finds: the command cannot make it (with hooks)."""
+    sub = workspace / "f"
+    sub.mkdir()
+    (sub / ".git").write_text(f"gitdir: {name}\n")
+    quoted = name.replace("\n", "\\n")
+    attack = f"git init -q --bare \"$(printf '{quoted}')\""
+    _refused_inside_done_outside(workspace, "cd f", attack)
+    assert (sub / name / "config").is_file()  # (made by the host)
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any .git")
 def test_an_unreadable_git_directory_fails_closed(repo: Path) -> None:
     """A command can chmod 000 its own .git; the next run must refuse (the

@@ -185,21 +185,24 @@ def git_dirs(repo: str) -> list[str]:
     dotgit = os.path.join(repo, ".git")
     if os.path.isdir(dotgit) and not os.path.islink(dotgit):
         return [dotgit]
-    first = first_line(dotgit)
-    if not first.startswith("gitdir:") or not first[7:].strip():
-        return []
-    gitdir = os.path.normpath(os.path.join(repo, first[7:].strip()))
+    text = path_file(dotgit)
+    if not text.startswith("gitdir: ") or len(text) == 8:
+        return []  # (git refuses such a directory: "invalid gitfile format")
+    gitdir = os.path.normpath(os.path.join(repo, text[8:]))
     # (A submodule's git directory is its own common directory.)
-    common = first_line(os.path.join(gitdir, "commondir"))
+    common = path_file(os.path.join(gitdir, "commondir"))
     if common:
         return [gitdir, os.path.normpath(os.path.join(gitdir, common))]
     return [gitdir]
 
 
-def first_line(path: str) -> str:
-    """The first line of the regular file at ``path``, stripped ("" if
-    there is none)."""
-    return (read_config(path) or "")[:4096].split("\n", 1)[0].strip()
+def path_file(path: str) -> str:
+    """A file that holds a path, read as git reads ``.git`` files and
+    ``commondir``: all of it, less trailing newlines (CR or LF) only, up
+    to a NUL ("" if it is not a regular file). Not its first line,
+    stripped: a ``.git`` of "gitdir: " and a path on the next line (or one
+    ending in a space) is a link git follows to another directory."""
+    return (read_config(path) or "").rstrip("\r\n").split("\0", 1)[0]
 
 
 def undo_redirects(git_dirs: tuple[str, ...] | list[str]) -> list[str]:
