@@ -146,8 +146,8 @@ class RunIO:
     def interrupt(self, signame: str) -> None:
         """The caller was told to stop (the CLI got ``signame``): kill the
         run, whose result then says so."""
-        if self.interrupted is None:
-            self.interrupted = signame
+        if self.interrupted is None and self.message is None and not self.chan_closed:
+            self.interrupted = signame  # (not once the run has ended: nothing was killed)
             self.kill()
 
     def kill(self) -> None:

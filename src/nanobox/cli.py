@@ -5,6 +5,7 @@ not executable; 127 command not found."""
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Sequence
@@ -422,115 +423,229 @@ def _flag_message(exc: Any) -> str:
     return f"{flag}: {str(exc.message).split(': ', 1)[-1]}"
 
 
-def _check_result_path(path: str) -> None:
-    """``--result``'s file must be one this process can write before the
-    command runs: a judge's record of a run should not be lost after it.
-    Its temporary file is made and removed here, as the write will make
-    it (so a missing or read-only directory, a name too long, are found)."""
-    if path == "-":
-        return
-    if not path:
-        raise _UsageError("--result: expected a file path, or '-' for stderr, got ''")
-    if path.endswith("/") or os.path.isdir(path):
-        raise _UsageError(f"--result: {path!r} names a directory; name a file in it")
-    how, where = _result_target(path)
-    if isinstance(where, int):  # (how == "fd")
-        import fcntl
+class _ResultFile:
+    """Where ``--result`` goes: settled, and opened, before the command runs
+    (a judge's record should not be lost after it, and nothing the command
+    does to the file system meanwhile may change where it is written: a
+    result path is often in its workspace), written after it.
 
-        try:
-            mode = fcntl.fcntl(where, fcntl.F_GETFL) & os.O_ACCMODE
-        except OSError:
-            raise _UsageError(f"--result: {path!r}: file descriptor {where} is not open") from None
-        if mode == os.O_RDONLY:
-            raise _UsageError(f"--result: {path!r}: file descriptor {where} is read-only")
-        return
-    if how == "through":
-        if not os.access(path, os.W_OK):
-            raise _UsageError(f"--result: cannot write {path!r}: Permission denied")
-        return
-    tmp = _result_tmp(str(where))
-    try:
-        # (Not O_EXCL: one left by a killed run whose pid this is would be
-        # overwritten by the write as well.)
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-        os.unlink(tmp)
-    except OSError as exc:
-        raise _UsageError(f"--result: cannot write {path!r}: {exc.strerror}") from None
-
-
-_FD_NAMES = {"/dev/stdout": 1, "/dev/stderr": 2}
-
-
-def _result_target(path: str) -> tuple[str, str | int]:
-    """How ``--result`` writes, and where:
-
-    - ``("fd", N)``: ``/dev/stdout``, ``/dev/stderr``, ``/dev/fd/N`` and
-      ``/proc/self/fd/N`` name this process's file descriptor N, and the
-      result is written to it, after what the command wrote there
-      (reopening the name would start a new offset, and replacing what it
-      leads to would replace the file the caller's shell opened);
-    - ``("through", path)``: an existing file that is not a regular one (a
-      terminal, a FIFO, a device) is written through its name, as a
-      shell's ``>`` does. It was replaced by a regular file (as root,
-      ``--result /dev/full`` replaced the device);
-    - ``("rename", target)``: a regular file, or a new one, is written
-      beside where its name leads (through symbolic links, which stay
-      links) and renamed over it, so that a reader never sees half of it.
+    - ``/dev/stdout``, ``/dev/stderr``, ``/dev/fd/N``, ``/proc/self/fd/N``
+      (or a link to one) name this process's descriptor N: written there,
+      after what the command wrote (reopening the name would start at
+      offset 0; replacing where it leads would replace the file the
+      caller's shell opened). Not one of nanobox's own descriptors.
+    - An existing FIFO, terminal or device (not through a link) is opened
+      now and written through, as a shell's ``>`` does (it was replaced by
+      a regular file: as root, ``/dev/full`` was). A FIFO must have its
+      reader already.
+    - Anything else is a file in a directory opened now: written to a new
+      file of an unguessable name there (``O_EXCL``, no links followed)
+      and renamed over the name, which replaces whatever is at the name
+      then (a link left there is replaced, not followed), so that a reader
+      never sees half of it.
     """
-    import stat
 
-    fd = _FD_NAMES.get(path)
-    for prefix in ("/dev/fd/", "/proc/self/fd/"):
-        if fd is None and path.startswith(prefix) and path[len(prefix) :].isdigit():
-            fd = int(path[len(prefix) :])
-    if fd is not None:
-        return "fd", fd
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return "through", path
-    except OSError:
-        pass  # (missing, or a dangling link: made where it leads, as '>' does)
-    return "rename", os.path.realpath(path)
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = -1  # the descriptor written to, for the first two kinds
+        self.close_fd = False
+        self.dir_fd = -1  # the directory, for the third
+        self.name = ""
 
+    @classmethod
+    def settle(cls, path: str) -> _ResultFile:
+        """Check and open ``path``; a ``_UsageError`` if it cannot be written."""
+        self = cls(path)
+        try:
+            self._settle()
+        except _UsageError:
+            self.close()
+            raise
+        return self
 
-def _result_tmp(path: str) -> str:
-    return f"{path}.tmp{os.getpid()}"
+    def _settle(self) -> None:
+        import stat
 
+        path = self.path
+        if path == "-":
+            self.fd = 2
+            return
+        if not path:
+            raise _UsageError("--result: expected a file path, or '-' for stderr, got ''")
+        if path.endswith("/") or os.path.isdir(path):
+            raise _UsageError(f"--result: {path!r} names a directory; name a file in it")
+        fd = _fd_named(path)
+        if fd is not None:
+            import fcntl
 
-def _write_result(path: str, data: dict[str, Any]) -> bool:
-    """Write the result (atomically: a reader never sees half of it);
-    False, said on stderr, if it could not be written."""
-    import json
-
-    text = json.dumps(data, indent=2) + "\n"
-    if path == "-":
-        sys.stderr.write(text)
-        return True
-    how, where = _result_target(path)
-    tmp = _result_tmp(str(where))
-    try:
-        if isinstance(where, int):  # (how == "fd")
-            sys.stdout.flush()
-            sys.stderr.flush()
-            view = memoryview(text.encode())
-            while view:
-                view = view[os.write(where, view) :]
-        elif how == "through":
-            with open(path, "w") as fh:
-                fh.write(text)
-        else:
-            with open(tmp, "w") as fh:
-                fh.write(text)
-            os.replace(tmp, str(where))
-    except OSError as exc:
-        if how == "rename":
+            if fd in _nanobox_fds():
+                raise _UsageError(f"--result: {path!r}: descriptor {fd} is not the caller's")
             try:
-                os.unlink(tmp)
+                mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
             except OSError:
-                pass
-        sys.stderr.write(f"nanobox: error: --result: cannot write {path!r}: {exc.strerror}\n")
-        return False
-    return True
+                raise _UsageError(f"--result: {path!r}: descriptor {fd} is not open") from None
+            if mode == os.O_RDONLY:
+                raise _UsageError(f"--result: {path!r}: descriptor {fd} is open read-only")
+            self.fd = fd
+            return
+        try:
+            st = os.lstat(path)
+        except OSError:
+            st = None  # (missing; or a name too long, which the directory step says)
+        if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            flags = os.O_WRONLY | os.O_NOCTTY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+            try:
+                self.fd = os.open(path, flags)
+            except OSError as exc:
+                why = "a FIFO without a reader" if exc.errno == errno.ENXIO else exc.strerror
+                raise _UsageError(f"--result: cannot write {path!r}: {why}") from None
+            self.close_fd = True
+            os.set_blocking(self.fd, True)
+            return
+        head, self.name = os.path.split(os.path.abspath(path))
+        try:
+            self.dir_fd = os.open(head, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            os.lstat(self.name, dir_fd=self.dir_fd)  # (ENAMETOOLONG)
+        except FileNotFoundError as exc:
+            if self.dir_fd < 0:
+                raise _UsageError(f"--result: cannot write {path!r}: {exc.strerror}") from None
+        except OSError as exc:
+            raise _UsageError(f"--result: cannot write {path!r}: {exc.strerror}") from None
+        try:
+            os.unlink(self._new_tmp(), dir_fd=self.dir_fd)  # (the directory takes a file)
+        except OSError as exc:
+            raise _UsageError(f"--result: cannot write {path!r}: {exc.strerror}") from None
+
+    def _new_tmp(self) -> str:
+        """Make an empty file of a new name in the directory; its name."""
+        while True:
+            tmp = f".nanobox-result.{os.urandom(8).hex()}"
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                os.close(os.open(tmp, flags, 0o666, dir_fd=self.dir_fd))
+            except FileExistsError:
+                continue
+            return tmp
+
+    def write(self, data: dict[str, Any]) -> bool:
+        """Write the result; False, said on stderr, if it could not be."""
+        import json
+
+        text = (json.dumps(data, indent=2) + "\n").encode()
+        tmp = ""
+        try:
+            if self.fd >= 0:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                _write_all(self.fd, text)
+            else:
+                tmp = self._new_tmp()
+                out = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+                try:
+                    _write_all(out, text)
+                finally:
+                    os.close(out)
+                os.replace(tmp, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+                tmp = ""
+        except OSError as exc:
+            if tmp:
+                try:
+                    os.unlink(tmp, dir_fd=self.dir_fd)
+                except OSError:
+                    pass
+            _say(f"nanobox: error: --result: cannot write {self.path!r}: {exc.strerror}\n")
+            return False
+        finally:
+            self.close()
+        return True
+
+    def close(self) -> None:
+        if self.close_fd and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
+
+
+def _fd_named(path: str) -> int | None:
+    """The descriptor of this process that ``path`` names (through links, as
+    ``/dev/stdout`` leads to ``/proc/self/fd/1``), or None."""
+    import _thread
+
+    pid = os.getpid()
+    fd_dirs = (f"/proc/{pid}/fd", f"/proc/{pid}/task/{_thread.get_native_id()}/fd")
+    p = os.path.abspath(path)
+    for _ in range(40):  # (the kernel's limit of links on one path)
+        head, name = os.path.split(p)
+        head = os.path.realpath(head)
+        if head in fd_dirs:
+            return int(name) if name.isascii() and name.isdigit() and len(name) < 10 else None
+        p = os.path.join(head, name)
+        try:
+            target = os.readlink(p)
+        except OSError:
+            return None  # (not a link)
+        p = os.path.normpath(os.path.join(head, target))
+    return None
+
+
+def _nanobox_fds() -> set[int]:
+    """The descriptors of nanobox's own in this process (its server's)."""
+    out = set()
+    early = sys.modules.get("nanobox._linux.early")
+    forked = getattr(early, "_forked", None)
+    if forked is not None:
+        out.add(forked[1])
+    client = sys.modules.get("nanobox._linux.client")
+    server = getattr(client, "_server", None)
+    if server is not None:
+        out.add(server.ctrl.fileno())
+    return out
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` to ``fd``, waiting where it is non-blocking."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            import select
+
+            select.select([], [fd], [])
+
+
+def _relay(stream: Any, data: bytes) -> None:
+    """The command's output to the CLI's ``stream``. A terminal that hung
+    up (EIO) takes nothing more: the descriptor is pointed at /dev/null, so
+    that the run goes on (SIGHUP ends it, see ``_Interrupts``) and is
+    reported. (A closed pipe, EPIPE, ends the CLI: see ``main``.)"""
+    try:
+        stream.write(data)
+        stream.flush()
+    except OSError as exc:
+        if exc.errno != errno.EIO:
+            raise
+        _to_devnull(stream.fileno())
+
+
+def _to_devnull(fd: int) -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    except OSError:
+        pass
+
+
+def _say(text: str) -> None:
+    """A line on stderr, unless stderr is gone (a hung-up terminal)."""
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        _to_devnull(2)
 
 
 def _failure_result(command: list[str], message: str) -> dict[str, Any]:
@@ -584,8 +699,7 @@ def _cmd_run(argv: list[str]) -> int:
         raise _UsageError(
             "run: no command given (usage: nanobox run [options] [--] COMMAND [ARG...])"
         )
-    if ns.result is not None:
-        _check_result_path(ns.result)
+    result_file = _ResultFile.settle(ns.result) if ns.result is not None else None
     from . import _prepare
     from .errors import PolicyError, SandboxError
 
@@ -597,12 +711,10 @@ def _cmd_run(argv: list[str]) -> int:
     err = sys.stderr.buffer
 
     def to_stdout(data: bytes) -> None:
-        out.write(data)
-        out.flush()
+        _relay(out, data)
 
     def to_stderr(data: bytes) -> None:
-        err.write(data)
-        err.flush()
+        _relay(err, data)
 
     try:
         stdin_fd: int | None = sys.stdin.fileno() if sys.stdin is not None else None
@@ -644,14 +756,14 @@ def _cmd_run(argv: list[str]) -> int:
     except PolicyError as exc:
         raise _UsageError(_flag_message(exc)) from None
     except SandboxError as exc:
-        if ns.result is not None:
-            _write_result(ns.result, _failure_result(command, str(exc)))
+        if result_file is not None:
+            result_file.write(_failure_result(command, str(exc)))
         _fail(str(exc))
     code = _exit_status(result)
     if stop.signo:
         code = 128 + stop.signo
         if not ns.quiet and any(v.kind == "interrupted" for v in result.violations):
-            sys.stderr.write(f"nanobox: {stop.names[stop.signo]}: the run was killed\n")
+            _say(f"nanobox: {stop.names[stop.signo]}: the run was killed\n")
     elif not ns.quiet:
         if result.exit_code == 127 and result.violations:
             sys.stderr.write(f"nanobox: {command[0]}: command not found\n")
@@ -667,7 +779,7 @@ def _cmd_run(argv: list[str]) -> int:
         ):
             if flag:
                 sys.stderr.write(f"nanobox: {what} truncated at {policy.limits.output} bytes\n")
-    if ns.result is not None and not _write_result(ns.result, result.to_dict()):
+    if result_file is not None and not result_file.write(result.to_dict()):
         return EXIT_NANOBOX
     return code
 
@@ -697,7 +809,10 @@ class _Interrupts:
     def __enter__(self) -> _Interrupts:
         for num in self.names:
             if self.signals.getsignal(num) != self.signals.SIG_IGN:
-                self.old[num] = self.signals.signal(num, self._on_signal)
+                try:
+                    self.old[num] = self.signals.signal(num, self._on_signal)
+                except ValueError:  # (``main`` called in another thread: none then)
+                    break
         return self
 
     def __exit__(self, *exc_info: object) -> None:
