@@ -323,6 +323,36 @@ def test_an_interrupted_cli_kills_the_run_and_reports_it(
     assert _leftovers() == ""
 
 
+def test_a_terminal_that_hangs_up_ends_the_run_with_a_result(
+    workspace: Path, tmp_path: Path
+) -> None:
+    """The CLI on a terminal that goes away (its window closed): SIGHUP,
+    and every write to the terminal fails with EIO. It exited 1 with a
+    traceback and no result (found by the review); now the run is killed
+    and reported, and the CLI exits 129."""
+    import pty
+
+    res = tmp_path / "r.json"
+    pid, master = pty.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            argv = [sys.executable, "-m", "nanobox", "run", "--result", str(res)]
+            os.execv(sys.executable, [*argv, "--", "sh", "-c", INTERRUPTED])
+        finally:
+            os._exit(127)
+    seen = b""
+    try:
+        while b"started" not in seen:
+            seen += os.read(master, 100)
+    finally:
+        os.close(master)  # the terminal hangs up
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 129, seen
+    data = _result(res)
+    assert data["outcome"] == "signaled" and data["violations"][0]["signal"] == "SIGHUP"
+    assert _leftovers() == ""
+
+
 def test_a_signal_the_cli_was_started_ignoring_stays_ignored(workspace: Path) -> None:
     """``nohup nanobox run ...``: SIGHUP is ignored (the run goes on); the
     next SIGTERM still ends it."""
