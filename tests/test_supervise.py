@@ -183,3 +183,29 @@ def test_the_report_leaves_all_of_stage_a_out_of_the_command_s_cpu() -> None:
     report = run.report()
     assert report["self_utime"] == pytest.approx(0.0046, abs=1e-9)
     assert report["self_stime"] == pytest.approx(0.0012, abs=1e-9)
+
+
+def test_a_stage_a_found_gone_is_reported_by_its_own_error() -> None:
+    """A write to a stage A that has just failed (and exited) gets EPIPE; the
+    run's error is then stage A's own line on its status pipe, not the
+    broken pipe: "setup failed at step 'spawn': Broken pipe" came instead
+    of the /proc error in one run of ``test_nouserns`` in three."""
+    import types
+
+    from nanobox._linux import forkserver, wire
+
+    r, w = os.pipe2(os.O_NONBLOCK)
+    try:
+        info = {"step": "procfs", "errno": 1, "message": "mount(proc): Operation not permitted"}
+        os.write(w, b"E" + wire.status_dumps(info) + b"\n")
+        os.close(w)
+        w = -1
+        job = types.SimpleNamespace(buffer=bytearray(), status_r=r)
+        got = forkserver.Server._failure_of(None, job)  # type: ignore[arg-type]
+        assert got == {"t": "error", **info}
+        job = types.SimpleNamespace(buffer=bytearray(b"P1 2 3\n"), status_r=-1)
+        assert forkserver.Server._failure_of(None, job) is None  # type: ignore[arg-type]
+    finally:
+        os.close(r)
+        if w != -1:
+            os.close(w)

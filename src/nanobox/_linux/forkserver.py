@@ -442,12 +442,16 @@ class Server:
                     else:
                         self._prewarm(static, base)
         except Exception as exc:  # noqa: BLE001 - report, keep serving
+            failed = None
+            if job is not None and isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                failed = self._failure_of(job)  # (stage A is gone: its own error says why)
             if job is not None:
                 self._abandon(job)
             self.last_reply = time.monotonic()
             self._send(
                 chan,
-                {
+                failed
+                or {
                     "t": "error",
                     "step": step,
                     "errno": getattr(exc, "errno", None),
@@ -611,6 +615,37 @@ class Server:
         if usable:
             return warm
         self._abandon(warm)
+        return None
+
+    def _failure_of(self, job: _Job, wait_s: float = 1.0) -> dict[str, Any] | None:
+        """Why ``job``'s stage A went away, found by a write to it failing
+        (EPIPE): its ``E`` line, which it writes before it exits, read from
+        its status pipe; None if there is none. Without this the run's
+        error was the broken pipe ("setup failed at step 'spawn': Broken
+        pipe") whenever the write came before the line was read, and not,
+        say, that /proc could not be mounted."""
+        import select
+
+        buffer = bytearray(job.buffer)
+        deadline = time.monotonic() + wait_s
+        while job.status_r != -1 and b"\nE" not in b"\n" + buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([job.status_r], [], [], left)[0]:
+                break
+            try:
+                chunk = os.read(job.status_r, 65536)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                break
+            buffer += chunk
+        job.buffer = buffer
+        for line in bytes(buffer).split(b"\n"):
+            if line.startswith(b"E"):
+                try:
+                    return {"t": "error", **wire.status_loads(line[1:])}
+                except ValueError:
+                    return None
         return None
 
     def _abandon(self, job: _Job) -> None:
