@@ -564,6 +564,32 @@ def test_a_git_file_that_is_not_a_git_link(workspace: Path, tmp_path: Path) -> N
     assert r.stdout.strip() == str(evil).encode(), r
 
 
+LINKED_ATTACKS = [
+    "echo /elsewhere > .git/worktrees/wt/commondir",  # (a git directory it made)
+    "printf '[core]\\n\\tfsmonitor = x\\n' > .git/worktrees/wt/config.worktree",
+    "echo evil > .git/modules/sub/hooks/post-checkout",
+    "echo evil >> .git/modules/sub/config",
+]
+
+
+@pytest.mark.parametrize("attack", LINKED_ATTACKS)
+def test_what_git_keeps_for_checkouts_elsewhere_is_protected(
+    repo: Path, tmp_path: Path, attack: str
+) -> None:
+    """A repository's git directory keeps a private directory for each
+    linked worktree (its ``commondir`` says where the repository's config
+    and hooks are) and one for each submodule: the worktree or submodule
+    checkout may be outside the workspace, or not checked out. A command
+    that rewrote them had git run what it chose there the next time the
+    user did (shown by the review: ``core.fsmonitor`` run by a ``git
+    status`` in a worktree outside the workspace)."""
+    _git("commit", "-q", "--allow-empty", "-m", "base", cwd=repo)
+    _git("worktree", "add", "-q", str(tmp_path / "wt"), cwd=repo)
+    subprocess.run(["git", "init", "-q", "--bare", str(repo / ".git/modules/sub")], check=True)
+    assert (repo / ".git/worktrees/wt/commondir").is_file()
+    _refused_inside_done_outside(repo, "true", attack)
+
+
 # .git files, and the directory name git takes from each (None: git refuses).
 GIT_FILES = [
     ("gitdir: d\n", "d"),

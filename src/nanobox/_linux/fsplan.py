@@ -526,6 +526,8 @@ def protect_ops(
             dirs = gitfiles.git_dirs(repo)  # (its git directories, looked up once)
             targets += [(path, "exists") for path in _git_targets(repo, dirs, root, wanted)]
             maybe += [p for p in configs.repo_paths(repo, dirs) if _is_under(p, root)]
+            if dirs and _is_under(dirs[-1], root):
+                maybe += _linked_targets(dirs[-1], root, wanted)
             if "config" in wanted and len(dirs) == 1 and _is_under(dirs[0], root):
                 if not os.path.lexists(os.path.join(dirs[0], "commondir")):
                     view.git_dirs.append(dirs[0])
@@ -657,6 +659,21 @@ def inside_path(path: str, root: str, shown: str) -> str:
     return shown if rel == "." else os.path.join(shown, rel)
 
 
+def _linked_targets(gitdir: str, root: str, names: list[str]) -> list[str]:
+    """What git reads or runs of the worktrees and submodules ``gitdir``
+    keeps (``gitfiles.linked_git_dirs``), inside ``root``: a worktree's
+    ``commondir`` and ``config.worktree`` (without a ``commondir``, its own
+    ``config`` and ``hooks``), a submodule's ``config`` and ``hooks``."""
+    out = []
+    for d, admin in gitfiles.linked_git_dirs(gitdir):
+        if admin and os.path.lexists(os.path.join(d, "commondir")):
+            wanted = ["commondir", "config.worktree"] if "config" in names else []
+        else:
+            wanted = names
+        out += [os.path.join(d, n) for n in wanted]
+    return [p for p in out if _is_under(p, root)]
+
+
 def _git_targets(repo: str, dirs: list[str], root: str, names: list[str]) -> list[str]:
     """What to protect of the repository at ``repo`` (``dirs``: its
     ``gitfiles.git_dirs``): ``names`` (hooks,
@@ -685,6 +702,6 @@ def _git_targets(repo: str, dirs: list[str], root: str, names: list[str]) -> lis
         # it is, so that the command cannot make it one.
         return out if _is_under(dotgit, root) else []
     for i, d in enumerate(dirs):
-        extra = ["config.worktree"] if i == 0 and "config" in names else []
+        extra = ["config.worktree", "commondir"] if i == 0 and "config" in names else []
         out += [os.path.join(d, n) for n in [*names, *extra]]
     return [p for p in out if _is_under(p, root)]

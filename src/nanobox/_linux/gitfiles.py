@@ -196,6 +196,40 @@ def git_dirs(repo: str) -> list[str]:
     return [gitdir]
 
 
+def linked_git_dirs(gitdir: str, limit: int = 1000) -> list[tuple[str, bool]]:
+    """The git directories that ``gitdir`` (a repository's own or common
+    one) keeps for checkouts that may be anywhere, or nowhere yet: each
+    linked worktree's private directory (``worktrees/NAME``: True; git
+    reads its ``commondir``, ``config.worktree``, and, without a
+    ``commondir``, its own ``config`` and ``hooks``) and each submodule's
+    (``modules/NAME``, a NAME may hold '/': False), and theirs in turn. A
+    command that rewrote one of those files would have git run what it
+    chose the next time the user works in that checkout. At most
+    ``limit`` directories are looked at."""
+    out: list[tuple[str, bool]] = []
+    todo = [(gitdir, 0)]
+    looked = 0
+    while todo and looked < limit:
+        top, depth = todo.pop()
+        for sub, admin in (("worktrees", True), ("modules", False)):
+            stack = [os.path.join(top, sub)]
+            while stack and looked < limit:
+                where = stack.pop()
+                looked += 1
+                try:
+                    entries = [e for e in os.scandir(where) if e.is_dir(follow_symlinks=False)]
+                except OSError:
+                    continue
+                for e in entries:
+                    if admin or os.path.lexists(os.path.join(e.path, "HEAD")):
+                        out.append((e.path, admin))
+                        if depth < 8:
+                            todo.append((e.path, depth + 1))
+                    else:
+                        stack.append(e.path)  # (part of a submodule's name)
+    return out
+
+
 def path_file(path: str) -> str:
     """A file that holds a path, read as git reads ``.git`` files and
     ``commondir``: all of it, less trailing newlines (CR or LF) only, up
