@@ -627,6 +627,25 @@ def test_git_files_are_read_as_git_reads_them(
         assert gitfiles.git_dirs(str(repo)) == [str(repo / name)]
 
 
+def test_a_git_link_through_a_symlink_is_resolved_as_git_does(tmp_path: Path) -> None:
+    """git resolves a ``.git`` file's path physically (``lnk/..`` is the
+    directory above where ``lnk`` leads); nanobox did it by the text, and
+    protected another directory (found by the review)."""
+    from nanobox._linux import gitfiles
+
+    (tmp_path / "other" / "a").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", "--bare", str(tmp_path / "other/g")], check=True)
+    repo = tmp_path / "r"
+    repo.mkdir()
+    (repo / "lnk").symlink_to("../other/a")
+    (repo / ".git").write_text("gitdir: lnk/../g\n")
+    r = subprocess.run(
+        ["git", "rev-parse", "--absolute-git-dir"], cwd=repo, capture_output=True, text=True
+    )
+    assert r.stdout[:-1] == str(tmp_path / "other/g"), r
+    assert gitfiles.git_dirs(str(repo)) == [str(tmp_path / "other/g")]
+
+
 @pytest.mark.parametrize("name", ["\nd", "d "])
 def test_a_git_link_git_reads_differently_is_protected(workspace: Path, name: str) -> None:
     """A ``.git`` link to a git directory not made yet, named the way only

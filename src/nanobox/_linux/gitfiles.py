@@ -188,11 +188,13 @@ def git_dirs(repo: str) -> list[str]:
     text = path_file(dotgit)
     if not text.startswith("gitdir: ") or len(text) == 8:
         return []  # (git refuses such a directory: "invalid gitfile format")
-    gitdir = os.path.normpath(os.path.join(repo, text[8:]))
+    # Resolved through links, as git does (strbuf_realpath): "lnk/../g" is
+    # not "g" where lnk leads elsewhere.
+    gitdir = os.path.realpath(os.path.join(repo, text[8:]))
     # (A submodule's git directory is its own common directory.)
     common = path_file(os.path.join(gitdir, "commondir"))
     if common:
-        return [gitdir, os.path.normpath(os.path.join(gitdir, common))]
+        return [gitdir, os.path.realpath(os.path.join(gitdir, common))]
     return [gitdir]
 
 
