@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,8 @@ def test_result_json_describes_the_run(workspace: Path, tmp_path: Path) -> None:
         "fd-huge",
         "fd-not-open",
         "fd-nanobox",
+        "dot-dot",
+        "through-missing",
     ],
 )
 def test_an_unwritable_result_path_is_refused_before_the_run(
@@ -137,6 +140,8 @@ def test_an_unwritable_result_path_is_refused_before_the_run(
         "fd-huge": "/dev/fd/99999999999999999999",
         "fd-not-open": "/dev/fd/97",
         "fd-nanobox": "/dev/fd/3",  # (its server's socket: the CLI runs with no fd 3)
+        "dot-dot": str(tmp_path / "nox" / ".."),
+        "through-missing": str(tmp_path / "nox" / ".." / "r.json"),  # (the kernel says ENOENT)
         "empty": "",
     }
     p = nanobox_cli("run", "--result", path[where], "--", "touch", "ran")
@@ -273,6 +278,59 @@ def test_links_planted_at_every_temporary_name_are_not_followed(
     assert p.returncode == 0, p
     assert victim.read_text() == "ORIGINAL\n"
     assert _result(workspace / "r.json")["outcome"] == "exited"
+
+
+def test_a_result_directory_moved_during_the_run_is_not_written(workspace: Path) -> None:
+    """The command moves the result's directory away and leaves another,
+    with a forged record, in its place: the CLI writes neither, says so and
+    exits 125 (it wrote the real record into the moved directory, and the
+    judge read the forged one)."""
+    (workspace / "sub").mkdir()
+    forge = "mv sub sub2 && mkdir sub && echo '{\"forged\": true}' > sub/r.json; exit 3"
+    p = nanobox_cli("run", "--result", "sub/r.json", "--", "sh", "-c", forge)
+    assert p.returncode == 125, p
+    assert p.stderr == (
+        b"nanobox: error: --result: cannot write 'sub/r.json': its directory was moved "
+        b"or removed during the run\n"
+    )
+    assert json.loads((workspace / "sub/r.json").read_text()) == {"forged": True}
+    assert sorted(x.name for x in (workspace / "sub2").iterdir()) == []
+
+
+def test_a_closed_output_pipe_kills_the_run_and_keeps_the_record(
+    workspace: Path, tmp_path: Path
+) -> None:
+    """``nanobox run ... | head -c N``: the reader goes away, the run is
+    killed (as SIGPIPE kills a writer) and the CLI exits 141, quietly, and
+    the record is still written. It was lost: a judge truncating output
+    with ``head`` had none for any run whose output was longer."""
+    res = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "nanobox", "run", "--result", str(res), "--", "yes"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stderr is not None
+    assert p.stdout.read(100) == b"y\n" * 50
+    p.stdout.close()
+    assert p.wait(timeout=30) == 141
+    assert p.stderr.read() == b""
+    data = _result(res)
+    assert data["outcome"] == "signaled"
+    assert [v["signal"] for v in data["violations"]] == ["SIGPIPE"]  # type: ignore[union-attr]
+
+
+def test_all_output_reaches_a_non_blocking_stdout(workspace: Path) -> None:
+    """A stdout left non-blocking by whoever started the CLI: the output is
+    relayed whole (the buffered stream dropped what did not fit)."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    cmd = [sys.executable, "-m", "nanobox", "run", "--", "head", "-c", "2000000", "/dev/zero"]
+    p = subprocess.Popen(cmd, stdout=w, stderr=subprocess.PIPE)
+    os.close(w)
+    got = 0
+    while chunk := os.read(r, 1 << 16):
+        got += len(chunk)
+        time.sleep(0.001)
+    os.close(r)
+    assert p.wait(timeout=60) == 0 and got == 2_000_000, got
 
 
 def _started(*args: str, **kw: Any) -> subprocess.Popen[bytes]:

@@ -95,8 +95,7 @@ def _parser_class() -> type[argparse.ArgumentParser]:
 
 
 def _fail(message: str, code: int = EXIT_NANOBOX) -> NoReturn:
-    sys.stderr.write(f"nanobox: error: {message}\n")
-    sys.stderr.flush()
+    _say(f"nanobox: error: {message}\n")
     raise SystemExit(code)
 
 
@@ -438,11 +437,14 @@ class _ResultFile:
       now and written through, as a shell's ``>`` does (it was replaced by
       a regular file: as root, ``/dev/full`` was). A FIFO must have its
       reader already.
-    - Anything else is a file in a directory opened now: written to a new
-      file of an unguessable name there (``O_EXCL``, no links followed)
-      and renamed over the name, which replaces whatever is at the name
-      then (a link left there is replaced, not followed), so that a reader
-      never sees half of it.
+    - Anything else is a name in a directory opened now: the result is
+      written to a new file of an unguessable name there (``O_EXCL``, no
+      links followed) and renamed over the name, which replaces whatever
+      is at the name then (a link left there is replaced, not followed),
+      so that a reader never sees half of it. If the directory is no
+      longer where it was (the command moved it away, and maybe left
+      another, with a record of its own, in its place), nothing is written
+      and the CLI says so (exit 125).
     """
 
     def __init__(self, path: str) -> None:
@@ -450,6 +452,7 @@ class _ResultFile:
         self.fd = -1  # the descriptor written to, for the first two kinds
         self.close_fd = False
         self.dir_fd = -1  # the directory, for the third
+        self.dir_path = ""
         self.name = ""
 
     @classmethod
@@ -458,7 +461,10 @@ class _ResultFile:
         self = cls(path)
         try:
             self._settle()
-        except _UsageError:
+        except OSError as exc:
+            self.close()
+            raise _UsageError(f"--result: cannot write {path!r}: {exc.strerror}") from None
+        except BaseException:
             self.close()
             raise
         return self
@@ -493,6 +499,8 @@ class _ResultFile:
         except OSError:
             st = None  # (missing; or a name too long, which the directory step says)
         if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            if stat.S_ISSOCK(st.st_mode):
+                raise _UsageError(f"--result: {path!r} is a socket; name a file")
             flags = os.O_WRONLY | os.O_NOCTTY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
             try:
                 self.fd = os.open(path, flags)
@@ -500,32 +508,41 @@ class _ResultFile:
                 why = "a FIFO without a reader" if exc.errno == errno.ENXIO else exc.strerror
                 raise _UsageError(f"--result: cannot write {path!r}: {why}") from None
             self.close_fd = True
+            if stat.S_ISREG(os.fstat(self.fd).st_mode):  # (swapped since the lstat)
+                raise _UsageError(f"--result: {path!r} changed while it was opened")
             os.set_blocking(self.fd, True)
             return
-        head, self.name = os.path.split(os.path.abspath(path))
+        head, self.name = os.path.split(path)  # (as given: the kernel resolves "..")
+        if self.name in (".", ".."):
+            raise _UsageError(f"--result: {path!r} names a directory; name a file in it")
+        self.dir_path = head or "."
+        self.dir_fd = os.open(self.dir_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            self.dir_fd = os.open(head, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             os.lstat(self.name, dir_fd=self.dir_fd)  # (ENAMETOOLONG)
-        except FileNotFoundError as exc:
-            if self.dir_fd < 0:
-                raise _UsageError(f"--result: cannot write {path!r}: {exc.strerror}") from None
-        except OSError as exc:
-            raise _UsageError(f"--result: cannot write {path!r}: {exc.strerror}") from None
-        try:
-            os.unlink(self._new_tmp(), dir_fd=self.dir_fd)  # (the directory takes a file)
-        except OSError as exc:
-            raise _UsageError(f"--result: cannot write {path!r}: {exc.strerror}") from None
+        except FileNotFoundError:
+            pass
+        tmp, fd = self._new_tmp()  # (the directory takes a file)
+        os.close(fd)
+        os.unlink(tmp, dir_fd=self.dir_fd)
 
-    def _new_tmp(self) -> str:
-        """Make an empty file of a new name in the directory; its name."""
+    def _new_tmp(self) -> tuple[str, int]:
+        """A new empty file of an unguessable name in the directory: its
+        name and a descriptor to write it through."""
         while True:
             tmp = f".nanobox-result.{os.urandom(8).hex()}"
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             try:
-                os.close(os.open(tmp, flags, 0o666, dir_fd=self.dir_fd))
+                return tmp, os.open(tmp, flags, 0o666, dir_fd=self.dir_fd)
             except FileExistsError:
                 continue
-            return tmp
+
+    def _still_there(self) -> bool:
+        """Is the directory opened before the run still at its path?"""
+        try:
+            now, then = os.stat(self.dir_path), os.fstat(self.dir_fd)
+        except OSError:
+            return False
+        return (now.st_dev, now.st_ino) == (then.st_dev, then.st_ino) and then.st_nlink > 0
 
     def write(self, data: dict[str, Any]) -> bool:
         """Write the result; False, said on stderr, if it could not be."""
@@ -535,12 +552,20 @@ class _ResultFile:
         tmp = ""
         try:
             if self.fd >= 0:
-                sys.stdout.flush()
-                sys.stderr.flush()
+                for stream in (sys.stdout, sys.stderr):
+                    try:
+                        stream.flush()
+                    except (OSError, ValueError):
+                        pass
                 _write_all(self.fd, text)
             else:
-                tmp = self._new_tmp()
-                out = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+                if not self._still_there():
+                    _say(
+                        f"nanobox: error: --result: cannot write {self.path!r}: its directory "
+                        "was moved or removed during the run\n"
+                    )
+                    return False
+                tmp, out = self._new_tmp()
                 try:
                     _write_all(out, text)
                 finally:
@@ -548,14 +573,14 @@ class _ResultFile:
                 os.replace(tmp, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
                 tmp = ""
         except OSError as exc:
+            _say(f"nanobox: error: --result: cannot write {self.path!r}: {exc.strerror}\n")
+            return False
+        finally:
             if tmp:
                 try:
                     os.unlink(tmp, dir_fd=self.dir_fd)
                 except OSError:
                     pass
-            _say(f"nanobox: error: --result: cannot write {self.path!r}: {exc.strerror}\n")
-            return False
-        finally:
             self.close()
         return True
 
@@ -571,10 +596,7 @@ class _ResultFile:
 def _fd_named(path: str) -> int | None:
     """The descriptor of this process that ``path`` names (through links, as
     ``/dev/stdout`` leads to ``/proc/self/fd/1``), or None."""
-    import _thread
-
-    pid = os.getpid()
-    fd_dirs = (f"/proc/{pid}/fd", f"/proc/{pid}/task/{_thread.get_native_id()}/fd")
+    fd_dirs = (os.path.realpath("/proc/self/fd"), os.path.realpath("/proc/thread-self/fd"))
     p = os.path.abspath(path)
     for _ in range(40):  # (the kernel's limit of links on one path)
         head, name = os.path.split(p)
@@ -609,25 +631,37 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         try:
-            view = view[os.write(fd, view) :]
+            n = os.write(fd, view)
         except BlockingIOError:
             import select
 
-            select.select([], [fd], [])
+            poller = select.poll()  # (not select(): any descriptor number)
+            poller.register(fd, select.POLLOUT)
+            poller.poll()
+            continue
+        if n == 0:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        view = view[n:]
 
 
-def _relay(stream: Any, data: bytes) -> None:
-    """The command's output to the CLI's ``stream``. A terminal that hung
-    up (EIO) takes nothing more: the descriptor is pointed at /dev/null, so
-    that the run goes on (SIGHUP ends it, see ``_Interrupts``) and is
-    reported. (A closed pipe, EPIPE, ends the CLI: see ``main``.)"""
+def _relay(fd: int, data: bytes, stop: _Interrupts) -> None:
+    """The command's output to the CLI's ``fd`` (1 or 2), all of it, also
+    where the descriptor is non-blocking (``BufferedWriter`` dropped what
+    did not fit). A reader that went away (EPIPE) or a terminal that hung
+    up (EIO on a character device) takes nothing more: the descriptor is
+    pointed at /dev/null, the run is killed (``stop``) and reported."""
     try:
-        stream.write(data)
-        stream.flush()
+        _write_all(fd, data)
     except OSError as exc:
-        if exc.errno != errno.EIO:
+        import stat
+
+        if exc.errno == errno.EPIPE:
+            _to_devnull(fd)
+            stop.output_closed()
+        elif exc.errno == errno.EIO and stat.S_ISCHR(os.fstat(fd).st_mode):
+            _to_devnull(fd)  # (the terminal's SIGHUP ends the run)
+        else:
             raise
-        _to_devnull(stream.fileno())
 
 
 def _to_devnull(fd: int) -> None:
@@ -699,22 +733,33 @@ def _cmd_run(argv: list[str]) -> int:
         raise _UsageError(
             "run: no command given (usage: nanobox run [options] [--] COMMAND [ARG...])"
         )
-    result_file = _ResultFile.settle(ns.result) if ns.result is not None else None
-    from . import _prepare
-    from .errors import PolicyError, SandboxError
+    from .errors import PolicyError
 
     try:
         policy = _policy_from_args(ns)
     except PolicyError as exc:
         raise _UsageError(_flag_message(exc)) from None
-    out = sys.stdout.buffer
-    err = sys.stderr.buffer
+    result_file = _ResultFile.settle(ns.result) if ns.result is not None else None
+    try:
+        return _run_and_report(ns, command, policy, result_file)
+    finally:
+        if result_file is not None:
+            result_file.close()
+
+
+def _run_and_report(
+    ns: Any, command: list[str], policy: Any, result_file: _ResultFile | None
+) -> int:
+    from . import _prepare
+    from .errors import PolicyError, SandboxError
+
+    stop = _Interrupts()
 
     def to_stdout(data: bytes) -> None:
-        _relay(out, data)
+        _relay(1, data, stop)
 
     def to_stderr(data: bytes) -> None:
-        _relay(err, data)
+        _relay(2, data, stop)
 
     try:
         stdin_fd: int | None = sys.stdin.fileno() if sys.stdin is not None else None
@@ -751,7 +796,7 @@ def _cmd_run(argv: list[str]) -> int:
             sent.close()
             raise
         box._fork_server = True
-        with _Interrupts() as stop:
+        with stop:
             result = box._run_submitted(prep, sent, to_stdout, to_stderr, on_io=stop.watch)
     except PolicyError as exc:
         raise _UsageError(_flag_message(exc)) from None
@@ -762,23 +807,22 @@ def _cmd_run(argv: list[str]) -> int:
     code = _exit_status(result)
     if stop.signo:
         code = 128 + stop.signo
-        if not ns.quiet and any(v.kind == "interrupted" for v in result.violations):
+        killed = any(v.kind == "interrupted" for v in result.violations)
+        if not ns.quiet and killed and stop.signo != stop.signals.SIGPIPE:
             _say(f"nanobox: {stop.names[stop.signo]}: the run was killed\n")
     elif not ns.quiet:
         if result.exit_code == 127 and result.violations:
-            sys.stderr.write(f"nanobox: {command[0]}: command not found\n")
+            _say(f"nanobox: {command[0]}: command not found\n")
         elif result.exit_code == 126 and result.violations:
-            sys.stderr.write(
-                f"nanobox: {command[0]}: cannot execute ({result.violations[-1].detail})\n"
-            )
+            _say(f"nanobox: {command[0]}: cannot execute ({result.violations[-1].detail})\n")
         elif result.outcome.value in ("timeout", "cpu_limit", "output_limit"):
-            sys.stderr.write(f"nanobox: {result.violations[0].detail}\n")
+            _say(f"nanobox: {result.violations[0].detail}\n")
         for what, flag in (
             ("stdout", result.stdout_truncated),
             ("stderr", result.stderr_truncated),
         ):
             if flag:
-                sys.stderr.write(f"nanobox: {what} truncated at {policy.limits.output} bytes\n")
+                _say(f"nanobox: {what} truncated at {policy.limits.output} bytes\n")
     if result_file is not None and not result_file.write(result.to_dict()):
         return EXIT_NANOBOX
     return code
@@ -802,12 +846,14 @@ class _Interrupts:
             signals.SIGTERM: "SIGTERM",
             signals.SIGHUP: "SIGHUP",
         }
+        self.handled = tuple(self.names)
+        self.names[signals.SIGPIPE] = "SIGPIPE"
         self.signo = 0
         self.io: Any = None
         self.old: dict[int, Any] = {}
 
     def __enter__(self) -> _Interrupts:
-        for num in self.names:
+        for num in self.handled:
             if self.signals.getsignal(num) != self.signals.SIG_IGN:
                 try:
                     self.old[num] = self.signals.signal(num, self._on_signal)
@@ -819,6 +865,17 @@ class _Interrupts:
         while self.old:
             num, handler = self.old.popitem()
             self.signals.signal(num, handler)
+
+    def output_closed(self) -> None:
+        """Whoever read the CLI's output is gone (``nanobox run yes | head
+        -1``): the run is killed, as SIGPIPE would kill a writer, and still
+        reported (``--result``); the CLI exits 141. It exited at once, and
+        a judge piping a command's output through ``head -c`` lost the
+        record of every run whose output was longer."""
+        if not self.signo:
+            self.signo = self.signals.SIGPIPE
+            if self.io is not None:
+                self.io.interrupt("SIGPIPE")
 
     def watch(self, io: Any) -> None:
         """The run's I/O (``Sandbox._run_submitted``'s ``on_io``)."""

@@ -25,6 +25,7 @@ SIGCHLD: int = _signal.SIGCHLD
 SIGINT: int = _signal.SIGINT
 SIGTERM: int = _signal.SIGTERM
 SIGHUP: int = _signal.SIGHUP
+SIGPIPE: int = _signal.SIGPIPE
 SIGKILL: int = _signal.SIGKILL
 SIGXCPU: int = _signal.SIGXCPU
 
