@@ -590,6 +590,65 @@ def test_what_git_keeps_for_checkouts_elsewhere_is_protected(
     _refused_inside_done_outside(repo, "true", attack)
 
 
+def test_a_link_on_a_git_files_path_cannot_be_retargeted(workspace: Path, tmp_path: Path) -> None:
+    """``.git`` = "gitdir: lnk/g", ``lnk`` a link in the workspace: the
+    command could point ``lnk`` at a git directory it made (found by the
+    third review: resolving the path through links left the link itself
+    unprotected)."""
+    repo = workspace / "r"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", "--bare", str(workspace / "other/g")], check=True)
+    subprocess.run(["git", "init", "-q", "--bare", str(workspace / "evil/g")], check=True)
+    (repo / "lnk").symlink_to("../other")
+    (repo / ".git").write_text("gitdir: lnk/g\n")
+    attack = "rm r/lnk && ln -s ../evil r/lnk"
+    r = sh(f"{{ {attack}; }} 2>/dev/null || echo refused")
+    assert r.stdout == b"refused\n", r
+    assert os.readlink(repo / "lnk") == "../other"
+    outside(attack, cwd=workspace)  # control: the host can
+    assert os.readlink(repo / "lnk") == "../evil"
+
+
+def test_a_commondir_made_in_a_submodules_git_directory_is_removed(repo: Path) -> None:
+    """A submodule's git directory (or a worktree's without one) has no
+    ``commondir``; one made during the run would send git to a config and
+    hooks the command wrote: removed after the run, and reported."""
+    sub = repo / ".git/modules/sub"
+    subprocess.run(["git", "init", "-q", "--bare", str(sub)], check=True)
+    r = sh("echo /elsewhere > .git/modules/sub/commondir")
+    assert r.returncode == 0, r  # (it can be made: git fails on an empty one)
+    assert not (sub / "commondir").exists()
+    assert any(v.kind == "protect" and "modules/sub/commondir" in v.detail for v in r.violations)
+    outside("echo /elsewhere > .git/modules/sub/commondir", cwd=repo)  # control: it stays
+    assert (sub / "commondir").exists()
+
+
+MORE_GIT_ATTACKS = [
+    # a submodule's git directory where none is yet (.gitmodules names one)
+    "mkdir -p .git/modules/sub/hooks",
+    # read once git sparse-checkout turns extensions.worktreeConfig on
+    "printf '[core]\\n\\tfsmonitor = x\\n' > .git/config.worktree",
+]
+
+
+@pytest.mark.parametrize("attack", MORE_GIT_ATTACKS)
+def test_git_directories_git_adopts_later_cannot_be_made(repo: Path, attack: str) -> None:
+    (repo / ".gitmodules").write_text('[submodule "sub"]\n\tpath = sub\n\turl = ../x\n')
+    _refused_inside_done_outside(repo, "true", attack)
+
+
+def test_too_many_worktree_directories_fail_closed(repo: Path) -> None:
+    """A command could pad ``.git/worktrees`` so that a real one is not
+    looked at, or every later run is slow: past the limit the run is
+    refused, naming the cause."""
+    for i in range(2001):
+        d = repo / f".git/worktrees/w{i}"
+        d.mkdir(parents=True)
+        (d / "HEAD").write_text("ref: refs/heads/x\n")
+    with pytest.raises(nanobox.PolicyError, match=r"too many to protect.*worktree prune"):
+        sh("true")
+
+
 # .git files, and the directory name git takes from each (None: git refuses).
 GIT_FILES = [
     ("gitdir: d\n", "d"),

@@ -521,13 +521,22 @@ def protect_ops(
     ]
     configs = gitfiles.GitConfigs(home or os.path.expanduser("~"), wanted)
     maybe = [p for p in configs.global_paths() if _is_under(p, root)]
+    walked: set[str] = set()  # (common git directories: each walked once)
     for repo in find_repos(root):
         if visible(repo):
             dirs = gitfiles.git_dirs(repo)  # (its git directories, looked up once)
             targets += [(path, "exists") for path in _git_targets(repo, dirs, root, wanted)]
+            for raw in gitfiles.git_dir_paths(repo):
+                targets += _links_on(raw, root)  # (links a command could retarget)
             maybe += [p for p in configs.repo_paths(repo, dirs) if _is_under(p, root)]
-            if dirs and _is_under(dirs[-1], root):
-                maybe += _linked_targets(dirs[-1], root, wanted)
+            if "config" in wanted and dirs and _is_under(dirs[0], root):
+                # Read only once extensions.worktreeConfig is on, which git
+                # sparse-checkout turns on later: a missing one is made here.
+                maybe.append(os.path.join(dirs[0], "config.worktree"))
+            if dirs and dirs[-1] not in walked and _is_under(dirs[-1], root):
+                walked.add(dirs[-1])
+                submodules = os.path.lexists(os.path.join(repo, ".gitmodules"))
+                maybe += _linked_targets(dirs[-1], root, wanted, view, submodules)
             if "config" in wanted and len(dirs) == 1 and _is_under(dirs[0], root):
                 if not os.path.lexists(os.path.join(dirs[0], "commondir")):
                     view.git_dirs.append(dirs[0])
@@ -659,19 +668,82 @@ def inside_path(path: str, root: str, shown: str) -> str:
     return shown if rel == "." else os.path.join(shown, rel)
 
 
-def _linked_targets(gitdir: str, root: str, names: list[str]) -> list[str]:
+def _linked_targets(
+    gitdir: str, root: str, names: list[str], view: View, submodules: bool
+) -> list[str]:
     """What git reads or runs of the worktrees and submodules ``gitdir``
     keeps (``gitfiles.linked_git_dirs``), inside ``root``: a worktree's
     ``commondir`` and ``config.worktree`` (without a ``commondir``, its own
-    ``config`` and ``hooks``), a submodule's ``config`` and ``hooks``."""
+    ``config`` and ``hooks``), a submodule's ``config`` and ``hooks``. A
+    ``commondir`` made during the run where there was none is removed after
+    it (``view.git_dirs``). Where the repository has submodules
+    (``submodules``), a missing ``modules`` directory, in ``gitdir`` and
+    in each worktree's, gets a placeholder: ``git submodule update
+    --init`` would use a git directory the command made there, hooks
+    included."""
+    try:
+        linked = gitfiles.linked_git_dirs(gitdir)
+    except gitfiles.TooManyGitDirs as exc:
+        raise PolicyError(
+            "filesystem.protect",
+            f"{exc.strerror}: too many to protect; remove stale ones (git worktree prune), "
+            "or list '.git/hooks' and '.git/config' in filesystem.unprotect",
+        ) from None
     out = []
-    for d, admin in gitfiles.linked_git_dirs(gitdir):
-        if admin and os.path.lexists(os.path.join(d, "commondir")):
+    for d, admin in linked:
+        has_common = os.path.lexists(os.path.join(d, "commondir"))
+        if admin and has_common:
             wanted = ["commondir", "config.worktree"] if "config" in names else []
         else:
             wanted = names
+            if "config" in names and _is_under(d, root):
+                view.git_dirs.append(d)  # (a commondir made in it is removed after the run)
         out += [os.path.join(d, n) for n in wanted]
+    if submodules and names:
+        homes = [gitdir] + [d for d, admin in linked if admin]
+        missing = [os.path.join(h, "modules") for h in homes]
+        out += [m for m in missing if not os.path.lexists(m)]  # (not an existing one:
+        # work in the submodules it holds writes there)
     return [p for p in out if _is_under(p, root)]
+
+
+def _links_on(path: str, root: str) -> list[tuple[str, str]]:
+    """The symbolic links ``path`` goes through, inside ``root``, walked as
+    the kernel walks it (a '..' after a link is taken where the link
+    leads, not by the text): as "link" targets of ``protect_ops``, whose
+    directories it protects (the command could otherwise retarget them)."""
+    out: list[tuple[str, str]] = []
+    parts = path.split("/")
+    cur = "/"
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            cur = os.path.dirname(cur)
+            continue
+        nxt = os.path.join(cur, part)
+        try:
+            st = os.lstat(nxt)
+        except OSError:
+            break  # (missing: nothing further is there to follow now)
+        if not stat.S_ISLNK(st.st_mode):
+            cur = nxt
+            continue
+        if _is_under(nxt, root):
+            out.append((nxt, "link"))
+        hops += 1
+        try:
+            target = os.readlink(nxt)
+        except OSError:
+            break
+        if hops > 40:
+            break
+        parts = target.split("/") + parts
+        if target.startswith("/"):
+            cur = "/"
+    return out
 
 
 def _git_targets(repo: str, dirs: list[str], root: str, names: list[str]) -> list[str]:

@@ -12,6 +12,7 @@ did not change.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
@@ -198,7 +199,12 @@ def git_dirs(repo: str) -> list[str]:
     return [gitdir]
 
 
-def linked_git_dirs(gitdir: str, limit: int = 1000) -> list[tuple[str, bool]]:
+class TooManyGitDirs(OSError):
+    """More entries under a git directory's ``worktrees`` and ``modules``
+    than ``linked_git_dirs`` looks at."""
+
+
+def linked_git_dirs(gitdir: str, limit: int = 2000) -> list[tuple[str, bool]]:
     """The git directories that ``gitdir`` (a repository's own or common
     one) keeps for checkouts that may be anywhere, or nowhere yet: each
     linked worktree's private directory (``worktrees/NAME``: True; git
@@ -206,30 +212,54 @@ def linked_git_dirs(gitdir: str, limit: int = 1000) -> list[tuple[str, bool]]:
     ``commondir``, its own ``config`` and ``hooks``) and each submodule's
     (``modules/NAME``, a NAME may hold '/': False), and theirs in turn. A
     command that rewrote one of those files would have git run what it
-    chose the next time the user works in that checkout. At most
-    ``limit`` directories are looked at."""
+    chose the next time the user works in that checkout. Directories that
+    are symbolic links are not entered, nor directories git would not use
+    (no ``HEAD``). More than ``limit`` entries raise ``TooManyGitDirs``
+    (fail closed: a command could pad them to hide a real one)."""
     out: list[tuple[str, bool]] = []
     todo = [(gitdir, 0)]
-    looked = 0
-    while todo and looked < limit:
+    seen = 0
+    while todo:
         top, depth = todo.pop()
         for sub, admin in (("worktrees", True), ("modules", False)):
             stack = [os.path.join(top, sub)]
-            while stack and looked < limit:
+            while stack:
                 where = stack.pop()
-                looked += 1
                 try:
-                    entries = [e for e in os.scandir(where) if e.is_dir(follow_symlinks=False)]
+                    with os.scandir(where) as it:
+                        entries = [e for e in it if e.is_dir(follow_symlinks=False)]
                 except OSError:
-                    continue
+                    continue  # (missing, a link, or not a directory)
+                seen += len(entries)
+                if seen > limit:
+                    raise TooManyGitDirs(
+                        errno.E2BIG,
+                        f"more than {limit} directories under {gitdir}'s worktrees and modules",
+                    )
                 for e in entries:
-                    if admin or os.path.lexists(os.path.join(e.path, "HEAD")):
+                    if os.path.lexists(os.path.join(e.path, "HEAD")):
                         out.append((e.path, admin))
                         if depth < 8:
                             todo.append((e.path, depth + 1))
-                    else:
+                    elif not admin:
                         stack.append(e.path)  # (part of a submodule's name)
     return out
+
+
+def git_dir_paths(repo: str) -> list[str]:
+    """The paths, as written, by which the ``.git`` file of ``repo`` and
+    its git directory's ``commondir`` lead to git directories (``git_dirs``
+    gives them resolved): the links on the way are the command's to
+    retarget, unless protected (``fsplan``)."""
+    dotgit = os.path.join(repo, ".git")
+    if os.path.isdir(dotgit) and not os.path.islink(dotgit):
+        return []
+    text = path_file(dotgit)
+    if not text.startswith("gitdir: ") or len(text) == 8:
+        return []
+    raw = os.path.join(repo, text[8:])
+    common = path_file(os.path.join(os.path.realpath(raw), "commondir"))
+    return [raw, os.path.join(os.path.realpath(raw), common)] if common else [raw]
 
 
 def path_file(path: str) -> str:
