@@ -317,6 +317,25 @@ def test_a_closed_output_pipe_kills_the_run_and_keeps_the_record(
     assert [v["signal"] for v in data["violations"]] == ["SIGPIPE"]  # type: ignore[union-attr]
 
 
+def test_a_reader_gone_after_the_command_ended_changes_nothing(
+    workspace: Path, tmp_path: Path
+) -> None:
+    """``... -- echo hi | true``: the output's reader is gone, but so is the
+    command, by itself. The run is reported as it ended (not as killed),
+    with its status; the kill request that crossed the reply did not lose
+    the reply ("the fork server died during the run", 4 times in 20)."""
+    res = tmp_path / "r.json"
+    cli = f"{sys.executable} -m nanobox run --result {res} -- sh -c 'echo hi' | true"
+    for _ in range(20):
+        p = subprocess.run(["bash", "-c", cli + "; exit ${PIPESTATUS[0]}"], capture_output=True)
+        data = _result(res)
+        if data["outcome"] == "exited":  # (as a rule: the command ends first)
+            assert p.returncode == 0 and p.stderr == b"", p
+            assert (data["exit_code"], data["violations"]) == (0, []), data
+        else:  # (the kill came between its echo and its exit)
+            assert p.returncode == 141 and data["outcome"] == "signaled", (p, data)
+
+
 def test_all_output_reaches_a_non_blocking_stdout(workspace: Path) -> None:
     """A stdout left non-blocking by whoever started the CLI: the output is
     relayed whole (the buffered stream dropped what did not fit)."""

@@ -10,6 +10,7 @@ and builds the plan. Everything else is in :mod:`nanobox.cli`.
 from __future__ import annotations
 
 import gc
+import os
 import sys
 
 
@@ -31,12 +32,27 @@ def start_server_early(args: list[str]) -> None:
         defer_inspect()
 
 
+def stdio_open() -> None:
+    """Make a closed stdin, stdout or stderr (``nanobox run ... >&-``)
+    /dev/null: else the first descriptor nanobox opens takes its number,
+    and the command's output went into the fork server's socket."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def entry() -> None:
     # No garbage collection while the CLI and its fork server import their
     # modules: the collector would run over and over on objects that all
     # stay (~2 % of a cold run's CPU here). Each process freezes what it
     # has imported and turns it back on once its imports are done.
     gc.disable()
+    stdio_open()
     start_server_early(sys.argv[1:])
     from .cli import entry as cli_entry
 

@@ -555,7 +555,7 @@ class _ResultFile:
                 for stream in (sys.stdout, sys.stderr):
                     try:
                         stream.flush()
-                    except (OSError, ValueError):
+                    except (OSError, ValueError, AttributeError):
                         pass
                 _write_all(self.fd, text)
             else:
@@ -678,7 +678,7 @@ def _say(text: str) -> None:
     try:
         sys.stderr.write(text)
         sys.stderr.flush()
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # (AttributeError: started without one)
         _to_devnull(2)
 
 
@@ -805,10 +805,9 @@ def _run_and_report(
             result_file.write(_failure_result(command, str(exc)))
         _fail(str(exc))
     code = _exit_status(result)
-    if stop.signo:
+    if any(v.kind == "interrupted" for v in result.violations):
         code = 128 + stop.signo
-        killed = any(v.kind == "interrupted" for v in result.violations)
-        if not ns.quiet and killed and stop.signo != stop.signals.SIGPIPE:
+        if not ns.quiet and stop.signo != stop.signals.SIGPIPE:
             _say(f"nanobox: {stop.names[stop.signo]}: the run was killed\n")
     elif not ns.quiet:
         if result.exit_code == 127 and result.violations:
@@ -982,8 +981,9 @@ def entry() -> None:
     try:
         code = main()
         try:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            for stream in (sys.stdout, sys.stderr):
+                if stream is not None:  # (None: started with it closed)
+                    stream.flush()
         except (OSError, ValueError):
             raise SystemExit(code) from None
     finally:

@@ -396,7 +396,7 @@ class Sandbox:
             outcome = Outcome.EXITED
         if exec_error:
             violations.append(Violation("exec", exec_error.get("message", "exec failed")))
-        if io.interrupted is not None:
+        if io.interrupted is not None and sig is not None:  # (not: it had ended by itself)
             violations.append(
                 Violation(
                     "interrupted",
