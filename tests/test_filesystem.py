@@ -624,16 +624,24 @@ def test_a_commondir_made_in_a_submodules_git_directory_is_removed(repo: Path) -
 
 
 MORE_GIT_ATTACKS = [
-    # a submodule's git directory where none is yet (.gitmodules names one)
+    # a submodule's git directory where none is yet (.gitmodules names one,
+    # or a branch, or a worktree's checkout elsewhere: found by the reviews)
     "mkdir -p .git/modules/sub/hooks",
+    "mkdir -p .git/worktrees/wt/modules/sub/hooks",
     # read once git sparse-checkout turns extensions.worktreeConfig on
     "printf '[core]\\n\\tfsmonitor = x\\n' > .git/config.worktree",
 ]
 
 
 @pytest.mark.parametrize("attack", MORE_GIT_ATTACKS)
-def test_git_directories_git_adopts_later_cannot_be_made(repo: Path, attack: str) -> None:
-    (repo / ".gitmodules").write_text('[submodule "sub"]\n\tpath = sub\n\turl = ../x\n')
+def test_git_directories_git_adopts_later_cannot_be_made(
+    repo: Path, tmp_path: Path, attack: str
+) -> None:
+    """No ``.gitmodules`` in this checkout: another branch, or a worktree
+    elsewhere, may have one, and ``git submodule update --init`` there
+    adopts a git directory the command made."""
+    _git("commit", "-q", "--allow-empty", "-m", "base", cwd=repo)
+    _git("worktree", "add", "-q", str(tmp_path / "wt"), cwd=repo)
     _refused_inside_done_outside(repo, "true", attack)
 
 
@@ -645,7 +653,7 @@ def test_too_many_worktree_directories_fail_closed(repo: Path) -> None:
         d = repo / f".git/worktrees/w{i}"
         d.mkdir(parents=True)
         (d / "HEAD").write_text("ref: refs/heads/x\n")
-    with pytest.raises(nanobox.PolicyError, match=r"too many to protect.*worktree prune"):
+    with pytest.raises(nanobox.PolicyError, match=r"too many to protect; remove what is not"):
         sh("true")
 
 

@@ -535,8 +535,7 @@ def protect_ops(
                 maybe.append(os.path.join(dirs[0], "config.worktree"))
             if dirs and dirs[-1] not in walked and _is_under(dirs[-1], root):
                 walked.add(dirs[-1])
-                submodules = os.path.lexists(os.path.join(repo, ".gitmodules"))
-                maybe += _linked_targets(dirs[-1], root, wanted, view, submodules)
+                maybe += _linked_targets(dirs[-1], root, wanted, view)
             if "config" in wanted and len(dirs) == 1 and _is_under(dirs[0], root):
                 if not os.path.lexists(os.path.join(dirs[0], "commondir")):
                     view.git_dirs.append(dirs[0])
@@ -668,26 +667,24 @@ def inside_path(path: str, root: str, shown: str) -> str:
     return shown if rel == "." else os.path.join(shown, rel)
 
 
-def _linked_targets(
-    gitdir: str, root: str, names: list[str], view: View, submodules: bool
-) -> list[str]:
+def _linked_targets(gitdir: str, root: str, names: list[str], view: View) -> list[str]:
     """What git reads or runs of the worktrees and submodules ``gitdir``
     keeps (``gitfiles.linked_git_dirs``), inside ``root``: a worktree's
     ``commondir`` and ``config.worktree`` (without a ``commondir``, its own
     ``config`` and ``hooks``), a submodule's ``config`` and ``hooks``. A
     ``commondir`` made during the run where there was none is removed after
-    it (``view.git_dirs``). Where the repository has submodules
-    (``submodules``), a missing ``modules`` directory, in ``gitdir`` and
-    in each worktree's, gets a placeholder: ``git submodule update
+    it (``view.git_dirs``). A missing ``modules`` directory, in ``gitdir``
+    and in each worktree's, gets a placeholder: ``git submodule update
     --init`` would use a git directory the command made there, hooks
-    included."""
+    included, once a checkout has submodules (any branch may bring
+    them: not only where a ``.gitmodules`` is checked out now)."""
     try:
         linked = gitfiles.linked_git_dirs(gitdir)
     except gitfiles.TooManyGitDirs as exc:
         raise PolicyError(
             "filesystem.protect",
-            f"{exc.strerror}: too many to protect; remove stale ones (git worktree prune), "
-            "or list '.git/hooks' and '.git/config' in filesystem.unprotect",
+            f"{exc.strerror}: too many to protect; remove what is not a worktree's or a "
+            "submodule's git directory there ('git worktree prune' removes stale worktrees)",
         ) from None
     out = []
     for d, admin in linked:
@@ -699,7 +696,7 @@ def _linked_targets(
             if "config" in names and _is_under(d, root):
                 view.git_dirs.append(d)  # (a commondir made in it is removed after the run)
         out += [os.path.join(d, n) for n in wanted]
-    if submodules and names:
+    if names:
         homes = [gitdir] + [d for d, admin in linked if admin]
         missing = [os.path.join(h, "modules") for h in homes]
         out += [m for m in missing if not os.path.lexists(m)]  # (not an existing one:
