@@ -524,9 +524,10 @@ def protect_ops(
     walked: set[str] = set()  # (common git directories: each walked once)
     for repo in find_repos(root):
         if visible(repo):
-            dirs = gitfiles.git_dirs(repo)  # (its git directories, looked up once)
+            raws = gitfiles.git_dir_paths(repo)  # (read once: as written, then resolved)
+            dirs = gitfiles.git_dirs(repo, raws)
             targets += [(path, "exists") for path in _git_targets(repo, dirs, root, wanted)]
-            for raw in gitfiles.git_dir_paths(repo):
+            for raw in raws:
                 targets += _links_on(raw, root)  # (links a command could retarget)
             maybe += [p for p in configs.repo_paths(repo, dirs) if _is_under(p, root)]
             if "config" in wanted and dirs and _is_under(dirs[0], root):

@@ -179,24 +179,17 @@ def read_config(path: str) -> str | None:
         os.close(fd)
 
 
-def git_dirs(repo: str) -> list[str]:
+def git_dirs(repo: str, paths: list[str] | None = None) -> list[str]:
     """The git directory of the repository at ``repo`` and, for a worktree,
     its common directory; [] where ``.git`` is not a directory nor a git
-    link ("gitdir: PATH": a submodule's or a worktree's)."""
+    link ("gitdir: PATH": a submodule's or a worktree's). ``paths``: its
+    ``git_dir_paths``, where the caller has them already. Resolved through
+    links, as git does (strbuf_realpath): "lnk/../g" is not "g" where lnk
+    leads elsewhere."""
     dotgit = os.path.join(repo, ".git")
     if os.path.isdir(dotgit) and not os.path.islink(dotgit):
         return [dotgit]
-    text = path_file(dotgit)
-    if not text.startswith("gitdir: ") or len(text) == 8:
-        return []  # (git refuses such a directory: "invalid gitfile format")
-    # Resolved through links, as git does (strbuf_realpath): "lnk/../g" is
-    # not "g" where lnk leads elsewhere.
-    gitdir = os.path.realpath(os.path.join(repo, text[8:]))
-    # (A submodule's git directory is its own common directory.)
-    common = path_file(os.path.join(gitdir, "commondir"))
-    if common:
-        return [gitdir, os.path.realpath(os.path.join(gitdir, common))]
-    return [gitdir]
+    return [os.path.realpath(p) for p in (git_dir_paths(repo) if paths is None else paths)]
 
 
 class TooManyGitDirs(OSError):
@@ -256,8 +249,9 @@ def git_dir_paths(repo: str) -> list[str]:
         return []
     text = path_file(dotgit)
     if not text.startswith("gitdir: ") or len(text) == 8:
-        return []
+        return []  # (git refuses such a directory: "invalid gitfile format")
     raw = os.path.join(repo, text[8:])
+    # (A submodule's git directory is its own common directory.)
     common = path_file(os.path.join(os.path.realpath(raw), "commondir"))
     return [raw, os.path.join(os.path.realpath(raw), common)] if common else [raw]
 
