@@ -548,6 +548,8 @@ class _ResultFile:
         """Write the result; False, said on stderr, if it could not be."""
         import json
 
+        from ._linux.fds import write_all
+
         text = (json.dumps(data, indent=2) + "\n").encode()
         tmp = ""
         try:
@@ -557,7 +559,7 @@ class _ResultFile:
                         stream.flush()
                     except (OSError, ValueError, AttributeError):
                         pass
-                _write_all(self.fd, text)
+                write_all(self.fd, text)
             else:
                 if not self._still_there():
                     _say(
@@ -567,7 +569,7 @@ class _ResultFile:
                     return False
                 tmp, out = self._new_tmp()
                 try:
-                    _write_all(out, text)
+                    write_all(out, text)
                 finally:
                     os.close(out)
                 os.replace(tmp, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
@@ -626,32 +628,16 @@ def _nanobox_fds() -> set[int]:
     return out
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    """All of ``data`` to ``fd``, waiting where it is non-blocking."""
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.write(fd, view)
-        except BlockingIOError:
-            import select
-
-            poller = select.poll()  # (not select(): any descriptor number)
-            poller.register(fd, select.POLLOUT)
-            poller.poll()
-            continue
-        if n == 0:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        view = view[n:]
-
-
 def _relay(fd: int, data: bytes, stop: _Interrupts) -> None:
     """The command's output to the CLI's ``fd`` (1 or 2), all of it, also
     where the descriptor is non-blocking (``BufferedWriter`` dropped what
     did not fit). A reader that went away (EPIPE) or a terminal that hung
     up (EIO on a character device) takes nothing more: the descriptor is
     pointed at /dev/null, the run is killed (``stop``) and reported."""
+    from ._linux.fds import write_all
+
     try:
-        _write_all(fd, data)
+        write_all(fd, data)
     except OSError as exc:
         import stat
 
@@ -961,12 +947,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Whoever read our output is gone (`nanobox run yes | head -1`): the
         # run was killed when its channel closed; exit as a writer killed by
         # SIGPIPE would, and say nothing more on the closed stream.
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
-        except (OSError, ValueError):
-            pass
+        _to_devnull(1)
         return 128 + 13
     except Exception as exc:  # a bug: one line (the traceback with NANOBOX_DEBUG=1)
         if os.environ.get("NANOBOX_DEBUG"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 MAXFD = 1 << 20
@@ -18,7 +19,18 @@ def close_all_except(keep: set[int] | tuple[int, ...] | list[int]) -> None:
 
 
 def write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` to ``fd``, waiting where it is non-blocking."""
     view = memoryview(data)
     while view:
-        n = os.write(fd, view)
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            import select
+
+            poller = select.poll()  # (not select(): any descriptor number)
+            poller.register(fd, select.POLLOUT)
+            poller.poll()
+            continue
+        if n == 0:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
         view = view[n:]
