@@ -336,6 +336,43 @@ def test_a_reader_gone_after_the_command_ended_changes_nothing(
             assert p.returncode == 141 and data["outcome"] == "signaled", (p, data)
 
 
+def _file_size_limit(limit: int) -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (a write past it then fails: EFBIG)
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_output_that_cannot_be_written_kills_the_run_and_keeps_the_record(
+    workspace: Path, tmp_path: Path
+) -> None:
+    """The CLI's stdout is a file that cannot grow (a full disk; here a
+    file-size limit, EFBIG): the run is killed and reported (a violation of
+    kind ``output_error``), the CLI says why and exits 125. It ended with
+    the error and no record. Control: ``yes`` itself, started the same way,
+    gets the same error."""
+    res, out = tmp_path / "r.json", tmp_path / "out"
+    cmd = [sys.executable, "-m", "nanobox", "run", "--result", str(res), "--", "yes"]
+    with out.open("wb") as f:
+        p = subprocess.run(
+            cmd, stdout=f, stderr=subprocess.PIPE, preexec_fn=lambda: _file_size_limit(100_000)
+        )
+    assert p.returncode == 125, p
+    assert p.stderr == (
+        b"nanobox: error: cannot write the command's stdout: File too large; the run was killed\n"
+    )
+    assert out.stat().st_size == 100_000
+    data = _result(res)
+    assert data["outcome"] == "signaled", data
+    kinds = [(v["kind"], v["stream"], v["errno"]) for v in data["violations"]]  # type: ignore[union-attr]
+    assert kinds == [("output_error", "stdout", "EFBIG")], data
+    with out.open("wb") as f:
+        p = subprocess.run(
+            ["yes"], stdout=f, stderr=subprocess.PIPE, preexec_fn=lambda: _file_size_limit(100_000)
+        )
+    assert p.returncode == 1 and b"File too large" in p.stderr, p
+
+
 def test_all_output_reaches_a_non_blocking_stdout(workspace: Path) -> None:
     """A stdout left non-blocking by whoever started the CLI: the output is
     relayed whole (the buffered stream dropped what did not fit)."""

@@ -77,6 +77,7 @@ class RunIO:
         self.on_listeners: Callable[[list[int]], None] | None = None
         self.proxy_run: str | None = None
         self.interrupted: str | None = None  # the CLI's signal that killed the run
+        self.output_error: tuple[str, str, str] | None = None  # (stream, errno name, message)
 
     @property
     def done(self) -> bool:
@@ -148,6 +149,14 @@ class RunIO:
         run, whose result then says so."""
         if self.interrupted is None and self.message is None and not self.chan_closed:
             self.interrupted = signame  # (not once the run has ended: nothing was killed)
+            self.kill()
+
+    def fail_output(self, stream: str, errname: str, message: str) -> None:
+        """The caller cannot deliver the command's ``stream`` (its own
+        stdout is on a full disk, say): kill the run, whose result then
+        says why."""
+        if self.output_error is None and self.message is None and not self.chan_closed:
+            self.output_error = (stream, errname, message)
             self.kill()
 
     def kill(self) -> None:

@@ -646,8 +646,9 @@ def _relay(fd: int, data: bytes, stop: _Interrupts) -> None:
             stop.output_closed()
         elif exc.errno == errno.EIO and stat.S_ISCHR(os.fstat(fd).st_mode):
             _to_devnull(fd)  # (the terminal's SIGHUP ends the run)
-        else:
-            raise
+        else:  # (ENOSPC, EFBIG, EIO on a file, ...: the output is lost)
+            _to_devnull(fd)
+            stop.output_failed("stdout" if fd == 1 else "stderr", exc)
 
 
 def _to_devnull(fd: int) -> None:
@@ -808,6 +809,12 @@ def _run_and_report(
         ):
             if flag:
                 _say(f"nanobox: {what} truncated at {policy.limits.output} bytes\n")
+    if stop.output_error is not None:  # (whatever else happened: the output is lost)
+        stream, _, message = stop.output_error
+        killed = any(v.kind == "output_error" for v in result.violations)
+        then = "; the run was killed" if killed else ""
+        _say(f"nanobox: error: cannot write the command's {stream}: {message}{then}\n")
+        code = EXIT_NANOBOX
     if result_file is not None and not result_file.write(result.to_dict()):
         return EXIT_NANOBOX
     return code
@@ -834,6 +841,7 @@ class _Interrupts:
         self.handled = tuple(self.names)
         self.names[signals.SIGPIPE] = "SIGPIPE"
         self.signo = 0
+        self.output_error: tuple[str, str, str] | None = None
         self.io: Any = None
         self.old: dict[int, Any] = {}
 
@@ -862,11 +870,25 @@ class _Interrupts:
             if self.io is not None:
                 self.io.interrupt("SIGPIPE")
 
+    def output_failed(self, stream: str, exc: OSError) -> None:
+        """The command's output cannot be written where the CLI's goes
+        (a full disk, a file over its size limit): the run is killed, as a
+        writer that gets the error would stop, and reported (a violation of
+        kind ``output_error``); the CLI says so and exits 125. Before, it
+        ended with the error and no record."""
+        if self.output_error is None:
+            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            self.output_error = (stream, name, os.strerror(exc.errno or 0))
+            if self.io is not None:
+                self.io.fail_output(*self.output_error)
+
     def watch(self, io: Any) -> None:
         """The run's I/O (``Sandbox._run_submitted``'s ``on_io``)."""
         self.io = io
         if self.signo:
             io.interrupt(self.names[self.signo])
+        if self.output_error is not None:
+            io.fail_output(*self.output_error)
 
     def _on_signal(self, signo: int, _frame: object) -> None:
         if self.signo:  # the second: what it does without this

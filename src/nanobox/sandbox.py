@@ -404,6 +404,15 @@ class Sandbox:
                     {"signal": io.interrupted},
                 )
             )
+        if io.output_error is not None and sig is not None:
+            stream, errname, message = io.output_error
+            violations.append(
+                Violation(
+                    "output_error",
+                    f"cannot write the command's {stream}: {message}: the run was killed",
+                    {"stream": stream, "errno": errname},
+                )
+            )
         for sv in msg.get("syscall_violations", ()):
             err_name = _errno.errorcode.get(sv["errno"], str(sv["errno"]))
             violations.append(
