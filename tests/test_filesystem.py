@@ -1336,6 +1336,45 @@ def test_host_unix_socket_outside_private_dirs_is_not_connectable(workspace: Pat
         shutil.rmtree(d, ignore_errors=True)
 
 
+ODD_CONNECTS = """
+import ctypes, os, socket, struct
+libc = ctypes.CDLL(None, use_errno=True)
+libc.connect.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint)
+inet = socket.socket()
+unix = socket.socket(socket.AF_UNIX)
+sin = ctypes.create_string_buffer(struct.pack("=H", socket.AF_INET) + bytes(14))  # port 0
+path = ctypes.create_string_buffer(struct.pack("=H", socket.AF_UNIX) + b"/nonexistent/s\\0")
+r, w = os.pipe()
+calls = {
+    "no such fd": (999, sin, 16),
+    "not a socket": (r, sin, 16),
+    "NULL address": (inet.fileno(), None, 16),
+    "unmapped address": (inet.fileno(), 4096, 16),
+    "kernel address": (inet.fileno(), 0xFFFF800000000000, 16),
+    "length 0": (inet.fileno(), sin, 0),
+    "length 200": (inet.fileno(), sin, 200),
+    "length 5000": (inet.fileno(), sin, 5000),
+    "short for its family": (inet.fileno(), sin, 8),
+    "no such path": (unix.fileno(), path, len(path.raw) - 1),
+}
+for name, (fd, addr, size) in calls.items():
+    ctypes.set_errno(0)
+    rc = libc.connect(fd, addr, size)
+    print(name, rc, ctypes.get_errno())
+"""
+
+
+def test_odd_connect_calls_get_the_kernels_answers(workspace: Path) -> None:
+    """Every ``connect()`` in the sandbox is performed by nanobox's broker
+    (see unixconnect): calls it cannot make get the errors the kernel gives
+    outside (a bad fd, a non-socket, an address it cannot read, a length
+    the family refuses)."""
+    r = nanobox.run([SPY, "-c", ODD_CONNECTS], timeout=30)
+    ctl = subprocess.run([SPY, "-c", ODD_CONNECTS], capture_output=True, timeout=30)
+    assert ctl.returncode == 0 and b"-1 14" in ctl.stdout, ctl
+    assert r.stdout.decode().splitlines() == ctl.stdout.decode().splitlines(), r.stderr
+
+
 SEND_DATAGRAMS = """
 import socket, sys
 def attempt(how):

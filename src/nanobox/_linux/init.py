@@ -141,7 +141,10 @@ def init_main(
                 poller.unregister(fd)
                 if fds:
                     listener = notify.Listener(
-                        fds[0], plan["seccomp_notify"], plan.get("connect_allowed")
+                        fds[0],
+                        plan["seccomp_notify"],
+                        plan.get("connect_allowed"),
+                        shared_net=not plan.get("newnet", True),
                     )
                     poller.register(fds[0], select.POLLIN)
             elif listener is not None and fd == listener.fd:

@@ -63,12 +63,13 @@ class Listener:
         *,
         broker: Any = None,
         pid_of: Callable[[int], int] | None = None,
+        shared_net: bool = False,
     ) -> None:
         self.fd = fd
         self.connect_nr: int | None = spec.get("connect")
         self.broker = broker
         if self.connect_nr is not None and broker is None:
-            self.broker = ConnectBroker(connect_allowed or [])
+            self.broker = ConnectBroker(connect_allowed or [], refuse_abstract=shared_net)
         # How a notification's pid (in the listener's pid namespace) reads
         # in the sandbox's.
         self.pid_of = pid_of

@@ -70,6 +70,7 @@ class Run:
         self.mnt_fd: int | None = None
         self.spec = plan.get("seccomp_notify")
         self.connect_allowed: list[str] = list(plan.get("connect_allowed") or [])
+        self.shared_net = not plan.get("newnet", True)  # (abstract addresses: the host's)
         root = bool(plan.get("userns_root"))
         self.inner_ids = (0, 0) if root else (int(plan["uid"]), int(plan["gid"]))
 
@@ -424,7 +425,9 @@ def _helper_main(sock_fd: int, listener_fd: int, run: Run) -> None:
         except OSError:
             pass
 
-    broker = ConnectBroker(run.connect_allowed, proc_fd=proc, on_denied=denied)
+    broker = ConnectBroker(
+        run.connect_allowed, proc_fd=proc, on_denied=denied, refuse_abstract=run.shared_net
+    )
     listener = notify.Listener(listener_fd, {"table": {}, "arch": ""})
     while True:
         try:

@@ -15,8 +15,12 @@ the caller's cwd), pinned with an ``O_PATH`` fd, and allowed only when the
 socket lies in a writable root or one of the sandbox's own tmpfs mounts;
 otherwise the call fails with ``EACCES``. Abstract and unnamed addresses,
 and every other family, are connected as given (the network namespace and
-Landlock's abstract-socket scope isolate those). Each connect runs in its
-own thread, because a blocking ``connect`` may take long.
+Landlock's abstract-socket scope isolate those), but for abstract addresses
+where the sandbox shares the host's network namespace: those are refused
+(``EPERM``, as Landlock's scope answers), because a connect made here is
+outside that scope and could reach a host service's socket. Each connect runs on a
+worker thread of its own (kept a while for the next), because a blocking
+``connect`` may take long.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from . import socks
 TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Any
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.connect.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
@@ -42,27 +47,131 @@ SECCOMP_IOCTL_NOTIF_ID_VALID = 0x40082102
 SO_DOMAIN = 39
 
 
-def _pidfd_getfd(pid: int, fd: int) -> int:
-    pidfd = _libc.syscall(ctypes.c_long(SYS_PIDFD_OPEN), ctypes.c_int(pid), ctypes.c_uint(0))
-    if pidfd < 0:
-        raise OSError(ctypes.get_errno(), "pidfd_open")
-    try:
-        got = _libc.syscall(
-            ctypes.c_long(SYS_PIDFD_GETFD), ctypes.c_int(pidfd), ctypes.c_int(fd), ctypes.c_uint(0)
+PIDFD_THREAD = os.O_EXCL  # (6.9+: a pidfd of any thread, not only a leader)
+
+
+def _pidfd_open(pid: int, proc: str) -> int:
+    """A pidfd of the task ``pid`` (a notification's pid is the calling
+    thread's id, often not its process's): with ``PIDFD_THREAD`` where the
+    kernel has it, else of its thread group, read from ``proc``."""
+    for flags in (PIDFD_THREAD, 0):
+        pidfd = _libc.syscall(
+            ctypes.c_long(SYS_PIDFD_OPEN), ctypes.c_int(pid), ctypes.c_uint(flags)
         )
-        if got < 0:
-            raise OSError(ctypes.get_errno(), "pidfd_getfd")
-        return int(got)
-    finally:
-        os.close(pidfd)
+        if pidfd >= 0:
+            return int(pidfd)
+        err = ctypes.get_errno()
+        if flags == 0 or err != 22:  # (EINVAL: no PIDFD_THREAD here)
+            raise OSError(err, "pidfd_open")
+        with open(proc, "rb") as f:
+            tgid = [line for line in f.read().split(b"\n") if line.startswith(b"Tgid:")]
+        pid = int(tgid[0].split()[1]) if tgid else pid
+    raise AssertionError("unreachable")
+
+
+def _pidfd_getfd(pidfd: int, fd: int) -> int:
+    got = _libc.syscall(
+        ctypes.c_long(SYS_PIDFD_GETFD), ctypes.c_int(pidfd), ctypes.c_int(fd), ctypes.c_uint(0)
+    )
+    if got < 0:
+        raise OSError(ctypes.get_errno(), "pidfd_getfd")
+    return int(got)
+
+
+def _valid(listener_fd: int, nid: int) -> bool:
+    """Does notification ``nid`` still wait for its answer?"""
+    try:
+        fcntl.ioctl(listener_fd, SECCOMP_IOCTL_NOTIF_ID_VALID, struct.pack("=Q", nid))
+    except OSError:
+        return False
+    return True
+
+
+def _family(sock: int) -> int:
+    """``SO_DOMAIN`` of ``sock`` (an fd that may not be a socket: ENOTSOCK)."""
+    value, size = ctypes.c_int(0), ctypes.c_uint(ctypes.sizeof(ctypes.c_int))
+    if _libc.getsockopt(sock, socks.SOL_SOCKET, SO_DOMAIN, ctypes.byref(value), ctypes.byref(size)):
+        raise OSError(ctypes.get_errno(), "getsockopt")
+    return value.value
 
 
 def _under(path: str, roots: list[str]) -> bool:
     return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
 
+class _Pool:
+    """At most ``size`` threads that make calls queued for them, each kept
+    ``IDLE_S`` for the next call. Starting a thread per ``connect()`` was
+    ~60 µs of the ~250 µs a sandboxed ``connect()`` took here; and a
+    command whose connects block (a full backlog), each interrupted by a
+    signal and so notified again, had a thread made for every notification:
+    thousands in seconds, outside its cgroup's pids limit. Calls past
+    ``size`` wait for a thread. Built on ``_thread``: importing
+    ``threading`` would register an at-fork hook in the fork server that
+    makes every fork ~0.25 ms slower. An idle thread waits on a lock of its
+    own, so a fork meanwhile copies no lock held."""
+
+    IDLE_S = 2.0
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.mutex = _thread.allocate_lock()
+        self.jobs: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        self.idle: list[_thread.LockType] = []  # a waiting thread's lock, held
+        self.threads = 0
+
+    def submit(self, fn: Callable[..., None], args: tuple[Any, ...]) -> bool:
+        """Have ``fn(*args)`` called on a thread of the pool; False if none
+        could be started and none is left to take it (it is then not made)."""
+        job = (fn, args)
+        with self.mutex:
+            self.jobs.append(job)
+            if self.idle:
+                self.idle.pop().release()
+                return True
+            if self.threads >= self.size:
+                return True  # (a thread takes it once it is done with its call)
+            self.threads += 1
+        try:
+            _thread.start_new_thread(self._work, ())
+        except RuntimeError:  # (no thread: a pids or memory limit)
+            with self.mutex:
+                self.threads -= 1
+                if any(j is job for j in self.jobs) and not self.threads:
+                    self.jobs = [j for j in self.jobs if j is not job]
+                    return False
+        return True
+
+    def prune(self, keep: Callable[[tuple[Any, ...]], bool]) -> None:
+        """Drop the queued calls whose ``args`` ``keep`` refuses."""
+        with self.mutex:
+            self.jobs = [j for j in self.jobs if keep(j[1])]
+
+    def _work(self) -> None:
+        wake = _thread.allocate_lock()
+        wake.acquire()
+        while True:
+            with self.mutex:
+                job = self.jobs.pop(0) if self.jobs else None
+                if job is None:
+                    self.idle.append(wake)
+            if job is not None:
+                fn, args = job
+                fn(*args)  # (``ConnectBroker._run`` raises nothing)
+                continue
+            if not wake.acquire(timeout=self.IDLE_S):
+                with self.mutex:
+                    if wake in self.idle:  # (else a call came as the wait ended)
+                        self.idle.remove(wake)
+                        self.threads -= 1
+                        return
+                wake.acquire()  # (released by that call: take it again)
+
+
 class ConnectBroker:
     """Performs the sandbox's ``connect()`` calls (see the module docstring)."""
+
+    MAX_THREADS = 16  # connects made at once for one sandbox; the rest wait
 
     def __init__(
         self,
@@ -70,8 +179,16 @@ class ConnectBroker:
         *,
         proc_fd: int | None = None,
         on_denied: Callable[[dict[str, object]], None] | None = None,
+        refuse_abstract: bool = False,
     ) -> None:
         self.allowed = [os.path.realpath(r) for r in allowed_roots]
+        # Where the sandbox shares the host's network namespace, an abstract
+        # address may be a host service's: the broker, outside the sandbox's
+        # Landlock domain, cannot tell (Landlock's scope, which refuses
+        # those, does not hold for connects made on the sandbox's behalf).
+        self.refuse_abstract = refuse_abstract
+        self.pool = _Pool(self.MAX_THREADS)
+        self.prune_at = 64
         self.denied: list[dict[str, object]] = []
         # Where the processes are found: "/proc" of this process's view, or
         # (for the fork server's helper, outside the sandbox's pid
@@ -90,9 +207,14 @@ class ConnectBroker:
         args: tuple[int, ...],
         respond: Callable[[int, int], None],
     ) -> None:
-        # The low-level module: importing ``threading`` would register an
-        # at-fork hook in the fork server that makes every fork ~0.25 ms slower.
-        _thread.start_new_thread(self._run, (listener_fd, nid, pid, args, respond))
+        if not self.pool.submit(self._run, (listener_fd, nid, pid, args, respond)):
+            respond(nid, 11)  # EAGAIN: no thread to make the call on
+            return
+        if len(self.pool.jobs) >= self.prune_at:
+            # Calls interrupted meanwhile are notified again when restarted:
+            # the old notifications need no answer.
+            self.pool.prune(lambda job: _valid(job[0], job[1]))
+            self.prune_at = max(64, 2 * len(self.pool.jobs))
 
     def _run(
         self,
@@ -112,25 +234,46 @@ class ConnectBroker:
 
     def _connect(self, listener_fd: int, nid: int, pid: int, args: tuple[int, ...]) -> int:
         fd, addr_ptr, addr_len = args[0] & 0xFFFFFFFF, args[1], args[2] & 0xFFFFFFFF
-        if addr_len > 4096 or addr_ptr == 0:
-            return 22  # EINVAL (EFAULT for NULL: close enough, the kernel says EFAULT)
-        with open(self._proc(f"{pid}/mem"), "rb", buffering=0) as mem:
-            mem.seek(addr_ptr)
-            addr = mem.read(addr_len)
-        # The pid could have been reused between the notification and here.
-        fcntl.ioctl(listener_fd, SECCOMP_IOCTL_NOTIF_ID_VALID, struct.pack("=Q", nid))
-        sock = _pidfd_getfd(pid, fd)
+        if addr_len > 4096:
+            return 22  # EINVAL, as the kernel answers past a sockaddr_storage
+        if addr_ptr >= 1 << 63:
+            return 14  # EFAULT (no process has that address: pread could not take it)
+        # The task is pinned (a pidfd, its memory open), then checked to be
+        # the one that made the call: its pid may have been reused since.
+        pidfd = _pidfd_open(pid, self._proc(f"{pid}/status"))
         try:
-            family = socks.Socket(fileno=os.dup(sock)).getsockopt(socks.SOL_SOCKET, SO_DOMAIN)
-        except OSError:
-            os.close(sock)
-            raise
+            mem = os.open(self._proc(f"{pid}/mem"), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fcntl.ioctl(listener_fd, SECCOMP_IOCTL_NOTIF_ID_VALID, struct.pack("=Q", nid))
+                addr = os.pread(mem, addr_len, addr_ptr)
+            except OSError as exc:
+                if exc.errno == 5:  # EIO: nothing mapped there
+                    return 14  # EFAULT, the kernel's answer
+                raise
+            finally:
+                os.close(mem)
+            if len(addr) < addr_len:
+                return 14  # (the rest is unmapped)
+            sock = _pidfd_getfd(pidfd, fd)
+        finally:
+            os.close(pidfd)
         try:
-            if family == socks.AF_UNIX and len(addr) > 2 and addr[2:3] not in (b"\0", b""):
-                return self._connect_path(sock, pid, addr)
+            family = _family(sock)
+            if family == socks.AF_UNIX and len(addr) > 2:
+                if addr[2:3] not in (b"\0", b""):
+                    return self._connect_path(sock, pid, addr)
+                if addr[2:3] == b"\0" and self.refuse_abstract:
+                    return self._refuse({"path": "@" + addr[3:].decode(errors="replace")}, pid, 1)
             return self._raw_connect(sock, addr)
         finally:
             os.close(sock)
+
+    def _refuse(self, entry: dict[str, object], pid: int, err: int) -> int:
+        entry["pid"] = pid
+        self.denied.append(entry)
+        if self.on_denied is not None:
+            self.on_denied(entry)
+        return err
 
     def _connect_path(self, sock: int, pid: int, addr: bytes) -> int:
         raw = addr[2:].split(b"\0", 1)[0]
@@ -147,11 +290,7 @@ class ConnectBroker:
         try:
             real = os.readlink(self._proc(f"self/fd/{pin}"))
             if not _under(real, self.allowed):
-                entry: dict[str, object] = {"path": real, "pid": pid}
-                self.denied.append(entry)
-                if self.on_denied is not None:
-                    self.on_denied(entry)
-                return 13  # EACCES, as for a socket without write permission
+                return self._refuse({"path": real}, pid, 13)  # EACCES, as without write permission
             target = self._proc(f"self/fd/{pin}").encode()
             return self._raw_connect(sock, struct.pack("=H", socks.AF_UNIX) + target + b"\0")
         finally:
