@@ -297,3 +297,15 @@ def test_a_setup_error_names_the_call_only_when_there_is_one(
     )
     assert str(exc) == f"sandbox setup failed at step 'prepare': {shown}"
     assert (exc.syscall, exc.errno) == (syscall, errno_)
+
+
+def test_resolve_pins_name_host_names() -> None:
+    """A pin's key must be a host name: an IP address or a malformed name
+    was accepted and never matched anything."""
+    from nanobox import Network
+
+    for bad in ("1.2.3.4", "[::1]", "bad name", "a..b", ""):
+        with pytest.raises(nanobox.PolicyError) as info:
+            Network.allow("x.test", resolve={bad: "127.0.0.1"})
+        assert info.value.field == f"network.resolve.{bad}", info.value
+    assert Network.allow("x.test", resolve={"bücher.test": "127.0.0.1"}).resolve

@@ -265,6 +265,8 @@ class Network:
             )
         if self.resolve:
             import ipaddress
+
+            from .net.rules import canonical_host
         for name, addr in self.resolve.items():
             try:
                 ipaddress.ip_address(addr)
@@ -272,6 +274,14 @@ class Network:
                 raise PolicyError(
                     f"network.resolve.{name}", f"{addr!r} is not an IP address"
                 ) from None
+            try:
+                canon = canonical_host(name)
+            except ValueError as exc:
+                raise PolicyError(f"network.resolve.{name}", f"not a host name: {exc}") from None
+            if not isinstance(canon, str):
+                raise PolicyError(
+                    f"network.resolve.{name}", "expected a host name, not an IP address"
+                )
         _set(self, "resolve", dict(self.resolve))
         if self.mode not in ("none", "allowlist", "host"):
             raise PolicyError(

@@ -30,6 +30,7 @@ from _net_support import (
     free_port,
     http_connect,
     http_handler,
+    listening_socket,
     open_fds,
     pattern,
     proxy_harness,
@@ -940,3 +941,132 @@ def test_200mb_through_connect_socks_and_http(bulk_server, http_server, capsys):
         print()
         for label, rate in rates.items():
             print(f"    {label:<18} {rate:8.0f} MB/s")
+
+
+def test_connection_cap_is_per_run():
+    """``max_connections`` holds for each run: one run holding all of its
+    connections (a client that trickles bytes) refused every other run of
+    the same Sandbox, which shares the proxy."""
+    with ThreadServer(silent_handler) as silent, proxy_harness(max_connections=2) as h:
+        held = [http_connect(h.http_port, f"allowed.test:{silent.port}")[0] for _ in range(2)]
+        other_http, other_socks = listening_socket(), listening_socket()
+        h.thread.add_run("run-2", other_http, other_socks)
+        sock, status, _ = http_connect(other_http.getsockname()[1], f"allowed.test:{silent.port}")
+        assert status == 200
+        sock.close()
+        sock, status, body = http_connect(h.http_port, f"allowed.test:{silent.port}")
+        sock.close()
+        assert status == 503 and b"connection limit (2) reached" in body
+        for s in held:
+            s.close()
+        assert h.thread.finish_run("run-2")["denied"] == 0
+        assert h.finish()["denied"] == 1
+
+
+def test_all_runs_together_keep_to_a_share_of_the_descriptors():
+    """The proxy lives in its caller's process: its connections (up to six
+    descriptors each) are capped at half the process's soft limit, so a
+    run's tunnels cannot leave the caller's own code with EMFILE (250
+    tunnels did under the usual 1024)."""
+    import resource
+
+    from nanobox.net import proxy as proxy_mod
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        assert proxy_mod._fd_budget() == 1024 // 2 // 6
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with ThreadServer(silent_handler) as silent, proxy_harness() as h:
+        h.thread.proxy._fd_budget = 2
+        held = [http_connect(h.http_port, f"allowed.test:{silent.port}")[0] for _ in range(2)]
+        other_http, other_socks = listening_socket(), listening_socket()
+        h.thread.add_run("run-2", other_http, other_socks)
+        sock, status, body = http_connect(
+            other_http.getsockname()[1], f"allowed.test:{silent.port}"
+        )
+        sock.close()
+        assert status == 503 and b"share of descriptors (2 connections)" in body
+        for s in held:
+            s.close()
+        h.thread.finish_run("run-2")
+
+
+@pytest.mark.parametrize("kind", ["http", "socks5"])
+def test_a_request_head_that_trickles_in_is_cut_off(kind, monkeypatch):
+    """A byte a second kept a connection (and its slot) open for ever: the
+    idle timeout sees traffic. Now the head, or the SOCKS handshake, must
+    come whole within its deadline (60 s; 0.5 s here)."""
+    from nanobox.net import proxy as proxy_mod
+
+    monkeypatch.setattr(proxy_mod, "_HEAD_TIMEOUT", 0.5)
+    with proxy_harness(idle_timeout=30) as h:
+        sock = connect(h.http_port if kind == "http" else h.socks_port)
+        greeting = b"\x05\xff" + bytes(255)  # (255 methods offered)
+        trickle = b"GET http://allowed.test/ HTTP/1.1\r\n" if kind == "http" else greeting
+        start = time.monotonic()
+        closed = False
+        for byte in trickle:
+            try:
+                sock.sendall(bytes([byte]))
+                sock.settimeout(0.1)
+                if sock.recv(1) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = True
+                break
+        sock.close()
+        assert closed and time.monotonic() - start < 3, time.monotonic() - start
+
+
+def test_a_kept_alive_connection_may_wait_between_requests_until_the_deadline(http_server):
+    """The deadline is for each head, counted from the end of the last
+    response: a second request right after the first is served."""
+    with proxy_harness() as h:
+        sock = connect(h.http_port)
+        for _ in range(2):
+            sock.sendall(
+                f"GET http://allowed.test:{http_server.port}/x HTTP/1.1\r\n"
+                f"Host: allowed.test:{http_server.port}\r\n\r\n".encode()
+            )
+            status, headers, rest = read_head(sock)
+            assert status == 200
+            length = int(headers.get("content-length", "0"))
+            recv_exact(sock, length - len(rest)) if length > len(rest) else b""
+        sock.close()
+
+
+def test_denied_destinations_stay_short_and_unambiguous():
+    """A host that is no host is cut to 255 characters (50 such made a 9 MB
+    result), IPv6 is bracketed (``::1:80`` read either way), and past 50
+    destinations the rest are counted together, not dropped unseen."""
+    with proxy_harness(allow=("allowed.test",)) as h:
+        sock, status, _ = http_connect(h.http_port, "[::1]:81")
+        sock.close()
+        assert status == 403
+        for i in range(52):
+            sock = connect(h.http_port)
+            host = f"n{i:02d}" + "a" * 60000 + ".invalid"
+            sock.sendall(f"GET http://{host}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            read_head(sock)
+            sock.close()
+        listed = h.finish()["denied_destinations"]
+    assert "[::1]:81" in listed
+    assert all(len(k) < 300 for k in listed), [len(k) for k in listed]
+    assert listed.get("(other destinations)") == 3, list(listed)[-3:]
+    assert len(listed) == 51
+
+
+def test_pinned_international_names_are_found_in_any_spelling():
+    """``resolve`` pins were looked up by the name as typed: a pin for
+    ``bücher.test`` missed the ``xn--bcher-kva.test`` clients send, and the
+    name went to the system's DNS."""
+    from nanobox.net.proxy import static_resolver
+
+    resolve = static_resolver({"Bücher.Test.": ["127.0.0.9"]})
+    for spelling in ("xn--bcher-kva.test", "bücher.test", "XN--BCHER-KVA.TEST."):
+        assert asyncio.run(resolve(spelling)) == ["127.0.0.9"], spelling

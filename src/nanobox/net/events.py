@@ -13,6 +13,7 @@ __all__ = ["ConnectionEvent", "NetStats", "Protocol"]
 Protocol = Literal["http", "connect", "socks5"]
 
 _MAX_DENIED_LISTED = 50
+OTHER_DESTINATIONS = "(other destinations)"
 
 
 @dataclass(frozen=True)
@@ -62,17 +63,19 @@ class NetStats:
 
     def note_denied(self, destination: str) -> None:
         self.denied += 1
-        if destination in self.denied_destinations or (
-            len(self.denied_destinations) < _MAX_DENIED_LISTED
-        ):
-            self.denied_destinations[destination] = self.denied_destinations.get(destination, 0) + 1
+        listed = self.denied_destinations
+        if destination not in listed and len(listed) >= _MAX_DENIED_LISTED:
+            # Past the first 50, counted together: the total says how many
+            # calls were refused, and this key that others were.
+            destination = OTHER_DESTINATIONS
+        listed[destination] = listed.get(destination, 0) + 1
 
     def summary(self, active: int = 0) -> dict[str, Any]:
         """The network part of a run result: ``allowed``, ``denied``,
         ``failed`` (allowed but the upstream could not be reached),
         ``bytes_up``, ``bytes_down``, ``active`` (connections still open when
         the run stopped) and ``denied_destinations`` (``host:port`` -> count,
-        at most 50 entries)."""
+        at most 50 entries, then ``(other destinations)`` for the rest)."""
         return {
             "connections": self.allowed + self.denied,
             "allowed": self.allowed,

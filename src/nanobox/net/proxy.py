@@ -111,15 +111,45 @@ def static_resolver(hosts: Mapping[str, Sequence[str]]) -> Resolver:
     """A resolver that answers names in ``hosts`` itself (like ``curl
     --resolve`` or an ``/etc/hosts`` entry for this proxy only) and asks the
     system for the rest. The answers still go through every check."""
-    table = {name.lower().rstrip("."): list(addrs) for name, addrs in hosts.items()}
+    table: dict[str, list[str]] = {}
+    for name, addrs in hosts.items():
+        key = canonical_host(name)  # (as the names asked for are: IDNA, lower case)
+        table[str(key)] = list(addrs)
 
     async def resolve(host: str) -> Sequence[str]:
-        found = table.get(host.lower().rstrip("."))
+        try:
+            found = table.get(str(canonical_host(host)))
+        except ValueError:
+            found = None
         if found is not None:
             return found
         return await _default_resolver(host)
 
     return resolve
+
+
+_FDS_PER_CONNECTION = 6  # the client's socket, the upstream's, a splice pipe each way
+_HEAD_TIMEOUT = 60.0  # for a request head (each, on a kept-alive connection) or a SOCKS handshake
+
+
+def _fd_budget() -> int:
+    """How many connections the proxy takes at once in this process, all
+    runs together: half the process's descriptors (its soft limit), the
+    other half left to the code it shares the process with."""
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(16, soft // 2 // _FDS_PER_CONNECTION)
+
+
+def _shown_host(flow: _Flow) -> str:
+    """The destination as results show it: IPv6 in brackets, and a host that
+    was no host cut to 255 characters."""
+    if flow.canon is not None:
+        return format_host(flow.canon)
+    return flow.host if len(flow.host) <= 255 else flow.host[:255] + "..."
 
 
 def _uncancel() -> None:
@@ -145,7 +175,7 @@ class _Closed(Exception):
 class _Watchdog:
     """Cancels a task after ``timeout`` seconds without I/O (``touch``)."""
 
-    __slots__ = ("expired", "handle", "last", "loop", "paused", "task", "timeout")
+    __slots__ = ("expired", "handle", "head_by", "last", "loop", "paused", "task", "timeout")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         self.loop = loop
@@ -155,6 +185,10 @@ class _Watchdog:
         self.handle: asyncio.TimerHandle | None = None
         self.expired = False
         self.paused = False
+        # While a request head or a SOCKS handshake is awaited: when it must
+        # have come, however the bytes trickle in (a client sending one byte
+        # a second kept its connection, and its slot, for ever).
+        self.head_by: float | None = None
 
     def start(self, task: asyncio.Task[Any]) -> None:
         self.task = task
@@ -163,8 +197,24 @@ class _Watchdog:
     def touch(self) -> None:
         self.last = self.loop.time()
 
+    def await_head(self, within: float | None) -> None:
+        """Start (``within`` seconds) or end (None) the wait for a head."""
+        if within is None:
+            self.head_by = None
+            return
+        self.head_by = head_by = self.loop.time() + within
+        if self.handle is not None and self.handle.when() > head_by:
+            self.handle.cancel()
+            self.handle = self.loop.call_at(head_by, self._fire)
+
     def _fire(self) -> None:
-        remaining = self.last + self.timeout - self.loop.time()
+        now = self.loop.time()
+        remaining = self.last + self.timeout - now
+        if self.head_by is not None and not self.paused:
+            if now >= self.head_by:
+                remaining = 0.0
+            else:
+                remaining = min(remaining, self.head_by - now)
         if self.paused or remaining > 0:
             delay = self.timeout if self.paused else remaining
             self.handle = self.loop.call_later(delay, self._fire)
@@ -693,6 +743,7 @@ class Proxy:
         self._runs: dict[str, _Run] = {}
         self._active = 0
         self._closed = False
+        self._fd_budget = _fd_budget()
 
     # -- runs
 
@@ -831,8 +882,15 @@ class Proxy:
                 loop.remove_reader(listener.fileno())
                 return
             sock.setblocking(False)
-            if self._active >= self.max_connections:
-                self._refuse_busy(run, sock, kind)
+            if len(run.tasks) >= self.max_connections:
+                self._refuse_busy(run, sock, kind, f"connection limit ({self.max_connections})")
+                continue
+            if self._active >= self._fd_budget:
+                # Each connection holds up to _FDS_PER_CONNECTION fds of the
+                # process the proxy shares with its caller: a run's tunnels
+                # took them all (EMFILE in the caller's own code).
+                limit = f"the process's share of descriptors ({self._fd_budget} connections)"
+                self._refuse_busy(run, sock, kind, limit)
                 continue
             self._active += 1
             try:
@@ -859,8 +917,10 @@ class Proxy:
         sock.close()
         self._active -= 1
 
-    def _refuse_busy(self, run: _Run, sock: socket.socket, kind: Literal["http", "socks5"]) -> None:
-        reason = f"connection limit ({self.max_connections}) reached"
+    def _refuse_busy(
+        self, run: _Run, sock: socket.socket, kind: Literal["http", "socks5"], limit: str
+    ) -> None:
+        reason = f"{limit} reached"
         flow = _Flow(run, "http" if kind == "http" else "socks5", "", 0, None)
         flow.allowed = False
         flow.reason = reason
@@ -970,7 +1030,7 @@ class Proxy:
             flow.reason = reason
         flow.status = flow.fail_status("denied")
         if not flow.run.closed:
-            where = f"{flow.host}:{flow.port}" if flow.port else "(invalid request)"
+            where = f"{_shown_host(flow)}:{flow.port}" if flow.port else "(invalid request)"
             flow.run.stats.note_denied(where)
 
     def _upstream_failed(self, flow: _Flow, kind: str, message: str) -> None:
@@ -1009,7 +1069,8 @@ class Proxy:
         try:
             canon = canonical_host(raw_host) if isinstance(raw_host, str) else raw_host
         except ValueError as exc:
-            self._deny(flow, None, f"invalid host: {exc}")
+            flow.host = _shown_host(flow)
+            self._deny(flow, None, f"invalid host: {str(exc)[:300]}")
             return None
         flow.canon = canon
         flow.host = str(canon)
@@ -1179,6 +1240,7 @@ class Proxy:
 
     async def _serve_socks(self, conn: _Conn) -> None:
         hs = socks5.Socks5Server()
+        conn.watchdog.await_head(_HEAD_TIMEOUT)
         try:
             while True:
                 event = hs.next_event()
@@ -1193,6 +1255,7 @@ class Proxy:
                         return
                 else:
                     request = event
+                    conn.watchdog.await_head(None)
                     break
         except socks5.Socks5Error as exc:
             if exc.reply is not None:
@@ -1243,6 +1306,7 @@ class Proxy:
 
         h = client_side()
         while True:
+            conn.watchdog.await_head(_HEAD_TIMEOUT)
             try:
                 event = await self._h11_next(conn, h)
             except h11.RemoteProtocolError as exc:
@@ -1256,6 +1320,7 @@ class Proxy:
                 return
             if not isinstance(event, h11.Request):
                 return  # ConnectionClosed (or a client that broke the protocol)
+            conn.watchdog.await_head(None)
             method = event.method.decode("ascii")
             target_text = event.target.decode("ascii", "replace")
             try:
