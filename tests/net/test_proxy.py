@@ -1070,3 +1070,16 @@ def test_pinned_international_names_are_found_in_any_spelling():
     resolve = static_resolver({"Bücher.Test.": ["127.0.0.9"]})
     for spelling in ("xn--bcher-kva.test", "bücher.test", "XN--BCHER-KVA.TEST."):
         assert asyncio.run(resolve(spelling)) == ["127.0.0.9"], spelling
+
+
+def test_a_socks_ipv4_mapped_address_is_reported_as_ipv4(echo_server):
+    """A SOCKS request for ``::ffff:127.0.0.1`` (IPv6 address type) is the
+    IPv4 address, as over HTTP: it was reported as ``::ffff:7f00:1``."""
+    with proxy_harness(allow=("allowed.test",)) as h:
+        sock, reply = socks_connect(
+            h.socks_port, ipaddress.IPv6Address("::ffff:127.0.0.1"), echo_server.port
+        )
+        sock.close()
+        assert reply == 2  # (not allowed by a rule)
+        listed = h.finish()["denied_destinations"]
+    assert list(listed) == [f"127.0.0.1:{echo_server.port}"], listed

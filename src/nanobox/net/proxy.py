@@ -56,7 +56,15 @@ from nanobox.net.http import (
     raw_body_length,
     upstream_side,
 )
-from nanobox.net.rules import Decision, Host, IPAddress, Ruleset, canonical_host, format_host
+from nanobox.net.rules import (
+    Decision,
+    Host,
+    IPAddress,
+    Ruleset,
+    canonical_host,
+    format_host,
+    unmap,
+)
 
 if TYPE_CHECKING:
     import h11
@@ -1067,7 +1075,7 @@ class Proxy:
         """Check ``flow``'s destination and connect. ``None`` when refused or
         failed (the flow then says why and what to answer)."""
         try:
-            canon = canonical_host(raw_host) if isinstance(raw_host, str) else raw_host
+            canon = canonical_host(raw_host) if isinstance(raw_host, str) else unmap(raw_host)
         except ValueError as exc:
             flow.host = _shown_host(flow)
             self._deny(flow, None, f"invalid host: {str(exc)[:300]}")
