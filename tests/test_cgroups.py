@@ -169,6 +169,17 @@ def test_cpu_time_limit_counts_children(workspace: Path, cbin: Path) -> None:
     assert 1.0 <= r.cpu_time_s <= (2.0 if SLOW else 1.3), (r.cpu_time_s, r.degraded)
 
 
+def test_cpu_time_limit_counts_children_reaped_unwaited(workspace: Path) -> None:
+    """Children of a parent that ignores SIGCHLD are reaped by the kernel,
+    their CPU added to no one's: the cgroup counts them all the same
+    (without one the run went on past its limit: test_cgroups_fallback)."""
+    from test_cgroups_fallback import UNWAITED_CHILDREN
+
+    r = nanobox.run([SPY, "-c", UNWAITED_CHILDREN], policy=limits(cpu_time="0.5s"), timeout=30)
+    assert r.outcome is nanobox.Outcome.CPU_LIMIT, r
+    assert 0.5 <= r.cpu_time_s <= (1.5 if SLOW else 0.8), r.cpu_time_s
+
+
 JOIN = """
 import sys
 from nanobox._linux import cgroups

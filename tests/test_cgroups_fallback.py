@@ -62,6 +62,35 @@ def test_cpus_degraded_is_listed(no_cgroups: None, workspace: Path) -> None:
     assert r.returncode == 0 and any(d.startswith("cpus: not enforced") for d in r.degraded)
 
 
+UNWAITED_CHILDREN = """
+import os, signal, time
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps them: no one waits
+for _ in range(60):
+    if os.fork() == 0:
+        end = time.process_time() + 0.03
+        while time.process_time() < end:
+            pass
+        os._exit(0)
+    time.sleep(0.035)
+"""
+
+
+def test_cpu_time_refused_without_a_cgroup_unless_degraded(
+    no_cgroups: None, workspace: Path
+) -> None:
+    """Polling the process tree misses the CPU of processes reaped unwaited
+    (children of a parent that ignores SIGCHLD): here 1.8 s under a 0.5 s
+    limit, reported as a run that ended by itself. So without a cgroup the
+    limit is refused, as the memory limit is, unless degraded mode is
+    allowed, and then ``degraded`` says what is missing. (With a cgroup the
+    same run is stopped: test_cgroups.)"""
+    with pytest.raises(nanobox.UnsupportedError, match=r"cpu_time limit.*no usable cgroup"):
+        nanobox.run(["true"], policy=_policy(False, cpu_time="0.5s"))
+    r = nanobox.run([SPY, "-c", UNWAITED_CHILDREN], policy=_policy(True, cpu_time="0.5s"))
+    assert [d for d in r.degraded if d.startswith("cpu_time: ")], r.degraded
+    assert r.outcome is nanobox.Outcome.EXITED and r.cpu_time_s < 0.5, r  # (the gap)
+
+
 def test_accounting_without_cgroups_uses_rusage(no_cgroups: None, workspace: Path) -> None:
     r = nanobox.run([SPY, "-c", "x = 0\nfor i in range(3 * 10**6): x += i"])
     assert r.cpu_time_s > 0.05 and r.peak_memory_bytes > 0 and r.degraded == ()
@@ -97,7 +126,7 @@ def test_cpu_limit_counts_orphans_that_exited(no_cgroups: None, workspace: Path)
     the orphans it adopts, so the CPU they used shows as its children's,
     and short-lived ones cannot run past the limit (the kernel reaped them,
     and this used 1 s of CPU under a 0.5 s limit and reported 0.05 s)."""
-    policy = _policy(False, cpu_time="0.5s")
+    policy = _policy(True, cpu_time="0.5s")
     r = nanobox.run([SPY, "-c", SHORT_LIVED_ORPHANS], policy=policy, timeout=30)
     assert r.outcome is nanobox.Outcome.CPU_LIMIT, r
     assert 0.5 <= r.cpu_time_s < 1.0, r.cpu_time_s
@@ -114,7 +143,7 @@ def test_orphans_are_reaped_with_or_without_a_cpu_limit(
         "for i in $(seq 30); do ( true & ) ; done; sleep 0.5; "
         "for f in /proc/[0-9]*/stat; do read -r _ _ state _ < $f; echo $state; done | grep -c Z"
     )
-    r = nanobox.run(["sh", "-c", script], timeout=30, policy=_policy(False, cpu_time=cpu_time))
+    r = nanobox.run(["sh", "-c", script], timeout=30, policy=_policy(True, cpu_time=cpu_time))
     assert r.stdout.strip() == b"0", r
 
 

@@ -133,7 +133,8 @@ def test_cpu_time_limit_counts_children(workspace: Path) -> None:
         "        while True: pass\n"
         "os.wait(); os.wait()\n"
     )
-    policy = nanobox.Policy(limits=nanobox.Limits(cpu_time="1s"))
+    # (degraded allowed: without a cgroup the process tree is polled instead)
+    policy = nanobox.Policy(limits=nanobox.Limits(cpu_time="1s"), allow_degraded=True)
     r = nanobox.run([SPY, "-c", code], policy=policy, timeout=30)
     assert r.outcome is nanobox.Outcome.CPU_LIMIT
     assert 1.0 <= r.cpu_time_s < 2.0, r.cpu_time_s
@@ -191,7 +192,7 @@ def test_cpu_time_limit_counts_short_lived_orphans(workspace: Path) -> None:
     count (with a cgroup, or as zombies until the run ends without one)."""
     from test_cgroups_fallback import SHORT_LIVED_ORPHANS
 
-    policy = nanobox.Policy(limits=nanobox.Limits(cpu_time="0.5s"))
+    policy = nanobox.Policy(limits=nanobox.Limits(cpu_time="0.5s"), allow_degraded=True)
     r = nanobox.run([SPY, "-c", SHORT_LIVED_ORPHANS], policy=policy, timeout=30)
     assert r.outcome is nanobox.Outcome.CPU_LIMIT, r
     assert 0.5 <= r.cpu_time_s < 1.0, r.cpu_time_s
@@ -236,7 +237,9 @@ def test_the_largest_limits_a_policy_takes_are_enforceable(workspace: Path) -> N
         open_files=policy.MAX_COUNT,
         output=policy.MAX_SIZE,
     )
-    r = nanobox.Sandbox(nanobox.Policy(limits=lim)).run(["sh", "-c", "ulimit -t"])
+    r = nanobox.Sandbox(nanobox.Policy(limits=lim, allow_degraded=True)).run(
+        ["sh", "-c", "ulimit -t"]
+    )
     # (RLIMIT_CPU: the limit plus the CPU nanobox used in the process before
     # the command, rounded up to a second: ``child.cpu_rlimit``.)
     assert r.returncode == 0 and r.stdout in (b"1000000000\n", b"1000000001\n"), r

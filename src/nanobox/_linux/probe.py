@@ -155,7 +155,11 @@ def _cgroups() -> dict[str, Any]:
     try:
         placement = cgroups.place(layout)
     except (cgroups.CgroupUnavailable, OSError) as exc:
-        info.update(available=False, detail=f"{layout.kind} layout; not usable: {exc}")
+        info.update(
+            available=False,
+            detail=f"{layout.kind} layout; not usable: {exc} (the memory, pids, cpus and "
+            "cpu_time limits need one: refused, or weaker with --allow-degraded)",
+        )
         return info
     removed = cgroups.sweep(placement)
     where = ", ".join(sorted(set(placement.bases.values())))
