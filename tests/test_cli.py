@@ -289,6 +289,23 @@ def test_links_planted_at_every_temporary_name_are_not_followed(
     assert _result(workspace / "r.json")["outcome"] == "exited"
 
 
+def test_a_result_name_the_command_made_a_directory_keeps_the_record(workspace: Path) -> None:
+    """The command makes the result's name a directory: the record cannot
+    go there, but it is kept beside it (it was lost) and the message says
+    where; exit 125."""
+    p = nanobox_cli("run", "--result", "r.json", "--", "sh", "-c", "mkdir -p r.json/x; exit 3")
+    assert p.returncode == 125, p
+    kept = [x for x in workspace.iterdir() if x.name.startswith(".nanobox-result.")]
+    assert len(kept) == 1, list(workspace.iterdir())
+    assert p.stderr == (
+        b"nanobox: error: --result: cannot write 'r.json': Is a directory; the result is in "
+        + repr(kept[0].name).encode()
+        + b"\n"
+    )
+    data = json.loads(kept[0].read_text())
+    assert (data["outcome"], data["exit_code"]) == ("exited", 3)
+
+
 def test_a_result_directory_moved_during_the_run_is_not_written(workspace: Path) -> None:
     """The command moves the result's directory away and leaves another,
     with a forged record, in its place: the CLI writes neither, says so and

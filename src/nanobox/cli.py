@@ -572,7 +572,18 @@ class _ResultFile:
                     write_all(out, text)
                 finally:
                     os.close(out)
-                os.replace(tmp, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+                try:
+                    os.replace(tmp, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+                except OSError as exc:
+                    # (the command made the name a directory, say): the
+                    # record is kept under its temporary name, not lost
+                    kept = os.path.join(os.path.dirname(self.path), tmp)
+                    tmp = ""
+                    _say(
+                        f"nanobox: error: --result: cannot write {self.path!r}: "
+                        f"{exc.strerror}; the result is in {kept!r}\n"
+                    )
+                    return False
                 tmp = ""
         except OSError as exc:
             _say(f"nanobox: error: --result: cannot write {self.path!r}: {exc.strerror}\n")
