@@ -14,7 +14,10 @@ start-up is not in the number; the ratio to "direct" is the slow-down of the wor
 - ``getppid``: 300 000 ``getppid()`` calls (the seccomp filter runs on
   every one; "nanobox, no seccomp" isolates its share);
 - ``stat``: 100 000 ``stat("/usr/bin")`` (path walks in the sandbox's
-  mount namespace, Landlock).
+  mount namespace, Landlock);
+- ``connect``: 2 000 TCP connections to a listener of its own on loopback
+  (every ``connect()`` in a sandbox is made by nanobox's connect helper, a
+  seccomp notification each: see ``_linux/unixconnect.py``).
 
 R rounds, the variants in alternating order; median of the work times.
 
@@ -65,9 +68,23 @@ WORKLOADS = {
     for _ in range({n}):
         os.stat("/usr/bin")
 """,
+    "connect": """
+    import socket
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    where = srv.getsockname()
+    for _ in range({n}):
+        c = socket.socket()
+        c.connect(where)
+        a, _ = srv.accept()
+        a.close()
+        c.close()
+    srv.close()
+""",
 }
-SIZES = {"cpu": 2_000_000, "alloc": 4, "getppid": 300_000, "stat": 100_000}
-QUICK_SIZES = {"cpu": 200_000, "alloc": 1, "getppid": 30_000, "stat": 10_000}
+SIZES = {"cpu": 2_000_000, "alloc": 4, "getppid": 300_000, "stat": 100_000, "connect": 2000}
+QUICK_SIZES = {"cpu": 200_000, "alloc": 1, "getppid": 30_000, "stat": 10_000, "connect": 200}
 
 
 def measure(rounds: int, quick: bool) -> dict[str, Any]:
