@@ -399,6 +399,29 @@ def test_output_that_cannot_be_written_kills_the_run_and_keeps_the_record(
     assert p.returncode == 1 and b"File too large" in p.stderr, p
 
 
+def test_output_lost_after_the_command_ended_is_still_in_the_record(
+    workspace: Path, tmp_path: Path
+) -> None:
+    """A short command whose output cannot all be written (it ended before
+    the CLI wrote it): the record says so too (it said a clean exit while
+    the CLI exited 125), and the run is not said to be killed."""
+    res, out = tmp_path / "r.json", tmp_path / "out"
+    cmd = [sys.executable, "-m", "nanobox", "run", "--result", str(res), "--"]
+    with out.open("wb") as f:
+        p = subprocess.run(
+            [*cmd, "head", "-c", "300000", "/dev/zero"],
+            stdout=f,
+            stderr=subprocess.PIPE,
+            preexec_fn=lambda: _file_size_limit(8192),
+        )
+    assert p.returncode == 125, p
+    data = _result(res)
+    kinds = [v["kind"] for v in data["violations"]]  # type: ignore[union-attr]
+    assert kinds == ["output_error"], data
+    if data["outcome"] == "exited":  # (as a rule: it ends before its output is written)
+        assert p.stderr == b"nanobox: error: cannot write the command's stdout: File too large\n"
+
+
 def test_all_output_reaches_a_non_blocking_stdout(workspace: Path) -> None:
     """A stdout left non-blocking by whoever started the CLI: the output is
     relayed whole (the buffered stream dropped what did not fit)."""

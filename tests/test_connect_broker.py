@@ -12,6 +12,8 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+
 import nanobox
 from conftest import SPY
 from nanobox._linux.unixconnect import ConnectBroker, _Pool
@@ -193,7 +195,7 @@ def test_host_abstract_sockets_stay_out_of_reach_with_the_host_network(
     try:
         policy = nanobox.Policy(network=nanobox.Network(mode="host"))
         r = nanobox.run([SPY, "-c", ABSTRACT_CONNECT, name], policy=policy, timeout=30)
-        assert r.stdout == b"refused 1\n", (r.stdout, r.stderr)
+        assert r.stdout == b"refused 111\n", (r.stdout, r.stderr)  # ECONNREFUSED
         assert [v.data.get("path") for v in r.violations if v.kind == "unix_socket"] == ["@" + name]
         ctl = subprocess.run([SPY, "-c", ABSTRACT_CONNECT, name], capture_output=True, timeout=30)
         assert ctl.stdout == b"CONNECTED\n", ctl
@@ -213,3 +215,69 @@ def test_abstract_sockets_within_a_sandbox_of_its_own_network(workspace: object)
     sandbox's: connecting to its own works."""
     r = nanobox.run([SPY, "-c", WITHIN], timeout=30)
     assert r.stdout == b"CONNECTED\n", (r.stdout, r.stderr)
+
+
+BLOCKED_CHILDREN = """
+import os, signal, socket, sys, time
+os.chdir("/tmp")
+srv = socket.socket(socket.AF_UNIX); srv.bind("s"); srv.listen(0)
+filler = socket.socket(socket.AF_UNIX); filler.setblocking(False); filler.connect("s")
+kids = []
+for _ in range(20):
+    pid = os.fork()
+    if pid == 0:
+        socket.socket(socket.AF_UNIX).connect("s")  # waits: the backlog is full
+        os._exit(0)
+    kids.append(pid)
+time.sleep(0.5)
+free = socket.socket(); free.bind(("127.0.0.1", 0)); free.listen(1)
+t = time.monotonic()
+socket.socket().connect(free.getsockname())
+print("free %.3f" % (time.monotonic() - t), flush=True)
+for pid in kids:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+print("killed", flush=True)
+time.sleep(1.0)
+"""
+
+
+def _in_connect(root: int) -> int:
+    """Threads below ``root`` blocked in ``connect()`` (x86_64: 42)."""
+    n = 0
+    for pid in _threads_of_descendants(root):
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                if Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()[0] == "42":
+                    n += 1
+            except (OSError, IndexError):
+                pass
+    return n
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="syscall numbers of x86_64")
+def test_connects_whose_callers_are_gone_are_interrupted(workspace: object) -> None:
+    """Twenty children wait in ``connect()`` on a full backlog: an unrelated
+    connect is still answered at once (with 16 threads it waited for ever),
+    and once the children are killed, nanobox's threads that made their
+    connects are interrupted (they stayed blocked, each holding a slot)."""
+    seen: dict[str, int] = {}
+
+    def on_out(data: bytes) -> None:
+        if b"killed" in data:
+            time.sleep(0.6)
+            seen["after"] = _in_connect(os.getpid())
+
+    box = nanobox.Sandbox()
+    try:
+        r = box.run([SPY, "-c", BLOCKED_CHILDREN], timeout=30, on_stdout=on_out)
+    finally:
+        box.close()
+    assert r.returncode == 0, r.stderr
+    took = float(r.stdout.split()[1])
+    assert took < 0.5, r.stdout
+    assert seen == {"after": 0}, seen

@@ -1343,7 +1343,9 @@ libc.connect.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint)
 inet = socket.socket()
 unix = socket.socket(socket.AF_UNIX)
 sin = ctypes.create_string_buffer(struct.pack("=H", socket.AF_INET) + bytes(14))  # port 0
-path = ctypes.create_string_buffer(struct.pack("=H", socket.AF_UNIX) + b"/nonexistent/s\\0")
+path = ctypes.create_string_buffer(
+    struct.pack("=H", socket.AF_UNIX) + b"/nonexistent/s\\0", 200
+)
 r, w = os.pipe()
 calls = {
     "no such fd": (999, sin, 16),
@@ -1355,7 +1357,11 @@ calls = {
     "length 200": (inet.fileno(), sin, 200),
     "length 5000": (inet.fileno(), sin, 5000),
     "short for its family": (inet.fileno(), sin, 8),
-    "no such path": (unix.fileno(), path, len(path.raw) - 1),
+    "no such path": (unix.fileno(), path, 2 + len("/nonexistent/s") + 1),
+    "unix, past sockaddr_un": (unix.fileno(), path, 111),
+    "unix, past sockaddr_storage": (unix.fileno(), path, 129),
+    "past sockaddr_storage": (inet.fileno(), sin, 129),
+    "unix, another family": (unix.fileno(), sin, 16),
 }
 for name, (fd, addr, size) in calls.items():
     ctypes.set_errno(0)

@@ -78,6 +78,7 @@ class RunIO:
         self.proxy_run: str | None = None
         self.interrupted: str | None = None  # the CLI's signal that killed the run
         self.output_error: tuple[str, str, str] | None = None  # (stream, errno name, message)
+        self.output_kill_sent = False
 
     @property
     def done(self) -> bool:
@@ -153,11 +154,13 @@ class RunIO:
 
     def fail_output(self, stream: str, errname: str, message: str) -> None:
         """The caller cannot deliver the command's ``stream`` (its own
-        stdout is on a full disk, say): kill the run, whose result then
-        says why."""
-        if self.output_error is None and self.message is None and not self.chan_closed:
+        stdout is on a full disk, say): kill the run if it still goes on;
+        its result says what was lost either way."""
+        if self.output_error is None:
             self.output_error = (stream, errname, message)
-            self.kill()
+            if self.message is None and not self.chan_closed:
+                self.output_kill_sent = True
+                self.kill()
 
     def kill(self) -> None:
         try:

@@ -404,12 +404,13 @@ class Sandbox:
                     {"signal": io.interrupted},
                 )
             )
-        if io.output_error is not None and sig is not None:
+        if io.output_error is not None:  # (also when the command had ended: output was lost)
             stream, errname, message = io.output_error
+            then = ": the run was killed" if io.output_kill_sent and sig is not None else ""
             violations.append(
                 Violation(
                     "output_error",
-                    f"cannot write the command's {stream}: {message}: the run was killed",
+                    f"cannot write the command's {stream}: {message}{then}",
                     {"stream": stream, "errno": errname},
                 )
             )
@@ -430,10 +431,15 @@ class Sandbox:
                 )
             )
         for ud in msg.get("unix_denied", ()):
+            why = (
+                "a host abstract socket: the sandbox shares the host's network"
+                if ud.get("abstract")
+                else "outside the sandbox's writable places"
+            )
             violations.append(
                 Violation(
                     "unix_socket",
-                    f"connect to {ud['path']} refused (outside the sandbox's writable places)",
+                    f"connect to {ud['path']} refused ({why})",
                     {"path": ud["path"], "pid": ud["pid"]},
                 )
             )

@@ -978,19 +978,19 @@ def test_all_runs_together_keep_to_a_share_of_the_descriptors():
         assert proxy_mod._fd_budget() == 1024 // 2 // 6
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    with ThreadServer(silent_handler) as silent, proxy_harness() as h:
-        h.thread.proxy._fd_budget = 2
-        held = [http_connect(h.http_port, f"allowed.test:{silent.port}")[0] for _ in range(2)]
-        other_http, other_socks = listening_socket(), listening_socket()
-        h.thread.add_run("run-2", other_http, other_socks)
-        sock, status, body = http_connect(
-            other_http.getsockname()[1], f"allowed.test:{silent.port}"
-        )
-        sock.close()
-        assert status == 503 and b"share of descriptors (2 connections)" in body
-        for s in held:
-            s.close()
-        h.thread.finish_run("run-2")
+    # Two proxies (two Sandboxes) of one process share the budget.
+    monkey = proxy_mod._SHARE.budget
+    proxy_mod._SHARE.budget = proxy_mod._SHARE.open + 2
+    try:
+        with ThreadServer(silent_handler) as silent, proxy_harness() as h, proxy_harness() as g:
+            held = [http_connect(h.http_port, f"allowed.test:{silent.port}")[0] for _ in range(2)]
+            sock, status, body = http_connect(g.http_port, f"allowed.test:{silent.port}")
+            sock.close()
+            assert status == 503 and b"share of descriptors" in body
+            for s in held:
+                s.close()
+    finally:
+        proxy_mod._SHARE.budget = monkey
 
 
 @pytest.mark.parametrize("kind", ["http", "socks5"])

@@ -123,6 +123,9 @@ def init_main(
             wait_s = max(0.0, deadline - now)
         if cpu_limit is not None:
             wait_s = CPU_POLL_S if wait_s is None else min(wait_s, CPU_POLL_S)
+        broker = listener.broker if listener is not None else None
+        if broker is not None and broker.cancel_abandoned():  # (connects whose caller gave up)
+            wait_s = 0.05 if wait_s is None else min(wait_s, 0.05)
         events = poller.poll(None if wait_s is None else int(wait_s * 1000) + 1)
         for fd, _ev in events:
             if fd == wake_r:
@@ -146,6 +149,8 @@ def init_main(
                         plan.get("connect_allowed"),
                         shared_net=not plan.get("newnet", True),
                     )
+                    if listener.broker is not None:
+                        listener.broker.install_canceller()
                     poller.register(fds[0], select.POLLIN)
             elif listener is not None and fd == listener.fd:
                 if not listener.handle():

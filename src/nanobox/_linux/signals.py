@@ -28,9 +28,11 @@ SIGHUP: int = _signal.SIGHUP
 SIGPIPE: int = _signal.SIGPIPE
 SIGKILL: int = _signal.SIGKILL
 SIGXCPU: int = _signal.SIGXCPU
+SIGUSR1: int = _signal.SIGUSR1
 
 signal: Callable[[int, Any], Any] = _signal.signal
 getsignal: Callable[[int], Any] = _signal.getsignal
 set_wakeup_fd: Callable[..., int] = _signal.set_wakeup_fd
 pthread_sigmask: Callable[[int, Iterable[int]], set[int]] = _signal.pthread_sigmask
 pidfd_send_signal: Callable[..., None] = _signal.pidfd_send_signal
+pthread_kill: Callable[[int, int], None] = _signal.pthread_kill

@@ -428,8 +428,18 @@ def _helper_main(sock_fd: int, listener_fd: int, run: Run) -> None:
     broker = ConnectBroker(
         run.connect_allowed, proc_fd=proc, on_denied=denied, refuse_abstract=run.shared_net
     )
+    ConnectBroker.install_canceller()
     listener = notify.Listener(listener_fd, {"table": {}, "arch": ""})
+    import select
+
+    wait = select.poll()
+    wait.register(sock_fd, select.POLLIN)
+    busy = False
     while True:
+        # While calls run, look every 50 ms for those whose caller gave up.
+        if not wait.poll(50 if busy else None):
+            busy = broker.cancel_abandoned()
+            continue
         try:
             msg = sock.recv(65536)
         except InterruptedError:
@@ -438,3 +448,4 @@ def _helper_main(sock_fd: int, listener_fd: int, run: Run) -> None:
             os._exit(0)
         nid, pid, args = json.loads(msg)
         broker.handle(listener_fd, nid, pid, tuple(args), listener.respond)
+        busy = broker.cancel_abandoned()

@@ -17,8 +17,8 @@ otherwise the call fails with ``EACCES``. Abstract and unnamed addresses,
 and every other family, are connected as given (the network namespace and
 Landlock's abstract-socket scope isolate those), but for abstract addresses
 where the sandbox shares the host's network namespace: those are refused
-(``EPERM``, as Landlock's scope answers), because a connect made here is
-outside that scope and could reach a host service's socket. Each connect runs on a
+(``ECONNREFUSED``, as Landlock's scope answers), because a connect made here
+is outside that scope and could reach a host service's socket. Each connect runs on a
 worker thread of its own (kept a while for the next), because a blocking
 ``connect`` may take long.
 """
@@ -30,8 +30,9 @@ import ctypes
 import fcntl
 import os
 import struct
+import time
 
-from . import socks
+from . import signals, socks
 
 TYPE_CHECKING = False  # not ``typing``'s: the fork server starts without it
 if TYPE_CHECKING:
@@ -45,6 +46,8 @@ SYS_PIDFD_OPEN = 434
 SYS_PIDFD_GETFD = 438
 SECCOMP_IOCTL_NOTIF_ID_VALID = 0x40082102
 SO_DOMAIN = 39
+_AF_UNIX_BYTES = struct.pack("=H", socks.AF_UNIX)
+_SUN_LEN = 110  # sizeof(struct sockaddr_un)
 
 
 PIDFD_THREAD = os.O_EXCL  # (6.9+: a pidfd of any thread, not only a leader)
@@ -78,6 +81,10 @@ def _pidfd_getfd(pidfd: int, fd: int) -> int:
     return int(got)
 
 
+def _ignore(_signo: int, _frame: object) -> None:
+    pass
+
+
 def _valid(listener_fd: int, nid: int) -> bool:
     """Does notification ``nid`` still wait for its answer?"""
     try:
@@ -101,15 +108,14 @@ def _under(path: str, roots: list[str]) -> bool:
 
 class _Pool:
     """At most ``size`` threads that make calls queued for them, each kept
-    ``IDLE_S`` for the next call. Starting a thread per ``connect()`` was
-    ~60 µs of the ~250 µs a sandboxed ``connect()`` took here; and a
-    command whose connects block (a full backlog), each interrupted by a
-    signal and so notified again, had a thread made for every notification:
-    thousands in seconds, outside its cgroup's pids limit. Calls past
-    ``size`` wait for a thread. Built on ``_thread``: importing
+    ``IDLE_S`` for the next call (a thread per ``connect()`` cost ~60 µs of
+    the ~250 µs a sandboxed ``connect()`` took here). Calls past ``size``
+    wait for a thread. ``running`` says which thread makes which call since
+    when, so that a call whose caller gave up can be interrupted
+    (``ConnectBroker.cancel_abandoned``). Built on ``_thread``: importing
     ``threading`` would register an at-fork hook in the fork server that
-    makes every fork ~0.25 ms slower. An idle thread waits on a lock of its
-    own, so a fork meanwhile copies no lock held."""
+    makes every fork ~0.25 ms slower. (Nothing forks a process that has a
+    pool: the helper and the init never fork once they broker.)"""
 
     IDLE_S = 2.0
 
@@ -118,6 +124,7 @@ class _Pool:
         self.mutex = _thread.allocate_lock()
         self.jobs: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         self.idle: list[_thread.LockType] = []  # a waiting thread's lock, held
+        self.running: dict[int, tuple[tuple[Any, ...], float]] = {}  # thread -> (args, since)
         self.threads = 0
 
     def submit(self, fn: Callable[..., None], args: tuple[Any, ...]) -> bool:
@@ -148,30 +155,47 @@ class _Pool:
             self.jobs = [j for j in self.jobs if keep(j[1])]
 
     def _work(self) -> None:
+        me = _thread.get_ident()
         wake = _thread.allocate_lock()
         wake.acquire()
-        while True:
-            with self.mutex:
-                job = self.jobs.pop(0) if self.jobs else None
-                if job is None:
-                    self.idle.append(wake)
-            if job is not None:
-                fn, args = job
-                fn(*args)  # (``ConnectBroker._run`` raises nothing)
-                continue
-            if not wake.acquire(timeout=self.IDLE_S):
+        try:
+            while True:
                 with self.mutex:
-                    if wake in self.idle:  # (else a call came as the wait ended)
-                        self.idle.remove(wake)
-                        self.threads -= 1
-                        return
-                wake.acquire()  # (released by that call: take it again)
+                    job = self.jobs.pop(0) if self.jobs else None
+                    if job is None:
+                        self.idle.append(wake)
+                    else:
+                        self.running[me] = (job[1], time.monotonic())
+                if job is not None:
+                    try:
+                        job[0](*job[1])
+                    finally:
+                        with self.mutex:
+                            del self.running[me]
+                    continue
+                if not wake.acquire(timeout=self.IDLE_S):
+                    with self.mutex:
+                        if wake in self.idle:  # (else a call came as the wait ended)
+                            self.idle.remove(wake)
+                            self.threads -= 1
+                            return
+                    wake.acquire()  # (released by that call: take it again)
+        except BaseException:  # (MemoryError...): the thread is gone, its slot is not
+            with self.mutex:
+                self.threads -= 1
+            raise
 
 
 class ConnectBroker:
     """Performs the sandbox's ``connect()`` calls (see the module docstring)."""
 
-    MAX_THREADS = 16  # connects made at once for one sandbox; the rest wait
+    # Connects made at once for one sandbox; the rest wait. Those whose
+    # caller has gone (killed, or interrupted by a signal: a restarted call
+    # is a new notification) are interrupted by ``cancel_abandoned``: a
+    # command whose connects block, interrupted every millisecond, had a
+    # thread made for every notification, thousands in seconds.
+    MAX_THREADS = 128
+    CANCEL = signals.SIGUSR1  # (its handler: ``install_canceller``)
 
     def __init__(
         self,
@@ -195,6 +219,29 @@ class ConnectBroker:
         # namespace) an fd of the host's procfs that is also the cwd.
         self.proc_fd = proc_fd
         self.on_denied = on_denied
+
+    @classmethod
+    def install_canceller(cls) -> None:
+        """In the main thread of the process that brokers: a handler for
+        ``CANCEL`` that does nothing, so that the signal only interrupts the
+        worker's blocking call (no ``SA_RESTART``)."""
+        signals.signal(cls.CANCEL, _ignore)
+
+    def cancel_abandoned(self, older_than: float = 0.05) -> bool:
+        """Interrupt the calls, running ``older_than`` seconds or more, whose
+        notification is no longer valid (their caller gave up: a blocking
+        ``connect`` to a full backlog would hold its thread for ever).
+        Returns whether any call is still running or waiting."""
+        pool = self.pool
+        now = time.monotonic()
+        with pool.mutex:
+            for ident, (args, since) in pool.running.items():
+                if now - since >= older_than and not _valid(args[0], args[1]):
+                    try:
+                        signals.pthread_kill(ident, self.CANCEL)
+                    except OSError:
+                        pass
+            return bool(pool.running or pool.jobs)
 
     def _proc(self, rel: str) -> str:
         return rel if self.proc_fd is not None else f"/proc/{rel}"
@@ -234,7 +281,7 @@ class ConnectBroker:
 
     def _connect(self, listener_fd: int, nid: int, pid: int, args: tuple[int, ...]) -> int:
         fd, addr_ptr, addr_len = args[0] & 0xFFFFFFFF, args[1], args[2] & 0xFFFFFFFF
-        if addr_len > 4096:
+        if addr_len > 128:
             return 22  # EINVAL, as the kernel answers past a sockaddr_storage
         if addr_ptr >= 1 << 63:
             return 14  # EFAULT (no process has that address: pread could not take it)
@@ -258,12 +305,21 @@ class ConnectBroker:
         finally:
             os.close(pidfd)
         try:
-            family = _family(sock)
-            if family == socks.AF_UNIX and len(addr) > 2:
-                if addr[2:3] not in (b"\0", b""):
+            # An address the kernel would refuse (another family, a length
+            # outside 3..110, AF_UNSPEC to dissolve a datagram association)
+            # goes to it as it is, for its own answer.
+            if (
+                _family(sock) == socks.AF_UNIX
+                and addr[:2] == _AF_UNIX_BYTES
+                and 2 < len(addr) <= _SUN_LEN
+            ):
+                if addr[2:3] != b"\0":
                     return self._connect_path(sock, pid, addr)
-                if addr[2:3] == b"\0" and self.refuse_abstract:
-                    return self._refuse({"path": "@" + addr[3:].decode(errors="replace")}, pid, 1)
+                if self.refuse_abstract:
+                    name = "@" + addr[3:].decode(errors="replace")
+                    # ECONNREFUSED: what Landlock's scope answers here, and
+                    # what a name no one listens on gets.
+                    return self._refuse({"path": name, "abstract": True}, pid, 111)
             return self._raw_connect(sock, addr)
         finally:
             os.close(sock)

@@ -152,6 +152,32 @@ def _fd_budget() -> int:
     return max(16, soft // 2 // _FDS_PER_CONNECTION)
 
 
+class _Share:
+    """The connections of every proxy in this process (a Sandbox has one
+    each, on a thread of its own), against ``_fd_budget``."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.open = 0
+        self.budget: int | None = None
+
+    def take(self) -> bool:
+        with self.lock:
+            if self.budget is None:
+                self.budget = _fd_budget()
+            if self.open >= self.budget:
+                return False
+            self.open += 1
+            return True
+
+    def give_back(self) -> None:
+        with self.lock:
+            self.open -= 1
+
+
+_SHARE = _Share()
+
+
 def _shown_host(flow: _Flow) -> str:
     """The destination as results show it: IPv6 in brackets, and a host that
     was no host cut to 255 characters."""
@@ -708,7 +734,10 @@ class Proxy:
     ``loop.getaddrinfo``). ``connect_timeout`` bounds name resolution plus
     connecting; ``idle_timeout`` closes connections without traffic (and gives
     504 to an HTTP client still waiting for a response); ``max_connections``
-    caps simultaneous client connections over all runs. ``on_event`` receives
+    caps simultaneous client connections of each run (and all proxies of a
+    process together take at most half of its descriptors: ``_Share``); a
+    client has ``_HEAD_TIMEOUT`` for each request head or SOCKS handshake.
+    ``on_event`` receives
     a :class:`~nanobox.net.events.ConnectionEvent` per connection, on the
     proxy's event loop thread. With ``check_sni``, tunnels to ``tls_ports``
     must start with a TLS ClientHello whose SNI names the requested host
@@ -751,7 +780,6 @@ class Proxy:
         self._runs: dict[str, _Run] = {}
         self._active = 0
         self._closed = False
-        self._fd_budget = _fd_budget()
 
     # -- runs
 
@@ -893,11 +921,11 @@ class Proxy:
             if len(run.tasks) >= self.max_connections:
                 self._refuse_busy(run, sock, kind, f"connection limit ({self.max_connections})")
                 continue
-            if self._active >= self._fd_budget:
+            if not _SHARE.take():
                 # Each connection holds up to _FDS_PER_CONNECTION fds of the
-                # process the proxy shares with its caller: a run's tunnels
-                # took them all (EMFILE in the caller's own code).
-                limit = f"the process's share of descriptors ({self._fd_budget} connections)"
+                # process the proxies share with their caller: a run's
+                # tunnels took them all (EMFILE in the caller's own code).
+                limit = f"the process's share of descriptors ({_SHARE.budget} connections)"
                 self._refuse_busy(run, sock, kind, limit)
                 continue
             self._active += 1
@@ -905,6 +933,7 @@ class Proxy:
                 task = loop.create_task(self._connection(run, sock, kind))
             except BaseException:
                 self._active -= 1
+                _SHARE.give_back()
                 sock.close()
                 raise
             run.tasks.add(task)
@@ -924,6 +953,7 @@ class Proxy:
         run.tasks.discard(task)
         sock.close()
         self._active -= 1
+        _SHARE.give_back()
 
     def _refuse_busy(
         self, run: _Run, sock: socket.socket, kind: Literal["http", "socks5"], limit: str
