@@ -248,3 +248,27 @@ def test_the_largest_limits_a_policy_takes_are_enforceable(workspace: Path) -> N
     if cgroups_usable():
         lim = nanobox.Limits(memory=policy.MAX_SIZE, pids=policy.MAX_PIDS)
         assert nanobox.Sandbox(nanobox.Policy(limits=lim)).run(["true"]).returncode == 0
+
+
+def test_a_run_killed_before_its_command_starts_ends(workspace: Path) -> None:
+    """A timeout (or kill) that comes between the run's start and its
+    command's spawn: the spawn fails in the dead pid namespace (ENOMEM), and
+    stage A reaped PID 1 itself, so the server waited for its exit for ever
+    (a few of every ten such runs hung, with their placeholders and cgroups).
+    Now they end, as killed, without an exec error (it reported 126)."""
+    import threading
+
+    seen: list[tuple[str, int | None, tuple[str, ...]]] = []
+
+    def loop() -> None:
+        for _ in range(100):
+            r = nanobox.run(["true"], timeout=1e-6)
+            seen.append((r.outcome.value, r.returncode, tuple(v.kind for v in r.violations)))
+
+    runner = threading.Thread(target=loop, daemon=True)
+    runner.start()
+    runner.join(90)
+    assert not runner.is_alive(), f"hung after {len(seen)} runs"
+    assert {s[2] for s in seen} == {("timeout",)}, sorted(set(seen))
+    assert {s[1] for s in seen} <= {0, -signal.SIGKILL}, sorted(set(seen))
+    assert sorted(x.name for x in workspace.iterdir()) == []

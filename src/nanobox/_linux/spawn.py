@@ -323,16 +323,18 @@ def _stage_a(
     _build_sandbox(plan, sock, csock_fd, status_w, cmd_r)
 
 
-def _end(pids: tuple[int, ...]) -> None:
+def _end(pids: tuple[int, ...], *, reap: bool = True) -> None:
     """Kill and reap this process's children (PID 1 and the command), so
-    that nothing of the sandbox outlives stage A (and its cgroup can go)."""
+    that nothing of the sandbox outlives stage A (and its cgroup can go).
+    Once the run has started (its "P" line), the server reaps them: it
+    waits for PID 1's exit to end the run (``reap=False``)."""
     for pid in pids:
         if pid > 0:
             try:
                 os.kill(pid, signals.SIGKILL)
             except OSError:
                 pass
-    for pid in pids:
+    for pid in pids if reap else ():
         if pid > 0:
             try:
                 os.waitpid(pid, 0)
@@ -654,8 +656,9 @@ def _build_spawning(
                 os._exit(127 if kind == b"X" else 125)
         except BaseException as exc:  # noqa: BLE001
             # (The server ends the run when this process exits without a
-            # "C" line; this line says why.)
-            _end((init_pid,))
+            # "C" line; this line says why. PID 1 is the server's to reap:
+            # reaped here, the server waited for its exit for ever.)
+            _end((init_pid,), reap=False)
             _fail(status_w, step, exc)
     try:
         me = resource.getrusage(resource.RUSAGE_SELF)

@@ -173,7 +173,13 @@ class Run:
 
     def command_lost(self) -> None:
         """Stage A exited after ``P`` without starting the command (its
-        ``E`` line, if any, says why): the run ends as a setup failure."""
+        ``E`` line, if any, says why): the run ends as a setup failure;
+        or, where the server had killed the sandbox (a timeout, a kill),
+        as killed: the command could not start in a dead pid namespace."""
+        if self.killed:
+            self.exec_error = None
+            self.on_cmd_exit(signals.SIGKILL, None)
+            return
         if self.exec_error is None:
             self.exec_error = {
                 "kind": "S",
@@ -185,7 +191,11 @@ class Run:
 
     def on_line(self, line: bytes) -> None:
         """A line on the status pipe after ``P``: the command's setup or exec
-        failure (``S`` / ``X``), or stage A's own (``E``)."""
+        failure (``S`` / ``X``), or stage A's own (``E``). Not once the
+        server has killed the sandbox: then the failure is the kill's (a
+        spawn into a dead pid namespace fails with ENOMEM)."""
+        if self.killed:
+            return
         if line[:1] == b"E" and self.exec_error is None:
             try:
                 self.exec_error = {"kind": "S", **wire.status_loads(line[1:])}
