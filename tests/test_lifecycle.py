@@ -272,3 +272,37 @@ def test_a_run_killed_before_its_command_starts_ends(workspace: Path) -> None:
     assert {s[2] for s in seen} == {("timeout",)}, sorted(set(seen))
     assert {s[1] for s in seen} <= {0, -signal.SIGKILL}, sorted(set(seen))
     assert sorted(x.name for x in workspace.iterdir()) == []
+
+
+def test_a_cancelled_run_ends_while_a_forked_child_of_the_caller_lives(
+    workspace: Path,
+) -> None:
+    """The caller forks while a run goes on; the child holds a copy of the
+    run's channel, whose EOF ended the run: cancelled in the parent, the run
+    went on until the child exited. Now it is asked to end."""
+    import asyncio
+    import uuid
+
+    marker = f"nanobox-test-{uuid.uuid4().hex}"
+
+    async def main() -> float:
+        task = asyncio.ensure_future(nanobox.run_async(["sh", "-c", f"sleep 30; : {marker}"]))
+        assert await asyncio.to_thread(wait_until, lambda: bool(pids_with(marker)), 10)
+        child = os.fork()
+        if child == 0:
+            time.sleep(8)
+            os._exit(0)
+        try:
+            t0 = time.monotonic()
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            assert await asyncio.to_thread(wait_until, lambda: not pids_with(marker), 5)
+            return time.monotonic() - t0
+        finally:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+
+    assert asyncio.run(main()) < 3

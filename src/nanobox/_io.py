@@ -169,7 +169,12 @@ class RunIO:
             pass
 
     def close(self) -> None:
-        """Release every fd; closing the channel kills a still-running run."""
+        """Release every fd; a run still going on is killed: asked to
+        (``K``), since the channel's EOF does not come while a process forked
+        from the caller meanwhile holds a copy of it (a cancelled run went
+        on until that child exited), and by the EOF otherwise."""
+        if self.message is None and not self.chan_closed:
+            self.kill()
         self.close_stdin()
         for fd in list(self.open_outputs):
             os.close(fd)
