@@ -168,3 +168,37 @@ def test_a_filesystem_without_exclusive_locks_keeps_the_placeholder(
     assert os.path.exists(target) and target in maker.lingering
     monkeypatch.undo()
     assert maker.retry() and not os.path.exists(target)
+
+
+def test_a_git_placeholder_of_another_nanobox_is_held_too(workspace: Path) -> None:
+    """As above, for a name below ``.git``: the first server makes the
+    missing ``.git/hooks`` (a directory), the second found it there and
+    protected it as it was, holding nothing; the first's removal of its
+    placeholder then unmounted the second's protection, and the second's
+    command wrote a hook that git would run on the host. Now an empty
+    protected name is held as a placeholder is."""
+    subprocess.run(["git", "init", "-q", str(workspace)], check=True)
+    subprocess.run(["rm", "-rf", str(workspace / ".git" / "hooks")], check=True)
+    hooks = workspace / ".git" / "hooks"
+    first = _cli(workspace, "read x")
+    second = None
+    try:
+        assert wait_until(hooks.exists, timeout=30), "the first run made no placeholder"
+        second = _cli(
+            workspace,
+            "echo ready; read x; mkdir -p .git/hooks; echo exit 0 > .git/hooks/pre-commit; "
+            "echo hook=$?",
+        )
+        assert second.stdout is not None
+        assert second.stdout.readline() == b"ready\n"
+        first_out = first.communicate(b"\n", timeout=60)
+        assert first.returncode == 0, first_out
+        out, err = second.communicate(b"\n", timeout=60)
+        assert b"hook=" in out and b"hook=0" not in out, (out, err)
+        assert not (hooks / "pre-commit").exists()
+        assert not hooks.exists()  # the placeholder went too, once both were done
+    finally:
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.communicate()

@@ -568,6 +568,14 @@ def protect_ops(
                     f"it leads to); remove it, or list {path!r} in filesystem.unprotect",
                 )
             st, kind = _lstat(path), "exists"
+        if kind == "exists" and st is not None and _empty(path, st):
+            # Empty, as a placeholder is: perhaps another server's (two
+            # processes running sandboxes in one checkout), which its maker
+            # removes when its run ends; protected as it is, it was held by
+            # no one here, and its removal detached this sandbox's read-only
+            # bind (or failed its build: "no such file"). So it is held for
+            # the run like a placeholder: made again if it is gone by then.
+            kind = "top"
         if kind == "top":
             chain = os.path.dirname(path)
             # Top-level names: the fork server makes a placeholder when the
@@ -611,6 +619,20 @@ def protect_ops(
             ops.append(protect(parent, rw=True))
             parent = os.path.dirname(parent)
     return ops
+
+
+def _empty(path: str, st: os.stat_result) -> bool:
+    """An empty regular file, or a directory without entries (one that
+    cannot be listed counts as not empty: protected as it is)."""
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size == 0
+    if not stat.S_ISDIR(st.st_mode):
+        return False
+    try:
+        with os.scandir(path) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return False
 
 
 def _lstat(path: str) -> os.stat_result | None:
