@@ -122,3 +122,28 @@ def test_cli_output_is_live(workspace: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_raising_output_callback_kills_the_run_sync_and_async(workspace: Path) -> None:
+    """``on_stdout`` raises: the run is killed and the error propagates, from
+    ``run()`` and (it was only logged by the loop, the run going on to its
+    end with a normal result) from ``run_async()``."""
+    import asyncio
+    import time
+
+    def bad(_data: bytes) -> None:
+        raise ValueError("boom")
+
+    cmd = ["sh", "-c", "echo hi; sleep 20"]
+    box = nanobox.Sandbox()
+    try:
+        for how in ("sync", "async"):
+            t0 = time.monotonic()
+            with pytest.raises(ValueError, match="boom"):
+                if how == "sync":
+                    box.run(cmd, on_stdout=bad)
+                else:
+                    asyncio.run(box.run_async(cmd, on_stdout=bad))
+            assert time.monotonic() - t0 < 10, how
+    finally:
+        box.close()

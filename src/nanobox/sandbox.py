@@ -276,7 +276,17 @@ class Sandbox:
             check_done()
 
         def on_out(fd: int) -> None:
-            if not io.on_output(fd):
+            try:
+                more = io.on_output(fd)
+            except Exception as exc:  # noqa: BLE001 - on_stdout/on_stderr raised
+                # As from run(): the run is killed and the error propagates
+                # (it was only logged by the loop, and the run went on).
+                loop.remove_reader(fd)
+                watched.discard(("r", fd))
+                if not finished.done():
+                    finished.set_exception(exc)
+                return
+            if not more:
                 loop.remove_reader(fd)
                 watched.discard(("r", fd))
             check_done()
