@@ -309,3 +309,11 @@ def test_resolve_pins_name_host_names() -> None:
             Network.allow("x.test", resolve={bad: "127.0.0.1"})
         assert info.value.field == f"network.resolve.{bad}", info.value
     assert Network.allow("x.test", resolve={"bücher.test": "127.0.0.1"}).resolve
+
+
+def test_a_timeout_past_the_limits_bound_is_refused(workspace: Path) -> None:
+    """``timeout=`` is bounded as ``Limits.wall_time`` is (1e10 was taken)."""
+    for bad in (1e10, "1000000000000h"):
+        with pytest.raises(nanobox.PolicyError) as info:
+            nanobox.run(["true"], timeout=bad)
+        assert info.value.field == "timeout" and "at most" in str(info.value)

@@ -130,6 +130,13 @@ def prepare(
             raise PolicyError("timeout", f"expected {DURATION_HELP}, got {timeout!r}") from None
         if timeout_s <= 0:
             raise PolicyError("timeout", f"must be greater than 0, got {timeout!r}")
+        from .policy import MAX_SECONDS
+
+        if timeout_s > MAX_SECONDS:  # (as Limits.wall_time: a timer the kernel takes)
+            raise PolicyError(
+                "timeout",
+                f"must be at most {MAX_SECONDS:.0f} seconds (~31 years), got {timeout!r}",
+            )
     if input is not None and stdin is not None:
         raise PolicyError("input", "pass either input= or stdin=, not both")
     if isinstance(input, str):
