@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._linux import socks, wire
-from ._linux.socks import recv_msg
+from ._linux.socks import MSG_NOSIGNAL, recv_msg
 
 READ_CHUNK = 1 << 16
 Sink = Callable[[bytes], None]
@@ -164,7 +164,9 @@ class RunIO:
 
     def kill(self) -> None:
         try:
-            self.chan.send(b"K")
+            # (MSG_NOSIGNAL: a server that has shut its receiving side, the
+            # run being over, answers EPIPE, not a SIGPIPE to the caller)
+            self.chan.send(b"K", MSG_NOSIGNAL)
         except OSError:
             pass
 
