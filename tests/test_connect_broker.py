@@ -281,3 +281,40 @@ def test_connects_whose_callers_are_gone_are_interrupted(workspace: object) -> N
     took = float(r.stdout.split()[1])
     assert took < 0.5, r.stdout
     assert seen == {"after": 0}, seen
+
+
+RESTARTED_UNTIL_ACCEPTED = """
+import os, shutil, signal, socket, sys, tempfile, threading, time
+here = tempfile.mkdtemp()
+os.chdir(here)
+results = []
+for attempt in range(6):
+    path = "s%d" % attempt
+    srv = socket.socket(socket.AF_UNIX); srv.bind(path); srv.listen(0)
+    filler = socket.socket(socket.AF_UNIX); filler.setblocking(False); filler.connect(path)
+    def accept_later(srv=srv):
+        time.sleep(0.3)
+        srv.accept()
+        srv.accept()
+    threading.Thread(target=accept_later, daemon=True).start()
+    signal.signal(signal.SIGALRM, lambda *_: None)
+    signal.siginterrupt(signal.SIGALRM, False)  # SA_RESTART
+    signal.setitimer(signal.ITIMER_REAL, 0.005, 0.005)
+    c = socket.socket(socket.AF_UNIX)
+    results.append(c.connect_ex(path))
+    signal.setitimer(signal.ITIMER_REAL, 0, 0)
+shutil.rmtree(here)
+print(results)
+"""
+
+
+def test_a_connect_restarted_by_signals_succeeds_once_accepted(workspace: object) -> None:
+    """A blocking ``connect()`` interrupted by a signal every 5 ms (with
+    ``SA_RESTART``) until the listener accepts: each restart is a new
+    notification, while the call it replaced still connects the socket on
+    another thread; when that one got there first, the caller saw EISCONN
+    (7 to 10 times in 10). It sees 0, as outside."""
+    r = nanobox.run([SPY, "-c", RESTARTED_UNTIL_ACCEPTED], timeout=60)
+    assert r.stdout == b"[0, 0, 0, 0, 0, 0]\n", (r.stdout, r.stderr)
+    ctl = subprocess.run([SPY, "-c", RESTARTED_UNTIL_ACCEPTED], capture_output=True, timeout=60)
+    assert ctl.stdout == b"[0, 0, 0, 0, 0, 0]\n", ctl

@@ -85,12 +85,17 @@ class Listener:
                 return int(err)
         return int(self.default) if self.default is not None else 1  # EPERM
 
-    def respond(self, nid: int, err: int) -> None:
-        """Answer notification ``nid``: success (0) or the error ``err``."""
-        try:
-            fcntl.ioctl(self.fd, SECCOMP_IOCTL_NOTIF_SEND, _RESP.pack(nid, 0, -err, 0))
-        except OSError:
-            pass
+    def respond(self, nid: int, err: int) -> bool:
+        """Answer notification ``nid``: success (0) or the error ``err``;
+        False if it had no one waiting any more (its caller gave up)."""
+        while True:
+            try:
+                fcntl.ioctl(self.fd, SECCOMP_IOCTL_NOTIF_SEND, _RESP.pack(nid, 0, -err, 0))
+                return True
+            except InterruptedError:  # (a signal to this thread: not an answer)
+                continue
+            except OSError:
+                return False
 
     def handle(self) -> bool:
         """Answer one pending notification; False when the listener is dead.

@@ -177,8 +177,7 @@ class Run:
         or, where the server had killed the sandbox (a timeout, a kill),
         as killed: the command could not start in a dead pid namespace."""
         if self.killed:
-            self.exec_error = None
-            self.on_cmd_exit(signals.SIGKILL, None)
+            self.on_cmd_exit(signals.SIGKILL, None)  # (a failure line before the kill is kept)
             return
         if self.exec_error is None:
             self.exec_error = {
@@ -191,11 +190,16 @@ class Run:
 
     def on_line(self, line: bytes) -> None:
         """A line on the status pipe after ``P``: the command's setup or exec
-        failure (``S`` / ``X``), or stage A's own (``E``). Not once the
-        server has killed the sandbox: then the failure is the kill's (a
-        spawn into a dead pid namespace fails with ENOMEM)."""
-        if self.killed:
-            return
+        failure (``S`` / ``X``), or stage A's own (``E``). Not a failure
+        the server's kill caused (a spawn or fork into a dead pid
+        namespace fails with ENOMEM): the run is then reported as killed."""
+        if self.killed and line[:1] in (b"E", b"S", b"X"):
+            try:
+                caused_by_kill = wire.status_loads(line[1:]).get("errno") == 12  # ENOMEM
+            except (ValueError, AttributeError):
+                caused_by_kill = True
+            if caused_by_kill:
+                return
         if line[:1] == b"E" and self.exec_error is None:
             try:
                 self.exec_error = {"kind": "S", **wire.status_loads(line[1:])}

@@ -87,11 +87,14 @@ def _ignore(_signo: int, _frame: object) -> None:
 
 def _valid(listener_fd: int, nid: int) -> bool:
     """Does notification ``nid`` still wait for its answer?"""
-    try:
-        fcntl.ioctl(listener_fd, SECCOMP_IOCTL_NOTIF_ID_VALID, struct.pack("=Q", nid))
-    except OSError:
-        return False
-    return True
+    while True:
+        try:
+            fcntl.ioctl(listener_fd, SECCOMP_IOCTL_NOTIF_ID_VALID, struct.pack("=Q", nid))
+            return True
+        except InterruptedError:  # (a signal to this thread: ask again)
+            continue
+        except OSError:
+            return False
 
 
 def _family(sock: int) -> int:
@@ -213,6 +216,13 @@ class ConnectBroker:
         self.refuse_abstract = refuse_abstract
         self.pool = _Pool(self.MAX_THREADS)
         self.prune_at = 64
+        self.signalled: dict[int, tuple[Any, float]] = {}  # thread -> (its call, when)
+        # Per socket (inode): calls on it under way, and whether one connected
+        # it for a caller that had gone meanwhile (see ``_connect``).
+        self.lock = _thread.allocate_lock()
+        self.inflight: dict[int, int] = {}
+        self.lost: set[int] = set()
+        self.settled: set[int] = set()
         self.denied: list[dict[str, object]] = []
         # Where the processes are found: "/proc" of this process's view, or
         # (for the fork server's helper, outside the sandbox's pid
@@ -236,11 +246,17 @@ class ConnectBroker:
         now = time.monotonic()
         with pool.mutex:
             for ident, (args, since) in pool.running.items():
+                last = self.signalled.get(ident, (None, 0.0))
+                if last[0] is args and now - last[1] < older_than:
+                    continue  # (signalled already, and still leaving: not again at once)
                 if now - since >= older_than and not _valid(args[0], args[1]):
+                    self.signalled[ident] = (args, now)
                     try:
                         signals.pthread_kill(ident, self.CANCEL)
                     except OSError:
                         pass
+            for ident in [i for i in self.signalled if i not in pool.running]:
+                del self.signalled[ident]
             return bool(pool.running or pool.jobs)
 
     def _proc(self, rel: str) -> str:
@@ -252,7 +268,7 @@ class ConnectBroker:
         nid: int,
         pid: int,
         args: tuple[int, ...],
-        respond: Callable[[int, int], None],
+        respond: Callable[[int, int], bool],
     ) -> None:
         if not self.pool.submit(self._run, (listener_fd, nid, pid, args, respond)):
             respond(nid, 11)  # EAGAIN: no thread to make the call on
@@ -269,17 +285,62 @@ class ConnectBroker:
         nid: int,
         pid: int,
         args: tuple[int, ...],
-        respond: Callable[[int, int], None],
+        respond: Callable[[int, int], bool],
     ) -> None:
+        socket_id: list[int] = []  # (its inode, once it is known: see ``_connect``)
         try:
-            err = self._connect(listener_fd, nid, pid, args)
+            err = self._connect(listener_fd, nid, pid, args, socket_id)
         except OSError as exc:
             err = exc.errno or 22
         except Exception:  # noqa: BLE001 - never leave the caller hanging
             err = 22
-        respond(nid, err)
+        delivered = respond(nid, err)
+        if socket_id:
+            with self.lock:
+                ino = socket_id[0]
+                self.inflight[ino] -= 1
+                if not self.inflight[ino]:
+                    del self.inflight[ino]
+                if err == 0 and not delivered:
+                    if ino in self.settled:  # (a later call was told so already)
+                        self.settled.discard(ino)
+                    else:
+                        self.lost.add(ino)  # connected for a caller that had gone
 
-    def _connect(self, listener_fd: int, nid: int, pid: int, args: tuple[int, ...]) -> int:
+    def _connect(
+        self,
+        listener_fd: int,
+        nid: int,
+        pid: int,
+        args: tuple[int, ...],
+        socket_id: list[int] | None = None,
+    ) -> int:
+        err = self._connect_once(listener_fd, nid, pid, args, socket_id)
+        if err != 106 or not socket_id:  # EISCONN
+            return err
+        # A call restarted after a signal (SA_RESTART) is a new notification,
+        # while the one it replaced may still be connecting the same socket
+        # on another thread: if that one connected it, this call has (it got
+        # EISCONN: 7 to 10 times in 10 with a signal every 2-10 ms). Decided
+        # at once: the caller may be interrupted again any moment.
+        ino = socket_id[0]
+        with self.lock:
+            if ino in self.lost:
+                self.lost.discard(ino)
+                return 0
+            if self.inflight.get(ino, 0) > 1:  # (another call of ours on it, under way)
+                self.settled.add(ino)  # (its answer, if lost, is this one)
+                return 0
+        return err
+
+    def _connect_once(
+        self,
+        listener_fd: int,
+        nid: int,
+        pid: int,
+        args: tuple[int, ...],
+        socket_id: list[int] | None = None,
+    ) -> int:
         fd, addr_ptr, addr_len = args[0] & 0xFFFFFFFF, args[1], args[2] & 0xFFFFFFFF
         if addr_len > 128:
             return 22  # EINVAL, as the kernel answers past a sockaddr_storage
@@ -304,6 +365,14 @@ class ConnectBroker:
             sock = _pidfd_getfd(pidfd, fd)
         finally:
             os.close(pidfd)
+        if socket_id is not None:
+            try:
+                socket_id.append(os.fstat(sock).st_ino)
+            except OSError:
+                os.close(sock)
+                raise
+            with self.lock:
+                self.inflight[socket_id[0]] = self.inflight.get(socket_id[0], 0) + 1
         try:
             # An address the kernel would refuse (another family, a length
             # outside 3..110, AF_UNSPEC to dissolve a datagram association)
