@@ -318,3 +318,42 @@ def test_a_connect_restarted_by_signals_succeeds_once_accepted(workspace: object
     assert r.stdout == b"[0, 0, 0, 0, 0, 0]\n", (r.stdout, r.stderr)
     ctl = subprocess.run([SPY, "-c", RESTARTED_UNTIL_ACCEPTED], capture_output=True, timeout=60)
     assert ctl.stdout == b"[0, 0, 0, 0, 0, 0]\n", ctl
+
+
+TWICE = """
+import os, socket, tempfile, threading
+here = tempfile.mkdtemp()
+srv = socket.socket(socket.AF_UNIX); srv.bind(os.path.join(here, "s")); srv.listen(4096)
+def serve():
+    while True:
+        srv.accept()[0].close()
+threading.Thread(target=serve, daemon=True).start()
+seen = set()
+for _ in range(300):
+    c = socket.socket(socket.AF_UNIX)
+    seen.add((c.connect_ex(os.path.join(here, "s")), c.connect_ex(os.path.join(here, "s"))))
+    c.close()
+for _ in range(150):
+    c = socket.socket(socket.AF_UNIX)
+    got, gate = [], threading.Barrier(2)
+    def go():
+        gate.wait()
+        got.append(c.connect_ex(os.path.join(here, "s")))
+    ts = [threading.Thread(target=go) for _ in range(2)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    seen.add(tuple(sorted(got)))
+    c.close()
+print(sorted(seen))
+"""
+
+
+def test_a_socket_connected_twice_gets_eisconn_as_outside(workspace: object) -> None:
+    """Connecting a connected socket again, from the same thread or from two
+    at once, is EISCONN for the second call: telling a restarted call from
+    such a one must not turn it into success (a first version did, 56 in
+    2000 and 85 in 300)."""
+    r = nanobox.run([SPY, "-c", TWICE], timeout=120)
+    assert r.stdout == b"[(0, 106)]\n", (r.stdout, r.stderr)
+    ctl = subprocess.run([SPY, "-c", TWICE], capture_output=True, timeout=120)
+    assert ctl.stdout == b"[(0, 106)]\n", ctl

@@ -189,6 +189,20 @@ class _Pool:
             raise
 
 
+class _Call:
+    """A ``connect()`` under way: its socket (device, inode) and calling
+    thread (the notification's pid), whether it is being answered, whether
+    a restart of it was told it had connected."""
+
+    __slots__ = ("answering", "sock", "superseded", "tid")
+
+    def __init__(self, sock: tuple[int, int], tid: int) -> None:
+        self.sock = sock
+        self.tid = tid
+        self.answering = False
+        self.superseded = False
+
+
 class ConnectBroker:
     """Performs the sandbox's ``connect()`` calls (see the module docstring)."""
 
@@ -217,12 +231,13 @@ class ConnectBroker:
         self.pool = _Pool(self.MAX_THREADS)
         self.prune_at = 64
         self.signalled: dict[int, tuple[Any, float]] = {}  # thread -> (its call, when)
-        # Per socket (inode): calls on it under way, and whether one connected
-        # it for a caller that had gone meanwhile (see ``_connect``).
+        # Per socket: the calls on it under way, and which thread's one
+        # connected it for a caller that had gone meanwhile (``_connect``).
         self.lock = _thread.allocate_lock()
-        self.inflight: dict[int, int] = {}
-        self.lost: set[int] = set()
-        self.settled: set[int] = set()
+        self.calls: dict[tuple[int, int], list[_Call]] = {}  # socket -> its calls under way
+        # (socket, thread): connected by a call whose caller had gone; an
+        # insertion-ordered dict, capped (see ``_done``).
+        self.lost: dict[tuple[tuple[int, int], int], None] = {}
         self.denied: list[dict[str, object]] = []
         # Where the processes are found: "/proc" of this process's view, or
         # (for the fork server's helper, outside the sandbox's pid
@@ -287,25 +302,36 @@ class ConnectBroker:
         args: tuple[int, ...],
         respond: Callable[[int, int], bool],
     ) -> None:
-        socket_id: list[int] = []  # (its inode, once it is known: see ``_connect``)
+        mine: list[_Call] = []  # (this call, once its socket is known: see ``_connect``)
         try:
-            err = self._connect(listener_fd, nid, pid, args, socket_id)
+            err = self._connect(listener_fd, nid, pid, args, mine)
         except OSError as exc:
             err = exc.errno or 22
         except Exception:  # noqa: BLE001 - never leave the caller hanging
             err = 22
-        delivered = respond(nid, err)
-        if socket_id:
+        if mine:
             with self.lock:
-                ino = socket_id[0]
-                self.inflight[ino] -= 1
-                if not self.inflight[ino]:
-                    del self.inflight[ino]
-                if err == 0 and not delivered:
-                    if ino in self.settled:  # (a later call was told so already)
-                        self.settled.discard(ino)
-                    else:
-                        self.lost.add(ino)  # connected for a caller that had gone
+                mine[0].answering = True
+        delivered = False
+        try:
+            delivered = respond(nid, err)
+        finally:
+            if mine:
+                self._done(mine[0], err == 0 and not delivered)
+
+    def _done(self, call: _Call, lost: bool) -> None:
+        with self.lock:
+            calls = self.calls.get(call.sock)
+            if calls is not None and call in calls:
+                calls.remove(call)
+                if not calls:
+                    del self.calls[call.sock]
+            if lost and not call.superseded:
+                # Connected for a caller that had gone (interrupted: its
+                # restart, from the same thread, finds the socket connected).
+                self.lost[(call.sock, call.tid)] = None
+                while len(self.lost) > 256:
+                    del self.lost[next(iter(self.lost))]
 
     def _connect(
         self,
@@ -313,25 +339,36 @@ class ConnectBroker:
         nid: int,
         pid: int,
         args: tuple[int, ...],
-        socket_id: list[int] | None = None,
+        mine: list[_Call] | None = None,
     ) -> int:
-        err = self._connect_once(listener_fd, nid, pid, args, socket_id)
-        if err != 106 or not socket_id:  # EISCONN
+        err = self._connect_once(listener_fd, nid, pid, args, mine)
+        if err != 106 or not mine:  # EISCONN
             return err
-        # A call restarted after a signal (SA_RESTART) is a new notification,
-        # while the one it replaced may still be connecting the same socket
-        # on another thread: if that one connected it, this call has (it got
-        # EISCONN: 7 to 10 times in 10 with a signal every 2-10 ms). Decided
-        # at once: the caller may be interrupted again any moment.
-        ino = socket_id[0]
-        with self.lock:
-            if ino in self.lost:
-                self.lost.discard(ino)
-                return 0
-            if self.inflight.get(ino, 0) > 1:  # (another call of ours on it, under way)
-                self.settled.add(ino)  # (its answer, if lost, is this one)
-                return 0
-        return err
+        # A call restarted after a signal (SA_RESTART) is a new notification
+        # from the same thread, while the one it replaced may still connect
+        # the same socket on another of ours: if that one connected it, this
+        # call has (it got EISCONN: 7 to 10 times in 10 with a signal every
+        # 2-10 ms). Another thread's call, or the same thread's once answered,
+        # is a real EISCONN. Decided at once, but for an earlier call being
+        # answered (an ioctl that does not block): the caller may be
+        # interrupted again any moment (waiting longer hung such a caller).
+        call = mine[0]
+        deadline = time.monotonic() + 0.05
+        while True:
+            with self.lock:
+                same = [
+                    c for c in self.calls.get(call.sock, ()) if c is not call and c.tid == call.tid
+                ]
+                connecting = [c for c in same if not c.answering]
+                if connecting:
+                    for c in connecting:
+                        c.superseded = True  # (its answer, if lost, is this one)
+                    return 0
+                if not same or time.monotonic() > deadline:
+                    if self.lost.pop((call.sock, call.tid), False) is None:
+                        return 0
+                    return err
+            time.sleep(0.0002)  # (an earlier call of the thread's is being answered)
 
     def _connect_once(
         self,
@@ -339,7 +376,7 @@ class ConnectBroker:
         nid: int,
         pid: int,
         args: tuple[int, ...],
-        socket_id: list[int] | None = None,
+        mine: list[_Call] | None = None,
     ) -> int:
         fd, addr_ptr, addr_len = args[0] & 0xFFFFFFFF, args[1], args[2] & 0xFFFFFFFF
         if addr_len > 128:
@@ -365,14 +402,16 @@ class ConnectBroker:
             sock = _pidfd_getfd(pidfd, fd)
         finally:
             os.close(pidfd)
-        if socket_id is not None:
+        if mine is not None:
             try:
-                socket_id.append(os.fstat(sock).st_ino)
+                st = os.fstat(sock)
             except OSError:
                 os.close(sock)
                 raise
+            call = _Call((st.st_dev, st.st_ino), pid)
             with self.lock:
-                self.inflight[socket_id[0]] = self.inflight.get(socket_id[0], 0) + 1
+                self.calls.setdefault(call.sock, []).append(call)
+            mine.append(call)
         try:
             # An address the kernel would refuse (another family, a length
             # outside 3..110, AF_UNSPEC to dissolve a datagram association)
