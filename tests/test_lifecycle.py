@@ -269,7 +269,8 @@ def test_a_run_killed_before_its_command_starts_ends(workspace: Path) -> None:
     runner.start()
     runner.join(90)
     assert not runner.is_alive(), f"hung after {len(seen)} runs"
-    assert {s[2] for s in seen} == {("timeout",)}, sorted(set(seen))
+    # (Killed, or done before the timer: never an exec error, nor status 126.)
+    assert {s[2] for s in seen} <= {("timeout",), ()}, sorted(set(seen))
     assert {s[1] for s in seen} <= {0, -signal.SIGKILL}, sorted(set(seen))
     assert sorted(x.name for x in workspace.iterdir()) == []
 

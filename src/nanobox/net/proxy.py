@@ -136,24 +136,25 @@ def static_resolver(hosts: Mapping[str, Sequence[str]]) -> Resolver:
     return resolve
 
 
-_FDS_PER_CONNECTION = 6  # the client's socket, the upstream's, a splice pipe each way
 _HEAD_TIMEOUT = 60.0  # for a request head (each, on a kept-alive connection) or a SOCKS handshake
 
 
 def _fd_budget() -> int:
-    """How many connections the proxy takes at once in this process, all
-    runs together: half the process's descriptors (its soft limit), the
-    other half left to the code it shares the process with."""
+    """How many descriptors the proxies of this process take at once, all
+    runs together: half of its soft limit, the other half left to the code
+    they share the process with. Each connection takes two (the client's
+    socket, the upstream's); a spliced relay two more per pipe, where they
+    fit (else it copies)."""
     import resource
 
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20
-    return max(16, soft // 2 // _FDS_PER_CONNECTION)
+    return max(32, soft // 2)
 
 
 class _Share:
-    """The connections of every proxy in this process (a Sandbox has one
+    """The descriptors of every proxy in this process (a Sandbox has one
     each, on a thread of its own), against ``_fd_budget``."""
 
     def __init__(self) -> None:
@@ -161,18 +162,18 @@ class _Share:
         self.open = 0
         self.budget: int | None = None
 
-    def take(self) -> bool:
+    def take(self, n: int) -> bool:
         with self.lock:
             if self.budget is None:
                 self.budget = _fd_budget()
-            if self.open >= self.budget:
+            if self.open + n > self.budget:
                 return False
-            self.open += 1
+            self.open += n
             return True
 
-    def give_back(self) -> None:
+    def give_back(self, n: int) -> None:
         with self.lock:
-            self.open -= 1
+            self.open -= n
 
 
 _SHARE = _Share()
@@ -425,7 +426,14 @@ class _SplicePipe:
     __slots__ = ("cap", "r", "w")
 
     def __init__(self) -> None:
-        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.r = self.w = -1
+        if not _SHARE.take(2):  # (then the caller copies instead)
+            raise OSError(errno.EMFILE, "the proxies' share of this process's descriptors")
+        try:
+            self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except BaseException:
+            _SHARE.give_back(2)
+            raise
         import fcntl  # Linux only, like splice
 
         with contextlib.suppress(OSError):  # (EPERM past the user's pipe quota)
@@ -452,10 +460,12 @@ class _SplicePipe:
             return None
 
     def close(self) -> None:
+        if self.r < 0:
+            return
         for fd in (self.r, self.w):
-            if fd >= 0:
-                os.close(fd)
+            os.close(fd)
         self.r = self.w = -1
+        _SHARE.give_back(2)
 
 
 class _Pump:
@@ -735,7 +745,8 @@ class Proxy:
     connecting; ``idle_timeout`` closes connections without traffic (and gives
     504 to an HTTP client still waiting for a response); ``max_connections``
     caps simultaneous client connections of each run (and all proxies of a
-    process together take at most half of its descriptors: ``_Share``); a
+    process together take at most half of its descriptors, copying instead
+    of splicing past that: ``_Share``); a
     client has ``_HEAD_TIMEOUT`` for each request head or SOCKS handshake.
     ``on_event`` receives
     a :class:`~nanobox.net.events.ConnectionEvent` per connection, on the
@@ -921,11 +932,10 @@ class Proxy:
             if len(run.tasks) >= self.max_connections:
                 self._refuse_busy(run, sock, kind, f"connection limit ({self.max_connections})")
                 continue
-            if not _SHARE.take():
-                # Each connection holds up to _FDS_PER_CONNECTION fds of the
-                # process the proxies share with their caller: a run's
-                # tunnels took them all (EMFILE in the caller's own code).
-                limit = f"the process's share of descriptors ({_SHARE.budget} connections)"
+            if not _SHARE.take(2):
+                # The proxies share their caller's process: a run's tunnels
+                # took all its descriptors (EMFILE in the caller's own code).
+                limit = f"the process's share of descriptors ({_SHARE.budget})"
                 self._refuse_busy(run, sock, kind, limit)
                 continue
             self._active += 1
@@ -933,7 +943,7 @@ class Proxy:
                 task = loop.create_task(self._connection(run, sock, kind))
             except BaseException:
                 self._active -= 1
-                _SHARE.give_back()
+                _SHARE.give_back(2)
                 sock.close()
                 raise
             run.tasks.add(task)
@@ -953,7 +963,7 @@ class Proxy:
         run.tasks.discard(task)
         sock.close()
         self._active -= 1
-        _SHARE.give_back()
+        _SHARE.give_back(2)
 
     def _refuse_busy(
         self, run: _Run, sock: socket.socket, kind: Literal["http", "socks5"], limit: str
