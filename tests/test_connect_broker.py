@@ -321,7 +321,7 @@ def test_a_connect_restarted_by_signals_succeeds_once_accepted(workspace: object
 
 
 TWICE = """
-import os, socket, tempfile, threading
+import os, shutil, socket, tempfile, threading
 here = tempfile.mkdtemp()
 srv = socket.socket(socket.AF_UNIX); srv.bind(os.path.join(here, "s")); srv.listen(4096)
 def serve():
@@ -344,6 +344,8 @@ for _ in range(150):
     [t.join() for t in ts]
     seen.add(tuple(sorted(got)))
     c.close()
+srv.close()
+shutil.rmtree(here)
 print(sorted(seen))
 """
 
