@@ -405,6 +405,7 @@ class Helper:
 
 def _helper_main(sock_fd: int, listener_fd: int, run: Run) -> None:
     import json
+    import select
 
     from . import sys as k
     from .fds import close_all_except
@@ -444,8 +445,6 @@ def _helper_main(sock_fd: int, listener_fd: int, run: Run) -> None:
     )
     ConnectBroker.install_canceller()
     listener = notify.Listener(listener_fd, {"table": {}, "arch": ""})
-    import select
-
     wait = select.poll()
     wait.register(sock_fd, select.POLLIN)
     busy = False

@@ -305,6 +305,8 @@ class ConnectBroker:
         mine: list[_Call] = []  # (this call, once its socket is known: see ``_connect``)
         try:
             err = self._connect(listener_fd, nid, pid, args, mine)
+            if err == 106 and mine:  # EISCONN
+                err = self._restarted(mine[0], err)
         except OSError as exc:
             err = exc.errno or 22
         except Exception:  # noqa: BLE001 - never leave the caller hanging
@@ -333,17 +335,9 @@ class ConnectBroker:
                 while len(self.lost) > 256:
                     del self.lost[next(iter(self.lost))]
 
-    def _connect(
-        self,
-        listener_fd: int,
-        nid: int,
-        pid: int,
-        args: tuple[int, ...],
-        mine: list[_Call] | None = None,
-    ) -> int:
-        err = self._connect_once(listener_fd, nid, pid, args, mine)
-        if err != 106 or not mine:  # EISCONN
-            return err
+    def _restarted(self, call: _Call, err: int) -> int:
+        """``call`` got EISCONN (``err``): 0 if it is a restart whose socket
+        an earlier call of the same thread's connected, else ``err``."""
         # A call restarted after a signal (SA_RESTART) is a new notification
         # from the same thread, while the one it replaced may still connect
         # the same socket on another of ours: if that one connected it, this
@@ -352,7 +346,6 @@ class ConnectBroker:
         # is a real EISCONN. Decided at once, but for an earlier call being
         # answered (an ioctl that does not block): the caller may be
         # interrupted again any moment (waiting longer hung such a caller).
-        call = mine[0]
         deadline = time.monotonic() + 0.05
         while True:
             with self.lock:
@@ -370,14 +363,11 @@ class ConnectBroker:
                     return err
             time.sleep(0.0002)  # (an earlier call of the thread's is being answered)
 
-    def _connect_once(
-        self,
-        listener_fd: int,
-        nid: int,
-        pid: int,
-        args: tuple[int, ...],
-        mine: list[_Call] | None = None,
+    def _connect(
+        self, listener_fd: int, nid: int, pid: int, args: tuple[int, ...], mine: list[_Call]
     ) -> int:
+        """Make the call; its record goes to ``mine`` once its socket is
+        known."""
         fd, addr_ptr, addr_len = args[0] & 0xFFFFFFFF, args[1], args[2] & 0xFFFFFFFF
         if addr_len > 128:
             return 22  # EINVAL, as the kernel answers past a sockaddr_storage
@@ -402,16 +392,15 @@ class ConnectBroker:
             sock = _pidfd_getfd(pidfd, fd)
         finally:
             os.close(pidfd)
-        if mine is not None:
-            try:
-                st = os.fstat(sock)
-            except OSError:
-                os.close(sock)
-                raise
-            call = _Call((st.st_dev, st.st_ino), pid)
-            with self.lock:
-                self.calls.setdefault(call.sock, []).append(call)
-            mine.append(call)
+        try:
+            st = os.fstat(sock)
+        except OSError:
+            os.close(sock)
+            raise
+        call = _Call((st.st_dev, st.st_ino), pid)
+        with self.lock:
+            self.calls.setdefault(call.sock, []).append(call)
+        mine.append(call)
         try:
             # An address the kernel would refuse (another family, a length
             # outside 3..110, AF_UNSPEC to dissolve a datagram association)
