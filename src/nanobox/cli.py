@@ -822,9 +822,7 @@ def _run_and_report(
                 _say(f"nanobox: {what} truncated at {policy.limits.output} bytes\n")
     if stop.output_error is not None:  # (whatever else happened: the output is lost)
         stream, _, message = stop.output_error
-        killed = any(
-            v.kind == "output_error" and v.detail.endswith("killed") for v in result.violations
-        )
+        killed = any(v.kind == "output_error" and v.data.get("killed") for v in result.violations)
         then = "; the run was killed" if killed else ""
         _say(f"nanobox: error: cannot write the command's {stream}: {message}{then}\n")
         code = EXIT_NANOBOX

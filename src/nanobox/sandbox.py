@@ -416,12 +416,13 @@ class Sandbox:
             )
         if io.output_error is not None:  # (also when the command had ended: output was lost)
             stream, errname, message = io.output_error
-            then = ": the run was killed" if io.output_kill_sent and sig is not None else ""
+            killed = io.output_kill_sent and sig is not None
+            then = ": the run was killed" if killed else ""
             violations.append(
                 Violation(
                     "output_error",
                     f"cannot write the command's {stream}: {message}{then}",
-                    {"stream": stream, "errno": errname},
+                    {"stream": stream, "errno": errname, "killed": killed},
                 )
             )
         for sv in msg.get("syscall_violations", ()):
