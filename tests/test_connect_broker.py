@@ -106,12 +106,18 @@ def test_a_thread_other_than_the_main_one_can_connect(workspace: object) -> None
     assert r.stdout == b"[0]\n", (r.stdout, r.stderr)
 
 
-RESTARTED_CONNECTS = """
-import os, signal, socket, threading, time
+# (Run in a sandbox: its /tmp is its own.) A unix listener "s" whose backlog
+# is full: a blocking connect() to it waits until it accepts.
+FULL_BACKLOG = """
+import os, signal, socket, sys, threading, time
 os.chdir("/tmp")
 srv = socket.socket(socket.AF_UNIX); srv.bind("s"); srv.listen(0)
 filler = socket.socket(socket.AF_UNIX); filler.setblocking(False); filler.connect("s")
-def end():
+"""
+
+RESTARTED_CONNECTS = (
+    FULL_BACKLOG
+    + """def end():
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})  # (for the main thread)
     time.sleep(1.5)
     print("done", flush=True)
@@ -123,6 +129,7 @@ signal.siginterrupt(signal.SIGALRM, False)  # SA_RESTART: the kernel makes the c
 signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
 socket.socket(socket.AF_UNIX).connect("s")  # the backlog is full: it waits
 """
+)
 
 
 def _threads_of_descendants(root: int) -> dict[int, int]:
@@ -217,12 +224,9 @@ def test_abstract_sockets_within_a_sandbox_of_its_own_network(workspace: object)
     assert r.stdout == b"CONNECTED\n", (r.stdout, r.stderr)
 
 
-BLOCKED_CHILDREN = """
-import os, signal, socket, sys, time
-os.chdir("/tmp")
-srv = socket.socket(socket.AF_UNIX); srv.bind("s"); srv.listen(0)
-filler = socket.socket(socket.AF_UNIX); filler.setblocking(False); filler.connect("s")
-kids = []
+BLOCKED_CHILDREN = (
+    FULL_BACKLOG
+    + """kids = []
 for _ in range(20):
     pid = os.fork()
     if pid == 0:
@@ -240,6 +244,7 @@ for pid in kids:
 print("killed", flush=True)
 time.sleep(1.0)
 """
+)
 
 
 def _in_connect(root: int) -> int:

@@ -13,6 +13,7 @@ import fcntl
 import os
 import subprocess
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -42,30 +43,50 @@ def test_a_sandbox_keeps_its_protection_when_another_nanobox_there_ends(
     it can write elsewhere in the workspace. Once both are done, nothing is
     left of the placeholder."""
     target = workspace / ".bashrc"
+
+    def first_gone() -> None:
+        assert target.exists()  # held by the second server: not removed
+
+    second = _second_outlives_first(
+        workspace,
+        target,
+        "echo pwned > .bashrc; echo bashrc=$?; echo x > other; echo other=$?",
+        first_gone,
+    )
+    out, err = second.communicate(b"\n", timeout=60)
+    assert second.returncode == 0, (out, err)
+    assert b"other=0" in out, (out, err)  # the workspace is writable in there
+    assert b"bashrc=" in out and b"bashrc=0" not in out, (out, err)
+    assert sorted(os.listdir(workspace)) == ["other"]  # the placeholder went too
+
+
+def _second_outlives_first(
+    workspace: Path, target: Path, script: str, first_gone: Callable[[], None] = lambda: None
+) -> subprocess.Popen[bytes]:
+    """A first ``nanobox run`` that makes the placeholder ``target``, a
+    second that starts while it runs and goes on to ``script`` (fed on
+    stdin) once the first has ended, server and all (then ``first_gone``);
+    the second, to communicate with (killed if anything failed)."""
     first = _cli(workspace, "read x")
     second = None
     try:
         assert wait_until(target.exists, timeout=30), "the first run made no placeholder"
-        second = _cli(
-            workspace,
-            "echo ready; read x; echo pwned > .bashrc; echo bashrc=$?; "
-            "echo x > other; echo other=$?",
-        )
+        second = _cli(workspace, "echo ready; read x; " + script)
         assert second.stdout is not None
         assert second.stdout.readline() == b"ready\n"
         first_out = first.communicate(b"\n", timeout=60)
         assert first.returncode == 0, first_out
-        assert target.exists()  # held by the second server: not removed
-        out, err = second.communicate(b"\n", timeout=60)
-        assert second.returncode == 0, (out, err)
-        assert b"other=0" in out, (out, err)  # the workspace is writable in there
-        assert b"bashrc=" in out and b"bashrc=0" not in out, (out, err)
-        assert sorted(os.listdir(workspace)) == ["other"]  # the placeholder went too
+        first_gone()
+        return second
+    except BaseException:
+        if second is not None and second.poll() is None:
+            second.kill()
+            second.communicate()
+        raise
     finally:
-        for p in (first, second):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.communicate()
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
 
 
 def test_a_placeholder_held_elsewhere_stays_until_let_go(tmp_path: Path) -> None:
@@ -180,25 +201,10 @@ def test_a_git_placeholder_of_another_nanobox_is_held_too(workspace: Path) -> No
     subprocess.run(["git", "init", "-q", str(workspace)], check=True)
     subprocess.run(["rm", "-rf", str(workspace / ".git" / "hooks")], check=True)
     hooks = workspace / ".git" / "hooks"
-    first = _cli(workspace, "read x")
-    second = None
-    try:
-        assert wait_until(hooks.exists, timeout=30), "the first run made no placeholder"
-        second = _cli(
-            workspace,
-            "echo ready; read x; mkdir -p .git/hooks; echo exit 0 > .git/hooks/pre-commit; "
-            "echo hook=$?",
-        )
-        assert second.stdout is not None
-        assert second.stdout.readline() == b"ready\n"
-        first_out = first.communicate(b"\n", timeout=60)
-        assert first.returncode == 0, first_out
-        out, err = second.communicate(b"\n", timeout=60)
-        assert b"hook=" in out and b"hook=0" not in out, (out, err)
-        assert not (hooks / "pre-commit").exists()
-        assert not hooks.exists()  # the placeholder went too, once both were done
-    finally:
-        for p in (first, second):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.communicate()
+    second = _second_outlives_first(
+        workspace, hooks, "mkdir -p .git/hooks; echo exit 0 > .git/hooks/pre-commit; echo hook=$?"
+    )
+    out, err = second.communicate(b"\n", timeout=60)
+    assert b"hook=" in out and b"hook=0" not in out, (out, err)
+    assert not (hooks / "pre-commit").exists()
+    assert not hooks.exists()  # the placeholder went too, once both were done
