@@ -223,8 +223,9 @@ def bulk_handler(conn: socket.socket) -> None:
 
 
 def http_handler(conn: socket.socket) -> None:
-    """A small HTTP/1.1 origin server (one request per connection is enough:
-    the proxy always sends Connection: close)."""
+    """A small HTTP/1.1 origin server, one request per connection (it closes
+    the connection after answering, which the proxy, keeping it for the
+    client's next request, finds out and replaces)."""
     conn.settimeout(30)
     h = h11.Connection(h11.SERVER)
     request: h11.Request | None = None
@@ -289,6 +290,55 @@ def http_handler(conn: socket.socket) -> None:
     conn.sendall(h.send(h11.Response(status_code=200, headers=head)) or b"")
     conn.sendall(h.send(h11.Data(data=payload)) or b"")
     conn.sendall(h.send(h11.EndOfMessage()) or b"")
+
+
+def keepalive_handler(
+    log: list[tuple[int, str, bytes | None]], close_at: int | None = None
+) -> Callable[[socket.socket], None]:
+    """An HTTP/1.1 origin server that answers any number of requests on a
+    connection (its body: the request's number on it), logging each as
+    (connection number, "METHOD target", its Connection header). With
+    ``close_at``: that request of a connection is read and the connection
+    closed without an answer (an upstream dropping a kept connection just as
+    the proxy reuses it)."""
+    lock = threading.Lock()
+    connections = [0]
+
+    def handler(conn: socket.socket) -> None:
+        with lock:
+            number = connections[0]
+            connections[0] += 1
+        conn.settimeout(30)
+        h = h11.Connection(h11.SERVER)
+        request: h11.Request | None = None
+        served = 0
+        while True:
+            event = h.next_event()
+            if event is h11.NEED_DATA:
+                h.receive_data(conn.recv(65536))
+                continue
+            if isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.EndOfMessage):
+                assert request is not None
+                served += 1
+                what = f"{request.method.decode()} {request.target.decode()}"
+                log.append((number, what, dict(request.headers).get(b"connection")))
+                if served == close_at:
+                    return
+                body = str(served).encode()
+                head = [(b"content-length", str(len(body)).encode())]
+                out = h.send(h11.Response(status_code=200, headers=head)) or b""
+                if request.method != b"HEAD":
+                    out += h.send(h11.Data(data=body)) or b""
+                conn.sendall(out + (h.send(h11.EndOfMessage()) or b""))
+                if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
+                    return
+                h.start_next_cycle()
+            elif not isinstance(event, h11.Data):
+                return  # ConnectionClosed
+
+    return handler
 
 
 # --------------------------------------------------------------------------- clients

@@ -15,7 +15,10 @@ from nanobox.net.http import (
     error_response,
     forward_request_headers,
     forward_response_headers,
+    has_body,
+    keeps_alive,
     parse_target,
+    replayable,
     split_authority,
     upstream_side,
 )
@@ -123,6 +126,50 @@ def test_forward_request_headers_chunked_framing():
     )
     assert (b"Transfer-Encoding", b"chunked") in out
     assert all(name.lower() != b"content-length" for name, _ in out)
+
+
+def test_forward_request_headers_keep_the_upstream_open_when_asked():
+    assert (b"Connection", b"close") not in forward_request_headers([], "a", close=False)
+    assert (b"Connection", b"close") in forward_request_headers([], "a")
+
+
+@pytest.mark.parametrize(
+    ("version", "headers", "expected"),
+    [
+        (b"1.1", [], True),
+        (b"1.1", [(b"connection", b"keep-alive, x-a")], True),
+        (b"1.1", [(b"connection", b"x-a, Close")], False),
+        (b"1.0", [], False),
+        (b"1.0", [(b"connection", b"keep-alive")], False),
+    ],
+)
+def test_keeps_alive(version, headers, expected):
+    assert keeps_alive(version, headers) is expected
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "expected"),
+    [
+        (b"GET", [], True),
+        (b"HEAD", [(b"accept", b"*/*")], True),
+        (b"DELETE", [(b"content-length", b"0")], True),
+        (b"PUT", [(b"content-length", b" 0 ")], True),
+        (b"GET", [(b"content-length", b"1")], False),
+        (b"GET", [(b"transfer-encoding", b"chunked")], False),
+        (b"GET", [(b"expect", b"100-continue")], False),
+        (b"POST", [], False),
+        (b"PATCH", [], False),
+        (b"get", [], False),  # methods are case-sensitive: not the GET method
+    ],
+)
+def test_replayable(method, headers, expected):
+    assert replayable(method, headers) is expected
+
+
+def test_has_body():
+    assert not has_body([(b"content-length", b"0"), (b"host", b"a")])
+    assert has_body([(b"Content-Length", b"12")])
+    assert has_body([(b"Transfer-Encoding", b"chunked")])
 
 
 def test_forward_response_headers():

@@ -30,6 +30,7 @@ from _net_support import (
     free_port,
     http_connect,
     http_handler,
+    keepalive_handler,
     listening_socket,
     open_fds,
     pattern,
@@ -369,7 +370,7 @@ def test_plain_http_get_keep_alive_and_header_stripping(http_server):
         seen = json.loads(body)
         names = {k.lower(): v for k, v in seen}
         assert names["host"] == f"allowed.test:{http_server.port}"
-        assert names["connection"] == "close"
+        assert "connection" not in names  # (kept open for the next request: see below)
         assert names["x-end-to-end"] == "kept"
         for hop in ("proxy-authorization", "proxy-connection", "keep-alive", "x-hop", "te"):
             assert hop not in names
@@ -382,6 +383,137 @@ def test_plain_http_get_keep_alive_and_header_stripping(http_server):
         events = h.wait_events(2)
     assert [e.protocol for e in events] == ["http", "http"]
     assert all(e.status == 200 and e.method == "GET" for e in events)
+
+
+def test_plain_http_keep_alive_keeps_the_upstream_connection():
+    """Requests on one client connection to one destination go on one
+    upstream connection (each still checked and reported on its own);
+    another client connection gets its own; a client that asks to close
+    gets its request sent with ``Connection: close``."""
+    log: list[tuple[int, str, bytes | None]] = []
+    with ThreadServer(keepalive_handler(log)) as server, proxy_harness() as h:
+        url = f"http://allowed.test:{server.port}"
+        client = H11Client(h.http_port)
+        methods = ["GET", "GET", "HEAD"]
+        answers = [client.request(method, f"{url}/{i}") for i, method in enumerate(methods)]
+        assert [(status, body) for status, _, body in answers] == [
+            (200, b"1"),
+            (200, b"2"),
+            (200, b""),
+        ]
+        other = H11Client(h.http_port)
+        assert other.request("GET", f"{url}/other")[2] == b"1"  # a connection of its own
+        other.close()
+        status, headers, body = client.request("GET", f"{url}/last", [("Connection", "close")])
+        assert (status, body, headers.get("connection")) == (200, b"4", "close")
+        assert client.sock.recv(1) == b""
+        client.close()
+        events = h.wait_events(5)
+    assert [(number, what) for number, what, _ in sorted(log, key=lambda entry: entry[0])] == [
+        (0, "GET /0"),
+        (0, "GET /1"),
+        (0, "HEAD /2"),
+        (0, "GET /last"),
+        (1, "GET /other"),
+    ]
+    assert [close for _, _, close in sorted(log, key=lambda entry: entry[0])] == [
+        None,
+        None,
+        None,
+        b"close",
+        None,
+    ]
+    assert len(events) == 5
+    assert all(e.decision == "allowed" and e.status == 200 and not e.error for e in events)
+    assert {e.address for e in events} == {"127.0.0.1"}
+
+
+def test_plain_http_reuses_a_kept_connection_only_for_what_it_may_resend():
+    """A POST (not idempotent), or a request with a body, goes on a new
+    upstream connection (its response's connection is kept for the next
+    request); so does a request to another host or port, even one that
+    resolves to the same address."""
+    log: list[tuple[int, str, bytes | None]] = []
+    with (
+        ThreadServer(keepalive_handler(log)) as server,
+        ThreadServer(keepalive_handler(log)) as second,
+        proxy_harness(allow=("allowed.test", "other.test", "127.0.0.1/32")) as h,
+    ):
+        url = f"http://allowed.test:{server.port}"
+        client = H11Client(h.http_port)
+        steps = [
+            ("GET", f"{url}/a", None),
+            ("POST", f"{url}/b", None),
+            ("GET", f"{url}/c", None),
+            ("PUT", f"{url}/d", [b"data"]),
+            ("GET", f"http://other.test:{server.port}/e", None),
+            ("GET", f"http://allowed.test:{second.port}/f", None),
+            ("GET", f"http://allowed.test:{second.port}/g", None),
+        ]
+        for method, target, body in steps:
+            length = [("Content-Length", str(len(b"".join(body))))] if body else []
+            assert client.request(method, target, length, body)[0] == 200
+        client.close()
+        h.wait_events(len(steps))
+    by_request = {what: number for number, what, _ in log}
+    connections = [by_request[f"{m} /{t.rsplit('/', 1)[1]}"] for m, t, _ in steps]
+    a, b, c, d, e, f, g = connections
+    assert a != b and b == c and d not in (a, b) and e not in (a, b, d) and f == g
+
+
+def test_plain_http_a_kept_connection_closed_by_the_upstream_is_replaced():
+    """The upstream reads the client's second request on the kept
+    connection and closes it without an answer (as a server whose
+    keep-alive timeout fell just then does): the proxy sends the request
+    again on a new connection; the client sees only the answers."""
+    log: list[tuple[int, str, bytes | None]] = []
+    with ThreadServer(keepalive_handler(log, close_at=2)) as server, proxy_harness() as h:
+        url = f"http://allowed.test:{server.port}"
+        client = H11Client(h.http_port)
+        bodies = [client.request("GET", f"{url}/{i}")[:3:2] for i in range(4)]
+        client.close()
+        events = h.wait_events(4)
+        summary = h.finish()
+    assert bodies == [(200, b"1"), (200, b"1"), (200, b"1"), (200, b"1")]
+    assert [(number, what) for number, what, _ in sorted(log, key=lambda entry: entry[0])] == [
+        (0, "GET /0"),
+        (0, "GET /1"),  # read, and the connection closed
+        (1, "GET /1"),
+        (1, "GET /2"),
+        (2, "GET /2"),
+        (2, "GET /3"),
+        (3, "GET /3"),
+    ]
+    assert len(events) == 4 and all(e.status == 200 and not e.error for e in events)
+    assert summary["allowed"] == 4
+
+
+def test_plain_http_bytes_past_a_response_are_never_the_next_answer():
+    """An upstream that sends more than its response (here a second,
+    forged response) loses its connection: the client's next request goes
+    on a new one and gets a real answer."""
+    forged = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
+    served = []
+
+    def handler(conn: socket.socket) -> None:
+        conn.settimeout(30)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = conn.recv(65536)
+            if not data:
+                return
+            head += data
+        served.append(head)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nreal" + forged)
+        while conn.recv(65536):  # keep the connection open
+            pass
+
+    with ThreadServer(handler) as server, proxy_harness() as h:
+        client = H11Client(h.http_port)
+        url = f"http://allowed.test:{server.port}/"
+        assert [client.request("GET", url)[2] for _ in range(3)] == [b"real"] * 3
+        client.close()
+    assert len(served) == 3  # each request on a connection of its own
 
 
 def test_plain_http_chunked_upload_and_download(http_server):

@@ -11,9 +11,12 @@ proxy and how headers are rewritten:
   refused with 400.
 
 Forwarding policy: the client connection may be kept alive (h11 decides from
-the client's headers), but every forwarded request gets its own upstream
-connection with ``Connection: close``, so each request is checked against the
-rules on its own and no upstream connection is shared between destinations.
+the client's headers), and so may its upstream connection, for the client's
+next request to the same host and port (``keeps_alive``), if that request may
+be sent twice (``replayable``: the upstream may have closed the connection
+meanwhile, and the proxy then sends it on a new one). Every request is
+checked against the rules on its own; an upstream connection is never shared
+between client connections nor destinations.
 Hop-by-hop headers (RFC 9110 section 7.6.1 plus any named in ``Connection``)
 and every ``Proxy-*`` header are removed in both directions; ``Expect`` is
 answered by the proxy itself; the body framing is re-derived by h11.
@@ -37,7 +40,10 @@ __all__ = [
     "error_response",
     "forward_request_headers",
     "forward_response_headers",
+    "has_body",
+    "keeps_alive",
     "parse_target",
+    "replayable",
     "split_authority",
     "upstream_side",
 ]
@@ -183,12 +189,13 @@ def _strip(
 
 
 def forward_request_headers(
-    headers: Iterable[tuple[bytes, bytes]], authority: str
+    headers: Iterable[tuple[bytes, bytes]], authority: str, *, close: bool = True
 ) -> list[tuple[bytes, bytes]]:
     """Headers to send upstream: hop-by-hop, ``Proxy-*``, ``Host`` and
     ``Expect`` removed; ``Host`` set to ``authority``; body framing kept
     (chunked if the client sent chunked, else its Content-Length);
-    ``Connection: close`` added."""
+    ``Connection: close`` added unless ``close`` is false (the proxy then
+    keeps the upstream connection for the client's next request)."""
     headers = list(headers)
     chunked = any(name.lower() == b"transfer-encoding" for name, _ in headers)
     out = [(b"Host", authority.encode("ascii"))]
@@ -198,8 +205,45 @@ def forward_request_headers(
         out.append((name, value))
     if chunked:
         out.append((b"Transfer-Encoding", b"chunked"))
-    out.append((b"Connection", b"close"))
+    if close:
+        out.append((b"Connection", b"close"))
     return out
+
+
+def keeps_alive(http_version: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a client's request leaves its connection open after the
+    response (HTTP/1.1 without ``Connection: close``): then the proxy asks
+    the upstream to keep its connection open too."""
+    return http_version == b"1.1" and b"close" not in _connection_tokens(headers)
+
+
+# Idempotent methods (RFC 9110, 9.2.2): a request that may be sent again.
+_IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+def replayable(method: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a request may go on an upstream connection kept from the
+    client's previous request: an idempotent method with no body and no
+    ``Expect``. Such a connection may have been closed by the upstream
+    meanwhile, and the request is then sent again on a new one, as
+    RFC 9110 (9.2.2) allows for these, when nothing of a response came."""
+    if method not in _IDEMPOTENT:
+        return False
+    headers = list(headers)
+    return not has_body(headers) and all(name.lower() != b"expect" for name, _ in headers)
+
+
+def has_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a request's framing announces a body (chunked, or a
+    ``Content-Length`` other than 0); h11 has rejected a request whose
+    framing is invalid before this is asked."""
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"transfer-encoding":
+            return True
+        if lname == b"content-length" and value.strip() != b"0":
+            return True
+    return False
 
 
 def forward_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

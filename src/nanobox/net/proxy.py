@@ -23,7 +23,11 @@ opposite direction until it ends too, so nothing is truncated; on a reset
 or an error the other side is reset as well, so failures are never silent.
 
 Plain HTTP is parsed and framed by h11 (imported on the first HTTP
-connection); each request gets its own upstream connection.
+connection). A client connection that stays open keeps its upstream
+connection for its next request to the same destination (checked again),
+when that request may be sent twice (``replayable``): the upstream may have
+closed the connection meanwhile, and then the request goes on a new one.
+Upstream connections are never shared between client connections.
 """
 
 from __future__ import annotations
@@ -52,8 +56,11 @@ from nanobox.net.http import (
     error_response,
     forward_request_headers,
     forward_response_headers,
+    has_body,
+    keeps_alive,
     parse_target,
     raw_body_length,
+    replayable,
     upstream_side,
 )
 from nanobox.net.rules import (
@@ -207,6 +214,10 @@ class _Closed(Exception):
     """The client went away."""
 
 
+class _Stale(Exception):
+    """A kept upstream connection ended before any of the response came."""
+
+
 class _Watchdog:
     """Cancels a task after ``timeout`` seconds without I/O (``touch``)."""
 
@@ -345,6 +356,32 @@ class _Flow:
     def fail_status(self, kind: str) -> int:
         http_status, reply = _FAILURES[kind]
         return reply if self.protocol == "socks5" else http_status
+
+
+class _Kept:
+    """An upstream connection left reusable by a plain-HTTP response, kept
+    for its client connection's next request (see ``_http_forward``)."""
+
+    __slots__ = ("address", "canon", "h", "port", "rule", "sock")
+
+    def __init__(self, sock: socket.socket, h: h11.Connection, flow: _Flow) -> None:
+        self.sock = sock
+        self.h = h
+        self.canon = flow.canon
+        self.port = flow.port
+        self.address = flow.address
+        self.rule = flow.rule
+
+    def idle(self) -> bool:
+        """Nothing arrived on it since its response: not closed (nor
+        reset) by the upstream, which also sent nothing unasked."""
+        try:
+            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False
 
 
 class _Conn:
@@ -1089,6 +1126,8 @@ class Proxy:
             flow.run.stats.failed += 1
 
     def _allow(self, flow: _Flow) -> None:
+        if flow.allowed:
+            return  # (counted once: a request sent again on a new connection)
         flow.allowed = True
         if not flow.run.closed:
             flow.run.stats.allowed += 1
@@ -1353,46 +1392,55 @@ class Proxy:
         import h11
 
         h = client_side()
-        while True:
-            conn.watchdog.await_head(_HEAD_TIMEOUT)
-            try:
-                event = await self._h11_next(conn, h)
-            except h11.RemoteProtocolError as exc:
-                if h.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                    await self._send(
-                        conn,
-                        conn.sock,
-                        error_response(exc.error_status_hint, f"bad request: {exc}"),
-                    )
+        kept: _Kept | None = None  # the previous request's upstream connection
+        try:
+            while True:
+                conn.watchdog.await_head(_HEAD_TIMEOUT)
+                try:
+                    event = await self._h11_next(conn, h)
+                except h11.RemoteProtocolError as exc:
+                    if h.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                        await self._send(
+                            conn,
+                            conn.sock,
+                            error_response(exc.error_status_hint, f"bad request: {exc}"),
+                        )
+                        await self._graceful_close(conn)
+                    return
+                if not isinstance(event, h11.Request):
+                    return  # ConnectionClosed (or a client that broke the protocol)
+                conn.watchdog.await_head(None)
+                method = event.method.decode("ascii")
+                target_text = event.target.decode("ascii", "replace")
+                try:
+                    target = parse_target(method, target_text)
+                    if target.kind == "connect" and any(
+                        name in (b"content-length", b"transfer-encoding")
+                        for name, _ in event.headers
+                    ):
+                        raise HTTPRequestError(400, "CONNECT with a request body")
+                except HTTPRequestError as exc:
+                    flow = _Flow(conn.run, "http", target_text[:256], 0, method)
+                    self._deny(flow, None, f"bad request: {exc.message}")
+                    flow.status = exc.status
+                    conn.flow = flow
+                    await self._send(conn, conn.sock, error_response(exc.status, exc.message))
                     await self._graceful_close(conn)
-                return
-            if not isinstance(event, h11.Request):
-                return  # ConnectionClosed (or a client that broke the protocol)
-            conn.watchdog.await_head(None)
-            method = event.method.decode("ascii")
-            target_text = event.target.decode("ascii", "replace")
-            try:
-                target = parse_target(method, target_text)
-                if target.kind == "connect" and any(
-                    name in (b"content-length", b"transfer-encoding") for name, _ in event.headers
-                ):
-                    raise HTTPRequestError(400, "CONNECT with a request body")
-            except HTTPRequestError as exc:
-                flow = _Flow(conn.run, "http", target_text[:256], 0, method)
-                self._deny(flow, None, f"bad request: {exc.message}")
-                flow.status = exc.status
-                conn.flow = flow
-                await self._send(conn, conn.sock, error_response(exc.status, exc.message))
-                await self._graceful_close(conn)
-                return
-            if target.kind == "connect":
-                await self._http_connect(conn, h, target)
-                return
-            keep_alive = await self._http_forward(conn, h, event, target)
-            if not keep_alive:
-                await self._graceful_close(conn)
-                return
-            h.start_next_cycle()
+                    return
+                if target.kind == "connect":
+                    if kept is not None:
+                        kept.sock.close()
+                        kept = None
+                    await self._http_connect(conn, h, target)
+                    return
+                keep_alive, kept = await self._http_forward(conn, h, event, target, kept)
+                if not keep_alive:
+                    await self._graceful_close(conn)
+                    return
+                h.start_next_cycle()
+        finally:
+            if kept is not None:
+                kept.sock.close()
 
     async def _refuse_http(self, conn: _Conn, flow: _Flow, what: str) -> None:
         assert flow.status is not None
@@ -1422,21 +1470,109 @@ class Proxy:
         await self._tunnel(conn, flow, upstream, early)
 
     async def _http_forward(
-        self, conn: _Conn, h: h11.Connection, request: h11.Request, target: Target
-    ) -> bool:
-        """Forward one request; True if the client connection can be reused."""
-        import h11
-
+        self,
+        conn: _Conn,
+        h: h11.Connection,
+        request: h11.Request,
+        target: Target,
+        kept: _Kept | None,
+    ) -> tuple[bool, _Kept | None]:
+        """Forward one request: whether the client connection can be reused,
+        and the upstream connection to keep for its next request, if any.
+        ``kept``, the previous request's, is used (or closed) here."""
         method = request.method.decode("ascii")
         flow = _Flow(conn.run, "http", target.host, target.port, method)
         conn.flow = flow
-        upstream = await self._open(conn, flow, target.host)
-        if upstream is None:
-            await self._refuse_http(conn, flow, method)
-            conn.flow = None
-            self._emit(flow)
+        upstream: socket.socket | None = None
+        up: h11.Connection | None = None
+        if kept is not None:
+            if self._reuse(conn, flow, kept, request):
+                upstream, up = kept.sock, kept.h
+            else:
+                kept.sock.close()
+        body_read = False
+        while True:
+            reused = upstream is not None
+            if upstream is None:
+                upstream = await self._open(conn, flow, target.host)
+                if upstream is None:
+                    await self._refuse_http(conn, flow, method)
+                    conn.flow = None
+                    self._emit(flow)
+                    return False, None
+                up = upstream_side()
+            assert up is not None
+            try:
+                keep_alive, again = await self._exchange(
+                    conn, h, request, target, flow, upstream, up, reused, body_read
+                )
+            except _Stale:
+                # Closed by the upstream while it was kept: the same request
+                # on a new connection (it has no body, which was read: see
+                # ``replayable``).
+                upstream.close()
+                upstream = None
+                body_read = True
+                continue
+            except BaseException:
+                upstream.close()
+                raise
+            break
+        if again:
+            kept = _Kept(upstream, up, flow)
+        else:
+            upstream.close()
+            kept = None
+        # On an exception the flow stays in conn.flow: _connection reports it
+        # (after answering 504 if it was the idle timeout).
+        conn.flow = None
+        self._emit(flow)
+        return keep_alive, kept
+
+    def _reuse(self, conn: _Conn, flow: _Flow, kept: _Kept, request: h11.Request) -> bool:
+        """Whether ``request`` goes on ``kept``: one that may be sent again
+        (if the upstream closed ``kept`` meanwhile), to the same host and
+        port, still allowed by name (its address was checked when ``kept``
+        was opened), on a connection with nothing waiting on it."""
+        if conn.run.closed or not replayable(request.method, request.headers):
             return False
-        up = upstream_side()
+        try:
+            raw = flow.host
+            canon = canonical_host(raw) if isinstance(raw, str) else unmap(raw)
+        except ValueError:
+            return False
+        if canon != kept.canon or flow.port != kept.port or not kept.idle():
+            return False
+        decision = self.ruleset.decide_name(canon, flow.port)
+        if not decision.allowed:
+            return False
+        flow.canon = canon
+        flow.host = str(canon)
+        flow.reason = decision.reason
+        flow.rule = kept.rule
+        flow.address = kept.address
+        self._allow(flow)
+        return True
+
+    async def _exchange(
+        self,
+        conn: _Conn,
+        h: h11.Connection,
+        request: h11.Request,
+        target: Target,
+        flow: _Flow,
+        upstream: socket.socket,
+        up: h11.Connection,
+        reused: bool,
+        body_read: bool,
+    ) -> tuple[bool, bool]:
+        """Send ``request`` on ``upstream`` and relay the response: whether
+        the client connection can be reused, and whether ``upstream`` can
+        (then ready for the next request). Raises ``_Stale`` where a
+        ``reused`` connection ended before any of the response came.
+        ``body_read``: the request (which has no body) was read already."""
+        import h11
+
         loop = asyncio.get_running_loop()
         tasks: list[asyncio.Task[Any]] = []
         try:
@@ -1444,49 +1580,78 @@ class Proxy:
                 h11.Request(
                     method=request.method,
                     target=target.path.encode("ascii"),
-                    headers=forward_request_headers(request.headers, target.authority),
+                    headers=forward_request_headers(
+                        request.headers,
+                        target.authority,
+                        close=not keeps_alive(request.http_version, request.headers),
+                    ),
                 )
             )
             assert head is not None
-            await self._send(conn, upstream, head)
+            try:
+                await self._send(conn, upstream, head)
+            except OSError:
+                if reused:
+                    raise _Stale from None
+                raise
             flow.count_up(len(head))
-            if h.they_are_waiting_for_100_continue:
-                info = h.send(h11.InformationalResponse(status_code=100, headers=[]))
-                assert info is not None
-                await self._send(conn, conn.sock, info)
-            # Both directions at once: the upstream may answer before the
-            # request body is complete.
-            body_task = loop.create_task(self._forward_body(conn, h, up, upstream, flow))
-            response_task = loop.create_task(self._forward_response(conn, h, up, upstream, flow))
-            tasks = [body_task, response_task]
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            if not response_task.done():
-                failure = None if body_task.cancelled() else body_task.exception()
-                if failure is not None:  # the client went away or broke the protocol
-                    flow.error = f"request not completed: {failure}"
-                    raise _Closed(flow.error)
-                await asyncio.wait([response_task])
-            complete = response_task.result()
-            if complete and not body_task.done():
-                # The response can finish before the body task has even run
-                # (a GET with data already waiting); give the rest of the
-                # request a moment so the client connection can be reused.
-                await asyncio.wait([body_task], timeout=1.0)
-            body_ok = body_task.done() and not body_task.cancelled() and not body_task.exception()
-            keep_alive = (
-                complete and body_ok and h.our_state is h11.DONE and h.their_state is h11.DONE
+            if body_read or not has_body(request.headers):
+                if not body_read:
+                    # (h11 has the end of a request without a body at once)
+                    end = await self._h11_next(conn, h)
+                    if not isinstance(end, h11.EndOfMessage):
+                        raise _Closed("the client broke the protocol during the request")
+                up.send(h11.EndOfMessage())  # (nothing to send: no body)
+                complete = await self._forward_response(conn, h, up, upstream, flow, reused)
+                keep_alive = complete and h.our_state is h11.DONE and h.their_state is h11.DONE
+            else:
+                if h.they_are_waiting_for_100_continue:
+                    info = h.send(h11.InformationalResponse(status_code=100, headers=[]))
+                    assert info is not None
+                    await self._send(conn, conn.sock, info)
+                # Both directions at once: the upstream may answer before the
+                # request body is complete.
+                body_task = loop.create_task(self._forward_body(conn, h, up, upstream, flow))
+                response_task = loop.create_task(
+                    self._forward_response(conn, h, up, upstream, flow, reused)
+                )
+                tasks = [body_task, response_task]
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                if not response_task.done():
+                    failure = None if body_task.cancelled() else body_task.exception()
+                    if failure is not None:  # the client went away or broke the protocol
+                        flow.error = f"request not completed: {failure}"
+                        raise _Closed(flow.error)
+                    await asyncio.wait([response_task])
+                complete = response_task.result()
+                if complete and not body_task.done():
+                    # The response can finish before the body task has even
+                    # run (a GET with data already waiting); give the rest
+                    # of the request a moment so the client connection can
+                    # be reused.
+                    await asyncio.wait([body_task], timeout=1.0)
+                body_ok = (
+                    body_task.done() and not body_task.cancelled() and not body_task.exception()
+                )
+                keep_alive = (
+                    complete and body_ok and h.our_state is h11.DONE and h.their_state is h11.DONE
+                )
+            # (Nothing past the response: bytes no request asked for would be
+            # taken for the next request's response.)
+            again = (
+                keep_alive
+                and up.our_state is h11.DONE
+                and up.their_state is h11.DONE
+                and not up.trailing_data[0]
             )
+            if again:
+                up.start_next_cycle()
         finally:
             for task in tasks:
                 task.cancel()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
-            upstream.close()
-        # On an exception the flow stays in conn.flow: _connection reports it
-        # (after answering 504 if it was the idle timeout).
-        conn.flow = None
-        self._emit(flow)
-        return keep_alive
+        return keep_alive, again
 
     async def _forward_body(
         self,
@@ -1525,25 +1690,49 @@ class Proxy:
         up: h11.Connection,
         upstream: socket.socket,
         flow: _Flow,
+        stale: bool = False,
     ) -> bool:
-        """Relay the response; False if it could not be completed."""
+        """Relay the response; False if it could not be completed. Raises
+        ``_Stale`` if ``stale`` (a kept connection) and it ends before any
+        of the response came. What the upstream sent at once goes to the
+        client at once (one send for a small response's head and body)."""
         import h11
 
         loop = asyncio.get_running_loop()
+        pending: list[bytes] = []
+
+        async def flush() -> None:
+            if pending:
+                data = b"".join(pending)
+                pending.clear()
+                await self._send(conn, conn.sock, data)
+
         while True:
             try:
                 event = up.next_event()
-                if event is h11.NEED_DATA:
-                    data = await loop.sock_recv(upstream, _RECV)
-                    conn.watchdog.touch()
-                    flow.count_down(len(data))
-                    up.receive_data(data)
-                    continue
-            except (h11.RemoteProtocolError, OSError) as exc:
+            except h11.RemoteProtocolError as exc:
+                await flush()
                 return await self._bad_gateway(conn, flow, f"bad response from upstream: {exc}")
+            if event is h11.NEED_DATA:
+                await flush()
+                try:
+                    data = await loop.sock_recv(upstream, _RECV)
+                except OSError as exc:
+                    if stale:
+                        raise _Stale from None
+                    return await self._bad_gateway(conn, flow, f"bad response from upstream: {exc}")
+                if stale:
+                    if not data:
+                        raise _Stale
+                    stale = False
+                conn.watchdog.touch()
+                flow.count_down(len(data))
+                up.receive_data(data)
+                continue
             if isinstance(event, h11.InformationalResponse):
                 if event.status_code in (100, 101):
                     if event.status_code == 101:
+                        await flush()
                         return await self._bad_gateway(conn, flow, "unexpected 101 from upstream")
                     continue
                 out = h.send(
@@ -1568,19 +1757,22 @@ class Proxy:
                 flow.response_started = True
                 if raw is not None:
                     if out:
-                        await self._send(conn, conn.sock, out)
+                        pending.append(out)
+                    await flush()
                     return await self._relay_raw(conn, up, upstream, flow, raw)
             elif isinstance(event, h11.Data):
                 out = h.send(h11.Data(data=event.data))
             elif isinstance(event, h11.EndOfMessage):
                 out = h.send(h11.EndOfMessage())
                 if out:
-                    await self._send(conn, conn.sock, out)
+                    pending.append(out)
+                await flush()
                 return True
             else:  # ConnectionClosed before the end of the response
+                await flush()
                 return await self._bad_gateway(conn, flow, "upstream closed the connection early")
             if out:
-                await self._send(conn, conn.sock, out)
+                pending.append(out)
 
     async def _relay_raw(
         self, conn: _Conn, up: h11.Connection, upstream: socket.socket, flow: _Flow, length: int
