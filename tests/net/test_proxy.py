@@ -17,6 +17,7 @@ import threading
 import time
 import zlib
 
+import h11
 import pytest
 from _net_support import (
     BLOCK,
@@ -45,6 +46,7 @@ from _net_support import (
 )
 
 from nanobox.net import Proxy, Ruleset
+from nanobox.net import proxy as proxy_module
 
 SPELLINGS_127 = [
     "127.0.0.1",
@@ -486,6 +488,83 @@ def test_plain_http_a_kept_connection_closed_by_the_upstream_is_replaced():
     ]
     assert len(events) == 4 and all(e.status == 200 and not e.error for e in events)
     assert summary["allowed"] == 4
+
+
+def test_plain_http_a_request_sent_again_goes_to_the_address_it_was_allowed_to():
+    """The request sent again after its kept connection was found closed
+    goes to the address already checked: the name is not resolved again
+    (here to an address the rules refuse), so the request is reported once,
+    allowed, with the address it reached."""
+    log: list[tuple[int, str, bytes | None]] = []
+    answers = [["127.0.0.1"], ["10.1.2.3"]]
+
+    class Changing(FakeResolver):
+        async def __call__(self, host: str) -> list[str]:
+            self.calls.append(host)
+            return answers[0] if len(self.calls) == 1 else answers[1]
+
+    resolver = Changing({})
+    with (
+        ThreadServer(keepalive_handler(log, close_at=2)) as server,
+        proxy_harness(resolver=resolver) as h,
+    ):
+        client = H11Client(h.http_port)
+        url = f"http://allowed.test:{server.port}"
+        assert [client.request("GET", f"{url}/{i}")[:3:2] for i in range(2)] == [(200, b"1")] * 2
+        client.close()
+        events = h.wait_events(2)
+        summary = h.finish()
+    assert resolver.calls == ["allowed.test"]
+    assert [(e.decision, e.status, e.address) for e in events] == [
+        ("allowed", 200, "127.0.0.1")
+    ] * 2
+    assert (summary["allowed"], summary["denied"]) == (2, 0)
+    assert [what for _, what, _ in log] == ["GET /0", "GET /1", "GET /1"]
+
+
+def test_plain_http_a_kept_connection_reset_as_the_request_goes_is_replaced(monkeypatch):
+    """The upstream resets the kept connection just after the proxy looked
+    at it (the look is made to miss it here): the request goes on a new
+    connection, and the client's connection stays usable."""
+    monkeypatch.setattr(proxy_module._Kept, "idle", lambda self: True)
+    served = []
+
+    def handler(conn: socket.socket) -> None:
+        h = h11.Connection(h11.SERVER)
+        conn.settimeout(30)
+        while True:
+            event = h.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    data = conn.recv(65536)
+                except TimeoutError:  # idle for 0.3 s: reset the connection
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    return
+                h.receive_data(data)
+                continue
+            if isinstance(event, h11.Request):
+                served.append(event.target.decode())
+            elif isinstance(event, h11.EndOfMessage):
+                head = [(b"content-length", b"2")]
+                out = h.send(h11.Response(status_code=200, headers=head)) or b""
+                out += h.send(h11.Data(data=b"ok")) or b""
+                conn.sendall(out + (h.send(h11.EndOfMessage()) or b""))
+                h.start_next_cycle()
+                conn.settimeout(0.3)
+            else:
+                return
+
+    with ThreadServer(handler) as server, proxy_harness() as h:
+        client = H11Client(h.http_port)
+        url = f"http://allowed.test:{server.port}"
+        assert client.request("GET", f"{url}/1")[:3:2] == (200, b"ok")
+        time.sleep(0.6)  # reset by now
+        assert client.request("GET", f"{url}/2")[:3:2] == (200, b"ok")
+        assert client.request("GET", f"{url}/3")[:3:2] == (200, b"ok")
+        client.close()
+        events = h.wait_events(3)
+    assert served == ["/1", "/2", "/3"]
+    assert [(e.status, e.error) for e in events] == [(200, None)] * 3
 
 
 def test_plain_http_bytes_past_a_response_are_never_the_next_answer():

@@ -1150,41 +1150,38 @@ class Proxy:
             raise socket.gaierror(socket.EAI_NONAME, "no addresses")
         return out
 
-    async def _open(self, conn: _Conn, flow: _Flow, raw_host: Host) -> socket.socket | None:
+    async def _open(
+        self, conn: _Conn, flow: _Flow, raw_host: Host, checked: IPAddress | None = None
+    ) -> socket.socket | None:
         """Check ``flow``'s destination and connect. ``None`` when refused or
-        failed (the flow then says why and what to answer)."""
-        try:
-            canon = canonical_host(raw_host) if isinstance(raw_host, str) else unmap(raw_host)
-        except ValueError as exc:
-            flow.host = _shown_host(flow)
-            self._deny(flow, None, f"invalid host: {str(exc)[:300]}")
-            return None
-        flow.canon = canon
-        flow.host = str(canon)
-        by_name = isinstance(canon, str)
-        decision = self.ruleset.decide_name(canon, flow.port)
-        if not decision.allowed:
-            self._deny(flow, decision)
-            return None
-        flow.rule = decision.rule
-        flow.reason = decision.reason
+        failed (the flow then says why and what to answer). ``checked``: the
+        address ``flow`` was allowed to, to connect to again (a request sent
+        again: not resolved a second time, whose answer could differ)."""
+        canon: Host | None = flow.canon
+        if checked is None:
+            try:
+                canon = canonical_host(raw_host) if isinstance(raw_host, str) else unmap(raw_host)
+            except ValueError as exc:
+                flow.host = _shown_host(flow)
+                self._deny(flow, None, f"invalid host: {str(exc)[:300]}")
+                return None
+            flow.canon = canon
+            flow.host = str(canon)
+            decision = self.ruleset.decide_name(canon, flow.port)
+            if not decision.allowed:
+                self._deny(flow, decision)
+                return None
+            flow.rule = decision.rule
+            flow.reason = decision.reason
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout
         conn.watchdog.paused = True
         try:
-            if isinstance(canon, str):
-                addresses = await asyncio.wait_for(self._resolve(canon), self.connect_timeout)
-            else:
-                addresses = [canon]
-            for addr in addresses:
-                verdict = self.ruleset.decide_address(addr, flow.port, by_name)
-                if not verdict.allowed:
-                    flow.address = str(addr)
-                    self._deny(flow, verdict)
-                    return None
-                if verdict.rule is not None and verdict.rule != flow.rule:
-                    flow.rule = f"{flow.rule} + {verdict.rule}"
-            self._allow(flow)
+            addresses = (
+                [checked] if checked is not None else await self._checked_addresses(flow, canon)
+            )
+            if addresses is None:
+                return None
             last: OSError | None = None
             for addr in addresses:
                 remaining = deadline - loop.time()
@@ -1233,6 +1230,24 @@ class Proxy:
             conn.watchdog.paused = False
             conn.watchdog.touch()
         return None
+
+    async def _checked_addresses(self, flow: _Flow, canon: Host | None) -> list[IPAddress] | None:
+        """``canon``'s addresses, each allowed (else None: the flow is denied)."""
+        if isinstance(canon, str):
+            addresses = await asyncio.wait_for(self._resolve(canon), self.connect_timeout)
+        else:
+            assert canon is not None
+            addresses = [canon]
+        for addr in addresses:
+            verdict = self.ruleset.decide_address(addr, flow.port, isinstance(canon, str))
+            if not verdict.allowed:
+                flow.address = str(addr)
+                self._deny(flow, verdict)
+                return None
+            if verdict.rule is not None and verdict.rule != flow.rule:
+                flow.rule = f"{flow.rule} + {verdict.rule}"
+        self._allow(flow)
+        return addresses
 
     # -- shared I/O helpers
 
@@ -1480,21 +1495,29 @@ class Proxy:
         """Forward one request: whether the client connection can be reused,
         and the upstream connection to keep for its next request, if any.
         ``kept``, the previous request's, is used (or closed) here."""
+        import h11
+
         method = request.method.decode("ascii")
         flow = _Flow(conn.run, "http", target.host, target.port, method)
         conn.flow = flow
         upstream: socket.socket | None = None
         up: h11.Connection | None = None
+        body_read = not has_body(request.headers)
+        if body_read:
+            # (h11 has the end of a request without a body at once.)
+            end = await self._h11_next(conn, h)
+            if not isinstance(end, h11.EndOfMessage):
+                raise _Closed("the client broke the protocol during the request")
         if kept is not None:
             if self._reuse(conn, flow, kept, request):
                 upstream, up = kept.sock, kept.h
             else:
                 kept.sock.close()
-        body_read = False
+        again_to: IPAddress | None = None
         while True:
             reused = upstream is not None
             if upstream is None:
-                upstream = await self._open(conn, flow, target.host)
+                upstream = await self._open(conn, flow, target.host, again_to)
                 if upstream is None:
                     await self._refuse_http(conn, flow, method)
                     conn.flow = None
@@ -1508,11 +1531,11 @@ class Proxy:
                 )
             except _Stale:
                 # Closed by the upstream while it was kept: the same request
-                # on a new connection (it has no body, which was read: see
-                # ``replayable``).
+                # (without a body: see ``replayable``) on a new connection to
+                # the address it was allowed to.
                 upstream.close()
                 upstream = None
-                body_read = True
+                again_to = ipaddress.ip_address(flow.address or "")
                 continue
             except BaseException:
                 upstream.close()
@@ -1570,7 +1593,7 @@ class Proxy:
         the client connection can be reused, and whether ``upstream`` can
         (then ready for the next request). Raises ``_Stale`` where a
         ``reused`` connection ended before any of the response came.
-        ``body_read``: the request (which has no body) was read already."""
+        ``body_read``: the request has no body, and its end was read."""
         import h11
 
         loop = asyncio.get_running_loop()
@@ -1595,12 +1618,7 @@ class Proxy:
                     raise _Stale from None
                 raise
             flow.count_up(len(head))
-            if body_read or not has_body(request.headers):
-                if not body_read:
-                    # (h11 has the end of a request without a body at once)
-                    end = await self._h11_next(conn, h)
-                    if not isinstance(end, h11.EndOfMessage):
-                        raise _Closed("the client broke the protocol during the request")
+            if body_read:
                 up.send(h11.EndOfMessage())  # (nothing to send: no body)
                 complete = await self._forward_response(conn, h, up, upstream, flow, reused)
                 keep_alive = complete and h.our_state is h11.DONE and h.their_state is h11.DONE
