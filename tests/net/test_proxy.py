@@ -245,6 +245,41 @@ def test_single_lookup_per_connection(echo_server):
     assert status == 200 and resolver.calls == ["allowed.test"]
 
 
+def test_requests_for_a_name_being_looked_up_share_its_lookup(echo_server):
+    """Ten tunnels to one name at once: one lookup (the system's resolver
+    answers a few at a time), and every tunnel is made."""
+    resolver = FakeResolver({"allowed.test": ["127.0.0.1"]}, delay=0.3)
+    results: list[int] = []
+
+    def tunnel() -> None:
+        sock, status, _ = http_connect(h.http_port, f"allowed.test:{echo_server.port}")
+        sock.sendall(b"x")
+        results.append(status if recv_exact(sock, 1) == b"x" else -1)
+        sock.close()
+
+    with proxy_harness(resolver=resolver) as h:
+        threads = [threading.Thread(target=tunnel) for _ in range(10)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT)
+    assert results == [200] * 10
+    assert resolver.calls == ["allowed.test"]
+
+
+def test_a_lookup_past_the_connect_timeout_is_not_joined():
+    """A lookup that does not end is not waited for by later requests
+    (each would time out): they start one of their own."""
+    resolver = FakeResolver({"allowed.test": ["127.0.0.1"]}, delay=30.0)
+    with proxy_harness(resolver=resolver, connect_timeout=0.3) as h:
+        statuses = []
+        for _ in range(2):
+            sock, status, _ = http_connect(h.http_port, "allowed.test:80")
+            sock.close()
+            statuses.append(status)
+    assert statuses == [504, 504] and resolver.calls == ["allowed.test"] * 2
+
+
 def test_connect_refused_gives_502():
     with proxy_harness() as h:
         sock, status, body = http_connect(h.http_port, f"allowed.test:{free_port()}")

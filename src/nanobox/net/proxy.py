@@ -828,6 +828,8 @@ class Proxy:
         self._runs: dict[str, _Run] = {}
         self._active = 0
         self._closed = False
+        # name -> the lookup under way, and when it started
+        self._lookups: dict[str, tuple[asyncio.Task[list[IPAddress]], float]] = {}
 
     # -- runs
 
@@ -917,6 +919,11 @@ class Proxy:
                 mains.append(run.main)
         if mains:
             await asyncio.gather(*mains, return_exceptions=True)
+        lookups = [lookup for lookup, _started in self._lookups.values()]
+        for lookup in lookups:
+            lookup.cancel()
+        if lookups:
+            await asyncio.gather(*lookups, return_exceptions=True)
 
     async def _run_main(self, run: _Run) -> None:
         try:
@@ -1133,6 +1140,28 @@ class Proxy:
             flow.run.stats.allowed += 1
 
     async def _resolve(self, name: str) -> list[IPAddress]:
+        """``name``'s addresses. A request for a name already being looked
+        up waits for that lookup, unless it has taken ``connect_timeout``
+        already: a client that opens many connections at once (npm, uv) asks
+        for one name many times, and the system's resolver answers a few at
+        a time (the event loop's executor threads, 6 on 2 cores), so the
+        lookups of one slow name held every other lookup of the proxy."""
+        loop = asyncio.get_running_loop()
+        lookup, started = self._lookups.get(name, (None, 0.0))
+        if lookup is None or loop.time() - started >= self.connect_timeout:
+            lookup = loop.create_task(self._lookup(name))
+            self._lookups[name] = (lookup, loop.time())
+            lookup.add_done_callback(functools.partial(self._looked_up, name))
+        # (shield: a waiter that gives up does not cancel the others' lookup)
+        return list(await asyncio.shield(lookup))
+
+    def _looked_up(self, name: str, lookup: asyncio.Task[list[IPAddress]]) -> None:
+        if self._lookups.get(name, (None,))[0] is lookup:
+            del self._lookups[name]
+        if not lookup.cancelled():
+            lookup.exception()  # (retrieved: every waiter may have gone)
+
+    async def _lookup(self, name: str) -> list[IPAddress]:
         try:
             answers = await self.resolver(name)
         except (OSError, asyncio.TimeoutError, asyncio.CancelledError):
