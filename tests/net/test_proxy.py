@@ -45,6 +45,7 @@ from _net_support import (
     socks_connect,
 )
 
+from conftest import wait_until
 from nanobox.net import Proxy, Ruleset
 from nanobox.net import proxy as proxy_module
 
@@ -555,6 +556,64 @@ def test_plain_http_a_request_sent_again_goes_to_the_address_it_was_allowed_to()
     ] * 2
     assert (summary["allowed"], summary["denied"]) == (2, 0)
     assert [what for _, what, _ in log] == ["GET /0", "GET /1", "GET /1"]
+
+
+def test_plain_http_a_request_sent_again_tries_every_address_it_was_allowed_to():
+    """The upstream's first address drops the kept connection and takes no
+    new one: the request sent again goes to the next address checked."""
+    log: list[tuple[int, str, bytes | None]] = []
+    names = {"multi.test": ["127.0.0.1", "127.0.0.2"]}
+    with ThreadServer(keepalive_handler(log, close_at=2)) as first:
+        second = socket.socket()
+        second.bind(("127.0.0.2", first.port))
+        second.listen(8)
+        answer = keepalive_handler(log)
+
+        def serve_second() -> None:
+            conn, _ = second.accept()
+            with conn:
+                answer(conn)
+
+        thread = threading.Thread(target=serve_second, daemon=True)
+        thread.start()
+        try:
+            with proxy_harness(
+                allow=("multi.test", "127.0.0.0/8"), resolver=FakeResolver(names)
+            ) as h:
+                client = H11Client(h.http_port)
+                url = f"http://multi.test:{first.port}"
+                assert client.request("GET", f"{url}/a")[:3:2] == (200, b"1")
+                first.sock.shutdown(socket.SHUT_RDWR)  # (no new connection there)
+                assert client.request("GET", f"{url}/b")[:3:2] == (200, b"1")
+                client.close()
+                events = h.wait_events(2)
+        finally:
+            second.close()
+            thread.join(TIMEOUT)
+    assert [(e.status, e.address) for e in events] == [(200, "127.0.0.1"), (200, "127.0.0.2")]
+
+
+def test_a_lookup_whose_requests_all_gave_up_is_cancelled():
+    """A lookup that does not end is cancelled once every request waiting
+    for it has timed out, as each request's own lookup was."""
+    running = []
+
+    async def stuck(host: str) -> list[str]:
+        running.append(host)
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            running.remove(host)
+        return []
+
+    with proxy_harness(resolver=stuck, connect_timeout=0.2) as h:
+        idle = proxy_task_count(h.thread)
+        for _ in range(4):
+            sock, status, _ = http_connect(h.http_port, "allowed.test:80")
+            sock.close()
+            assert status == 504
+        assert running == []  # (each cancelled when its request timed out)
+        assert wait_until(lambda: proxy_task_count(h.thread) == idle, timeout=5)
 
 
 def test_plain_http_a_kept_connection_reset_as_the_request_goes_is_replaced(monkeypatch):

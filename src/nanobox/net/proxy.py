@@ -304,6 +304,7 @@ class _Flow:
 
     __slots__ = (
         "address",
+        "addresses",
         "allowed",
         "bytes_down",
         "bytes_up",
@@ -332,6 +333,7 @@ class _Flow:
         self.method = method
         self.canon: Host | None = None
         self.address: str | None = None
+        self.addresses: list[IPAddress] = []  # those checked, to connect to
         self.allowed: bool | None = None
         self.rule: str | None = None
         self.reason = ""
@@ -362,7 +364,7 @@ class _Kept:
     """An upstream connection left reusable by a plain-HTTP response, kept
     for its client connection's next request (see ``_http_forward``)."""
 
-    __slots__ = ("address", "canon", "h", "port", "rule", "sock")
+    __slots__ = ("address", "addresses", "canon", "h", "port", "rule", "sock")
 
     def __init__(self, sock: socket.socket, h: h11.Connection, flow: _Flow) -> None:
         self.sock = sock
@@ -370,6 +372,7 @@ class _Kept:
         self.canon = flow.canon
         self.port = flow.port
         self.address = flow.address
+        self.addresses = flow.addresses
         self.rule = flow.rule
 
     def idle(self) -> bool:
@@ -382,6 +385,17 @@ class _Kept:
         except OSError:
             return False
         return False
+
+
+class _Lookup:
+    """A name's lookup under way, shared by the requests that wait for it."""
+
+    __slots__ = ("started", "task", "waiters")
+
+    def __init__(self, task: asyncio.Task[list[IPAddress]], started: float) -> None:
+        self.task = task
+        self.started = started
+        self.waiters = 0
 
 
 class _Conn:
@@ -828,8 +842,7 @@ class Proxy:
         self._runs: dict[str, _Run] = {}
         self._active = 0
         self._closed = False
-        # name -> the lookup under way, and when it started
-        self._lookups: dict[str, tuple[asyncio.Task[list[IPAddress]], float]] = {}
+        self._lookups: dict[str, _Lookup] = {}  # name -> the lookup under way
 
     # -- runs
 
@@ -919,7 +932,7 @@ class Proxy:
                 mains.append(run.main)
         if mains:
             await asyncio.gather(*mains, return_exceptions=True)
-        lookups = [lookup for lookup, _started in self._lookups.values()]
+        lookups = [lookup.task for lookup in self._lookups.values()]
         for lookup in lookups:
             lookup.cancel()
         if lookups:
@@ -1147,19 +1160,29 @@ class Proxy:
         a time (the event loop's executor threads, 6 on 2 cores), so the
         lookups of one slow name held every other lookup of the proxy."""
         loop = asyncio.get_running_loop()
-        lookup, started = self._lookups.get(name, (None, 0.0))
-        if lookup is None or loop.time() - started >= self.connect_timeout:
-            lookup = loop.create_task(self._lookup(name))
-            self._lookups[name] = (lookup, loop.time())
-            lookup.add_done_callback(functools.partial(self._looked_up, name))
-        # (shield: a waiter that gives up does not cancel the others' lookup)
-        return list(await asyncio.shield(lookup))
+        lookup = self._lookups.get(name)
+        if lookup is None or loop.time() - lookup.started >= self.connect_timeout:
+            lookup = _Lookup(loop.create_task(self._lookup(name)), loop.time())
+            self._lookups[name] = lookup
+            lookup.task.add_done_callback(functools.partial(self._looked_up, name, lookup))
+        lookup.waiters += 1
+        try:
+            # (shield: a waiter that gives up does not cancel the others' lookup)
+            return list(await asyncio.shield(lookup.task))
+        finally:
+            lookup.waiters -= 1
+            if not lookup.waiters and not lookup.task.done():
+                # The last waiter gave up (timed out, or its run stopped):
+                # the lookup goes too, and no later request joins it.
+                if self._lookups.get(name) is lookup:
+                    del self._lookups[name]
+                lookup.task.cancel()
 
-    def _looked_up(self, name: str, lookup: asyncio.Task[list[IPAddress]]) -> None:
-        if self._lookups.get(name, (None,))[0] is lookup:
+    def _looked_up(self, name: str, lookup: _Lookup, task: asyncio.Task[list[IPAddress]]) -> None:
+        if self._lookups.get(name) is lookup:
             del self._lookups[name]
-        if not lookup.cancelled():
-            lookup.exception()  # (retrieved: every waiter may have gone)
+        if not task.cancelled():
+            task.exception()  # (retrieved: every waiter may have gone)
 
     async def _lookup(self, name: str) -> list[IPAddress]:
         try:
@@ -1180,14 +1203,14 @@ class Proxy:
         return out
 
     async def _open(
-        self, conn: _Conn, flow: _Flow, raw_host: Host, checked: IPAddress | None = None
+        self, conn: _Conn, flow: _Flow, raw_host: Host, again: bool = False
     ) -> socket.socket | None:
         """Check ``flow``'s destination and connect. ``None`` when refused or
-        failed (the flow then says why and what to answer). ``checked``: the
-        address ``flow`` was allowed to, to connect to again (a request sent
-        again: not resolved a second time, whose answer could differ)."""
+        failed (the flow then says why and what to answer). ``again``: connect
+        to the addresses ``flow`` was allowed to (a request sent again: not
+        resolved a second time, whose answer could differ)."""
         canon: Host | None = flow.canon
-        if checked is None:
+        if not again:
             try:
                 canon = canonical_host(raw_host) if isinstance(raw_host, str) else unmap(raw_host)
             except ValueError as exc:
@@ -1206,11 +1229,12 @@ class Proxy:
         deadline = loop.time() + self.connect_timeout
         conn.watchdog.paused = True
         try:
-            addresses = (
-                [checked] if checked is not None else await self._checked_addresses(flow, canon)
-            )
-            if addresses is None:
-                return None
+            if not again:
+                checked = await self._checked_addresses(flow, canon)
+                if checked is None:
+                    return None
+                flow.addresses = checked
+            addresses = flow.addresses
             last: OSError | None = None
             for addr in addresses:
                 remaining = deadline - loop.time()
@@ -1542,11 +1566,11 @@ class Proxy:
                 upstream, up = kept.sock, kept.h
             else:
                 kept.sock.close()
-        again_to: IPAddress | None = None
+        again = False
         while True:
             reused = upstream is not None
             if upstream is None:
-                upstream = await self._open(conn, flow, target.host, again_to)
+                upstream = await self._open(conn, flow, target.host, again)
                 if upstream is None:
                     await self._refuse_http(conn, flow, method)
                     conn.flow = None
@@ -1561,10 +1585,10 @@ class Proxy:
             except _Stale:
                 # Closed by the upstream while it was kept: the same request
                 # (without a body: see ``replayable``) on a new connection to
-                # the address it was allowed to.
+                # the addresses it was allowed to.
                 upstream.close()
                 upstream = None
-                again_to = ipaddress.ip_address(flow.address or "")
+                again = True
                 continue
             except BaseException:
                 upstream.close()
@@ -1603,6 +1627,7 @@ class Proxy:
         flow.reason = decision.reason
         flow.rule = kept.rule
         flow.address = kept.address
+        flow.addresses = kept.addresses
         self._allow(flow)
         return True
 
