@@ -1566,11 +1566,11 @@ class Proxy:
                 upstream, up = kept.sock, kept.h
             else:
                 kept.sock.close()
-        again = False
+        sent_again = False
         while True:
             reused = upstream is not None
             if upstream is None:
-                upstream = await self._open(conn, flow, target.host, again)
+                upstream = await self._open(conn, flow, target.host, again=sent_again)
                 if upstream is None:
                     await self._refuse_http(conn, flow, method)
                     conn.flow = None
@@ -1579,7 +1579,7 @@ class Proxy:
                 up = upstream_side()
             assert up is not None
             try:
-                keep_alive, again = await self._exchange(
+                keep_alive, reusable = await self._exchange(
                     conn, h, request, target, flow, upstream, up, reused, body_read
                 )
             except _Stale:
@@ -1588,13 +1588,13 @@ class Proxy:
                 # the addresses it was allowed to.
                 upstream.close()
                 upstream = None
-                again = True
+                sent_again = True
                 continue
             except BaseException:
                 upstream.close()
                 raise
             break
-        if again:
+        if reusable:
             kept = _Kept(upstream, up, flow)
         else:
             upstream.close()
@@ -1710,20 +1710,20 @@ class Proxy:
                 )
             # (Nothing past the response: bytes no request asked for would be
             # taken for the next request's response.)
-            again = (
+            reusable = (
                 keep_alive
                 and up.our_state is h11.DONE
                 and up.their_state is h11.DONE
                 and not up.trailing_data[0]
             )
-            if again:
+            if reusable:
                 up.start_next_cycle()
         finally:
             for task in tasks:
                 task.cancel()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
-        return keep_alive, again
+        return keep_alive, reusable
 
     async def _forward_body(
         self,
