@@ -438,9 +438,19 @@ def test_all_output_reaches_a_non_blocking_stdout(workspace: Path) -> None:
     assert p.wait(timeout=60) == 0 and got == 2_000_000, got
 
 
+def _default_signals() -> None:
+    """SIGINT, SIGTERM and SIGHUP as a terminal's shell leaves them: the
+    tests that send them must not depend on how the suite was started
+    (``nohup`` ignores SIGHUP, a shell's background job SIGINT, and the CLI
+    keeps a signal ignored that it was started ignoring)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _started(*args: str, **kw: Any) -> subprocess.Popen[bytes]:
     """``nanobox run ARGS -- sh`` that prints "started" and sleeps: returned
     once the line is read (the run is going on)."""
+    kw.setdefault("preexec_fn", _default_signals)
     p = subprocess.Popen(
         [sys.executable, "-m", "nanobox", "run", *args, "--", "sh", "-c", INTERRUPTED],
         stdout=subprocess.PIPE,
@@ -499,6 +509,7 @@ def test_a_terminal_that_hangs_up_ends_the_run_with_a_result(
     pid, master = pty.fork()
     if pid == 0:  # pragma: no cover - the child
         try:
+            _default_signals()
             argv = [sys.executable, "-m", "nanobox", "run", "--result", str(res)]
             os.execv(sys.executable, [*argv, "--", "sh", "-c", INTERRUPTED])
         finally:
@@ -519,7 +530,12 @@ def test_a_terminal_that_hangs_up_ends_the_run_with_a_result(
 def test_a_signal_the_cli_was_started_ignoring_stays_ignored(workspace: Path) -> None:
     """``nohup nanobox run ...``: SIGHUP is ignored (the run goes on); the
     next SIGTERM still ends it."""
-    p = _started(preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+
+    def ignore_hup() -> None:
+        _default_signals()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    p = _started(preexec_fn=ignore_hup)
     p.send_signal(signal.SIGHUP)
     with pytest.raises(subprocess.TimeoutExpired):
         p.wait(timeout=0.5)
