@@ -616,6 +616,31 @@ def test_a_lookup_whose_requests_all_gave_up_is_cancelled():
         assert wait_until(lambda: proxy_task_count(h.thread) == idle, timeout=5)
 
 
+@pytest.mark.parametrize("timeout", [0.2, 30.0], ids=["timed-out", "pending"])
+def test_closing_the_proxy_waits_for_its_lookups_to_end(timeout):
+    """A lookup cancelled (its request timed out, or the proxy closes while
+    it waits) gets to clean up before the proxy is closed."""
+    cleaned = []
+
+    async def slow_to_cancel(host: str) -> list[str]:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(0.3)
+            cleaned.append(host)
+        return []
+
+    with proxy_harness(resolver=slow_to_cancel, connect_timeout=timeout) as h:
+        sock = connect(h.http_port)
+        sock.sendall(b"CONNECT allowed.test:80 HTTP/1.1\r\nHost: allowed.test:80\r\n\r\n")
+        if timeout < 1:
+            assert read_head(sock)[0] == 504
+        else:
+            time.sleep(0.2)  # (the lookup is under way)
+    sock.close()
+    assert cleaned == ["allowed.test"]
+
+
 def test_plain_http_a_kept_connection_reset_as_the_request_goes_is_replaced(monkeypatch):
     """The upstream resets the kept connection just after the proxy looked
     at it (the look is made to miss it here): the request goes on a new

@@ -842,7 +842,8 @@ class Proxy:
         self._runs: dict[str, _Run] = {}
         self._active = 0
         self._closed = False
-        self._lookups: dict[str, _Lookup] = {}  # name -> the lookup under way
+        self._lookups: dict[str, _Lookup] = {}  # name -> the lookup a request may join
+        self._lookup_tasks: set[asyncio.Task[list[IPAddress]]] = set()  # every one not done
 
     # -- runs
 
@@ -932,9 +933,11 @@ class Proxy:
                 mains.append(run.main)
         if mains:
             await asyncio.gather(*mains, return_exceptions=True)
-        lookups = [lookup.task for lookup in self._lookups.values()]
-        for lookup in lookups:
-            lookup.cancel()
+        for lookup in self._lookups.values():
+            lookup.task.cancel()
+        # (Those given up by their last waiter were cancelled then, and may
+        # still be cleaning up: waited for, not cancelled again.)
+        lookups = list(self._lookup_tasks)
         if lookups:
             await asyncio.gather(*lookups, return_exceptions=True)
 
@@ -1164,6 +1167,7 @@ class Proxy:
         if lookup is None or loop.time() - lookup.started >= self.connect_timeout:
             lookup = _Lookup(loop.create_task(self._lookup(name)), loop.time())
             self._lookups[name] = lookup
+            self._lookup_tasks.add(lookup.task)
             lookup.task.add_done_callback(functools.partial(self._looked_up, name, lookup))
         lookup.waiters += 1
         try:
@@ -1179,6 +1183,7 @@ class Proxy:
                 lookup.task.cancel()
 
     def _looked_up(self, name: str, lookup: _Lookup, task: asyncio.Task[list[IPAddress]]) -> None:
+        self._lookup_tasks.discard(task)
         if self._lookups.get(name) is lookup:
             del self._lookups[name]
         if not task.cancelled():
