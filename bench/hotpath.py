@@ -15,6 +15,11 @@
    ones (only changed directories listed again).
 4. What if: the warm loop without per-run cgroups when no limit is asked
    for (a monkeypatch of ``plan.resources`` in a child process).
+4b. CPU per run by process, back to back (a child process, many runs: the
+   kernel counts CPU in clock ticks): the caller, the fork server, the
+   forker, the stage A processes (the forker's reaped children), the
+   command and PID 1 (the server's), and the rest of the machine's busy
+   time (the kernel's threads, anything else running) from ``/proc/stat``.
 5. Cold CLI: ``python -X importtime`` of ``nanobox run -- /bin/true`` and an
    in-process split (imports, fork server start, the run).
 
@@ -519,6 +524,83 @@ def what_if(runs: int, cwd: str) -> dict[str, Any]:
     }
 
 
+def _stat_times(pid: int) -> tuple[int, int]:
+    """(own, reaped children's) CPU of ``pid`` in clock ticks."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+
+
+def _machine_busy() -> int:
+    with open("/proc/stat") as fh:
+        values = [int(x) for x in fh.readline().split()[1:]]
+    return sum(values) - values[3] - values[4]  # (idle, iowait)
+
+
+def cpu_split_child(runs: int, cwd: str) -> dict[str, Any]:
+    import nanobox
+
+    box = nanobox.Sandbox()
+    for _ in range(10):
+        box.run(["/bin/true"], cwd=cwd)
+    me = os.getpid()
+
+    def children(pid: int) -> list[int]:
+        out: list[int] = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                out += [int(x) for x in fh.read().split()]
+        return out
+
+    def comm(pid: int) -> str:
+        with open(f"/proc/{pid}/comm") as fh:
+            return fh.read().strip()
+
+    servers = [p for p in children(me) if comm(p) != "nanobox-forker"]
+    if len(servers) != 1:
+        raise RuntimeError(f"expected one fork server below this process, found {servers}")
+    server = servers[0]
+    forkers = [p for p in children(server) if comm(p) == "nanobox-forker"]
+    if len(forkers) != 1:
+        raise RuntimeError(f"expected one forker below the fork server, found {forkers}")
+    forker = forkers[0]
+    before = (os.times(), _stat_times(server), _stat_times(forker), _machine_busy())
+    t0 = time.perf_counter()
+    for _ in range(runs):
+        box.run(["/bin/true"], cwd=cwd)
+    wall = time.perf_counter() - t0
+    after = (os.times(), _stat_times(server), _stat_times(forker), _machine_busy())
+    tick_ms = 1e3 / os.sysconf("SC_CLK_TCK")
+    caller = (after[0].user - before[0].user + after[0].system - before[0].system) * 1e3
+    out = {
+        "runs": runs,
+        "wall_ms": wall * 1e3 / runs,
+        "machine_ms": (after[3] - before[3]) * tick_ms / runs,
+        "caller_ms": caller / runs,
+        "server_ms": (after[1][0] - before[1][0]) * tick_ms / runs,
+        "server_children_ms": (after[1][1] - before[1][1]) * tick_ms / runs,
+        "forker_ms": (after[2][0] - before[2][0]) * tick_ms / runs,
+        "forker_children_ms": (after[2][1] - before[2][1]) * tick_ms / runs,
+    }
+    named = [k for k in out if k.endswith("_ms") and k not in ("wall_ms", "machine_ms")]
+    out["rest_ms"] = out["machine_ms"] - sum(out[k] for k in named)
+    return out
+
+
+def cpu_split(runs: int, cwd: str) -> dict[str, Any]:
+    """``cpu_split_child`` in a fresh process (no wrappers, its own server)."""
+    p = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--cpu-split-child", str(runs), cwd],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr[-500:])
+    result: dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
+    return result
+
+
 def measure(runs: int) -> dict[str, Any]:
     errors: dict[str, str] = {}
     out: dict[str, Any] = {"errors": errors}
@@ -527,6 +609,7 @@ def measure(runs: int) -> dict[str, Any]:
         out["plan_vs_workspace"] = c.guarded(errors, "plan", lambda: plan_vs_workspace(cwd))
         out["client_profile"] = c.guarded(errors, "cprofile", lambda: client_profile(runs, cwd))
         out["what_if"] = c.guarded(errors, "what_if", lambda: what_if(runs, cwd))
+        out["cpu_split"] = c.guarded(errors, "cpu_split", lambda: cpu_split(runs * 10, cwd))
         # last: it patches nanobox in this process
         out["timeline"] = c.guarded(errors, "timeline", lambda: timeline(runs, cwd))
     return out
@@ -624,6 +707,26 @@ def table(res: dict[str, Any]) -> str:
             "per-run cgroups (accounting from rusage):\n\n"
             + c.md_table(["variant", "warm median ms", "per round"], rows)
         )
+    cs = res.get("cpu_split")
+    if cs:
+        rows = [
+            [name, c.fmt(cs[key])]
+            for name, key in (
+                ("the whole machine (busy time, `/proc/stat`)", "machine_ms"),
+                ("the caller (this process, all its threads)", "caller_ms"),
+                ("the fork server", "server_ms"),
+                ("the forker", "forker_ms"),
+                ("the stage A processes (the forker's children)", "forker_children_ms"),
+                ("the command and PID 1 (the server's children)", "server_children_ms"),
+                ("the rest: the kernel's threads, anything else running", "rest_ms"),
+            )
+        ]
+        parts.append(
+            f"CPU per run by process, back to back, default policy, {cs['runs']} runs "
+            f"({c.fmt(cs['wall_ms'])} ms wall per run; clock ticks of "
+            f"{1e3 / os.sysconf('SC_CLK_TCK'):g} ms, summed over all runs):\n\n"
+            + c.md_table(["process", "CPU ms per run"], rows)
+        )
     for k, v in res.get("errors", {}).items():
         parts.append(f"- error in **{k}**: {v}")
     return "\n\n".join(parts)
@@ -632,6 +735,9 @@ def table(res: dict[str, Any]) -> str:
 def main() -> None:
     if len(sys.argv) == 6 and sys.argv[1] == "--what-if-child":
         print(what_if_child(sys.argv[2], int(sys.argv[3]), sys.argv[4], float(sys.argv[5])))
+        return
+    if len(sys.argv) == 4 and sys.argv[1] == "--cpu-split-child":
+        print(json.dumps(cpu_split_child(int(sys.argv[2]), sys.argv[3])))
         return
     p = c.base_args(__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=30)
