@@ -281,6 +281,36 @@ def test_a_lookup_past_the_connect_timeout_is_not_joined():
     assert statuses == [504, 504] and resolver.calls == ["allowed.test"] * 2
 
 
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (OSError(101, "Network is unreachable"), "cannot resolve allowed.test"),
+        (None, "bad resolver answer"),
+        ([5], "bad resolver answer"),
+    ],
+    ids=["oserror", "none", "not-an-address"],
+)
+def test_a_failing_resolver_is_a_failed_lookup(answer, error):
+    """A resolver's own OSError is a failed lookup, not a failed connection
+    to 0.0.0.0 (reported as denied, and counted nowhere, before); an answer
+    that is no list of addresses gets a 502 (the connection was dropped
+    without one)."""
+
+    async def resolver(host: str) -> object:
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    with proxy_harness(resolver=resolver) as h:
+        sock, status, body = http_connect(h.http_port, "allowed.test:80")
+        sock.close()
+        event = last_event(h)
+        summary = h.finish()
+    assert status == 502 and error.encode() in body
+    assert event.decision == "allowed" and event.address is None and error in (event.error or "")
+    assert (summary["allowed"], summary["denied"], summary["failed"]) == (1, 0, 1)
+
+
 def test_connect_refused_gives_502():
     with proxy_harness() as h:
         sock, status, body = http_connect(h.http_port, f"allowed.test:{free_port()}")

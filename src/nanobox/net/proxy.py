@@ -1190,15 +1190,28 @@ class Proxy:
             task.exception()  # (retrieved: every waiter may have gone)
 
     async def _lookup(self, name: str) -> list[IPAddress]:
+        """The resolver's answer for ``name`` as addresses. Its failures are
+        lookup failures (``gaierror``), any ``OSError`` included, which
+        would otherwise be taken for a connection's; an answer that is not
+        a list of addresses raises ``ValueError`` (a bad resolver answer)."""
         try:
             answers = await self.resolver(name)
-        except (OSError, asyncio.TimeoutError, asyncio.CancelledError):
+        except (socket.gaierror, asyncio.TimeoutError, asyncio.CancelledError):
             raise
         except Exception as exc:
             raise socket.gaierror(socket.EAI_FAIL, f"resolver failed: {exc!r}") from exc
+        try:
+            items = iter(answers)
+        except TypeError:
+            raise ValueError(f"not a list of addresses: {answers!r:.100}") from None
         out: list[IPAddress] = []
-        for item in answers:
-            addr = ipaddress.ip_address(item) if isinstance(item, str) else item
+        for item in items:
+            if isinstance(item, str):
+                addr = ipaddress.ip_address(item)
+            elif isinstance(item, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+                addr = item
+            else:
+                raise ValueError(f"not an address: {item!r:.100}")
             if addr not in out:
                 out.append(addr)
             if len(out) >= _MAX_ADDRESSES:
