@@ -269,16 +269,27 @@ def test_requests_for_a_name_being_looked_up_share_its_lookup(echo_server):
 
 
 def test_a_lookup_past_the_connect_timeout_is_not_joined():
-    """A lookup that does not end is not waited for by later requests
-    (each would time out): they start one of their own."""
+    """A lookup that has run for the connect timeout (still waited for by
+    a request that joined it later) is not joined any more: a request that
+    comes then starts one of its own, rather than wait for one that may
+    never end. Requests at 0, 0.4 and 1.1 s, a timeout of 1 s: the second
+    joins the first's lookup, the third does not."""
     resolver = FakeResolver({"allowed.test": ["127.0.0.1"]}, delay=30.0)
-    with proxy_harness(resolver=resolver, connect_timeout=0.3) as h:
-        statuses = []
-        for _ in range(2):
-            sock, status, _ = http_connect(h.http_port, "allowed.test:80")
-            sock.close()
-            statuses.append(status)
-    assert statuses == [504, 504] and resolver.calls == ["allowed.test"] * 2
+    statuses: list[int] = []
+
+    def request(after: float) -> None:
+        time.sleep(after)
+        sock, status, _ = http_connect(h.http_port, "allowed.test:80")
+        sock.close()
+        statuses.append(status)
+
+    with proxy_harness(resolver=resolver, connect_timeout=1.0) as h:
+        threads = [threading.Thread(target=request, args=(t,)) for t in (0.0, 0.4, 1.1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT)
+    assert statuses == [504, 504, 504] and resolver.calls == ["allowed.test"] * 2
 
 
 @pytest.mark.parametrize(
