@@ -1693,7 +1693,7 @@ class Proxy:
             if body_read:
                 up.send(h11.EndOfMessage())  # (nothing to send: no body)
                 complete = await self._forward_response(conn, h, up, upstream, flow, reused)
-                keep_alive = complete and h.our_state is h11.DONE and h.their_state is h11.DONE
+                body_ok = True
             else:
                 if h.they_are_waiting_for_100_continue:
                     info = h.send(h11.InformationalResponse(status_code=100, headers=[]))
@@ -1723,9 +1723,9 @@ class Proxy:
                 body_ok = (
                     body_task.done() and not body_task.cancelled() and not body_task.exception()
                 )
-                keep_alive = (
-                    complete and body_ok and h.our_state is h11.DONE and h.their_state is h11.DONE
-                )
+            keep_alive = (
+                complete and body_ok and h.our_state is h11.DONE and h.their_state is h11.DONE
+            )
             # (Nothing past the response: bytes no request asked for would be
             # taken for the next request's response.)
             reusable = (
