@@ -369,15 +369,22 @@ def recv_all(sock: socket.socket) -> bytes:
         chunks.append(data)
 
 
-def read_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """Read an HTTP response head: (status, lower-case headers, extra bytes)."""
+def recv_head(sock: socket.socket) -> tuple[bytes, bytes]:
+    """Read an HTTP head (a request's or a response's): (the head, the bytes
+    read past it). ``EOFError`` at EOF before its end."""
     buf = b""
     while b"\r\n\r\n" not in buf:
         data = sock.recv(65536)
         if not data:
-            raise EOFError(f"EOF in response head: {buf!r}")
+            raise EOFError(f"EOF in the head: {buf!r}")
         buf += data
     head, _, rest = buf.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def read_head(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Read an HTTP response head: (status, lower-case headers, extra bytes)."""
+    head, rest = recv_head(sock)
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
     headers = {}

@@ -41,6 +41,7 @@ from _net_support import (
     record_handler,
     recv_all,
     recv_exact,
+    recv_head,
     silent_handler,
     socks_connect,
 )
@@ -736,13 +737,10 @@ def test_plain_http_bytes_past_a_response_are_never_the_next_answer():
 
     def handler(conn: socket.socket) -> None:
         conn.settimeout(30)
-        head = b""
-        while b"\r\n\r\n" not in head:
-            data = conn.recv(65536)
-            if not data:
-                return
-            head += data
-        served.append(head)
+        try:
+            served.append(recv_head(conn)[0])
+        except EOFError:
+            return
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nreal" + forged)
         while conn.recv(65536):  # keep the connection open
             pass
